@@ -1,0 +1,495 @@
+"""Sharding specs: how a global tensor is laid out over the ranks of a process group.
+
+Every spec is a frozen, hashable, picklable value with one method that the
+rest of the library uses, :meth:`ShardingSpec.build_metadata`, which turns a
+global size, tensor properties and the global ranks of a process group into a
+:class:`~dispatch_shard.metadata.ShardedTensorMetadata`.
+
+* :class:`ChunkShardingSpec` -- ``torch.chunk`` along one dim, one block per placement.
+* :class:`EnumerableShardingSpec` -- arbitrary rectangular blocks that tile the tensor.
+* :class:`Replicate` -- every rank of the group holds the whole tensor.
+* :class:`Partial` -- every rank holds a full-size summand; the value is their reduction.
+
+# NOTE [Sharding metadata is cached]
+``build_metadata`` is called every time a ShardedTensor is made, so its result
+is cached on ``(spec, size, tensor_properties, group_ranks, device)`` and a
+repeated call returns the *same* :class:`ShardedTensorMetadata` object. That is
+why specs are frozen and hashable, and why the returned metadata (and the
+:class:`ShardMetadata` objects in it) must never be mutated. Errors are not
+cached: an invalid call raises every time.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Final
+
+import torch
+
+from dispatch_shard.metadata import (
+    Placement,
+    ShardedTensorMetadata,
+    ShardMetadata,
+    TensorProperties,
+)
+
+__all__ = [
+    "ChunkShardingSpec",
+    "EnumerableShardingSpec",
+    "Partial",
+    "Replicate",
+    "ShardingSpec",
+]
+
+
+class ShardingSpec(abc.ABC):
+    """Base class of the sharding specs: frozen, hashable values.
+
+    Subclasses implement :meth:`_build_metadata`; callers use
+    :meth:`build_metadata`, which validates the tensor properties and caches
+    the result (see NOTE [Sharding metadata is cached]).
+    """
+
+    __slots__ = ()
+
+    # Whether the result depends on the ``device`` argument of build_metadata
+    # (only for specs whose placements are derived from the group's ranks).
+    _uses_device: ClassVar[bool] = False
+
+    def build_metadata(
+        self,
+        size: Sequence[int],
+        tensor_properties: TensorProperties,
+        group_ranks: Sequence[int],
+        *,
+        device: str | torch.device | None = None,
+    ) -> ShardedTensorMetadata:
+        """The metadata of a tensor of ``size`` laid out by this spec.
+
+        Args:
+            size: the global size of the tensor (a ``torch.Size`` or ints).
+            tensor_properties: the global tensor's properties.
+            group_ranks: the *global* ranks of the process group, in group-rank order.
+            device: the device of the shards, for :class:`Replicate` and
+                :class:`Partial` (default ``"cpu"``); ignored by specs whose
+                placements name their devices.
+
+        Returns:
+            The metadata, shared with every other call with equal arguments:
+            never mutate it.
+
+        Raises:
+            ValueError: the layout is not ``torch.strided``, the memory format
+                is not ``torch.contiguous_format``, ``group_ranks`` is empty,
+                or the spec does not fit ``size`` / ``group_ranks`` (invalid
+                dim, unknown rank, shards not covering the tensor, ...).
+        """
+        torch_size = size if isinstance(size, torch.Size) else torch.Size(size)
+        ranks = tuple(group_ranks)
+        if self._uses_device:
+            device_text = "cpu" if device is None else str(device)
+        else:
+            device_text = None
+        return _build_metadata_cached(self, torch_size, tensor_properties, ranks, device_text)
+
+    @abc.abstractmethod
+    def _build_metadata(
+        self,
+        size: torch.Size,
+        tensor_properties: TensorProperties,
+        group_ranks: tuple[int, ...],
+        device: str | None,
+    ) -> ShardedTensorMetadata:
+        """Compute the metadata (uncached; properties and ranks already checked)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _build_metadata_cached(
+    spec: ShardingSpec,
+    size: torch.Size,
+    tensor_properties: TensorProperties,
+    group_ranks: tuple[int, ...],
+    device: str | None,
+) -> ShardedTensorMetadata:
+    """:meth:`ShardingSpec.build_metadata`, cached on all of its arguments."""
+    if tensor_properties.layout != torch.strided:
+        raise ValueError("Only torch.strided layout is currently supported")
+    if tensor_properties.memory_format != torch.contiguous_format:
+        raise ValueError("Only torch.contiguous_format memory_format is currently supported")
+    if not group_ranks:
+        raise ValueError("group_ranks must name at least one rank")
+    return spec._build_metadata(size, tensor_properties, group_ranks, device)
+
+
+def _check_placement_ranks(
+    placements: Sequence[Placement | None], group_ranks: tuple[int, ...]
+) -> None:
+    """Raise ``ValueError`` unless every placement's rank is one of ``group_ranks``."""
+    known = frozenset(group_ranks)
+    for placement in placements:
+        if placement is None:
+            raise ValueError("Every shard of a sharding spec needs a placement, found None")
+        if placement.rank() not in known:
+            raise ValueError(
+                f"Global rank {placement.rank()} does not exist in input process group: "
+                f"{list(group_ranks)}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, init=False)
+class ChunkShardingSpec(ShardingSpec):
+    """Shard along ``dim`` like ``torch.chunk``, one block per placement.
+
+    With ``n`` placements and ``dim`` of size ``L``, every block but the last
+    non-empty one has ``ceil(L / n)`` elements along ``dim``; trailing blocks
+    may be empty (10 over 4 -> 3, 3, 3, 1; 9 over 4 -> 3, 3, 3, 0; 2 over 4 ->
+    1, 1, 0, 0). Block ``i`` starts at ``min(i * ceil(L / n), L)``, so even an
+    empty block lies inside the tensor. A rank may appear several times
+    (several local shards, in placement order), and the placements need not
+    cover every rank of the group.
+
+    Args:
+        dim: the dim to shard; negative values count from the end.
+        placements: ``"rank:N/device"`` texts or :class:`Placement` objects, in
+            block order; stored as a tuple of :class:`Placement`.
+
+    Raises:
+        NotImplementedError: ``dim`` is a name.
+        ValueError: ``dim`` is not an int, or there are no placements.
+    """
+
+    dim: int
+    placements: tuple[Placement, ...]
+
+    def __init__(self, dim: int | str, placements: Sequence[str | Placement]) -> None:
+        if isinstance(dim, str):
+            raise NotImplementedError("ChunkShardingSpec does not support named dimension yet!")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ValueError(f"Sharding dim needs to be an integer, found: {dim!r}")
+        if isinstance(placements, str):
+            raise TypeError(
+                f"placements must be a sequence of placements, found the string {placements!r}"
+            )
+        parsed = tuple(Placement.parse(placement) for placement in placements)
+        if not parsed:
+            raise ValueError("ChunkShardingSpec needs at least one placement")
+        object.__setattr__(self, "dim", dim)
+        object.__setattr__(self, "placements", parsed)
+
+    def __reduce__(self) -> tuple[type[ChunkShardingSpec], tuple[int, tuple[Placement, ...]]]:
+        return (ChunkShardingSpec, (self.dim, self.placements))
+
+    def _build_metadata(
+        self,
+        size: torch.Size,
+        tensor_properties: TensorProperties,
+        group_ranks: tuple[int, ...],
+        device: str | None,
+    ) -> ShardedTensorMetadata:
+        ndim = len(size)
+        if not -ndim <= self.dim < ndim:
+            raise ValueError(
+                f"Invalid sharding dim: {self.dim} for a tensor of {ndim} dims (size {list(size)})"
+            )
+        _check_placement_ranks(self.placements, group_ranks)
+        dim = self.dim % ndim
+        dim_size = size[dim]
+        split_size = -(-dim_size // len(self.placements))  # ceil, as torch.chunk
+        shards_metadata: list[ShardMetadata] = []
+        for index, placement in enumerate(self.placements):
+            # Legacy offsets: trailing empty blocks sit at index * split_size,
+            # which may lie past the end of the dim (2 rows over 4 -> 0, 1, 2, 3).
+            start = index * split_size
+            offsets = [0] * ndim
+            offsets[dim] = start
+            sizes = list(size)
+            sizes[dim] = max(0, min(split_size, dim_size - start))
+            shards_metadata.append(ShardMetadata(offsets, sizes, placement))
+        return ShardedTensorMetadata(shards_metadata, size, tensor_properties)
+
+
+def _boxes_overlap(first: ShardMetadata, second: ShardMetadata, dims: Sequence[int]) -> bool:
+    """Whether two non-empty blocks intersect along every dim in ``dims``."""
+    for dim in dims:
+        first_start, second_start = first.shard_offsets[dim], second.shard_offsets[dim]
+        if first_start >= second_start + second.shard_sizes[dim]:
+            return False
+        if second_start >= first_start + first.shard_sizes[dim]:
+            return False
+    return True
+
+
+def _find_overlap(
+    shards: Sequence[ShardMetadata], dims: Sequence[int]
+) -> tuple[ShardMetadata, ShardMetadata] | None:
+    """Two overlapping blocks among the non-empty ``shards``, or ``None``.
+
+    Only ``dims`` are compared (every block spans the others entirely).
+    Sweep along the dim with the most distinct offsets, keeping the blocks
+    that are still open in a heap keyed by their end; a new block is compared
+    with the open ones only.
+    """
+    if len(shards) < 2:
+        return None
+    if not dims:
+        return (shards[0], shards[1])
+    sweep_dim = max(dims, key=lambda dim: len({shard.shard_offsets[dim] for shard in shards}))
+    other_dims = [dim for dim in dims if dim != sweep_dim]
+    order = sorted(range(len(shards)), key=lambda index: shards[index].shard_offsets[sweep_dim])
+    open_blocks: list[tuple[int, int]] = []  # (end along sweep_dim, index into shards)
+    for index in order:
+        shard = shards[index]
+        start = shard.shard_offsets[sweep_dim]
+        while open_blocks and open_blocks[0][0] <= start:
+            heapq.heappop(open_blocks)
+        for _, other_index in open_blocks:
+            if _boxes_overlap(shards[other_index], shard, other_dims):
+                return (shards[other_index], shard)
+        heapq.heappush(open_blocks, (start + shard.shard_sizes[sweep_dim], index))
+    return None
+
+
+def _tiling_bounds(shards: Sequence[ShardMetadata]) -> tuple[int, ...]:
+    """The end of the bounding box ``[0, end)`` that ``shards`` tile exactly.
+
+    # NOTE [Corner parity tiling check]
+    Let ``f(x)`` count the blocks covering index ``x``. The blocks tile their
+    bounding box ``B`` iff ``f == 1`` on ``B``. The mixed finite difference of
+    a block's indicator function is ``+-1`` exactly at its ``2^d`` corners,
+    and the difference operator is invertible, so "the corners of all blocks,
+    counted mod 2, are exactly the corners of ``B``" means ``f`` is odd on
+    ``B`` (every block lies in ``B``, which starts at 0), hence ``f >= 1``
+    there; with ``sum(volumes) == volume(B)``, ``f == 1``. Empty blocks have
+    coinciding corners that cancel, so they are skipped. This costs
+    ``O(n * 2^d)``; dims that every block spans entirely are left out of
+    ``d``. Only when the check fails does :func:`_find_overlap` search for a
+    pair to name.
+
+    Raises:
+        ValueError: two blocks overlap, or part of the bounding box is uncovered.
+    """
+    ndim = len(shards[0].shard_offsets)
+    end = [0] * ndim
+    # Empty blocks may sit anywhere, even past the end (legacy chunk offsets):
+    # only non-empty blocks define the bounding box, unless all are empty.
+    non_empty = [shard for shard in shards if 0 not in shard.shard_sizes]
+    for shard in non_empty or shards:
+        end = [
+            max(current, offset + length)
+            for current, offset, length in zip(
+                end, shard.shard_offsets, shard.shard_sizes, strict=True
+            )
+        ]
+    bounds = tuple(end)
+    bounding_volume = math.prod(bounds)
+    if bounding_volume == 0:
+        return bounds  # no block can be non-empty: nothing to cover, nothing overlaps
+    blocks = [shard for shard in shards if 0 not in shard.shard_sizes]
+    dims = [
+        dim
+        for dim in range(ndim)
+        if any(
+            block.shard_offsets[dim] != 0 or block.shard_sizes[dim] != bounds[dim]
+            for block in blocks
+        )
+    ]
+    corners: set[tuple[int, ...]] = set()
+    volume = 0
+    for block in blocks:
+        volume += math.prod(block.shard_sizes)
+        for corner in itertools.product(
+            *(
+                (block.shard_offsets[dim], block.shard_offsets[dim] + block.shard_sizes[dim])
+                for dim in dims
+            )
+        ):
+            if corner in corners:
+                corners.remove(corner)
+            else:
+                corners.add(corner)
+    expected = set(itertools.product(*((0, bounds[dim]) for dim in dims)))
+    if volume == bounding_volume and corners == expected:
+        return bounds
+
+    pair = _find_overlap(blocks, dims)
+    if pair is not None:
+        raise ValueError(f"Shards {pair[0]} and {pair[1]} overlap")
+    message = (
+        f"Shards do not tile their bounding box (offsets 0, size {list(bounds)}): "
+        f"they cover {volume} of its {bounding_volume} elements"
+    )
+    mismatched = corners ^ expected
+    if mismatched:
+        corner_in_dims = dict(zip(dims, min(mismatched), strict=True))
+        point = [corner_in_dims.get(dim, 0) for dim in range(ndim)]
+        message += f"; the uncovered region has a corner at index {point}"
+    raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, init=False)
+class EnumerableShardingSpec(ShardingSpec):
+    """Arbitrary rectangular blocks, enumerated one by one, that tile the tensor.
+
+    The blocks must tile their bounding box ``[0, max(offset + size))``
+    exactly: no overlap and no gap (empty blocks are allowed anywhere inside
+    it). This is checked at construction in ``O(n * 2^d)`` for ``n`` blocks of
+    ``d`` dims (see NOTE [Corner parity tiling check]); ``build_metadata``
+    then requires the tensor size to equal the bounding box.
+
+    Args:
+        shards: the blocks, in order; stored as a tuple. Treat them as
+            immutable from now on.
+
+    Raises:
+        ValueError: no shards, shards with different numbers of dims, or
+            shards that overlap or leave a gap.
+        TypeError: an element is not a :class:`ShardMetadata`.
+    """
+
+    shards: tuple[ShardMetadata, ...]
+    _bounds: tuple[int, ...] = dataclasses.field(repr=False, compare=False)
+    _hash: int = dataclasses.field(repr=False, compare=False)
+
+    def __init__(self, shards: Sequence[ShardMetadata]) -> None:
+        stored = tuple(shards)
+        if not stored:
+            raise ValueError(f"Empty shard list provided: {list(stored)}")
+        for shard in stored:
+            if not isinstance(shard, ShardMetadata):
+                raise TypeError(
+                    f"EnumerableShardingSpec takes ShardMetadata objects, found {shard!r}"
+                )
+        first = stored[0]
+        for shard in stored:
+            if len(shard.shard_offsets) != len(first.shard_offsets):
+                raise ValueError(
+                    f"Found inconsistent number of dims for shards: {first} has "
+                    f"{len(first.shard_offsets)} dims and {shard} has {len(shard.shard_offsets)}"
+                )
+        object.__setattr__(self, "shards", stored)
+        object.__setattr__(self, "_bounds", _tiling_bounds(stored))
+        object.__setattr__(self, "_hash", hash(stored))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[EnumerableShardingSpec], tuple[tuple[ShardMetadata, ...]]]:
+        return (EnumerableShardingSpec, (self.shards,))
+
+    def _build_metadata(
+        self,
+        size: torch.Size,
+        tensor_properties: TensorProperties,
+        group_ranks: tuple[int, ...],
+        device: str | None,
+    ) -> ShardedTensorMetadata:
+        bounds = self._bounds
+        if len(size) != len(bounds):
+            raise ValueError(
+                f"Tensor has {len(size)} dims (size {list(size)}), "
+                f"but the shards have {len(bounds)} dims"
+            )
+        all_empty = all(0 in shard.shard_sizes for shard in self.shards)
+        if tuple(size) != bounds and not (all_empty and size.numel() == 0):
+            if any(end > length for end, length in zip(bounds, size, strict=True)):
+                raise ValueError(
+                    f"Shards extend beyond the tensor: they span {list(bounds)}, "
+                    f"but the tensor size is {list(size)}"
+                )
+            raise ValueError(
+                f"Shards do not cover the tensor: they span {list(bounds)}, but the tensor "
+                f"size is {list(size)}; all the individual shards do not cover the entire tensor"
+            )
+        _check_placement_ranks([shard.placement for shard in self.shards], group_ranks)
+        return ShardedTensorMetadata(list(self.shards), size, tensor_properties)
+
+
+def _full_size_shards(
+    size: torch.Size, group_ranks: tuple[int, ...], device: str | None
+) -> list[ShardMetadata]:
+    """One block covering all of ``size`` on every rank of the group."""
+    device_text = "cpu" if device is None else device
+    return [
+        ShardMetadata([0] * len(size), list(size), Placement(rank, device_text))
+        for rank in group_ranks
+    ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replicate(ShardingSpec):
+    """Every rank of the group holds the whole tensor.
+
+    The metadata has one full-size block (offsets all 0) per group rank, in
+    group-rank order, placed on ``f"rank:{rank}/{device}"`` where ``device``
+    is the ``build_metadata`` argument (default ``"cpu"``; the same text for
+    every rank, so pass the device as the ranks name it, e.g. ``"cuda:0"`` on
+    one GPU per node, or compare device types only).
+    """
+
+    _uses_device: ClassVar[bool] = True
+
+    def __reduce__(self) -> tuple[type[Replicate], tuple[()]]:
+        return (Replicate, ())
+
+    def _build_metadata(
+        self,
+        size: torch.Size,
+        tensor_properties: TensorProperties,
+        group_ranks: tuple[int, ...],
+        device: str | None,
+    ) -> ShardedTensorMetadata:
+        return ShardedTensorMetadata(
+            _full_size_shards(size, group_ranks, device), size, tensor_properties
+        )
+
+
+_REDUCE_OPS: Final = ("sum", "avg", "max", "min")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Partial(ShardingSpec):
+    """Every rank of the group holds a full-size tensor; the value is their reduction.
+
+    The metadata is that of :class:`Replicate`: one full-size block per group
+    rank. The local tensors are summands (``"sum"``), terms of a mean
+    (``"avg"``) or candidates of an elementwise ``"max"`` / ``"min"``.
+
+    Args:
+        reduce_op: one of ``"sum"``, ``"avg"``, ``"max"``, ``"min"``.
+
+    Raises:
+        ValueError: any other ``reduce_op``.
+    """
+
+    _uses_device: ClassVar[bool] = True
+
+    reduce_op: str = "sum"
+
+    def __post_init__(self) -> None:
+        if self.reduce_op not in _REDUCE_OPS:
+            raise ValueError(
+                f"Unsupported reduce_op {self.reduce_op!r} for Partial; "
+                f"expected one of {', '.join(_REDUCE_OPS)}"
+            )
+
+    def __reduce__(self) -> tuple[type[Partial], tuple[str]]:
+        return (Partial, (self.reduce_op,))
+
+    def _build_metadata(
+        self,
+        size: torch.Size,
+        tensor_properties: TensorProperties,
+        group_ranks: tuple[int, ...],
+        device: str | None,
+    ) -> ShardedTensorMetadata:
+        return ShardedTensorMetadata(
+            _full_size_shards(size, group_ranks, device), size, tensor_properties
+        )

@@ -1,0 +1,79 @@
+"""Project sessions: ``nox -s tests lint typecheck docs bench demo``.
+
+NOTE [which torch the sessions use]
+Every session's virtualenv sees the interpreter's site-packages, so a torch
+that is already installed (a CPU build, or a CUDA build you installed yourself)
+is reused as is. Where none is installed, sessions install ``torch==2.13.*``,
+which on a CPU-only machine with a local CPU wheel takes that wheel and never
+pulls CUDA packages. To use another torch, set ``DISPATCH_SHARD_TORCH`` to the
+pip arguments that install it, e.g.::
+
+    DISPATCH_SHARD_TORCH="torch==2.13.* --index-url https://download.pytorch.org/whl/cu128" nox -s tests
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+VENV_PARAMS = ["--system-site-packages"]
+TORCH = shlex.split(os.environ.get("DISPATCH_SHARD_TORCH", "torch==2.13.*"))
+
+
+def install(session: nox.Session, extras: str = "") -> None:
+    session.install(*TORCH)
+    session.install(f".[{extras}]" if extras else ".")
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def tests(session: nox.Session) -> None:
+    """The test suite (multi-rank tests run on a persistent gloo rank pool)."""
+    install(session, "dev")
+    # Run from a scratch folder so the installed package, not the checkout, is tested.
+    args = session.posargs or ["-q"]
+    session.run("pytest", os.path.join(os.getcwd(), "tests"), *args,
+                env={"PYTHONDONTWRITEBYTECODE": "1"})
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def lint(session: nox.Session) -> None:
+    """ruff on the package, the ops, the tests and the tools."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "dispatch_shard", "ops", "tests", "tools", "noxfile.py")
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def typecheck(session: nox.Session) -> None:
+    """Strict mypy on the installed package, dispatch_shard.ops included."""
+    install(session, "dev")
+    # Check the installed copy (where ops/ is dispatch_shard.ops), from outside the checkout.
+    tmp = session.create_tmp()
+    session.chdir(tmp)
+    session.run("mypy", "--config-file", os.path.join(session.invoked_from, "pyproject.toml"),
+                "-p", "dispatch_shard")
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def docs(session: nox.Session) -> None:
+    """Sphinx HTML docs, warnings are errors."""
+    install(session, "docs")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against DTensor and the legacy ShardedTensor (see tools/)."""
+    install(session)
+    session.run("python", "tools/bench.py", *session.posargs)
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def demo(session: nox.Session) -> None:
+    """The demo: 4 CPU ranks train a sharded model (python -m dispatch_shard.demo)."""
+    install(session)
+    session.run("python", "-m", "dispatch_shard.demo", *session.posargs)
