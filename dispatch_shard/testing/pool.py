@@ -186,11 +186,17 @@ class RankPool:
             self._logs.append(log_path)
         deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         for rank, conn in enumerate(self._conns):
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                details = self._collect({}, set(range(self.world_size)))
-                self.stop()
-                raise RankFailure(f"rank {rank} did not start in time\n{details}")
-            conn.recv()
+            started = conn.poll(max(0.0, deadline - time.monotonic()))
+            try:
+                if started:
+                    conn.recv()
+                    continue
+                problem = "did not start in time"
+            except EOFError:
+                problem = f"died while starting (exit code {self._procs[rank].exitcode})"
+            details = self._collect({}, set(range(self.world_size)))
+            self.stop()
+            raise RankFailure(f"rank {rank} of {self.world_size} {problem}\n{details}")
 
     def stop(self) -> None:
         for conn in self._conns:

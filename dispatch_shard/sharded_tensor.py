@@ -1,0 +1,619 @@
+"""The ShardedTensor wrapper subclass and its dispatch loop.
+
+A ShardedTensor's size, dtype and requires_grad are the *global* ones. It owns
+no storage: its data is the list of this rank's blocks (``_local_tensors``) of
+an interned :class:`~dispatch_shard.layout.Layout`. Autograd works at the
+global level above ``__torch_dispatch__``; each aten op that reaches the
+dispatch loop is served by the op registry, shard by shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dispatch_shard import collectives
+from dispatch_shard.collectives import ProcessGroup
+from dispatch_shard.layout import Layout, layout_of
+from dispatch_shard.metadata import (
+    Shard,
+    ShardedTensorMetadata,
+    ShardMetadata,
+    TensorProperties,
+)
+from dispatch_shard.registry import (
+    OVERLOADS,
+    TORCH_FUNCTIONS,
+    _on_torch_function_table_change,
+    lookup,
+)
+from dispatch_shard.specs import (
+    ChunkShardingSpec,
+    EnumerableShardingSpec,
+    Partial,
+    Replicate,
+    ShardingSpec,
+)
+
+__all__ = ["ShardedTensor", "load_with_process_group"]
+
+
+def _first_group(args: Sequence[Any]) -> ProcessGroup | None:
+    for arg in args:
+        if isinstance(arg, ShardedTensor):
+            return arg._process_group
+        if isinstance(arg, list | tuple):
+            for item in arg:
+                if isinstance(item, ShardedTensor):
+                    return item._process_group
+    return None
+
+
+class ShardedTensor(torch.Tensor):
+    """A tensor whose blocks live on the ranks of a process group.
+
+    Build one with the creation functions (:func:`dispatch_shard.empty`, ...),
+    :func:`dispatch_shard.shard_tensor`, :meth:`from_local_shards` or
+    :meth:`from_local_tensor`.
+    """
+
+    __slots__ = ("_layout", "_local_tensors", "_process_group", "_rank")
+    _local_tensors: list[torch.Tensor]
+    _layout: Layout
+    _process_group: ProcessGroup
+    _rank: int
+
+    # NOTE [torch function is off unless needed] in dispatch_shard.registry
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    @staticmethod
+    def _wrap(
+        local_tensors: list[torch.Tensor],
+        layout: Layout,
+        process_group: ProcessGroup,
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        requires_grad: bool = False,
+    ) -> ShardedTensor:
+        """The internal constructor: no validation, no communication."""
+        tensor: ShardedTensor = torch.Tensor._make_wrapper_subclass(
+            ShardedTensor, layout.size, dtype=dtype, device=device, requires_grad=requires_grad
+        )
+        tensor._local_tensors = local_tensors
+        tensor._layout = layout
+        tensor._process_group = process_group
+        tensor._rank = rank
+        return tensor
+
+    def _like(
+        self,
+        local_tensors: list[torch.Tensor],
+        layout: Layout | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ShardedTensor:
+        """A new ShardedTensor on this one's group (by default: same layout and dtype)."""
+        return ShardedTensor._wrap(
+            local_tensors,
+            self._layout if layout is None else layout,
+            self._process_group,
+            self._rank,
+            self.dtype if dtype is None else dtype,
+            self.device,
+        )
+
+    @classmethod
+    def __torch_dispatch__(
+        cls,
+        func: torch._ops.OpOverload,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        impl = OVERLOADS.get(func) or lookup(func)
+        return impl(types, args, kwargs or {}, _first_group(args))
+
+    # -- accessors ---------------------------------------------------------
+    @property
+    def process_group(self) -> ProcessGroup:
+        """The process group whose ranks hold this tensor's blocks."""
+        return self._process_group
+
+    def local_shards(self) -> list[Shard]:
+        """This rank's blocks with their metadata (the tensors are live, not copies)."""
+        shards = self._layout.shards
+        indices = self._layout.local_indices(self._rank)
+        return [Shard(t, shards[i]) for t, i in zip(self._local_tensors, indices, strict=True)]
+
+    def local_tensor(self) -> torch.Tensor:
+        """This rank's only block (``NotImplementedError`` with none or several)."""
+        if len(self._local_tensors) != 1:
+            raise NotImplementedError("Only single local shard is supported.")
+        return self._local_tensors[0]
+
+    def sharding_spec(self) -> ShardingSpec:
+        return self._layout.spec
+
+    def metadata(self) -> ShardedTensorMetadata:
+        """The global metadata: every block's offsets, sizes and placement."""
+        properties = TensorProperties(
+            dtype=self.dtype,
+            layout=torch.strided,
+            requires_grad=self.requires_grad,
+            memory_format=torch.contiguous_format,
+            pin_memory=self.is_pinned(),
+        )
+        return ShardedTensorMetadata(list(self._layout.shards), self._layout.size, properties)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        return (
+            f"ShardedTensor(size={tuple(self.shape)}, dtype={self.dtype}, "
+            f"spec={self._layout.spec!r}, rank={self._rank}, "
+            f"local_shards={[tuple(t.shape) for t in self._local_tensors]}"
+            f"{', requires_grad=True' if self.requires_grad else ''})"
+        )
+
+    # -- whole-tensor views ------------------------------------------------
+    def full_tensor(self) -> torch.Tensor:
+        """The whole value as a dense tensor on every rank (differentiable).
+
+        Ranks outside the process group get a tensor of uninitialised memory.
+        """
+        return _FullTensor.apply(self)  # type: ignore[no-any-return]
+
+    def gather(self, dst: int = 0, out: torch.Tensor | None = None) -> None:
+        """Copy the whole value into ``out`` on global rank ``dst``; other ranks pass ``None``.
+
+        Every rank of the group must call it. A wrong ``out`` on ``dst`` raises
+        there after the data moved, so no rank is left waiting.
+        """
+        group = self._process_group
+        if not collectives.is_member(group, self._rank):
+            return
+        if dst not in self._layout.group_ranks:
+            raise ValueError(
+                f"gather: dst rank {dst} is not in the process group "
+                f"{list(self._layout.group_ranks)}"
+            )
+        value = self._reduced()
+        target = _single_block_layout(value._layout, dst)
+        blocks = value._moved_to(target)
+        if self._rank != dst:
+            return
+        if out is None:
+            raise ValueError(f"gather: rank {dst} is dst and needs an out tensor")
+        if out.shape != self.shape:
+            raise ValueError(
+                f"gather: out has size {tuple(out.shape)}, but the tensor is {tuple(self.shape)}"
+            )
+        out.copy_(blocks[0])
+
+    # -- layout changes ------------------------------------------------------
+    def _reduced(self) -> ShardedTensor:
+        """A partial tensor reduced to replicated; others as they are."""
+        layout = self._layout
+        if not layout.is_partial:
+            return self
+        op = layout.spec.reduce_op  # type: ignore[attr-defined]
+        if collectives.is_member(self._process_group, self._rank):
+            local = [collectives.all_reduce(self._local_tensors[0].clone(), op,
+                                            self._process_group)]
+        else:
+            local = []
+        return self._like(local, layout.with_spec(Replicate()))
+
+    def _moved_to(self, dst: Layout) -> list[torch.Tensor]:
+        """This rank's blocks of ``dst`` (self is sharded or replicated)."""
+        return collectives.redistribute(
+            self._local_tensors, self._layout, dst, self._process_group, self._rank,
+            self.dtype, self.device,
+        )
+
+    def _redistributed(self, spec: ShardingSpec) -> ShardedTensor:
+        """The same value laid out by ``spec`` (not differentiable)."""
+        dst = self._layout.with_spec(spec)
+        if dst is self._layout:
+            return self._like(list(self._local_tensors))
+        if dst.is_partial:
+            return self._like(_to_partial(self, dst), dst)
+        value = self._reduced()
+        if value._layout is dst:
+            return value
+        return self._like(value._moved_to(dst), dst)
+
+    def redistribute(self, spec: ShardingSpec) -> ShardedTensor:
+        """A new ShardedTensor with the same value laid out by ``spec`` (differentiable)."""
+        return _Redistribute.apply(self, spec)  # type: ignore[no-any-return]
+
+    def reshard(self, spec: ShardingSpec) -> ShardedTensor:
+        """Lay this tensor out by ``spec``, in place; returns ``self`` (legacy semantics)."""
+        moved = self._redistributed(spec)
+        self._local_tensors = moved._local_tensors
+        self._layout = moved._layout
+        return self
+
+    # -- construction from local data -----------------------------------------
+    @classmethod
+    def from_local_shards(
+        cls,
+        local_shards: list[Shard],
+        *global_size: int | Sequence[int],
+        process_group: ProcessGroup | None = None,
+    ) -> ShardedTensor:
+        """Assemble a ShardedTensor from every rank's blocks (collective on the group).
+
+        Each rank passes its own blocks; the blocks of all ranks must tile the
+        tensor. Errors (overlap, gap, mismatched dtypes or sizes across ranks,
+        a block placed on another rank) are raised on every rank.
+        """
+        from dispatch_shard.creation import parse_size
+
+        group = collectives.resolve_group(process_group)
+        size = parse_size(global_size)
+        rank = dist.get_rank()
+        if not collectives.is_member(group, rank):
+            return _empty_member(size, group, rank)
+        local_error, summary = _summarize_local_shards(local_shards, size, rank)
+        collectives.raise_if_any(local_error, group)
+        summaries = (
+            [summary] if dist.get_world_size(group) == 1
+            else collectives.all_gather_object(summary, group)
+        )
+        ranks = collectives.group_ranks(group)
+        spec, dtype, requires_grad = _check_global(summaries, size, ranks)
+        layout = layout_of(spec, size, ranks)
+        # Local tensors follow the layout's order of this rank's blocks.
+        by_block = {s.metadata: s.tensor for s in local_shards}
+        tensors = [by_block[layout.shards[i]] for i in layout.local_indices(rank)]
+        device = tensors[0].device if tensors else _placement_device(layout)
+        result = cls._wrap(tensors, layout, group, rank, dtype, device)
+        if requires_grad:
+            result.requires_grad_(True)
+        return result
+
+    _init_from_local_shards = from_local_shards  # the legacy name
+
+    @classmethod
+    def from_local_tensor(
+        cls,
+        local_tensor: torch.Tensor,
+        spec: ShardingSpec,
+        *global_size: int | Sequence[int],
+        process_group: ProcessGroup | None = None,
+    ) -> ShardedTensor:
+        """A ShardedTensor whose one block on this rank is ``local_tensor``.
+
+        ``spec`` places a single block per rank (or, for :class:`Replicate`
+        and :class:`Partial`, every rank holds a full-size tensor). Shapes,
+        dtypes and global sizes are checked across ranks; errors are raised
+        on every rank.
+        """
+        from dispatch_shard.creation import parse_size
+
+        group = collectives.resolve_group(process_group)
+        size = parse_size(global_size)
+        rank = dist.get_rank()
+        if not collectives.is_member(group, rank):
+            return _empty_member(size, group, rank)
+        error: Exception | None = None
+        layout: Layout | None = None
+        try:
+            layout = layout_of(spec, size, collectives.group_ranks(group),
+                               device=str(local_tensor.device))
+            indices = layout.local_indices(rank)
+            if len(indices) != 1:
+                raise NotImplementedError(
+                    f"from_local_tensor needs exactly one block per rank; spec {spec!r} "
+                    f"places {len(indices)} on rank {rank}"
+                )
+            expected = layout.shards[indices[0]].shard_sizes
+            if list(local_tensor.shape) != expected:
+                raise ValueError(
+                    f"Local tensor on rank {rank} has size {list(local_tensor.shape)}, but "
+                    f"the spec places a block of size {expected} there"
+                )
+            if not local_tensor.is_contiguous():
+                raise ValueError("Only torch.contiguous_format memory_format is currently supported")
+        except (ValueError, NotImplementedError, TypeError) as exc:
+            error = exc
+        collectives.raise_if_any(error, group)
+        if dist.get_world_size(group) > 1:
+            facts = collectives.all_gather_object((tuple(size), local_tensor.dtype), group)
+            _check_same(facts, ["global_size", "dtype"], collectives.group_ranks(group))
+        assert layout is not None
+        requires_grad = local_tensor.requires_grad
+        result = cls._wrap([local_tensor.detach()], layout, group, rank, local_tensor.dtype,
+                           local_tensor.device)
+        return result.requires_grad_(True) if requires_grad else result
+
+    _init_from_local_tensor = from_local_tensor  # the legacy name
+
+    # -- pickling ----------------------------------------------------------------
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        group = self._process_group
+        state = _GroupState(
+            local_rank=dist.get_rank(group),
+            local_world_size=dist.get_world_size(group),
+            global_rank=dist.get_rank(),
+            global_world_size=dist.get_world_size(),
+        )
+        return (
+            _rebuild_sharded_tensor,
+            (list(self._local_tensors), self._layout.spec, tuple(self._layout.size),
+             self._layout.device, self.dtype, self.requires_grad, state),
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShardedTensor:
+        if id(self) in memo:
+            return memo[id(self)]  # type: ignore[no-any-return]
+        with torch.no_grad():
+            result = self._like([t.clone() for t in self._local_tensors])
+        result.requires_grad_(self.requires_grad)
+        memo[id(self)] = result
+        result.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return result
+
+
+def _torch_function_with_registry(
+    cls: type, func: Any, types: Any, args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
+    impl = TORCH_FUNCTIONS.get(func)
+    if impl is not None:
+        return impl(types, args, kwargs or {}, _first_group(args))
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **(kwargs or {}))
+
+
+def _switch_torch_function(enabled: bool) -> None:
+    ShardedTensor.__torch_function__ = (  # type: ignore[assignment]
+        classmethod(_torch_function_with_registry) if enabled  # type: ignore[arg-type]
+        else torch._C._disabled_torch_function_impl
+    )
+
+
+_on_torch_function_table_change(_switch_torch_function)
+
+
+# -- helpers ----------------------------------------------------------------------
+
+def _placement_device(layout: Layout) -> torch.device:
+    if layout.device:
+        return torch.device(layout.device)
+    placement = layout.shards[0].placement if layout.shards else None
+    return placement.device() if placement is not None else torch.device("cpu")
+
+
+def _empty_member(size: torch.Size, group: ProcessGroup, rank: int) -> ShardedTensor:
+    """What a rank outside ``group`` holds: the size, no blocks."""
+    layout = layout_of(Replicate(), size, collectives.group_ranks(group))
+    return ShardedTensor._wrap([], layout, group, rank, torch.get_default_dtype(),
+                               torch.device("cpu"))
+
+
+def _single_block_layout(layout: Layout, rank: int) -> Layout:
+    device = layout.device or str(_placement_device(layout))
+    block = ShardMetadata([0] * len(layout.size), list(layout.size), f"rank:{rank}/{device}")
+    return layout.with_spec(EnumerableShardingSpec([block]))
+
+
+def _to_partial(tensor: ShardedTensor, dst: Layout) -> list[torch.Tensor]:
+    """This rank's summand of ``tensor`` as a partial of ``dst``'s reduce op (local only)."""
+    op = dst.spec.reduce_op  # type: ignore[attr-defined]
+    rank, group = tensor._rank, tensor._process_group
+    if not collectives.is_member(group, rank):
+        return []
+    value = tensor._reduced()
+    if value._layout.is_replicate:
+        local = value._local_tensors[0]
+        keep = op in ("max", "min", "avg") or rank == value._layout.group_ranks[0]
+        return [local.clone() if keep else torch.zeros_like(local)]
+    if op not in ("sum", "avg"):
+        raise NotImplementedError(f"sharded -> Partial({op!r}) is not supported")
+    summand = torch.zeros(tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    for block, index in zip(value._local_tensors, value._layout.local_indices(rank), strict=True):
+        summand[value._layout.shard_box(index)] = block
+    if op == "avg":
+        summand.mul_(len(value._layout.group_ranks))
+    return [summand]
+
+
+class _FullTensor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: ShardedTensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.source = tensor
+        value = tensor._reduced()
+        if value._layout.is_replicate:
+            blocks = value._local_tensors
+            return blocks[0].clone() if blocks else torch.empty(tensor.shape, dtype=tensor.dtype)
+        dst = value._layout.with_spec(Replicate())
+        blocks = value._moved_to(dst)
+        return blocks[0] if blocks else torch.empty(tensor.shape, dtype=tensor.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> ShardedTensor:  # type: ignore[override]
+        # The gradient is the same dense tensor on every rank: each block is a slice.
+        source: ShardedTensor = ctx.source
+        layout = source._layout
+        if layout.is_partial:
+            layout = layout.with_spec(Replicate())
+        blocks = [grad[layout.shard_box(i)].contiguous()
+                  for i in layout.local_indices(source._rank)]
+        return source._like(blocks, layout, grad.dtype)
+
+
+class _Redistribute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: ShardedTensor, spec: ShardingSpec) -> ShardedTensor:  # type: ignore[override]
+        ctx.source_spec = tensor._layout.spec
+        return tensor._redistributed(spec)
+
+    @staticmethod
+    def backward(ctx: Any, grad: ShardedTensor) -> tuple[ShardedTensor, None]:  # type: ignore[override]
+        spec = ctx.source_spec
+        if isinstance(spec, Partial):
+            spec = Replicate()  # d(sum of summands)/d(summand) is the whole gradient
+        return grad._redistributed(spec), None
+
+
+# -- from_local_shards validation ------------------------------------------------
+
+def _summarize_local_shards(
+    local_shards: list[Shard], size: torch.Size, rank: int
+) -> tuple[Exception | None, Any]:
+    """This rank's facts for the global check, or the local error found."""
+    try:
+        dtypes = {s.tensor.dtype for s in local_shards}
+        grads = {s.tensor.requires_grad for s in local_shards}
+        for prop, values in (("dtype", dtypes), ("requires_grad", grads)):
+            if len(values) > 1:
+                raise ValueError(
+                    f"Local shards' tensor {prop} property need to be the same on rank:{rank}! "
+                    f"Found {sorted(map(str, values))}."
+                )
+        for shard in local_shards:
+            placement = shard.metadata.placement
+            if placement is None or placement.rank() != rank:
+                raise ValueError(
+                    "Local shard metadata's rank does not match with process group's "
+                    f"current rank! Found current rank: {rank}, local ShardMetadata "
+                    f"placement: {placement}"
+                )
+            if not shard.tensor.is_contiguous():
+                raise ValueError("Only torch.contiguous_format memory_format is currently supported")
+            if len(shard.metadata.shard_offsets) != len(size):
+                raise ValueError(
+                    f"Shard {shard.metadata} has {len(shard.metadata.shard_offsets)} dims, "
+                    f"but the global size {list(size)} has {len(size)}"
+                )
+    except ValueError as exc:
+        return exc, None
+    summary = (
+        tuple(size),
+        [s.metadata for s in local_shards],
+        next(iter(dtypes)) if dtypes else None,
+        next(iter(grads)) if grads else None,
+    )
+    return None, summary
+
+
+def _check_same(facts: list[tuple[Any, ...]], names: list[str], ranks: Sequence[int]) -> None:
+    for position, name in enumerate(names):
+        first = None
+        for rank, fact in zip(ranks, facts, strict=True):
+            value = fact[position]
+            if value is None:
+                continue
+            if first is None:
+                first = (rank, value)
+            elif value != first[1]:
+                raise ValueError(
+                    f"ShardedTensor {name} property does not match from different ranks! "
+                    f"Found {name}={first[1]} on rank:{first[0]}, and {name}={value} on "
+                    f"rank:{rank}."
+                )
+
+
+def _check_global(
+    summaries: list[Any], size: torch.Size, ranks: tuple[int, ...]
+) -> tuple[ShardingSpec, torch.dtype, bool]:
+    _check_same([(s[0], s[2], s[3]) for s in summaries],
+                ["global_size", "dtype", "requires_grad"], ranks)
+    shards = [m for s in summaries for m in s[1]]
+    if not shards:
+        raise ValueError("from_local_shards: no rank holds a shard")
+    spec = infer_spec(shards)
+    # Validates bounds/coverage against the global size (the same on every rank).
+    layout_of(spec, size, ranks)
+    dtype = next((s[2] for s in summaries if s[2] is not None), torch.get_default_dtype())
+    requires_grad = any(s[3] for s in summaries if s[3] is not None)
+    return spec, dtype, requires_grad
+
+
+def infer_spec(shards: list[ShardMetadata]) -> ShardingSpec:
+    """A :class:`ChunkShardingSpec` when the blocks are ``torch.chunk`` blocks, else enumerable."""
+    spec = EnumerableShardingSpec(shards)  # validates overlap and gaps
+    ndim = len(shards[0].shard_offsets)
+    for dim in range(ndim):
+        if any(s.shard_offsets[d] != 0 for s in shards for d in range(ndim) if d != dim):
+            continue
+        ordered = sorted(shards, key=lambda s: s.shard_offsets[dim])
+        length = sum(s.shard_sizes[dim] for s in ordered)
+        chunk = ChunkShardingSpec(dim, [s.placement for s in ordered])  # type: ignore[misc]
+        full = [length if d == dim else ordered[0].shard_sizes[d] for d in range(ndim)]
+        candidate = chunk.build_metadata(full, TensorProperties(),
+                                         tuple(sorted({s.placement.rank() for s in shards})))  # type: ignore[union-attr]
+        if candidate.shards_metadata == ordered:
+            return chunk
+    return spec
+
+
+# -- pickling --------------------------------------------------------------------
+
+class _GroupState:
+    __slots__ = ("global_rank", "global_world_size", "local_rank", "local_world_size")
+
+    def __init__(self, local_rank: int, local_world_size: int, global_rank: int,
+                 global_world_size: int) -> None:
+        self.local_rank = local_rank
+        self.local_world_size = local_world_size
+        self.global_rank = global_rank
+        self.global_world_size = global_world_size
+
+    def __getstate__(self) -> tuple[int, int, int, int]:
+        return (self.local_rank, self.local_world_size, self.global_rank,
+                self.global_world_size)
+
+    def __setstate__(self, state: tuple[int, int, int, int]) -> None:
+        (self.local_rank, self.local_world_size, self.global_rank,
+         self.global_world_size) = state
+
+
+_load_group = threading.local()
+
+
+@contextlib.contextmanager
+def load_with_process_group(process_group: ProcessGroup) -> Iterator[ProcessGroup]:
+    """Unpickled ShardedTensors inside this block belong to ``process_group``."""
+    if getattr(_load_group, "group", None) is not None:
+        raise RuntimeError("ProcessGroup already set by previous load_with_process_group")
+    _load_group.group = process_group
+    try:
+        yield process_group
+    finally:
+        _load_group.group = None
+
+
+def _rebuild_sharded_tensor(
+    local_tensors: list[torch.Tensor],
+    spec: ShardingSpec,
+    size: tuple[int, ...],
+    device: str,
+    dtype: torch.dtype,
+    requires_grad: bool,
+    state: _GroupState,
+) -> ShardedTensor:
+    group = getattr(_load_group, "group", None)
+    group = collectives.resolve_group(group)
+    local_rank = dist.get_rank(group)
+    if local_rank != state.local_rank:
+        raise RuntimeError(
+            f"Local rank at save time was {state.local_rank}, but at load time was {local_rank}"
+        )
+    world = dist.get_world_size(group) if local_rank >= 0 else -1
+    if world != state.local_world_size:
+        raise RuntimeError(
+            f"Local world size at save time was {state.local_world_size}, but at load time "
+            f"was {world}"
+        )
+    rank = dist.get_rank()
+    layout = layout_of(spec, torch.Size(size), collectives.group_ranks(group), device)
+    dev = local_tensors[0].device if local_tensors else _placement_device(layout)
+    result = ShardedTensor._wrap(local_tensors, layout, group, rank, dtype, dev)
+    return result.requires_grad_(True) if requires_grad else result

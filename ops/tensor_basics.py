@@ -1,0 +1,69 @@
+"""Aliasing, copying and whole-tensor queries.
+
+``detach``/``alias``: new wrapper, the same blocks; collectives: none.
+``clone``: copies each block; collectives: none.
+``is_pinned``: every local block pinned; collectives: none.
+``equal``: local ``torch.equal`` per block, then an all-reduce(min) of the verdict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dispatch_shard import collectives
+from dispatch_shard.registry import custom_sharded_op_impl
+from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.ops._common import map_blocks
+
+aten = torch.ops.aten
+
+
+@custom_sharded_op_impl(aten.detach.default)
+def detach(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> Any:
+    """``x -> x``: a new ShardedTensor on the same blocks (detached); no collectives."""
+    tensor: ShardedTensor = args[0]
+    return tensor._like(list(tensor._local_tensors))
+
+
+custom_sharded_op_impl(aten.alias.default)(detach)
+
+
+@custom_sharded_op_impl(aten.clone.default)
+def clone(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> Any:
+    """``x -> copy of x``, each block cloned contiguous; no collectives."""
+    return map_blocks(args[0], lambda block: block.clone())
+
+
+@custom_sharded_op_impl(aten.is_pinned.default)
+def is_pinned(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+              process_group: Any) -> bool:
+    """True when this rank holds blocks and all are pinned; no collectives."""
+    blocks = args[0]._local_tensors
+    return bool(blocks) and all(b.is_pinned() for b in blocks)
+
+
+@custom_sharded_op_impl(aten.equal.default)
+def equal(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> bool:
+    """Same size and values on every rank; one all-reduce(min) of the local verdict.
+
+    Operands with different layouts are compared after moving the second to
+    the first's layout.
+    """
+    first, second = args
+    if not isinstance(first, ShardedTensor) or not isinstance(second, ShardedTensor):
+        raise TypeError("torch.equal: both arguments must be ShardedTensors")
+    if first.shape != second.shape:
+        return False
+    if second._layout is not first._layout:
+        second = second._redistributed(first._layout.spec)
+    verdict = all(
+        torch.equal(a, b)
+        for a, b in zip(first._local_tensors, second._local_tensors, strict=True)
+    )
+    group = first._process_group
+    if not collectives.is_member(group, first._rank):
+        return verdict
+    flag = torch.tensor([1 if verdict else 0], dtype=torch.int32, device=first.device)
+    return bool(collectives.all_reduce(flag, "min", group).item())
