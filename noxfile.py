@@ -8,7 +8,8 @@ which on a CPU-only machine with a local CPU wheel takes that wheel and never
 pulls CUDA packages. To use another torch, set ``DISPATCH_SHARD_TORCH`` to the
 pip arguments that install it, e.g.::
 
-    DISPATCH_SHARD_TORCH="torch==2.13.* --index-url https://download.pytorch.org/whl/cu128" nox -s tests
+    export DISPATCH_SHARD_TORCH="torch==2.13.* --index-url https://download.pytorch.org/whl/cu128"
+    nox -s tests
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def _worker_main(
 ) -> None:
     # Everything the worker prints goes to its log; the parent shows the log of
     # a failing rank. faulthandler dumps every thread's stack on SIGUSR1.
-    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+    log = open(log_path, "a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
@@ -243,7 +243,9 @@ class RankPool:
         first_error_at: float | None = None
         while pending:
             now = time.monotonic()
-            limit = deadline if first_error_at is None else min(deadline, first_error_at + _ERROR_GRACE_S)
+            limit = deadline
+            if first_error_at is not None:
+                limit = min(deadline, first_error_at + _ERROR_GRACE_S)
             if now >= limit:
                 break
             ready = mp_connection.wait(
