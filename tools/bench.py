@@ -12,6 +12,7 @@ families; communication and memory figures join it with the performance work.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -69,15 +70,15 @@ def dispatch_overhead(repeat: int, number: int) -> list[tuple[str, dict[str, flo
         ("clone", torch.clone),
         ("zeros_like", torch.zeros_like),
     ]
+    subjects = {"plain": dense, "minimal wrapper": wrapped, "DTensor": dt,
+                "DTensor (replicated)": dt_rep, "dispatch_shard": st}
     rows = []
     for name, op in ops:
-        rows.append((name, {
-            "plain": _time_us(lambda: op(dense), repeat, number),
-            "minimal wrapper": _time_us(lambda: op(wrapped), repeat, number),
-            "DTensor": _time_us(lambda: op(dt), repeat, number),
-            "DTensor (replicated)": _time_us(lambda: op(dt_rep), repeat, number),
-            "dispatch_shard": _time_us(lambda: op(st), repeat, number),
-        }))
+        times = {
+            label: _time_us(functools.partial(op, tensor), repeat, number)
+            for label, tensor in subjects.items()
+        }
+        rows.append((name, times))
     return rows
 
 
