@@ -8,6 +8,8 @@ a process group; aten ops on it are served shard by shard by the op registry
 
 from __future__ import annotations
 
+# The built-in op implementations register themselves on import.
+from dispatch_shard import ops
 from dispatch_shard.creation import empty, full, ones, rand, randn, zeros
 from dispatch_shard.metadata import (
     Placement,
@@ -25,9 +27,6 @@ from dispatch_shard.specs import (
     Replicate,
     ShardingSpec,
 )
-
-# The built-in op implementations register themselves on import.
-from dispatch_shard import ops  # noqa: E402  (after the registry and tensor class)
 
 __all__ = [
     "ChunkShardingSpec",

@@ -66,13 +66,21 @@ def _ranks_of(group: ProcessGroup) -> tuple[int, ...]:
     return tuple(dist.get_process_group_ranks(group))
 
 
+# NOTE [ranks outside a subgroup]
+# On a rank outside it, ``dist.new_group`` returns the sentinel
+# ``GroupMember.NON_GROUP_MEMBER`` (an int), the same for every such group;
+# torch maps it to the ranks of the latest group created without this rank.
+# So it is never cached, and is never a member.
+
 def group_ranks(group: ProcessGroup) -> tuple[int, ...]:
-    """The global ranks of ``group``, in group-rank order (cached)."""
+    """The global ranks of ``group``, in group-rank order (cached for real groups)."""
+    if not isinstance(group, ProcessGroup):
+        return tuple(dist.get_process_group_ranks(group))
     return _ranks_of(group)
 
 
 def is_member(group: ProcessGroup, rank: int) -> bool:
-    return rank in _ranks_of(group)
+    return isinstance(group, ProcessGroup) and rank in _ranks_of(group)
 
 
 # -- agreement ---------------------------------------------------------------
@@ -124,12 +132,19 @@ _REDUCE_OPS = {
 }
 
 
+def _divide(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """``tensor /= count`` in place; integer tensors keep their dtype (floor division)."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        return tensor.div_(count)
+    return tensor.div_(count, rounding_mode="floor")
+
+
 def all_reduce(tensor: torch.Tensor, op: str, group: ProcessGroup) -> torch.Tensor:
     """Reduce ``tensor`` in place across ``group`` (``op`` in sum/avg/max/min/product)."""
     _record("all_reduce", tensor.numel() * tensor.element_size(), group)
     dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group)
     if op == "avg":
-        tensor.div_(dist.get_world_size(group))
+        _divide(tensor, dist.get_world_size(group))
     return tensor
 
 
@@ -140,7 +155,7 @@ def reduce_scatter(
     _record("reduce_scatter", sum(t.numel() * t.element_size() for t in inputs), group)
     dist.reduce_scatter(output, inputs, op=_REDUCE_OPS[op], group=group)
     if op == "avg":
-        output.div_(dist.get_world_size(group))
+        _divide(output, dist.get_world_size(group))
     return output
 
 
@@ -155,6 +170,9 @@ def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup) -> torch.Tens
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.reshape(-1)
+    if flat.dim() and flat.stride(0) != 1:
+        # A "contiguous" tensor of one element may keep any stride; bytes need stride 1.
+        flat = flat.new_empty(flat.shape).copy_(flat)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 

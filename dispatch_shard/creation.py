@@ -26,7 +26,7 @@ __all__ = ["empty", "full", "ones", "parse_size", "rand", "randn", "zeros"]
 
 def parse_size(size: Sequence[Any]) -> torch.Size:
     """Sizes given as varargs ints, or as one list / tuple / ``torch.Size``."""
-    if len(size) == 1 and isinstance(size[0], Sequence | torch.Size):
+    if len(size) == 1 and isinstance(size[0], Sequence) and not isinstance(size[0], str | bytes):
         size = tuple(size[0])
     dims = []
     for dim in size:
@@ -42,7 +42,9 @@ def parse_size(size: Sequence[Any]) -> torch.Size:
 
 
 def _default_device(group: ProcessGroup) -> str:
-    backend = str(dist.get_backend(group)) if dist.is_initialized() else "gloo"
+    if not dist.is_initialized() or not collectives.is_member(group, dist.get_rank()):
+        return "cpu"  # a rank outside the group holds no blocks (and has no backend for it)
+    backend = str(dist.get_backend(group))
     if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
         return f"cuda:{torch.cuda.current_device()}"
     return "cpu"

@@ -81,7 +81,14 @@ class Layout:
         )
 
     def with_spec(self, spec: ShardingSpec) -> Layout:
-        return layout_of(spec, self.size, self.group_ranks, self.device)
+        """The layout of the same tensor laid out by ``spec`` (on this layout's device)."""
+        device = self.device
+        if not device and self.shards and self.shards[0].placement is not None:
+            # A sharded layout names no device of its own: its placements do.
+            # Without this, Replicate from a sharded layout would intern a
+            # second, device-less layout beside the one creation makes.
+            device = str(self.shards[0].placement.device())
+        return layout_of(spec, self.size, self.group_ranks, device)
 
 
 def layout_of(
@@ -174,10 +181,12 @@ def redistribute_plan(src: Layout, dst: Layout, rank: int) -> RedistributePlan:
         if s_from != rank and d_to != rank:
             continue
         src_box = tuple(
-            slice(a - o, b - o) for a, b, o in zip(box_lo, box_hi, src.shards[i].shard_offsets)
+            slice(a - o, b - o)
+            for a, b, o in zip(box_lo, box_hi, src.shards[i].shard_offsets, strict=True)
         )
         dst_box = tuple(
-            slice(a - o, b - o) for a, b, o in zip(box_lo, box_hi, dst.shards[j].shard_offsets)
+            slice(a - o, b - o)
+            for a, b, o in zip(box_lo, box_hi, dst.shards[j].shard_offsets, strict=True)
         )
         if s_from == rank and d_to == rank:
             local.append((src_pos[i], src_box, dst_pos[j], dst_box))
@@ -185,7 +194,7 @@ def redistribute_plan(src: Layout, dst: Layout, rank: int) -> RedistributePlan:
             send[group_rank[d_to]].append((src_pos[i], src_box))
         else:
             numel = 1
-            for a, b in zip(box_lo, box_hi):
+            for a, b in zip(box_lo, box_hi, strict=True):
                 numel *= b - a
             recv[group_rank[s_from]].append((dst_pos[j], dst_box, numel))
     return RedistributePlan(

@@ -55,6 +55,13 @@ def _where(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__qualname__', fn)} at {code.co_filename}:{code.co_firstlineno}"
 
 
+def _op_name(op: object) -> str:
+    """``aten.mm.default``, ``torch.asin``: how an error names ``op``."""
+    if isinstance(op, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        return str(op)
+    return torch.overrides.resolve_name(op) or repr(op)
+
+
 def _table_for(op: object) -> dict[Any, ShardedOpImpl]:
     if isinstance(op, torch._ops.OpOverload):
         return OVERLOADS
@@ -72,13 +79,15 @@ def _check_signature(op: object, fn: Callable[..., Any]) -> None:
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"sharded implementation of {op} ({_where(fn)}): {exc}") from exc
+        raise TypeError(
+            f"sharded implementation of {_op_name(op)} ({_where(fn)}): {exc}"
+        ) from exc
     try:
         signature.bind(None, (), {}, None)
     except TypeError as exc:
         raise TypeError(
-            f"sharded implementation of {op} ({_where(fn)}) must accept "
-            f"(types, args, kwargs, process_group), but its signature is {signature}: {exc}"
+            f"sharded implementation of {_op_name(op)} ({_where(fn)}) expects signature "
+            f"(types, args, kwargs, process_group), but it is {signature}: {exc}"
         ) from None
 
 
@@ -104,7 +113,7 @@ def custom_sharded_op_impl(
         existing = table.get(op)
         if existing is not None and not override:
             raise ValueError(
-                f"{op} already has a sharded implementation ({_where(existing)}); "
+                f"{_op_name(op)} already has a sharded implementation ({_where(existing)}); "
                 f"pass override=True to replace it with {_where(fn)}"
             )
         table[op] = fn

@@ -318,8 +318,10 @@ class ShardedTensor(torch.Tensor):
                     f"Local tensor on rank {rank} has size {list(local_tensor.shape)}, but "
                     f"the spec places a block of size {expected} there"
                 )
+            if local_tensor.layout != torch.strided:
+                raise ValueError(_STRIDED_ONLY)
             if not local_tensor.is_contiguous():
-                raise ValueError("Only torch.contiguous_format memory_format is currently supported")
+                raise ValueError(_CONTIGUOUS_ONLY)
         except (ValueError, NotImplementedError, TypeError) as exc:
             error = exc
         collectives.raise_if_any(error, group)
@@ -464,6 +466,10 @@ class _Redistribute(torch.autograd.Function):
 
 # -- from_local_shards validation ------------------------------------------------
 
+_STRIDED_ONLY = "Only torch.strided layout is currently supported"
+_CONTIGUOUS_ONLY = "Only torch.contiguous_format memory_format is currently supported"
+
+
 def _summarize_local_shards(
     local_shards: list[Shard], size: torch.Size, rank: int
 ) -> tuple[Exception | None, Any]:
@@ -485,8 +491,10 @@ def _summarize_local_shards(
                     f"current rank! Found current rank: {rank}, local ShardMetadata "
                     f"placement: {placement}"
                 )
+            if shard.tensor.layout != torch.strided:
+                raise ValueError(_STRIDED_ONLY)
             if not shard.tensor.is_contiguous():
-                raise ValueError("Only torch.contiguous_format memory_format is currently supported")
+                raise ValueError(_CONTIGUOUS_ONLY)
             if len(shard.metadata.shard_offsets) != len(size):
                 raise ValueError(
                     f"Shard {shard.metadata} has {len(shard.metadata.shard_offsets)} dims, "

@@ -6,6 +6,6 @@ public :func:`dispatch_shard.custom_sharded_op_impl` decorator, exactly as users
 
 from __future__ import annotations
 
-from dispatch_shard.ops import factory, tensor_basics
+from dispatch_shard.ops import factory, pointwise, tensor_basics, view
 
-__all__ = ["factory", "tensor_basics"]
+__all__ = ["factory", "pointwise", "tensor_basics", "view"]

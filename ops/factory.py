@@ -10,16 +10,14 @@ from typing import Any
 
 import torch
 
+from dispatch_shard.ops._common import map_blocks
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
-from dispatch_shard.ops._common import map_blocks
 
 aten = torch.ops.aten
 
 _LIKE_OPS = (aten.empty_like, aten.zeros_like, aten.ones_like, aten.rand_like,
              aten.randn_like, aten.full_like)
-
-
 
 
 def _register(packet: Any) -> None:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from dispatch_shard import collectives
+from dispatch_shard.ops._common import map_blocks
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
-from dispatch_shard.ops._common import map_blocks
 
 aten = torch.ops.aten
 

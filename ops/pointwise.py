@@ -1,0 +1,253 @@
+"""Pointwise ops: every aten overload tagged ``torch.Tag.pointwise``.
+
+Per rank: ``out[block] = op(x[block], y[block], ...)`` for each block of the
+result's layout. Collectives: none when the operands share a layout or are
+plain tensors / scalars; otherwise operands are first moved to the result's
+layout (one all-to-all each), or all-gathered when they broadcast.
+
+NOTE [the result's layout]
+The result takes the layout of an operand whose shape is the broadcast shape:
+the destination for in-place and ``out=`` forms, else the first sharded such
+operand, else the first replicated one. Partial operands are reduced first
+(a pointwise op of summands is not the op of the sum, except for a few linear
+ops we do not special-case yet). An operand that broadcasts (smaller shape),
+and every plain tensor (treated as replicated), is sliced per block where it
+is not broadcast. When no ShardedTensor has the broadcast shape, the result is
+computed replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dispatch_shard.layout import Layout
+from dispatch_shard.registry import custom_sharded_op_impl
+from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.specs import Replicate
+
+__all__ = ["pointwise_overloads"]
+
+aten = torch.ops.aten
+
+
+# Tagged pointwise, but served by another family (tensor_basics).
+_OWNED_ELSEWHERE = frozenset({aten.clone.default})
+
+
+def pointwise_overloads() -> list[torch._ops.OpOverload]:
+    """Every aten overload tagged pointwise that returns tensors (in-place and out= forms
+    included), except the few that another op family serves."""
+    found = []
+    packets = sorted({
+        name.split("::", 1)[1].split(".", 1)[0]
+        for name in torch._C._dispatch_get_all_op_names() if name.startswith("aten::")
+    })
+    for name in packets:
+        packet = getattr(aten, name, None)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            if (torch.Tag.pointwise in op.tags and op not in _OWNED_ELSEWHERE
+                    and all(isinstance(r.type, torch._C.TensorType)
+                            for r in op._schema.returns)):
+                found.append(op)
+    return found
+
+
+def _block_slice(operand: torch.Tensor, box: tuple[slice, ...], ndim: int) -> torch.Tensor:
+    """The part of a (broadcasting) dense ``operand`` that meets the result block ``box``."""
+    lead = ndim - operand.dim()
+    index = tuple(
+        slice(None) if operand.shape[i] == 1 else box[lead + i] for i in range(operand.dim())
+    )
+    return operand[index]
+
+
+def _stand_in(value: Any) -> Any:
+    """An empty tensor of ``value``'s dtype and dims, to learn a result's dtype without data."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty((0,) * value.dim(), dtype=value.dtype)
+    return value
+
+
+def _result_dtype(func: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    result = func(*[_stand_in(a) for a in args], **{k: _stand_in(v) for k, v in kwargs.items()})
+    if isinstance(result, tuple | list):
+        return tuple(r.dtype for r in result)
+    return result.dtype
+
+
+class _Schema:
+    __slots__ = ("inplace", "out_names")
+
+    def __init__(self, func: torch._ops.OpOverload) -> None:
+        self.inplace = torch.Tag.inplace in func.tags
+        self.out_names = tuple(a.name for a in func._schema.arguments if a.is_out)
+
+
+def _pick_base(candidates: list[ShardedTensor]) -> ShardedTensor | None:
+    for wanted in ("is_sharded", "is_replicate"):
+        for tensor in candidates:
+            if getattr(tensor._layout, wanted):
+                return tensor
+    return None
+
+
+def _pointwise(func: torch._ops.OpOverload, schema: _Schema, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    names = [k for k, v in kwargs.items()
+             if isinstance(v, torch.Tensor) and k not in schema.out_names]
+    operands = [args[i] for i in positions] + [kwargs[k] for k in names]
+    shape = torch.broadcast_shapes(*(t.shape for t in operands))
+    if schema.inplace:
+        destination = args[0]
+    elif schema.out_names:
+        destination = kwargs[schema.out_names[0]]
+    else:
+        destination = None
+
+    if destination is not None and not isinstance(destination, ShardedTensor):
+        # A plain destination is a replicated value: compute with whole operands.
+        return func(*[_whole(a) for a in args], **{k: _whole(v) for k, v in kwargs.items()})
+
+    if destination is not None:
+        if destination.shape != shape:
+            raise RuntimeError(
+                f"{func}: the result of size {tuple(shape)} does not fit the destination "
+                f"of size {tuple(destination.shape)}"
+            )
+        base = destination._reduced() if destination._layout.is_partial else destination
+        if base is not destination:
+            raise NotImplementedError(f"{func} into a Partial ShardedTensor is not supported")
+    else:
+        candidates = [t._reduced() for t in operands
+                      if isinstance(t, ShardedTensor) and t.shape == shape]
+        base = _pick_base(candidates)  # type: ignore[assignment]
+
+    if base is None:
+        # No ShardedTensor has the broadcast shape: compute the replicated result.
+        anchor = next(t for t in operands if isinstance(t, ShardedTensor))
+        layout = anchor._layout.with_spec(Replicate())
+        layout = layout if layout.size == shape else _replicated(anchor, shape)
+        blocks = [((slice(None),) * len(shape))] if layout.local_indices(anchor._rank) else []
+        return _run_blocks(func, schema, args, kwargs, anchor, layout, blocks, positions,
+                           names, shape, destination)
+    layout = base._layout
+    boxes = [layout.shard_box(i) for i in layout.local_indices(base._rank)]
+    return _run_blocks(func, schema, args, kwargs, base, layout, boxes, positions, names,
+                       shape, destination)
+
+
+def _replicated(anchor: ShardedTensor, shape: torch.Size) -> Layout:
+    from dispatch_shard.layout import layout_of
+
+    return layout_of(Replicate(), shape, anchor._layout.group_ranks,
+                     anchor._layout.device or str(anchor.device))
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, ShardedTensor):
+        value = value._redistributed(Replicate())
+        return value._local_tensors[0] if value._local_tensors else torch.empty(value.shape)
+    return value
+
+
+def _run_blocks(
+    func: torch._ops.OpOverload,
+    schema: _Schema,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    base: ShardedTensor,
+    layout: Layout,
+    boxes: list[tuple[slice, ...]],
+    positions: list[int],
+    names: list[str],
+    shape: torch.Size,
+    destination: ShardedTensor | None,
+) -> Any:
+    ndim = len(shape)
+
+    def per_block(value: Any) -> list[Any] | None:
+        """The operand's piece for each block, or None to pass it through unchanged."""
+        if isinstance(value, ShardedTensor):
+            if value._layout is layout:
+                return list(value._local_tensors)
+            if value.shape == shape and not layout.is_replicate:
+                return list(value._redistributed(layout.spec)._local_tensors)
+            value = _whole(value)
+        if value.dim() == 0:
+            return None
+        return [_block_slice(value, box, ndim) for box in boxes]
+
+    arg_pieces = {i: per_block(args[i]) for i in positions}
+    kwarg_pieces = {k: per_block(kwargs[k]) for k in names}
+    if destination is not None:
+        outs = [kwargs[n] for n in schema.out_names] if schema.out_names else [destination]
+        out_pieces = {n: list(kwargs[n]._local_tensors) for n in schema.out_names}
+    results = []
+    for b in range(len(boxes)):
+        block_args = [
+            arg_pieces[i][b] if arg_pieces.get(i) is not None else a  # type: ignore[index]
+            for i, a in enumerate(args)
+        ]
+        block_kwargs = {
+            k: (kwarg_pieces[k][b] if kwarg_pieces.get(k) is not None  # type: ignore[index]
+                else out_pieces[k][b] if destination is not None and k in schema.out_names
+                else v)
+            for k, v in kwargs.items()
+        }
+        results.append(func(*block_args, **block_kwargs))
+    if destination is not None:
+        return tuple(outs) if len(outs) > 1 else outs[0]
+    if results:
+        first = results[0]
+        dtypes = tuple(r.dtype for r in first) if isinstance(first, tuple) else first.dtype
+    else:
+        dtypes = _result_dtype(func, list(args), dict(kwargs))
+    if isinstance(dtypes, tuple):
+        return tuple(
+            base._like([r[k] for r in results], layout, dtype) for k, dtype in enumerate(dtypes)
+        )
+    return base._like(results, layout, dtypes)
+
+
+def _wrap_blocks(func: torch._ops.OpOverload, first: ShardedTensor, args: tuple[Any, ...],
+                 blocks: list[torch.Tensor]) -> ShardedTensor:
+    dtype = blocks[0].dtype if blocks else _result_dtype(func, list(args), {})
+    return first._like(blocks, dtype=dtype)
+
+
+def _register(func: torch._ops.OpOverload) -> None:
+    schema = _Schema(func)
+
+    def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             process_group: Any) -> Any:
+        # Fast path: one operand, or two with one layout or a Python scalar; nothing
+        # partial, no keyword arguments, not in place, no out=.
+        first = args[0]
+        if (type(first) is ShardedTensor and not kwargs and not schema.inplace
+                and not first._layout.is_partial):
+            if len(args) == 1:
+                return _wrap_blocks(func, first, args, [func(t) for t in first._local_tensors])
+            if len(args) == 2:
+                second = args[1]
+                if type(second) is ShardedTensor and second._layout is first._layout:
+                    blocks = [func(a, b) for a, b in
+                              zip(first._local_tensors, second._local_tensors, strict=True)]
+                    return _wrap_blocks(func, first, args, blocks)
+                if isinstance(second, int | float | bool):
+                    return _wrap_blocks(func, first, args,
+                                        [func(a, second) for a in first._local_tensors])
+        return _pointwise(func, schema, args, kwargs)
+
+    impl.__name__ = impl.__qualname__ = f"pointwise_{func.name().replace('::', '_')}"
+    impl.__doc__ = f"``{func}`` per block of the result's layout; see the module docstring."
+    custom_sharded_op_impl(func)(impl)
+
+
+for _func in pointwise_overloads():
+    _register(_func)

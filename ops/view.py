@@ -1,0 +1,546 @@
+"""Views and shape ops: transpose/permute, (un)squeeze, view/reshape, expand, slice/select,
+split/unbind, cat, dtype conversion and copy.
+
+Per rank: each block is viewed the same way as the whole (``block.t()``...), so
+the result's blocks alias the input's and in-place ops on a view reach the
+base. The result's layout is the input's, transformed: a chunk spec keeps its
+placements and follows its dim; other blocks are mapped one by one into an
+enumerable spec. Collectives: none.
+
+NOTE [replicated fallback]
+A view that cuts across blocks (merging a sharded dim with an earlier dim, a
+strided slice of a sharded dim, ...) cannot be served block by block. Such
+calls gather the operand (all-to-all to replicated), run the op on the whole
+value and return a replicated ShardedTensor: correct, never silently partial,
+but it moves data and the result no longer aliases the input.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dispatch_shard.layout import Layout, layout_of
+from dispatch_shard.metadata import ShardMetadata
+from dispatch_shard.registry import custom_sharded_op_impl
+from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.specs import ChunkShardingSpec, EnumerableShardingSpec, Replicate
+
+aten = torch.ops.aten
+
+__all__ = ["replicated_fallback"]
+
+BlockMap = Callable[[list[int], list[int]], tuple[list[int], list[int]]]
+
+
+def _relayout(layout: Layout, size: Sequence[int], chunk_dim: int | None,
+              block_map: BlockMap) -> Layout:
+    """``layout`` seen through a view to ``size``: chunk specs move to ``chunk_dim`` (None:
+    not expressible as a chunk spec), other blocks go through ``block_map``."""
+    spec = layout.spec
+    size = torch.Size(size)
+    if not layout.is_sharded:
+        return layout_of(spec, size, layout.group_ranks, layout.device)
+    if isinstance(spec, ChunkShardingSpec) and chunk_dim is not None:
+        return layout_of(ChunkShardingSpec(chunk_dim, spec.placements), size,
+                         layout.group_ranks)
+    blocks = []
+    for shard in layout.shards:
+        offsets, sizes = block_map(list(shard.shard_offsets), list(shard.shard_sizes))
+        blocks.append(ShardMetadata(offsets, sizes, shard.placement))
+    return layout_of(EnumerableShardingSpec(blocks), size, layout.group_ranks)
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, ShardedTensor):
+        moved = value._redistributed(Replicate())
+        return moved._local_tensors[0] if moved._local_tensors else torch.empty(
+            value.shape, dtype=value.dtype)
+    if isinstance(value, list | tuple):
+        return type(value)(_whole(v) for v in value)
+    return value
+
+
+def replicated_fallback(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run ``func`` on whole (replicated) operands; tensor results come back replicated.
+
+    See NOTE [replicated fallback].
+    """
+    anchor = _first_sharded(args, kwargs)
+    result = func(*_whole(args), **{k: _whole(v) for k, v in kwargs.items()})
+
+    def wrap(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            layout = layout_of(Replicate(), value.shape, anchor._layout.group_ranks,
+                               anchor._layout.device or str(anchor.device))
+            member = bool(layout.local_indices(anchor._rank))
+            return anchor._like([value] if member else [], layout, value.dtype)
+        if isinstance(value, list | tuple):
+            return type(value)(wrap(v) for v in value)
+        return value
+
+    return wrap(result)
+
+
+def _first_sharded(args: Sequence[Any], kwargs: dict[str, Any]) -> ShardedTensor:
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, ShardedTensor):
+            return value
+        if isinstance(value, list | tuple):
+            for item in value:
+                if isinstance(item, ShardedTensor):
+                    return item
+    raise TypeError("no ShardedTensor among the arguments")
+
+
+def _split_dims(layout: Layout) -> frozenset[int]:
+    """Dims along which some block covers less than the whole dim."""
+    if not layout.is_sharded:
+        return frozenset()
+    return frozenset(
+        d for d, n in enumerate(layout.size)
+        if any(s.shard_sizes[d] != n and 0 not in s.shard_sizes for s in layout.shards)
+    )
+
+
+def _view_blocks(x: ShardedTensor, layout: Layout, view: Callable[..., torch.Tensor]) -> Any:
+    """Apply ``view(block, block_metadata_in, block_metadata_out)`` to each local block."""
+    rank = x._rank
+    ins = x._layout.local_indices(rank)
+    outs = layout.local_indices(rank)
+    blocks = [view(t, x._layout.shards[i], layout.shards[j])
+              for t, i, j in zip(x._local_tensors, ins, outs, strict=True)]
+    return x._like(blocks, layout)
+
+
+# -- permutations ------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1024)
+def _permuted(layout: Layout, perm: tuple[int, ...]) -> Layout:
+    size = [layout.size[p] for p in perm]
+    chunk_dim = None
+    if isinstance(layout.spec, ChunkShardingSpec):
+        chunk_dim = perm.index(layout.spec.dim % len(layout.size))
+    return _relayout(layout, size, chunk_dim,
+                     lambda o, s: ([o[p] for p in perm], [s[p] for p in perm]))
+
+
+def _permute_to(x: ShardedTensor, perm: tuple[int, ...]) -> ShardedTensor:
+    layout = _permuted(x._layout, perm)
+    return x._like([t.permute(perm) for t in x._local_tensors], layout)
+
+
+@custom_sharded_op_impl(aten.permute.default)
+def permute(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.permute(dims)``: each block permuted; the layout's dims follow; no collectives."""
+    x, dims = args[0], args[1]
+    return _permute_to(x, tuple(d % max(x.dim(), 1) for d in dims))
+
+
+@custom_sharded_op_impl(aten.transpose.int)
+def transpose(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.transpose(a, b)``: each block transposed; no collectives."""
+    x, a, b = args
+    perm = list(range(x.dim()))
+    if perm:
+        a, b = a % x.dim(), b % x.dim()
+        perm[a], perm[b] = perm[b], perm[a]
+    return _permute_to(x, tuple(perm))
+
+
+@custom_sharded_op_impl(aten.t.default)
+def t(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.t()`` of a matrix: each block transposed; no collectives."""
+    x = args[0]
+    return _permute_to(x, (1, 0) if x.dim() == 2 else tuple(range(x.dim())))
+
+
+# -- adding and removing size-1 dims -------------------------------------------------
+
+@custom_sharded_op_impl(aten.unsqueeze.default)
+def unsqueeze(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.unsqueeze(dim)``: each block unsqueezed; no collectives."""
+    x, dim = args
+    dim = dim % (x.dim() + 1)
+    layout = _unsqueezed(x._layout, dim)
+    return x._like([t.unsqueeze(dim) for t in x._local_tensors], layout)
+
+
+@functools.lru_cache(maxsize=1024)
+def _unsqueezed(layout: Layout, dim: int) -> Layout:
+    size = list(layout.size)
+    size.insert(dim, 1)
+    chunk_dim = None
+    if isinstance(layout.spec, ChunkShardingSpec):
+        old = layout.spec.dim % len(layout.size)
+        chunk_dim = old + 1 if old >= dim else old
+
+    def block_map(o: list[int], s: list[int]) -> tuple[list[int], list[int]]:
+        return [*o[:dim], 0, *o[dim:]], [*s[:dim], 1, *s[dim:]]
+
+    return _relayout(layout, size, chunk_dim, block_map)
+
+
+def _squeeze(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.squeeze(dims)``: removes size-1 dims that no block splits; no collectives."""
+    x = args[0]
+    if len(args) > 1:
+        dims = args[1] if isinstance(args[1], list | tuple) else [args[1]]
+        dims = [d % max(x.dim(), 1) for d in dims]
+    else:
+        dims = list(range(x.dim()))
+    dims = sorted(d for d in set(dims) if x.dim() and x.shape[d] == 1)
+    if not dims:
+        return x._like(list(x._local_tensors))
+    layout = x._layout
+    if layout.is_sharded and any(
+        s.shard_sizes[d] == 0 for s in layout.shards for d in dims
+    ):
+        # A chunk spec over a size-1 dim leaves empty blocks that cannot lose the dim.
+        return replicated_fallback(aten.squeeze.dims, (x, dims), {})
+    layout = _squeezed(layout, tuple(dims))
+    return x._like([t.squeeze(dims) for t in x._local_tensors], layout)
+
+
+for _overload in (aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims):
+    custom_sharded_op_impl(_overload)(_squeeze)
+
+
+@functools.lru_cache(maxsize=1024)
+def _squeezed(layout: Layout, dims: tuple[int, ...]) -> Layout:
+    keep = [d for d in range(len(layout.size)) if d not in dims]
+    chunk_dim = None
+    if isinstance(layout.spec, ChunkShardingSpec):
+        old = layout.spec.dim % len(layout.size)
+        chunk_dim = keep.index(old) if old in keep else None
+    return _relayout(layout, [layout.size[d] for d in keep], chunk_dim,
+                     lambda o, s: ([o[d] for d in keep], [s[d] for d in keep]))
+
+
+# -- view / reshape -------------------------------------------------------------------
+
+def _dim_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of old dims with runs of new dims of equal product (size-1 dims attach to a
+    neighbour); None when the sizes do not match."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        gi, gj = [], []
+        pi = pj = 1
+        if i < len(old):
+            gi.append(i)
+            pi *= old[i]
+            i += 1
+        if j < len(new):
+            gj.append(j)
+            pj *= new[j]
+            j += 1
+        while pi != pj:
+            if pi < pj and i < len(old):
+                gi.append(i)
+                pi *= old[i]
+                i += 1
+            elif pj < pi and j < len(new):
+                gj.append(j)
+                pj *= new[j]
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
+
+
+@functools.lru_cache(maxsize=1024)
+def _viewed(layout: Layout, size: tuple[int, ...]) -> Layout | None:
+    """The layout of ``x.view(size)`` when every block stays a block; else None.
+
+    Blocks survive a view when each group of dims that the view merges or
+    splits is either whole in every block, or is one dim of unchanged size.
+    """
+    groups = _dim_groups(list(layout.size), list(size))
+    if groups is None:
+        return None
+    split = _split_dims(layout)
+    chunk_dim = None
+    spec_dim = layout.spec.dim % len(layout.size) \
+        if isinstance(layout.spec, ChunkShardingSpec) else None
+    for old_dims, new_dims in groups:
+        real_old = [d for d in old_dims if layout.size[d] != 1]
+        real_new = [e for e in new_dims if size[e] != 1]
+        one_to_one = len(real_old) == 1 and len(real_new) == 1
+        if any(d in split for d in old_dims) and not one_to_one:
+            return None
+        if spec_dim in old_dims and one_to_one and spec_dim in real_old:
+            chunk_dim = real_new[0]
+
+    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        new_offsets, new_sizes = [0] * len(size), list(size)
+        for old_dims, new_dims in groups:  # type: ignore[union-attr]
+            real_old = [d for d in old_dims if layout.size[d] != 1]
+            real_new = [e for e in new_dims if size[e] != 1]
+            if len(real_old) == 1 and len(real_new) == 1:
+                new_offsets[real_new[0]] = offsets[real_old[0]]
+                new_sizes[real_new[0]] = sizes[real_old[0]]
+        if 0 in sizes and new_sizes and 0 not in new_sizes:
+            new_sizes[0] = 0  # an empty block stays empty
+        return new_offsets, new_sizes
+
+    return _relayout(layout, size, chunk_dim, block_map)
+
+
+def _view(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.view(size)``: each block viewed to its extent when no block is cut; no collectives
+    (else see NOTE [replicated fallback])."""
+    x, size = args[0], list(args[1])
+    if -1 in size:
+        known = math.prod(s for s in size if s != -1)
+        size[size.index(-1)] = x.numel() // known if known else 0
+    layout = _viewed(x._layout, tuple(size))
+    if layout is None:
+        return replicated_fallback(aten.reshape.default, (x, size), {})
+    return _view_blocks(x, layout, lambda t, _, out: t.view(out.shard_sizes))
+
+
+for _overload in (aten.view.default, aten._unsafe_view.default):
+    custom_sharded_op_impl(_overload)(_view)
+
+
+@custom_sharded_op_impl(aten.expand.default)
+def expand(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.expand(size)``: expands unsplit size-1 dims of each block; no collectives."""
+    x, size = args[0], list(args[1])
+    lead = len(size) - x.dim()
+    full = [x.shape[d - lead] if s == -1 else s for d, s in enumerate(size)]
+    split = _split_dims(x._layout)
+    if any(full[d + lead] != x.shape[d] for d in split):
+        return replicated_fallback(aten.expand.default, (x, full), {})
+    layout = _expanded(x._layout, tuple(full))
+
+    def view(t: torch.Tensor, _: ShardMetadata, out: ShardMetadata) -> torch.Tensor:
+        return t.expand(out.shard_sizes)
+
+    return _view_blocks(x, layout, view)
+
+
+@functools.lru_cache(maxsize=1024)
+def _expanded(layout: Layout, size: tuple[int, ...]) -> Layout:
+    lead = len(size) - len(layout.size)
+    chunk_dim = None
+    if isinstance(layout.spec, ChunkShardingSpec):
+        chunk_dim = layout.spec.dim % len(layout.size) + lead
+
+    def block_map(o: list[int], s: list[int]) -> tuple[list[int], list[int]]:
+        new_sizes = [size[d] if d < lead or (s[d - lead] == layout.size[d - lead]
+                     and layout.size[d - lead] == 1) else s[d - lead] for d in range(len(size))]
+        return [0] * lead + o, new_sizes
+
+    return _relayout(layout, size, chunk_dim, block_map)
+
+
+# -- slicing ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1024)
+def _sliced(layout: Layout, dim: int, start: int, stop: int) -> Layout:
+    """Blocks of ``x[..., start:stop, ...]`` (step 1) along ``dim``: clipped and shifted."""
+    size = list(layout.size)
+    size[dim] = stop - start
+
+    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        lo = min(max(offsets[dim], start), stop)
+        hi = max(min(offsets[dim] + sizes[dim], stop), lo)
+        offsets, sizes = list(offsets), list(sizes)
+        offsets[dim], sizes[dim] = lo - start, hi - lo
+        return offsets, sizes
+
+    return _relayout(layout, size, None, block_map)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resized(layout: Layout, dim: int, length: int) -> Layout:
+    """``layout`` with the unsplit ``dim`` now of ``length`` (blocks that span it still do)."""
+    size = [length if d == dim else n for d, n in enumerate(layout.size)]
+    chunk_dim = layout.spec.dim % len(layout.size) \
+        if isinstance(layout.spec, ChunkShardingSpec) else None
+
+    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        return offsets, [length if d == dim and n else n for d, n in enumerate(sizes)]
+
+    return _relayout(layout, size, chunk_dim, block_map)
+
+
+def _normalize_slice(length: int, start: int | None, stop: int | None) -> tuple[int, int]:
+    start = 0 if start is None else start
+    stop = length if stop is None else stop
+    start = max(0, start + length) if start < 0 else min(start, length)
+    stop = max(0, stop + length) if stop < 0 else min(stop, length)
+    return start, max(start, stop)
+
+
+@custom_sharded_op_impl(aten.slice.Tensor)
+def slice_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x[start:stop:step]`` along ``dim``: each block sliced by its own part of the range
+    (a view); a step > 1 along a split dim falls back (NOTE [replicated fallback])."""
+    x = args[0]
+    dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % x.dim()
+    start = args[2] if len(args) > 2 else kwargs.get("start")
+    stop = args[3] if len(args) > 3 else kwargs.get("end")
+    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+    layout = x._layout
+    if dim not in _split_dims(layout):
+        length = len(range(*slice(start, stop, step).indices(x.shape[dim])))
+        index = (slice(None),) * dim + (slice(start, stop, step),)
+        return x._like([b[index] for b in x._local_tensors], _resized(layout, dim, length))
+    if step != 1:
+        return replicated_fallback(aten.slice.Tensor, (x, dim, start, stop, step), {})
+    lo, hi = _normalize_slice(x.shape[dim], start, stop)
+    new_layout = _sliced(layout, dim, lo, hi)
+
+    def view(t: torch.Tensor, old: ShardMetadata, new: ShardMetadata) -> torch.Tensor:
+        begin = min(max(lo - old.shard_offsets[dim], 0), t.shape[dim])
+        return t.narrow(dim, begin, new.shard_sizes[dim])
+
+    return _view_blocks(x, new_layout, view)
+
+
+@custom_sharded_op_impl(aten.select.int)
+def select(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.select(dim, i)``: the slice ``i:i+1``, then the dim dropped; blocks that miss ``i``
+    become empty; no collectives."""
+    x, dim, index = args
+    dim %= x.dim()
+    if index < 0:
+        index += x.shape[dim]
+    if not 0 <= index < x.shape[dim]:
+        raise IndexError(f"select(): index {args[2]} out of range for dim {dim} of size "
+                         f"{x.shape[dim]}")
+    narrowed = slice_(types, (x, dim, index, index + 1, 1), {}, pg)
+    layout = _selected(narrowed._layout, dim)
+    return _view_blocks(narrowed, layout,
+                        lambda t, _, new: t.narrow(dim, 0, min(1, t.shape[dim])).reshape(
+                            new.shard_sizes) if t.shape[dim] != 1 else t.squeeze(dim))
+
+
+@functools.lru_cache(maxsize=1024)
+def _selected(layout: Layout, dim: int) -> Layout:
+    """``layout`` (size 1 along ``dim``) without ``dim``; blocks empty along it stay empty."""
+    keep = [d for d in range(len(layout.size)) if d != dim]
+    chunk_dim = None
+    if isinstance(layout.spec, ChunkShardingSpec) and layout.spec.dim % len(layout.size) != dim:
+        chunk_dim = keep.index(layout.spec.dim % len(layout.size))
+
+    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        new_sizes = [sizes[d] for d in keep]
+        if sizes[dim] == 0 and new_sizes and 0 not in new_sizes:
+            new_sizes[0] = 0
+        return [offsets[d] for d in keep], new_sizes
+
+    return _relayout(layout, [layout.size[d] for d in keep], chunk_dim, block_map)
+
+
+@custom_sharded_op_impl(aten.split.Tensor)
+def split(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.split(size, dim)``: one slice per piece (views); no collectives."""
+    x, size = args[0], args[1]
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % x.dim()
+    length = x.shape[dim]
+    starts = range(0, length, size) if length else [0]
+    return [slice_(types, (x, dim, s, min(s + size, length), 1), {}, pg) for s in starts]
+
+
+@custom_sharded_op_impl(aten.split_with_sizes.default)
+def split_with_sizes(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     pg: Any) -> Any:
+    """``x.split([sizes], dim)``: one slice per piece (views); no collectives."""
+    x, sizes = args[0], args[1]
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % x.dim()
+    pieces, start = [], 0
+    for n in sizes:
+        pieces.append(slice_(types, (x, dim, start, start + n, 1), {}, pg))
+        start += n
+    return pieces
+
+
+@custom_sharded_op_impl(aten.unbind.int)
+def unbind(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.unbind(dim)``: one ``select`` per index (views); no collectives."""
+    x = args[0]
+    dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % x.dim()
+    return [select(types, (x, dim, i), {}, pg) for i in range(x.shape[dim])]
+
+
+# -- joining, conversion, copy -------------------------------------------------------------
+
+@custom_sharded_op_impl(aten.cat.default)
+def cat(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``torch.cat(tensors, dim)``: blockwise when all operands are chunk-sharded along another
+    dim (operands are moved to the first one's spec); else NOTE [replicated fallback]."""
+    tensors = list(args[0])
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    first = next(t for t in tensors if isinstance(t, ShardedTensor))
+    ndim = first.dim()
+    dim %= max(ndim, 1)
+    spec = first._layout.spec
+    if (isinstance(spec, ChunkShardingSpec) and spec.dim % ndim != dim
+            and all(isinstance(t, ShardedTensor) and t.dim() == ndim for t in tensors)):
+        moved = [t if t._layout.spec == spec else t._redistributed(spec) for t in tensors]
+        size = list(first.shape)
+        size[dim] = sum(t.shape[dim] for t in moved)
+        layout = layout_of(spec, torch.Size(size), first._layout.group_ranks)
+        blocks = [torch.cat(parts, dim) for parts in
+                  zip(*(t._local_tensors for t in moved), strict=True)]
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in moved])
+        return first._like(blocks, layout, dtype)
+    return replicated_fallback(aten.cat.default, (tensors, dim), {})
+
+
+@custom_sharded_op_impl(aten._to_copy.default)
+def to_copy(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.to(dtype)`` and friends: each block converted (a copy); same layout; no collectives.
+    Moving to another device would leave the placements behind: not supported."""
+    x = args[0]
+    if kwargs.get("device") is not None and torch.device(kwargs["device"]) != x.device:
+        raise NotImplementedError(
+            f"aten._to_copy to device {kwargs['device']} not supported for ShardedTensor!")
+    options = {k: v for k, v in kwargs.items() if k not in ("device", "layout")}
+    blocks = [aten._to_copy.default(t, **options) for t in x._local_tensors]
+    return x._like(blocks, dtype=options.get("dtype") or x.dtype)
+
+
+@custom_sharded_op_impl(aten.copy_.default)
+def copy_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.copy_(src)``: ``src`` moved to ``x``'s layout (one all-to-all when they differ; a
+    plain or broadcasting ``src`` is sliced per block), then copied block by block."""
+    x, src = args[0], args[1]
+    if not isinstance(x, ShardedTensor):
+        return x.copy_(_whole(src))
+    layout = x._layout
+    if isinstance(src, ShardedTensor) and src.shape == x.shape and not layout.is_partial:
+        if src._layout is not layout:
+            src = src._redistributed(layout.spec)
+        for target, block in zip(x._local_tensors, src._local_tensors, strict=True):
+            target.copy_(block)
+        return x
+    if layout.is_partial:
+        raise NotImplementedError("aten.copy_ into a Partial not supported for ShardedTensor!")
+    dense = _whole(src)
+    lead = x.dim() - dense.dim()
+    for target, i in zip(x._local_tensors, layout.local_indices(x._rank), strict=True):
+        box = layout.shard_box(i)
+        index = tuple(slice(None) if dense.shape[d] == 1 else box[lead + d]
+                      for d in range(dense.dim()))
+        target.copy_(dense[index])
+    return x
+
+
+@custom_sharded_op_impl(aten.stack.default)
+def stack(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``torch.stack(tensors, dim)``: ``unsqueeze`` each (a view) then ``cat``; collectives as
+    ``cat``."""
+    tensors = list(args[0])
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    dim %= tensors[0].dim() + 1
+    return cat(types, ([t.unsqueeze(dim) for t in tensors], dim), {}, pg)

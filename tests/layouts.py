@@ -1,0 +1,54 @@
+"""Layouts and sharded copies of dense tensors, shared by the multi-rank tests."""
+
+from __future__ import annotations
+
+import torch
+
+import dispatch_shard as ds
+
+
+def rows(world_size: int) -> ds.ChunkShardingSpec:
+    return ds.ChunkShardingSpec(0, [f"rank:{r}/cpu" for r in range(world_size)])
+
+
+def cols(world_size: int) -> ds.ChunkShardingSpec:
+    return ds.ChunkShardingSpec(1, [f"rank:{r}/cpu" for r in range(world_size)])
+
+
+def several(world_size: int, dim: int = 0) -> ds.ChunkShardingSpec:
+    """Two blocks per rank, in a shuffled rank order."""
+    order = [(3 * i + 1) % world_size for i in range(2 * world_size)] if world_size > 1 \
+        else [0, 0]
+    return ds.ChunkShardingSpec(dim, [f"rank:{r}/cpu" for r in order])
+
+
+def grid(size: tuple[int, int], world_size: int) -> ds.EnumerableShardingSpec:
+    """A 2x2 grid of uneven blocks over ranks ``i % world_size``."""
+    top, left = size[0] // 2 + 1, size[1] // 3 + 1
+    blocks = [((0, 0), (top, left)), ((0, left), (top, size[1] - left)),
+              ((top, 0), (size[0] - top, left)), ((top, left), (size[0] - top, size[1] - left))]
+    return ds.EnumerableShardingSpec([
+        ds.ShardMetadata(list(offsets), list(sizes), f"rank:{i % world_size}/cpu")
+        for i, (offsets, sizes) in enumerate(blocks)
+    ])
+
+
+def specs_2d(size: tuple[int, int], world_size: int) -> dict[str, ds.ShardingSpec]:
+    return {"rows": rows(world_size), "cols": cols(world_size), "several": several(world_size),
+            "grid": grid(size, world_size), "replicate": ds.Replicate()}
+
+
+def shard(dense: torch.Tensor, spec: ds.ShardingSpec, requires_grad: bool = False
+          ) -> ds.ShardedTensor:
+    """A ShardedTensor holding (copies of) ``dense``'s blocks under ``spec``; no communication
+    beyond from_local_shards' metadata check."""
+    rank = torch.distributed.get_rank()
+    if isinstance(spec, ds.Replicate):
+        result = ds.ShardedTensor.from_local_tensor(dense.clone(), spec, *dense.shape)
+    else:
+        blank = ds.empty(spec, *dense.shape, dtype=dense.dtype)
+        layout = blank._layout
+        shards = [ds.Shard(dense[layout.shard_box(i)].clone(), layout.shards[i])
+                  for i in layout.local_indices(rank)]
+        result = ds.ShardedTensor.from_local_shards(shards, *dense.shape)
+    return result.requires_grad_(True) if requires_grad else result

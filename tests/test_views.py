@@ -1,0 +1,108 @@
+"""View and shape ops against the dense computation, on every layout; views alias their base."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from layouts import rows, several, shard, specs_2d
+
+import dispatch_shard as ds
+from dispatch_shard.testing import multi_rank
+
+SIZE = (10, 7)
+
+CASES: dict[str, Callable[[torch.Tensor], object]] = {
+    "t": lambda a: a.t(),
+    "transpose": lambda a: a.transpose(0, 1),
+    "permute": lambda a: a.permute(1, 0),
+    "unsqueeze_front": lambda a: a.unsqueeze(0),
+    "unsqueeze_back": lambda a: a.unsqueeze(-1),
+    "squeeze": lambda a: a.unsqueeze(1).squeeze(1),
+    "view_add_dim": lambda a: a.view(10, 7, 1),
+    "flatten": lambda a: a.flatten(),
+    "reshape": lambda a: a.reshape(5, 14),
+    "expand": lambda a: a.unsqueeze(0).expand(3, 10, 7),
+    "slice_dim0": lambda a: a[2:8],
+    "slice_dim1": lambda a: a[:, 1:5],
+    "slice_step": lambda a: a[::2],
+    "slice_negative": lambda a: a[-4:-1],
+    "select_dim0": lambda a: a[3],
+    "select_dim1": lambda a: a[:, -3],
+    "split": lambda a: a.split(3),
+    "split_with_sizes": lambda a: a.split([2, 5], 1),
+    "chunk": lambda a: a.chunk(4, 0),
+    "unbind": lambda a: a.unbind(1),
+    "cat_dim0": lambda a: torch.cat([a, a * 2], 0),
+    "cat_dim1": lambda a: torch.cat([a, a], 1),
+    "stack": lambda a: torch.stack([a, a + 1], 1),
+    "to_double": lambda a: a.to(torch.float64),
+    "transpose_then_pointwise": lambda a: a.t() * 2 + 1,
+}
+
+
+def _values(result: object) -> list[torch.Tensor]:
+    items = list(result) if isinstance(result, list | tuple) else [result]
+    for item in items:
+        assert isinstance(item, ds.ShardedTensor), type(item)
+    return [item.full_tensor() for item in items]  # type: ignore[union-attr]
+
+
+@multi_rank(world_size=[1, 3, 4])
+@pytest.mark.parametrize("layout", ["rows", "cols", "several", "grid", "replicate"])
+def test_view_and_shape_ops_match_dense(rank: int, world_size: int, layout: str) -> None:
+    x = torch.randn(*SIZE, generator=torch.Generator().manual_seed(0))
+    sx = shard(x, specs_2d(SIZE, world_size)[layout])
+    for name, op in CASES.items():
+        got, want = _values(op(sx)), op(x)
+        want_list = list(want) if isinstance(want, list | tuple) else [want]
+        assert len(got) == len(want_list), name
+        for g, w in zip(got, want_list, strict=True):
+            assert g.dtype == w.dtype and torch.equal(g, w), name
+
+
+@multi_rank(world_size=[2, 3])
+def test_views_keep_sharding_without_communication(rank: int, world_size: int) -> None:
+    x = shard(torch.randn(*SIZE), rows(world_size))
+    transposed = x.t()
+    spec = transposed.sharding_spec()
+    assert isinstance(spec, ds.ChunkShardingSpec) and spec.dim == 1
+    for view, block in zip(transposed._local_tensors, x._local_tensors, strict=True):
+        assert view.data_ptr() == block.data_ptr()  # a view of the block, not a copy
+    unsqueezed = x.unsqueeze(0).sharding_spec()
+    assert isinstance(unsqueezed, ds.ChunkShardingSpec) and unsqueezed.dim == 1
+
+
+@multi_rank(world_size=[1, 3])
+def test_in_place_through_a_view_reaches_the_base(rank: int, world_size: int) -> None:
+    x = torch.randn(*SIZE, generator=torch.Generator().manual_seed(1))
+    for spec in (rows(world_size), several(world_size)):
+        base = shard(x, spec)
+        base[:, 2:4].mul_(0)
+        base.t()[1].add_(5)
+        expected = x.clone()
+        expected[:, 2:4] = 0
+        expected[:, 1] += 5
+        assert torch.equal(base.full_tensor(), expected)
+
+
+@multi_rank(world_size=[2, 3])
+def test_copy_between_layouts_and_from_plain(rank: int, world_size: int) -> None:
+    x = torch.randn(*SIZE, generator=torch.Generator().manual_seed(2))
+    specs = specs_2d(SIZE, world_size)
+    for source in specs.values():
+        for target in specs.values():
+            destination = shard(torch.zeros(SIZE), target)
+            assert destination.copy_(shard(x, source)) is destination
+            assert torch.equal(destination.full_tensor(), x)
+    destination = shard(torch.zeros(SIZE), rows(world_size))
+    destination.copy_(x[0])  # a plain, broadcasting source
+    assert torch.equal(destination.full_tensor(), x[0].expand(SIZE))
+
+
+@multi_rank(world_size=[2])
+def test_moving_to_another_device_is_refused(rank: int, world_size: int) -> None:
+    x = shard(torch.randn(*SIZE), rows(world_size))
+    with pytest.raises(NotImplementedError, match="not supported for ShardedTensor!"):
+        x.to("meta")
