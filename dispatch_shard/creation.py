@@ -77,7 +77,9 @@ def _create(
                           pin_memory=pin_memory))
     device = local[0].device if local else _placement_device(blocks)
     result = ShardedTensor._wrap(local, blocks, group, rank, dtype, device)
-    return result.requires_grad_(True) if requires_grad else result
+    if requires_grad:
+        result.requires_grad_(True)
+    return result
 
 
 def _factory(fill: Callable[..., torch.Tensor], name: str) -> Callable[..., ShardedTensor]:

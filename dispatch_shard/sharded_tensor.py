@@ -13,7 +13,7 @@ import contextlib
 import copy
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -109,7 +109,7 @@ class ShardedTensor(torch.Tensor):
         )
 
     @classmethod
-    def __torch_dispatch__(
+    def __torch_dispatch__(  # type: ignore[override]  # torch types it as a plain callable
         cls,
         func: torch._ops.OpOverload,
         types: Any,
@@ -165,9 +165,11 @@ class ShardedTensor(torch.Tensor):
 
         Ranks outside the process group get a tensor of uninitialised memory.
         """
-        return _FullTensor.apply(self)  # type: ignore[no-any-return]
+        return cast(torch.Tensor, _FullTensor.apply(self))  # type: ignore[no-untyped-call]
 
-    def gather(self, dst: int = 0, out: torch.Tensor | None = None) -> None:
+    def gather(  # type: ignore[override]  # the legacy ShardedTensor.gather, not torch.gather
+        self, dst: int = 0, out: torch.Tensor | None = None
+    ) -> None:
         """Copy the whole value into ``out`` on global rank ``dst``; other ranks pass ``None``.
 
         Every rank of the group must call it. A wrong ``out`` on ``dst`` raises
@@ -229,7 +231,7 @@ class ShardedTensor(torch.Tensor):
 
     def redistribute(self, spec: ShardingSpec) -> ShardedTensor:
         """A new ShardedTensor with the same value laid out by ``spec`` (differentiable)."""
-        return _Redistribute.apply(self, spec)  # type: ignore[no-any-return]
+        return cast(ShardedTensor, _Redistribute.apply(self, spec))  # type: ignore[no-untyped-call]
 
     def reshard(self, spec: ShardingSpec) -> ShardedTensor:
         """Lay this tensor out by ``spec``, in place; returns ``self`` (legacy semantics)."""
@@ -332,7 +334,9 @@ class ShardedTensor(torch.Tensor):
         requires_grad = local_tensor.requires_grad
         result = cls._wrap([local_tensor.detach()], layout, group, rank, local_tensor.dtype,
                            local_tensor.device)
-        return result.requires_grad_(True) if requires_grad else result
+        if requires_grad:
+            result.requires_grad_(True)
+        return result
 
     _init_from_local_tensor = from_local_tensor  # the legacy name
 
@@ -374,10 +378,11 @@ def _torch_function_with_registry(
 
 
 def _switch_torch_function(enabled: bool) -> None:
-    ShardedTensor.__torch_function__ = (  # type: ignore[assignment]
-        classmethod(_torch_function_with_registry) if enabled  # type: ignore[arg-type]
+    handler: Any = (
+        classmethod(_torch_function_with_registry) if enabled
         else torch._C._disabled_torch_function_impl
     )
+    setattr(ShardedTensor, "__torch_function__", handler)  # noqa: B010 - typed as a method
 
 
 _on_torch_function_table_change(_switch_torch_function)
@@ -428,7 +433,7 @@ def _to_partial(tensor: ShardedTensor, dst: Layout) -> list[torch.Tensor]:
 
 class _FullTensor(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tensor: ShardedTensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, tensor: ShardedTensor) -> torch.Tensor:
         ctx.source = tensor
         value = tensor._reduced()
         if value._layout.is_replicate:
@@ -439,7 +444,7 @@ class _FullTensor(torch.autograd.Function):
         return blocks[0] if blocks else torch.empty(tensor.shape, dtype=tensor.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> ShardedTensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> ShardedTensor:
         # The gradient is the same dense tensor on every rank: each block is a slice.
         source: ShardedTensor = ctx.source
         layout = source._layout
@@ -452,12 +457,12 @@ class _FullTensor(torch.autograd.Function):
 
 class _Redistribute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tensor: ShardedTensor, spec: ShardingSpec) -> ShardedTensor:  # type: ignore[override]
+    def forward(ctx: Any, tensor: ShardedTensor, spec: ShardingSpec) -> ShardedTensor:
         ctx.source_spec = tensor._layout.spec
         return tensor._redistributed(spec)
 
     @staticmethod
-    def backward(ctx: Any, grad: ShardedTensor) -> tuple[ShardedTensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: ShardedTensor) -> tuple[ShardedTensor, None]:
         spec = ctx.source_spec
         if isinstance(spec, Partial):
             spec = Replicate()  # d(sum of summands)/d(summand) is the whole gradient
@@ -624,4 +629,6 @@ def _rebuild_sharded_tensor(
     layout = layout_of(spec, torch.Size(size), collectives.group_ranks(group), device)
     dev = local_tensors[0].device if local_tensors else _placement_device(layout)
     result = ShardedTensor._wrap(local_tensors, layout, group, rank, dtype, dev)
-    return result.requires_grad_(True) if requires_grad else result
+    if requires_grad:
+        result.requires_grad_(True)
+    return result

@@ -264,6 +264,7 @@ def _viewed(layout: Layout, size: tuple[int, ...]) -> Layout | None:
     groups = _dim_groups(list(layout.size), list(size))
     if groups is None:
         return None
+    group_list = groups
     split = _split_dims(layout)
     chunk_dim = None
     spec_dim = layout.spec.dim % len(layout.size) \
@@ -279,7 +280,7 @@ def _viewed(layout: Layout, size: tuple[int, ...]) -> Layout | None:
 
     def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
         new_offsets, new_sizes = [0] * len(size), list(size)
-        for old_dims, new_dims in groups:  # type: ignore[union-attr]
+        for old_dims, new_dims in group_list:
             real_old = [d for d in old_dims if layout.size[d] != 1]
             real_new = [e for e in new_dims if size[e] != 1]
             if len(real_old) == 1 and len(real_new) == 1:
