@@ -35,9 +35,13 @@ def install(session: nox.Session, extras: str = "") -> None:
 def tests(session: nox.Session) -> None:
     """The test suite (multi-rank tests run on a persistent gloo rank pool)."""
     install(session, "dev")
-    # Run from a scratch folder so the installed package, not the checkout, is tested.
+    # ``python -m``: with system site-packages a bare ``pytest`` may be the system's
+    # executable, outside this virtualenv. Run from a scratch folder so that the
+    # installed package (with ops/ as dispatch_shard.ops) is tested, not the checkout.
+    tests_dir = os.path.join(session.invoked_from, "tests")
     args = session.posargs or ["-q"]
-    session.run("pytest", os.path.join(os.getcwd(), "tests"), *args,
+    session.chdir(session.create_tmp())
+    session.run("python", "-m", "pytest", tests_dir, *args,
                 env={"PYTHONDONTWRITEBYTECODE": "1"})
 
 
@@ -45,7 +49,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff on the package, the ops, the tests and the tools."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "dispatch_shard", "ops", "tests", "tools", "noxfile.py")
+    session.run("python", "-m", "ruff", "check",
+                "dispatch_shard", "ops", "tests", "tools", "noxfile.py")
 
 
 @nox.session(venv_params=VENV_PARAMS)
@@ -55,15 +60,16 @@ def typecheck(session: nox.Session) -> None:
     # Check the installed copy (where ops/ is dispatch_shard.ops), from outside the checkout.
     tmp = session.create_tmp()
     session.chdir(tmp)
-    session.run("mypy", "--config-file", os.path.join(session.invoked_from, "pyproject.toml"),
-                "-p", "dispatch_shard")
+    config = os.path.join(session.invoked_from, "pyproject.toml")
+    session.run("python", "-m", "mypy", "--config-file", config, "-p", "dispatch_shard")
 
 
 @nox.session(venv_params=VENV_PARAMS)
 def docs(session: nox.Session) -> None:
     """Sphinx HTML docs, warnings are errors."""
     install(session, "docs")
-    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+    session.run("python", "-m", "sphinx", "-W", "--keep-going", "-b", "html",
+                "docs", "docs/_build/html")
 
 
 @nox.session(venv_params=VENV_PARAMS)
