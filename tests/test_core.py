@@ -102,17 +102,21 @@ BUILTIN_OPS = {
         "aten.unbind.int", "aten.unsqueeze.default", "aten.view.default",
     ],
 }
-# ops/pointwise.py serves every overload torch tags pointwise: pinned to that derived set.
+# ops/pointwise.py serves every overload torch tags pointwise, and ops/foreach.py every
+# elementwise _foreach_/fused optimizer overload: pinned to those derived sets.
 POINTWISE_MODULE = "dispatch_shard.ops.pointwise"
+FOREACH_MODULE = "dispatch_shard.ops.foreach"
 
 _LIST_REGISTRY = """
 import json
 import dispatch_shard
 from dispatch_shard import registry
+from dispatch_shard.ops.foreach import foreach_overloads
 from dispatch_shard.ops.pointwise import pointwise_overloads
 tables = (registry.OVERLOADS, registry.PACKETS, registry.TORCH_FUNCTIONS)
 print(json.dumps([{str(op): fn.__module__ for op, fn in table.items()} for table in tables]
-                 + [sorted(str(op) for op in pointwise_overloads())]))
+                 + [sorted(str(op) for op in pointwise_overloads())]
+                 + [sorted(str(op) for op in foreach_overloads())]))
 """
 
 
@@ -121,12 +125,14 @@ def test_builtin_ops_are_pinned() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     listing = subprocess.run([sys.executable, "-c", _LIST_REGISTRY], env=env, check=True,
                              capture_output=True, text=True).stdout
-    overloads, packets, torch_functions, tagged = json.loads(listing)
+    overloads, packets, torch_functions, tagged, foreach = json.loads(listing)
     registered: dict[str, list[str]] = {}
     for name, module in sorted({**overloads, **packets}.items()):
         registered.setdefault(module, []).append(name)
     assert sorted(registered.pop(POINTWISE_MODULE)) == tagged
     assert len(tagged) > 500
+    assert sorted(registered.pop(FOREACH_MODULE)) == sorted([*foreach, "aten._foreach_norm.Scalar"])
+    assert len(foreach) > 200  # torch 2.13: 243 overloads
     assert registered == BUILTIN_OPS
     assert torch_functions == {}  # no built-in op needs __torch_function__
 

@@ -1,0 +1,200 @@
+"""Optimizer kernels: the ``_foreach_*`` family and the fused Adam/AdamW/SGD/Adagrad kernels.
+
+Per rank: ONE call of the same kernel on the flat list of every operand's
+local blocks (tensor ``i`` contributes its ``k_i`` blocks; its scalars and step
+tensors are repeated ``k_i`` times). Collectives: none when the lists' tensors
+share layouts element by element (parameters, their grads and their optimizer
+state always do); an element of another layout is moved first.
+
+``_foreach_norm``: per-block norms, then one all-reduce for the whole list.
+
+NOTE [plain tensors in foreach lists]
+``torch.optim`` groups tensors by device and dtype, not by type, so a list may
+mix ShardedTensors and plain (replicated) tensors. A plain element is its own
+single block; a plain element paired with a sharded ``self`` element is sliced
+per block like any replicated operand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dispatch_shard import collectives
+from dispatch_shard.registry import custom_sharded_op_impl
+from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.specs import Replicate
+
+__all__ = ["foreach_overloads"]
+
+aten = torch.ops.aten
+
+_FUSED = ("_fused_adam", "_fused_adamw", "_fused_sgd", "_fused_adagrad")
+# Results that are not elementwise: served separately or not at all.
+_NOT_ELEMENTWISE = ("_foreach_norm", "_foreach_max")
+
+
+def foreach_overloads() -> list[torch._ops.OpOverload]:
+    """Every ``_foreach_*`` overload with elementwise results and the fused optimizer kernels."""
+    found: list[torch._ops.OpOverload] = []
+    names = sorted({
+        name.split("::", 1)[1].split(".", 1)[0]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith(("aten::_foreach_", "aten::_fused_"))
+    })
+    for name in names:
+        base = name.rstrip("_")
+        if name.startswith("_fused_") and base not in _FUSED:
+            continue
+        if base in _NOT_ELEMENTWISE:
+            continue
+        packet = getattr(aten, name)
+        found.extend(getattr(packet, overload) for overload in packet.overloads())
+    return found
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, ShardedTensor):
+        moved = value._redistributed(Replicate())
+        return moved._local_tensors[0] if moved._local_tensors else torch.empty(
+            value.shape, dtype=value.dtype)
+    return value
+
+
+def _pieces(value: Any, base: Any) -> list[torch.Tensor]:
+    """``value`` cut into the blocks of list element ``base`` (NOTE above)."""
+    if not isinstance(base, ShardedTensor):
+        return [_whole(value)]
+    if isinstance(value, ShardedTensor):
+        if value._layout is base._layout:
+            return value._local_tensors
+        if value.shape == base.shape and not base._layout.is_replicate:
+            return value._redistributed(base._layout.spec)._local_tensors
+        value = _whole(value)
+    if value.dim() == 0:
+        return [value] * len(base._local_tensors)
+    layout = base._layout
+    lead = base.dim() - value.dim()
+    pieces = []
+    for index in layout.local_indices(base._rank):
+        box = layout.shard_box(index)
+        pieces.append(value[tuple(slice(None) if value.shape[d] == 1 else box[lead + d]
+                                  for d in range(value.dim()))])
+    return pieces
+
+
+def _count(element: Any) -> int:
+    return len(element._local_tensors) if isinstance(element, ShardedTensor) else 1
+
+
+def _regroup(base_list: list[Any], flat: list[torch.Tensor]) -> list[Any]:
+    results: list[Any] = []
+    position = 0
+    for element in base_list:
+        n = _count(element)
+        blocks = flat[position:position + n]
+        position += n
+        if isinstance(element, ShardedTensor):
+            dtype = blocks[0].dtype if blocks else element.dtype
+            results.append(element._like(list(blocks), dtype=dtype))
+        else:
+            results.append(blocks[0])
+    return results
+
+
+def _register(func: torch._ops.OpOverload) -> None:
+    arguments = func._schema.arguments
+    returns_list = any(str(r.type) == "List[Tensor]" for r in func._schema.returns)
+
+    def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+        named = [(a, v) for a, v in zip(arguments, args, strict=False)]
+        named += [(a, kwargs[a.name]) for a in arguments[len(args):] if a.name in kwargs]
+        base_list = args[0]
+        flat: list[Any] = []
+        for argument, value in named:
+            kind = str(argument.type)
+            if kind == "List[Tensor]" and isinstance(value, list | tuple):
+                if value is base_list:
+                    flat.append([b for e in value for b in _pieces(e, e)])
+                else:
+                    flat.append([b for e, s in zip(value, base_list, strict=True)
+                                 for b in _pieces(e, s)] if value else [])
+            elif kind == "List[number]" and isinstance(value, list | tuple):
+                flat.append([v for v, s in zip(value, base_list, strict=True)
+                             for _ in range(_count(s))])
+            else:
+                flat.append(_whole(value))
+        call_kwargs = {a.name: v for (a, _), v in zip(named[len(args):], flat[len(args):],
+                                                        strict=True)}
+        result = func(*flat[: len(args)], **call_kwargs)
+        if returns_list:
+            return _regroup(list(base_list), result)
+        return result
+
+    impl.__name__ = impl.__qualname__ = f"foreach_{func.name().replace('::', '_')}"
+    impl.__doc__ = f"``{func}`` as one call on every local block; see the module docstring."
+    custom_sharded_op_impl(func)(impl)
+
+
+for _func in foreach_overloads():
+    _register(_func)
+
+
+@custom_sharded_op_impl(aten._foreach_norm.Scalar)
+def foreach_norm(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``_foreach_norm(tensors, ord, dtype)``: per-block norms combined per tensor; one
+    all-reduce (sum of ``|x|^p``, or max for ``inf``) for all sharded tensors of the list.
+
+    Replicated tensors are not all-reduced (each rank holds the whole); Partial ones are
+    reduced first. Returns 0-dim replicated ShardedTensors (plain tensors for plain inputs).
+    """
+    tensors = list(args[0])
+    order = float(args[1] if len(args) > 1 else kwargs.get("ord", 2))
+    dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
+    if order not in (1.0, 2.0, float("inf")) and order <= 0:
+        raise NotImplementedError(f"_foreach_norm with ord={order} not supported for "
+                                  "ShardedTensor!")
+    anchor = next(t for t in tensors if isinstance(t, ShardedTensor))
+    values = [t._reduced() if isinstance(t, ShardedTensor) else t for t in tensors]
+    infinite = order == float("inf")
+    if infinite and any(v.numel() == 0 for v in values):  # global sizes: every rank agrees
+        raise RuntimeError("_foreach_norm cannot compute the infinity norm on an empty tensor "
+                           "because the operation does not have an identity")
+    partial_values = []
+    for value in values:
+        blocks = value._local_tensors if isinstance(value, ShardedTensor) else [value]
+        blocks = [b for b in blocks if b.numel()]  # empty blocks add nothing to any norm
+        norms = list(torch._foreach_norm(blocks, order, dtype=dtype)) if blocks else []
+        result_dtype = norms[0].dtype if norms else (dtype or value.dtype)
+        stacked = torch.stack(norms) if norms else torch.zeros(0, dtype=result_dtype)
+        if infinite:
+            combined = stacked.max() if len(norms) else torch.zeros((), dtype=result_dtype)
+        else:
+            combined = stacked.pow(order).sum()
+        partial_values.append(combined)
+    local = torch.stack(partial_values)
+    sharded = torch.tensor([isinstance(v, ShardedTensor) and v._layout.is_sharded
+                            for v in values])
+    group = anchor._process_group
+    if bool(sharded.any()) and collectives.is_member(group, anchor._rank):
+        reduced = local.clone()
+        reduced[~sharded] = 0
+        collectives.all_reduce(reduced, "max" if infinite else "sum", group)
+        local = torch.where(sharded, reduced, local)
+    if not infinite:
+        local = local.pow(1.0 / order)
+    results: list[Any] = []
+    for value, norm in zip(values, local.unbind(), strict=True):
+        if isinstance(value, ShardedTensor):
+            layout = value._layout.with_spec(Replicate())
+            from dispatch_shard.layout import layout_of
+
+            scalar_layout = layout_of(Replicate(), torch.Size([]), layout.group_ranks,
+                                      layout.device)
+            member = bool(scalar_layout.local_indices(value._rank))
+            results.append(value._like([norm.clone()] if member else [], scalar_layout,
+                                       norm.dtype))
+        else:
+            results.append(norm.clone())
+    return results
