@@ -140,11 +140,35 @@ def _divide(tensor: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def all_reduce(tensor: torch.Tensor, op: str, group: ProcessGroup) -> torch.Tensor:
-    """Reduce ``tensor`` in place across ``group`` (``op`` in sum/avg/max/min/product)."""
+    """Reduce ``tensor`` in place across ``group`` (``op`` in sum/avg/max/min/product).
+
+    Floating ``max``/``min`` propagate NaN like ``torch.maximum`` (see NOTE [NaN in max/min]).
+    """
+    if op in ("max", "min") and tensor.is_floating_point():
+        return _all_reduce_nan_aware(tensor, op, group)
     _record("all_reduce", tensor.numel() * tensor.element_size(), group)
     dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group)
     if op == "avg":
         _divide(tensor, dist.get_world_size(group))
+    return tensor
+
+
+# NOTE [NaN in max/min]
+# gloo's MAX/MIN keep a NaN only when it is already in the receiving buffer
+# (``a < b ? b : a``), so whether a NaN survives depends on which rank held it.
+# A float max/min all-reduce therefore ships a NaN flag per element beside the
+# values, in the same buffer (one collective, twice the bytes): +1 for max,
+# -1 for min, so the same reduction op finds whether any rank had a NaN.
+
+def _all_reduce_nan_aware(tensor: torch.Tensor, op: str, group: ProcessGroup) -> torch.Tensor:
+    flat = tensor.reshape(-1)
+    flags = flat.isnan().to(tensor.dtype)
+    buffer = torch.cat([flat, flags if op == "max" else flags.neg_()])
+    _record("all_reduce", buffer.numel() * buffer.element_size(), group)
+    dist.all_reduce(buffer, op=_REDUCE_OPS[op], group=group)
+    values, flags = buffer[:flat.numel()], buffer[flat.numel():]
+    values.masked_fill_(flags != 0, float("nan"))
+    tensor.copy_(values.view(tensor.shape))
     return tensor
 
 

@@ -63,7 +63,7 @@ class ShardedTensor(torch.Tensor):
     :meth:`from_local_tensor`.
     """
 
-    __slots__ = ("_layout", "_local_tensors", "_process_group", "_rank")
+    __slots__ = ("_grad_layout_hook", "_layout", "_local_tensors", "_process_group", "_rank")
     _local_tensors: list[torch.Tensor]
     _layout: Layout
     _process_group: ProcessGroup
@@ -118,6 +118,30 @@ class ShardedTensor(torch.Tensor):
     ) -> Any:
         impl = OVERLOADS.get(func) or lookup(func)
         return impl(types, args, kwargs or {}, _first_group(args))
+
+    # -- autograd ------------------------------------------------------------
+    # NOTE [a leaf's grad keeps the leaf's layout]
+    # Autograd builds a leaf's gradient from the global formulas: the gradient of
+    # ``x.sum()`` is a 0-dim value expanded to ``x``'s shape, which here is a
+    # replicated ShardedTensor, whatever ``x``'s layout. A ShardedTensor leaf that
+    # requires grad therefore carries a post-accumulate-grad hook that moves
+    # ``.grad`` to the leaf's layout: a local slice when the gradient is
+    # replicated, an all-to-all otherwise, nothing when the layouts already match
+    # (identity check; the usual case for parameters and optimizers).
+    def requires_grad_(self, requires_grad: bool = True) -> ShardedTensor:
+        super().requires_grad_(requires_grad)
+        if requires_grad and self.is_leaf and getattr(self, "_grad_layout_hook", None) is None:
+            self._grad_layout_hook = self.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                _grad_to_leaf_layout)
+        return self
+
+    @property
+    def requires_grad(self) -> bool:
+        return bool(_REQUIRES_GRAD.__get__(self))
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        self.requires_grad_(value)
 
     # -- accessors ---------------------------------------------------------
     @property
@@ -364,6 +388,19 @@ class ShardedTensor(torch.Tensor):
         memo[id(self)] = result
         result.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return result
+
+
+# The C-level descriptor behind Tensor.requires_grad, read by our property override.
+_REQUIRES_GRAD: Any = vars(torch._C.TensorBase)["requires_grad"]
+
+
+def _grad_to_leaf_layout(leaf: torch.Tensor) -> None:
+    """See NOTE [a leaf's grad keeps the leaf's layout]."""
+    grad = leaf.grad
+    if (isinstance(leaf, ShardedTensor) and isinstance(grad, ShardedTensor)
+            and grad._layout is not leaf._layout):
+        with torch.no_grad():
+            leaf.grad = grad._redistributed(leaf._layout.spec)
 
 
 def _torch_function_with_registry(

@@ -6,6 +6,7 @@ public :func:`dispatch_shard.custom_sharded_op_impl` decorator, exactly as users
 
 from __future__ import annotations
 
-from dispatch_shard.ops import factory, foreach, pointwise, tensor_basics, view
+from dispatch_shard.ops import factory, foreach, matmul, pointwise, reduction, tensor_basics, view
 
-__all__ = ["factory", "foreach", "pointwise", "tensor_basics", "view"]
+__all__ = ["factory", "foreach", "matmul", "pointwise", "reduction", "tensor_basics",
+           "view"]

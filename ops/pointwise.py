@@ -101,6 +101,11 @@ def _pointwise(func: torch._ops.OpOverload, schema: _Schema, args: tuple[Any, ..
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     names = [k for k, v in kwargs.items()
              if isinstance(v, torch.Tensor) and k not in schema.out_names]
+    # Reduce each Partial operand once, here, not again per use (the destination of an
+    # in-place op stays: into a Partial is refused below).
+    args = tuple(_reduced(a) if i in positions and not (schema.inplace and i == 0) else a
+                 for i, a in enumerate(args))
+    kwargs = {k: _reduced(v) if k in names else v for k, v in kwargs.items()}
     operands = [args[i] for i in positions] + [kwargs[k] for k in names]
     shape = torch.broadcast_shapes(*(t.shape for t in operands))
     if schema.inplace:
@@ -142,6 +147,10 @@ def _pointwise(func: torch._ops.OpOverload, schema: _Schema, args: tuple[Any, ..
                        shape, destination)
 
 
+def _reduced(value: Any) -> Any:
+    return value._reduced() if isinstance(value, ShardedTensor) else value
+
+
 def _replicated(anchor: ShardedTensor, shape: torch.Size) -> Layout:
     from dispatch_shard.layout import layout_of
 
@@ -180,7 +189,7 @@ def _run_blocks(
                 return list(value._redistributed(layout.spec)._local_tensors)
             value = _whole(value)
         if value.dim() == 0:
-            return None
+            return [value] * len(boxes)  # (a 0-dim ShardedTensor, too, is now whole)
         return [_block_slice(value, box, ndim) for box in boxes]
 
     arg_pieces = {i: per_block(args[i]) for i in positions}

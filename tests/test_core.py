@@ -89,6 +89,22 @@ BUILTIN_OPS = {
         "aten.empty_like", "aten.full_like", "aten.ones_like", "aten.rand_like",
         "aten.randn_like", "aten.zeros_like",
     ],
+    "dispatch_shard.ops.matmul": [
+        "aten.addmm.default", "aten.addmv.default", "aten.baddbmm.default", "aten.bmm.default",
+        "aten.dot.default", "aten.mm.default", "aten.mv.default",
+    ],
+    "dispatch_shard.ops.reduction": [
+        "aten._log_softmax.default", "aten._log_softmax_backward_data.default",
+        "aten._softmax.default", "aten._softmax_backward_data.default", "aten.all.default",
+        "aten.all.dim", "aten.all.dims", "aten.amax.default", "aten.amin.default",
+        "aten.any.default", "aten.any.dim", "aten.any.dims", "aten.argmax.default",
+        "aten.argmin.default", "aten.count_nonzero.default", "aten.count_nonzero.dim_IntList",
+        "aten.linalg_vector_norm.default", "aten.logsumexp.default", "aten.max.default",
+        "aten.max.dim", "aten.mean.default", "aten.mean.dim", "aten.min.default",
+        "aten.min.dim", "aten.nansum.default", "aten.prod.default", "aten.prod.dim_int",
+        "aten.std.correction", "aten.std_mean.correction", "aten.sum.default",
+        "aten.sum.dim_IntList", "aten.var.correction", "aten.var_mean.correction",
+    ],
     "dispatch_shard.ops.tensor_basics": [
         "aten.alias.default", "aten.clone.default", "aten.detach.default", "aten.equal.default",
         "aten.is_pinned.default",
@@ -167,7 +183,11 @@ def _one_argument(types: Any) -> None:
     return None
 
 
-@pytest.mark.parametrize("op", [torch.asin, torch.ops.aten.mm.default, torch.ops.aten.mm,
+# cholesky_inverse: an op no built-in family serves (no decomposition either).
+UNSERVED = torch.ops.aten.cholesky_inverse
+
+
+@pytest.mark.parametrize("op", [torch.asin, UNSERVED.default, UNSERVED,
                                 torch.nn.functional.linear])
 @pytest.mark.parametrize("fn", [_five_arguments, _one_argument])
 def test_wrong_signature_fails_at_registration(op: Any, fn: Callable[..., Any]) -> None:
@@ -183,7 +203,7 @@ def _another_four_arguments(types: Any, args: Any, kwargs: Any, process_group: A
     return None
 
 
-@pytest.mark.parametrize("op", [torch.asin, torch.ops.aten.mm.default, torch.ops.aten.mm])
+@pytest.mark.parametrize("op", [torch.asin, UNSERVED.default, UNSERVED])
 def test_registering_twice_needs_override(op: Any) -> None:
     ds.custom_sharded_op_impl(op)(_four_arguments)
     table = registry.TORCH_FUNCTIONS if op is torch.asin else (
@@ -212,8 +232,9 @@ def test_builtin_op_cannot_be_replaced_silently() -> None:
 
 
 def test_removing_an_unregistered_op_raises_key_error() -> None:
+    assert UNSERVED.default not in registry.OVERLOADS
     with pytest.raises(KeyError):
-        ds.remove_sharded_op_impl(torch.ops.aten.mm.default)
+        ds.remove_sharded_op_impl(UNSERVED.default)
     with pytest.raises(TypeError, match="expects an aten overload"):
         ds.custom_sharded_op_impl(3)
 
@@ -1053,9 +1074,9 @@ def test_custom_torch_level_op(rank: int, world_size: int) -> None:
 @multi_rank(world_size=4)
 def test_custom_aten_op(rank: int, world_size: int) -> None:
     mm = torch.ops.aten.mm.default
-    existing = registry.OVERLOADS.get(mm)
+    existing = registry.OVERLOADS[mm]  # the built-in (ops/matmul.py)
 
-    @ds.custom_sharded_op_impl(mm, override=existing is not None)
+    @ds.custom_sharded_op_impl(mm, override=True)
     def sharded_mm(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                    process_group: Any) -> Any:
         first, second = args
@@ -1075,9 +1096,6 @@ def test_custom_aten_op(rank: int, world_size: int) -> None:
         assert torch.allclose((st @ st).full_tensor(), dense @ dense)  # matmul reaches aten.mm
     finally:
         ds.remove_sharded_op_impl(mm)
-        if existing is not None:
-            ds.custom_sharded_op_impl(mm)(existing)
-    if existing is None:
-        with pytest.raises(NotImplementedError,
-                           match=r"^aten\.mm\.default not supported for ShardedTensor!$"):
-            torch.mm(st, st)
+        ds.custom_sharded_op_impl(mm)(existing)
+    assert registry.OVERLOADS[mm] is existing  # the built-in is back
+    assert torch.allclose(torch.mm(st, st).full_tensor(), dense @ dense)

@@ -262,8 +262,9 @@ def test_redistribute_backward_every_pair(rank: int, world_size: int) -> None:
     weight = seeded(10, 7, seed=3)
     specs = layouts(world_size, 10, 7)
     for source, target in itertools.product(specs, specs):
-        # The gradient of the global value: a Partial leaf's gradient is replicated.
-        grad_spec = Replicate() if source == "partial" else specs[source]
+        # A leaf's grad keeps the leaf's layout (a Partial leaf gets Partial summands
+        # of the gradient of the global value).
+        grad_spec = specs[source]
         for loss_weight in (torch.ones(10, 7, dtype=dense.dtype), weight):
             st = sharded(dense, specs[source], summands).requires_grad_(True)
             moved = st.redistribute(specs[target])
@@ -272,8 +273,7 @@ def test_redistribute_backward_every_pair(rank: int, world_size: int) -> None:
             grad = st.grad
             assert isinstance(grad, ShardedTensor), (source, target)
             assert grad.sharding_spec() == grad_spec, (source, target)
-            if source != "partial":
-                assert grad.metadata().shards_metadata == st.metadata().shards_metadata
+            assert grad.metadata().shards_metadata == st.metadata().shards_metadata
             assert_holds(grad, grad_spec, loss_weight)
 
 

@@ -1,0 +1,759 @@
+"""Reductions: sum, mean, nansum, count_nonzero, prod, amax/amin, max/min (with indices),
+argmax/argmin, var/std (and their ``_mean`` forms), vector norms, all/any, logsumexp, and
+softmax/log_softmax with their backward.
+
+Per rank, with ``D`` the reduced dims and ``R`` the size of the process group:
+
+* Blockwise: no block splits a dim of ``D`` (``x [M/R, N] .sum(1)``, a replicated
+  input). Each block ``[m_i, N] -> op(block) [m_i]``; the result's layout is the
+  input's with ``D`` removed (size 1 with ``keepdim``). Collectives: none.
+* Across ranks: a dim of ``D`` is split (``x [M/R, N] .sum(0)``). Each rank reduces
+  its blocks and places the results at their positions in a full-size *summand*
+  of the output (keepdim shape ``[1, N]``; the op's identity where the rank holds
+  nothing; several local blocks meeting the same positions are combined). The
+  summand is then either this rank's share of a ``Partial`` result (sum, mean,
+  nansum, count_nonzero -> ``Partial("sum")``; amax -> ``Partial("max")``; amin ->
+  ``Partial("min")``: no collective, the next op decides) or all-reduced into a
+  replicated result (everything that needs the final value). See each op for its
+  collectives.
+* A 0-dim result (a full reduction) is always replicated: one all-reduce of a
+  scalar, so a loss is whole on every rank and ``loss.backward()`` starts from a
+  replicated ``ones_like`` (a partial one would count the seed once per rank).
+
+Errors and result dtypes are dense torch's: every op first runs on size-<=2
+stand-ins of its operands (same dtypes, same dims, same emptiness), so a bad dim,
+``mean`` of integers or ``max()`` of an empty tensor raise on every rank alike.
+
+NOTE [partial inputs]
+A reduction that commutes with a partial input's reduction runs on the summand
+and stays partial: ``sum``/``mean`` of ``Partial("sum"|"avg")``, ``amax``/``max`` of
+``Partial("max")``, ``amin``/``min`` of ``Partial("min")``. Every other reduction of
+a partial input reduces it first (one all-reduce of the whole tensor).
+
+NOTE [means weight by element counts]
+A mean over split dims is ``sum(block) / N`` per rank with ``N`` the *global*
+number of reduced elements, summed across ranks: never a mean of per-block means,
+which is wrong on uneven blocks. ``var``/``std`` use the global mean (two passes:
+one all-reduce for the mean, one for the squared deviations).
+
+NOTE [NaN and ties across ranks]
+Float max/min all-reduces propagate NaN (NOTE [NaN in max/min] in
+:mod:`dispatch_shard.collectives`). ``max.dim``/``argmax`` first all-reduce the
+extreme value, then each rank offers the smallest global index at which its
+blocks hold that value (or a NaN, when the value is NaN) and a ``min``
+all-reduce picks the first one: torch's tie-breaking, whatever the layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dispatch_shard import collectives
+from dispatch_shard.layout import Box, Layout, layout_of
+from dispatch_shard.ops.view import _relayout, _split_dims
+from dispatch_shard.registry import custom_sharded_op_impl
+from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.specs import ChunkShardingSpec, Partial, Replicate
+
+__all__: list[str] = []
+
+aten = torch.ops.aten
+
+Impl = Callable[[Any, tuple[Any, ...], dict[str, Any], Any], Any]
+# An op implementation here also receives the overload it serves, and fixed parameters.
+OpImpl = Callable[..., Any]
+# local(block, box) -> the block reduced over the reduced dims (keepdim shape)
+Local = Callable[[torch.Tensor, Box], torch.Tensor]
+
+
+def _implements(*overloads: torch._ops.OpOverload, **fixed: Any) -> Callable[[OpImpl], OpImpl]:
+    """Register ``fn(func, args, kwargs, **fixed)`` for each overload ``func``."""
+
+    def decorate(fn: OpImpl) -> OpImpl:
+        for overload in overloads:
+            custom_sharded_op_impl(overload)(_serving(fn, overload, fixed))
+        return fn
+
+    return decorate
+
+
+def _serving(fn: OpImpl, func: torch._ops.OpOverload, fixed: dict[str, Any]) -> Impl:
+    def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> Any:
+        return fn(func, args, kwargs, **fixed)
+
+    impl.__name__ = impl.__qualname__ = f"sharded_{func.name().split('::')[1]}"
+    impl.__doc__ = fn.__doc__
+    return impl
+
+
+# -- arguments ------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+@functools.cache
+def _parameters(func: torch._ops.OpOverload) -> tuple[tuple[str, Any], ...]:
+    return tuple((a.name, a.default_value if a.has_default_value() else _REQUIRED)
+                 for a in func._schema.arguments)
+
+
+def _bind(func: torch._ops.OpOverload, args: tuple[Any, ...],
+          kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The op's arguments by name, defaults filled in."""
+    bound = {}
+    for position, (name, default) in enumerate(_parameters(func)):
+        if position < len(args):
+            bound[name] = args[position]
+        elif name in kwargs:
+            bound[name] = kwargs[name]
+        else:
+            bound[name] = default
+    return bound
+
+
+def _dims(ndim: int, dim: Any, empty_means_all: bool = True) -> tuple[int, ...]:
+    """The reduced dims, non-negative and sorted (``None``: all dims)."""
+    if dim is None:
+        return tuple(range(ndim))
+    listed = [dim] if isinstance(dim, int) else list(dim)
+    if not listed:
+        return tuple(range(ndim)) if empty_means_all else ()
+    if ndim == 0:
+        return ()
+    return tuple(sorted({d % ndim for d in listed}))
+
+
+def _out_size(size: Sequence[int], dims: tuple[int, ...], keepdim: bool) -> torch.Size:
+    return torch.Size([1 if d in dims else n for d, n in enumerate(size)
+                       if keepdim or d not in dims])
+
+
+def _keep_box(box: Box, dims: tuple[int, ...]) -> Box:
+    """The part of a keepdim-shaped full-size output that a block's ``box`` reduces into."""
+    return tuple(slice(None) if d in dims else s for d, s in enumerate(box))
+
+
+def _probe(func: torch._ops.OpOverload, args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> tuple[torch.dtype, ...]:
+    """The dtypes of ``func``'s results, from small dense stand-ins of the tensor operands
+    (same dtypes, dims and emptiness): dense errors, raised on every rank alike."""
+
+    def stand_in(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.zeros([min(n, 2) for n in value.shape], dtype=value.dtype)
+        return value
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. var's "degrees of freedom" on the stand-in
+        result = func(*[stand_in(a) for a in args],
+                      **{k: stand_in(v) for k, v in kwargs.items()})
+    return tuple(r.dtype for r in result) if isinstance(result, tuple) else (result.dtype,)
+
+
+def _pack(outs: Sequence[ShardedTensor]) -> Any:
+    return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+# -- layouts and results -----------------------------------------------------------------
+
+def _is_member(x: ShardedTensor) -> bool:
+    return collectives.is_member(x._process_group, x._rank)
+
+
+def _layout_for(x: ShardedTensor, spec: Replicate | Partial, size: torch.Size) -> Layout:
+    return layout_of(spec, size, x._layout.group_ranks, x._layout.device or str(x.device))
+
+
+def _replicated(x: ShardedTensor, value: torch.Tensor | None, size: torch.Size,
+                dtype: torch.dtype) -> ShardedTensor:
+    """A replicated result; ``value`` is None on ranks outside the group."""
+    layout = _layout_for(x, Replicate(), size)
+    return x._like([] if value is None else [value.reshape(size)], layout, dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _reduced_layout(layout: Layout, dims: tuple[int, ...], keepdim: bool) -> Layout:
+    """``layout`` after reducing ``dims``, which no block splits (size 1 with ``keepdim``)."""
+    ndim = len(layout.size)
+    keep = [d for d in range(ndim) if keepdim or d not in dims]
+    size = [1 if d in dims else layout.size[d] for d in keep]
+    spec = layout.spec
+    chunk_dim = None
+    if isinstance(spec, ChunkShardingSpec) and spec.dim % ndim not in dims:
+        chunk_dim = keep.index(spec.dim % ndim)
+
+    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        new_offsets = [0 if d in dims else offsets[d] for d in keep]
+        new_sizes = [1 if d in dims else sizes[d] for d in keep]
+        if 0 in sizes and new_sizes and 0 not in new_sizes:
+            new_sizes[0] = 0  # an empty block stays empty
+        return new_offsets, new_sizes
+
+    return _relayout(layout, size, chunk_dim, block_map)
+
+
+def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+               x: ShardedTensor, dims: tuple[int, ...], keepdim: bool,
+               dtypes: tuple[torch.dtype, ...]) -> Any:
+    """``func`` on each block of a sharded ``x`` whose reduced ``dims`` no block splits."""
+    layout = _reduced_layout(x._layout, dims, keepdim)
+    results: list[tuple[torch.Tensor, ...]] = []
+    for block, j in zip(x._local_tensors, layout.local_indices(x._rank), strict=True):
+        if block.numel() == 0:
+            sizes = layout.shards[j].shard_sizes
+            results.append(tuple(torch.empty(sizes, dtype=d, device=block.device)
+                                 for d in dtypes))
+        else:
+            value = func(block, *args[1:], **kwargs)
+            results.append(tuple(value) if isinstance(value, tuple) else (value,))
+    return _pack([x._like([r[k] for r in results], layout, dtype)
+                  for k, dtype in enumerate(dtypes)])
+
+
+def _on_replicated(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   x: ShardedTensor, size: torch.Size, dtypes: tuple[torch.dtype, ...],
+                   value: torch.Tensor | None = None) -> Any:
+    """``func`` on the whole value (``value``, or the block of a replicated ``x``): replicated
+    results; no collectives."""
+    if value is None and x._local_tensors:
+        value = x._local_tensors[0]
+    if value is None:
+        return _pack([_replicated(x, None, size, dtype) for dtype in dtypes])
+    result = func(value, *args[1:], **kwargs)
+    results = tuple(result) if isinstance(result, tuple) else (result,)
+    return _pack([_replicated(x, r, size, dtype) for r, dtype in zip(results, dtypes, strict=True)])
+
+
+def _served_without_communication(
+    func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+    dims: tuple[int, ...], keepdim: bool, dtypes: tuple[torch.dtype, ...],
+) -> Any | None:
+    """The result when the (non-partial) input needs no across-rank step: an empty tensor
+    (dense on the empty value), a replicated one, or blockwise; else None."""
+    x: ShardedTensor = args[0]
+    size = _out_size(x.shape, dims, keepdim)
+    if x.numel() == 0:
+        empty = torch.empty(x.shape, dtype=x.dtype, device=x.device) if _is_member(x) else None
+        return _on_replicated(func, args, kwargs, x, size, dtypes, empty)
+    if x._layout.is_replicate:
+        return _on_replicated(func, args, kwargs, x, size, dtypes)
+    if size and not set(dims) & _split_dims(x._layout):
+        return _blockwise(func, args, kwargs, x, dims, keepdim, dtypes)
+    if not _is_member(x):
+        return _pack([_replicated(x, None, size, dtype) for dtype in dtypes])
+    return None
+
+
+# -- summands -------------------------------------------------------------------------------
+
+def _identity(op: str, dtype: torch.dtype) -> bool | int | float:
+    if op == "sum":
+        return 0
+    if op == "product":
+        return 1
+    if dtype == torch.bool:
+        return op == "min"
+    if dtype.is_floating_point:
+        return -math.inf if op == "max" else math.inf
+    info = torch.iinfo(dtype)
+    return info.min if op == "max" else info.max
+
+
+def _combine(target: torch.Tensor, value: torch.Tensor, op: str) -> None:
+    if op == "sum":
+        target.add_(value)
+    elif op == "product":
+        target.mul_(value)
+    elif op == "max":
+        target.copy_(torch.maximum(target, value))
+    else:
+        target.copy_(torch.minimum(target, value))
+
+
+def _summand(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype, op: str,
+             local: Local, blocks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """This rank's full-size share (keepdim shape) of reducing ``dims`` with ``op``.
+
+    ``local(block, box)`` reduces one non-empty block (of ``blocks``, default ``x``'s)
+    over ``dims`` with ``keepdim=True``; blocks meeting the same output positions are
+    combined with ``op``; positions this rank holds nothing of keep ``op``'s identity.
+    """
+    layout = x._layout
+    size = [1 if d in dims else n for d, n in enumerate(x.shape)]
+    summand = torch.full(size, _identity(op, dtype), dtype=dtype, device=x.device)
+    blocks = x._local_tensors if blocks is None else blocks
+    for block, index in zip(blocks, layout.local_indices(x._rank), strict=True):
+        if block.numel() == 0:
+            continue
+        box = layout.shard_box(index)
+        _combine(summand[_keep_box(box, dims)], local(block, box), op)
+    return summand
+
+
+def _all_reduced(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype, op: str,
+                 local: Local, blocks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`_summand` all-reduced with ``op``: the whole keepdim-shaped result (one
+    all-reduce; members of the group only)."""
+    return collectives.all_reduce(_summand(x, dims, dtype, op, local, blocks), op,
+                                  x._process_group)
+
+
+def _reduction(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+               dims: tuple[int, ...], keepdim: bool, op: str, local: Local, *,
+               dtype: torch.dtype, stays_partial: bool,
+               commutes_with: tuple[str, ...] = ()) -> ShardedTensor:
+    """A reduction whose across-rank step is one ``op`` all-reduce, or a ``Partial(op)``.
+
+    ``stays_partial``: across ranks, return ``Partial(op)`` instead of all-reducing
+    (0-dim results are replicated anyway). ``commutes_with``: the partial inputs this
+    reduction runs on directly (NOTE [partial inputs]).
+    """
+    x: ShardedTensor = args[0]
+    size = _out_size(x.shape, dims, keepdim)
+    if x._layout.is_partial:
+        reduce_op = x._layout.spec.reduce_op  # type: ignore[attr-defined]
+        if reduce_op in commutes_with:
+            return _on_summand(func, args, kwargs, x, reduce_op, size, dtype)
+        x = x._reduced()
+        args = (x, *args[1:])
+    served = _served_without_communication(func, args, kwargs, dims, keepdim, (dtype,))
+    if served is not None:
+        return served  # type: ignore[no-any-return]
+    summand = _summand(x, dims, dtype, op, local).reshape(size)
+    if stays_partial and size:
+        return x._like([summand], _layout_for(x, Partial(op), size), dtype)
+    if op == "product" and dtype.is_complex:
+        summand = _product_of_gathered(x, summand)
+    else:
+        collectives.all_reduce(summand, op, x._process_group)
+    return _replicated(x, summand, size, dtype)
+
+
+def _product_of_gathered(x: ShardedTensor, summand: torch.Tensor) -> torch.Tensor:
+    """The product of every rank's ``summand``: collectives have no complex product, so the
+    summands are gathered (one sum all-reduce of ``R`` summands, zero but for one's own) and
+    multiplied locally."""
+    ranks = x._layout.group_ranks
+    stacked = summand.new_zeros((len(ranks), *summand.shape))
+    stacked[ranks.index(x._rank)] = summand
+    return collectives.all_reduce(stacked, "sum", x._process_group).prod(0)
+
+
+def _on_summand(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+                x: ShardedTensor, reduce_op: str, size: torch.Size,
+                dtype: torch.dtype) -> ShardedTensor:
+    """``func`` on each rank's summand of a partial ``x``: partial again, or all-reduced into
+    a replicated result when it is 0-dim."""
+    value = func(x._local_tensors[0], *args[1:], **kwargs) if x._local_tensors else None
+    if size:
+        blocks = [] if value is None else [value]
+        return x._like(blocks, _layout_for(x, Partial(reduce_op), size), dtype)
+    if value is not None:
+        collectives.all_reduce(value, reduce_op, x._process_group)
+    return _replicated(x, value, size, dtype)
+
+
+# -- sum, mean, nansum, count_nonzero, prod --------------------------------------------------
+
+@_implements(aten.sum.default, aten.sum.dim_IntList)
+def _sum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``x.sum(dims, keepdim, dtype)``. Blockwise ``[m_i, N] -> [m_i]`` when no block splits a
+    reduced dim (collectives: none); else each rank's blocks summed into a full-size summand
+    -> ``Partial("sum")`` (collectives: none; a 0-dim result: one scalar all-reduce ->
+    replicated). A ``Partial("sum"|"avg")`` input is summed per summand and stays partial."""
+    bound = _bind(func, args, kwargs)
+    dims = _dims(args[0].dim(), bound.get("dim"))
+    (dtype,) = _probe(func, args, kwargs)
+    return _reduction(func, args, kwargs, dims, bound.get("keepdim", False), "sum",
+                      lambda block, _: block.sum(dims, keepdim=True, dtype=dtype),
+                      dtype=dtype, stays_partial=True, commutes_with=("sum", "avg"))
+
+
+@_implements(aten.mean.default, aten.mean.dim)
+def _mean(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``x.mean(dims, keepdim, dtype)``. Blockwise when no block splits a reduced dim
+    (collectives: none); else each rank's ``sum(blocks) / N``, ``N`` the global count (NOTE
+    [means weight by element counts]) -> ``Partial("sum")`` (collectives: none; 0-dim: one
+    scalar all-reduce -> replicated). ``Partial("sum"|"avg")`` inputs stay partial."""
+    bound = _bind(func, args, kwargs)
+    x = args[0]
+    dims = _dims(x.dim(), bound.get("dim"))
+    (dtype,) = _probe(func, args, kwargs)
+    count = math.prod(x.shape[d] for d in dims)
+    return _reduction(func, args, kwargs, dims, bound.get("keepdim", False), "sum",
+                      lambda block, _: block.sum(dims, keepdim=True, dtype=dtype).div_(count),
+                      dtype=dtype, stays_partial=True, commutes_with=("sum", "avg"))
+
+
+@_implements(aten.nansum.default)
+def _nansum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``x.nansum(dims, keepdim, dtype)``: as ``sum`` (blockwise, or ``Partial("sum")`` across
+    ranks; collectives: none); a partial input is reduced first (its summands may be NaN)."""
+    bound = _bind(func, args, kwargs)
+    dims = _dims(args[0].dim(), bound["dim"])
+    (dtype,) = _probe(func, args, kwargs)
+    return _reduction(func, args, kwargs, dims, bound["keepdim"], "sum",
+                      lambda block, _: block.nansum(dims, keepdim=True, dtype=dtype),
+                      dtype=dtype, stays_partial=True)
+
+
+@_implements(aten.count_nonzero.default, aten.count_nonzero.dim_IntList)
+def _count_nonzero(func: torch._ops.OpOverload, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+    """``torch.count_nonzero(x, dims)``: blockwise when no block splits a reduced dim; else
+    per-rank counts -> ``Partial("sum")`` int64 (collectives: none; 0-dim: one scalar
+    all-reduce -> replicated)."""
+    dims = _dims(args[0].dim(), _bind(func, args, kwargs)["dim"])
+    (dtype,) = _probe(func, args, kwargs)
+
+    def local(block: torch.Tensor, _: Box) -> torch.Tensor:
+        keep = [1 if d in dims else n for d, n in enumerate(block.shape)]
+        return torch.count_nonzero(block, dims).reshape(keep)
+
+    return _reduction(func, args, kwargs, dims, False, "sum", local, dtype=dtype,
+                      stays_partial=True)
+
+
+@_implements(aten.prod.default, aten.prod.dim_int)
+def _prod(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``x.prod(dim, keepdim, dtype)``: blockwise when no block splits ``dim`` (collectives:
+    none); else per-rank products (identity 1) and one product all-reduce -> replicated
+    (complex: one sum all-reduce gathering the ``R`` per-rank products)."""
+    bound = _bind(func, args, kwargs)
+    dims = _dims(args[0].dim(), bound.get("dim"))
+    (dtype,) = _probe(func, args, kwargs)
+
+    def local(block: torch.Tensor, _: Box) -> torch.Tensor:
+        if len(dims) == 1:
+            return block.prod(dims[0], keepdim=True, dtype=dtype)
+        return block.prod(dtype=dtype).reshape([1] * block.dim())
+
+    return _reduction(func, args, kwargs, dims, bound.get("keepdim", False), "product", local,
+                      dtype=dtype, stays_partial=False)
+
+
+# -- amax, amin, max, min, all, any ---------------------------------------------------------
+
+def _extreme(block: torch.Tensor, dims: tuple[int, ...], op: str) -> torch.Tensor:
+    return block.amax(dims, keepdim=True) if op == "max" else block.amin(dims, keepdim=True)
+
+
+@_implements(aten.amax.default, op="max")
+@_implements(aten.amin.default, op="min")
+def _amax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+          op: str) -> Any:
+    """``x.amax(dims, keepdim)`` / ``amin``: blockwise when no block splits a reduced dim
+    (collectives: none); else per-rank extremes in a full-size summand (the identity, -inf or
+    +inf, where the rank holds nothing) -> ``Partial("max"|"min")`` (collectives: none; 0-dim:
+    one NaN-aware scalar all-reduce -> replicated). A partial input of the same op stays
+    partial."""
+    bound = _bind(func, args, kwargs)
+    dims = _dims(args[0].dim(), bound["dim"])
+    (dtype,) = _probe(func, args, kwargs)
+    return _reduction(func, args, kwargs, dims, bound["keepdim"], op,
+                      lambda block, _: _extreme(block, dims, op),
+                      dtype=dtype, stays_partial=True, commutes_with=(op,))
+
+
+@_implements(aten.max.default, op="max")
+@_implements(aten.min.default, op="min")
+def _max(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+         op: str) -> Any:
+    """``x.max()`` / ``x.min()``: per-rank extremes and one NaN-aware scalar all-reduce ->
+    replicated 0-dim (a replicated input: none)."""
+    dims = tuple(range(args[0].dim()))
+    (dtype,) = _probe(func, args, kwargs)
+    return _reduction(func, args, kwargs, dims, False, op,
+                      lambda block, _: _extreme(block, dims, op),
+                      dtype=dtype, stays_partial=False, commutes_with=(op,))
+
+
+@_implements(aten.all.default, aten.all.dim, aten.all.dims, op="all")
+@_implements(aten.any.default, aten.any.dim, aten.any.dims, op="any")
+def _all(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+         op: str) -> Any:
+    """``x.all(dims, keepdim)`` / ``any``: blockwise when no block splits a reduced dim
+    (collectives: none); else per-rank verdicts and one min (all) / max (any) all-reduce ->
+    replicated bool (uint8 for uint8 input)."""
+    bound = _bind(func, args, kwargs)
+    dims = _dims(args[0].dim(), bound.get("dim"), empty_means_all=False)  # default: all
+    (dtype,) = _probe(func, args, kwargs)
+    reduce = torch.all if op == "all" else torch.any
+    return _reduction(func, args, kwargs, dims, bound.get("keepdim", False),
+                      "min" if op == "all" else "max",
+                      lambda block, _: reduce(block, dims, keepdim=True),
+                      dtype=dtype, stays_partial=False)
+
+
+# -- max.dim / min.dim / argmax / argmin ---------------------------------------------------
+
+def _positions(size: torch.Size, box: Box, dims: tuple[int, ...], flat: bool,
+               device: torch.device) -> torch.Tensor:
+    """Global indices of a block's elements: along ``dims[0]``, or row-major flat indices."""
+    ndim = len(size)
+    if not flat:
+        d = dims[0]
+        shape = [-1 if e == d else 1 for e in range(ndim)]
+        return torch.arange(box[d].start, box[d].stop, device=device).reshape(shape)
+    index = torch.zeros([], dtype=torch.int64, device=device)
+    for e in range(ndim):
+        shape = [-1 if f == e else 1 for f in range(ndim)]
+        stride = math.prod(size[e + 1:])
+        index = index + (torch.arange(box[e].start, box[e].stop, device=device)
+                         * stride).reshape(shape)
+    return index
+
+
+def _arg_extreme(x: ShardedTensor, dims: tuple[int, ...], op: str,
+                 flat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The extreme value over ``dims`` and the first global index holding it (NOTE [NaN and
+    ties across ranks]); both keepdim-shaped and full-size. Two all-reduces."""
+    values = _all_reduced(x, dims, x.dtype, op, lambda block, _: _extreme(block, dims, op))
+    floating = x.dtype.is_floating_point
+
+    def first(block: torch.Tensor, box: Box) -> torch.Tensor:
+        target = values[_keep_box(box, dims)]
+        hit = block == target
+        if floating:
+            hit |= block.isnan() & target.isnan()
+        positions = _positions(x.shape, box, dims, flat, block.device)
+        return torch.where(hit, positions, x.numel()).amin(dims, keepdim=True)
+
+    return values, _all_reduced(x, dims, torch.int64, "min", first)
+
+
+@_implements(aten.max.dim, op="max")
+@_implements(aten.min.dim, op="min")
+def _max_dim(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+             op: str) -> Any:
+    """``x.max(dim, keepdim) -> (values, indices)`` / ``min``: blockwise when no block splits
+    ``dim`` (a block spans it, so its indices are global; collectives: none); else two
+    all-reduces (NaN-aware extreme of the values, then min of the first global index that
+    holds it) -> both replicated."""
+    bound = _bind(func, args, kwargs)
+    dtypes = _probe(func, args, kwargs)
+    x: ShardedTensor = args[0]._reduced()
+    args = (x, *args[1:])
+    dims, keepdim = _dims(x.dim(), bound["dim"]), bound["keepdim"]
+    served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
+    if served is not None:
+        return served
+    size = _out_size(x.shape, dims, keepdim)
+    values, indices = _arg_extreme(x, dims, op, flat=False)
+    return _replicated(x, values, size, dtypes[0]), _replicated(x, indices, size, dtypes[1])
+
+
+@_implements(aten.argmax.default, op="max")
+@_implements(aten.argmin.default, op="min")
+def _argmax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+            op: str) -> Any:
+    """``x.argmax(dim, keepdim)`` / ``argmin``: blockwise when ``dim`` is given and no block
+    splits it (collectives: none); else two all-reduces (the NaN-aware extreme, then min of
+    the first global index holding it; row-major over all dims without ``dim``) ->
+    replicated int64."""
+    bound = _bind(func, args, kwargs)
+    dtypes = _probe(func, args, kwargs)
+    x: ShardedTensor = args[0]._reduced()
+    args = (x, *args[1:])
+    flat = bound["dim"] is None
+    dims, keepdim = _dims(x.dim(), bound["dim"]), bound["keepdim"]
+    size = _out_size(x.shape, dims, keepdim)
+    if flat and x.numel() and x._layout.is_sharded and x.dim() > 1:
+        served = None  # a flat index: never blockwise
+        if not _is_member(x):
+            return _replicated(x, None, size, dtypes[0])
+    else:
+        served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
+    if served is not None:
+        return served
+    _, indices = _arg_extreme(x, dims, op, flat)
+    return _replicated(x, indices, size, dtypes[0])
+
+
+# -- var, std, vector norms, logsumexp -------------------------------------------------------
+
+def _moments(x: ShardedTensor, dims: tuple[int, ...], correction: float,
+             var_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global variance and mean over ``dims`` (keepdim, full size); two sum all-reduces."""
+    count = math.prod(x.shape[d] for d in dims)
+    mean = _all_reduced(x, dims, x.dtype, "sum",
+                        lambda block, _: block.sum(dims, keepdim=True)).div_(count)
+
+    def squares(block: torch.Tensor, box: Box) -> torch.Tensor:
+        deviation = block - mean[_keep_box(box, dims)]
+        if deviation.is_complex():
+            deviation = deviation.abs()
+        return deviation.square().sum(dims, keepdim=True)
+
+    m2 = _all_reduced(x, dims, var_dtype, "sum", squares)
+    return m2.div_(max(0, count - correction)), mean
+
+
+@_implements(aten.var.correction, aten.var_mean.correction, root=False)
+@_implements(aten.std.correction, aten.std_mean.correction, root=True)
+def _var(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+         root: bool) -> Any:
+    """``x.var(dims, correction, keepdim)``, ``std``, ``var_mean``, ``std_mean``: blockwise
+    when no block splits a reduced dim (collectives: none); else two passes with the global
+    mean (NOTE [means weight by element counts]): one sum all-reduce for the mean, one for
+    the squared deviations -> replicated."""
+    bound = _bind(func, args, kwargs)
+    dtypes = _probe(func, args, kwargs)
+    x: ShardedTensor = args[0]._reduced()
+    args = (x, *args[1:])
+    dims, keepdim = _dims(x.dim(), bound["dim"]), bound["keepdim"]
+    served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
+    if served is not None:
+        return served
+    size = _out_size(x.shape, dims, keepdim)
+    correction = 1 if bound["correction"] is None else bound["correction"]
+    var, mean = _moments(x, dims, correction, dtypes[0])
+    spread = _replicated(x, var.sqrt_() if root else var, size, dtypes[0])
+    return (spread, _replicated(x, mean, size, dtypes[1])) if len(dtypes) > 1 else spread
+
+
+@_implements(aten.linalg_vector_norm.default)
+def _vector_norm(func: torch._ops.OpOverload, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+    """``torch.linalg.vector_norm(x, ord, dims, keepdim, dtype)``: blockwise when no block
+    splits a reduced dim (collectives: none); else per-rank ``sum |x|^ord``, one sum
+    all-reduce and the ``1/ord`` power (``ord`` = +-inf: one NaN-aware max/min all-reduce;
+    0: a count) -> replicated."""
+    bound = _bind(func, args, kwargs)
+    dtypes = _probe(func, args, kwargs)
+    x: ShardedTensor = args[0]._reduced()
+    args = (x, *args[1:])
+    dims, keepdim = _dims(x.dim(), bound["dim"]), bound["keepdim"]
+    served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
+    if served is not None:
+        return served
+    size, (dtype,) = _out_size(x.shape, dims, keepdim), dtypes
+    order, cast = bound["ord"], bound["dtype"]
+    if order in (math.inf, -math.inf, 0):
+        op = "max" if order == math.inf else "min" if order == -math.inf else "sum"
+        total = _all_reduced(x, dims, dtype, op, lambda block, _: torch.linalg.vector_norm(
+            block, order, dims, keepdim=True, dtype=cast))
+        return _replicated(x, total, size, dtype)
+
+    def powers(block: torch.Tensor, _: Box) -> torch.Tensor:
+        value = block if cast is None else block.to(cast)
+        return value.abs().to(dtype).pow(order).sum(dims, keepdim=True)
+
+    total = _all_reduced(x, dims, dtype, "sum", powers)
+    norm = total if order == 1 else total.sqrt_() if order == 2 else total.pow_(1 / order)
+    return _replicated(x, norm, size, dtype)
+
+
+def _shift_and_total(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype,
+                     mask_infinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``max`` over ``dims`` and ``sum(exp(x - max))`` (keepdim, full size): two all-reduces.
+    With ``mask_infinite`` an infinite max shifts by 0 (as dense ``logsumexp``)."""
+    shift = _all_reduced(x, dims, dtype, "max",
+                         lambda block, _: block.to(dtype).amax(dims, keepdim=True))
+    if mask_infinite:
+        shift.masked_fill_(shift.abs() == math.inf, 0)
+    total = _all_reduced(x, dims, dtype, "sum", lambda block, box: (
+        block.to(dtype) - shift[_keep_box(box, dims)]).exp().sum(dims, keepdim=True))
+    return shift, total
+
+
+@_implements(aten.logsumexp.default)
+def _logsumexp(func: torch._ops.OpOverload, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+    """``x.logsumexp(dims, keepdim)``: blockwise when no block splits a reduced dim
+    (collectives: none); else two all-reduces (a NaN-aware max for the shift, then the sum of
+    ``exp(x - shift)``) -> replicated."""
+    bound = _bind(func, args, kwargs)
+    dtypes = _probe(func, args, kwargs)
+    x: ShardedTensor = args[0]._reduced()
+    args = (x, *args[1:])
+    dims, keepdim = _dims(x.dim(), bound["dim"]), bound["keepdim"]
+    served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
+    if served is not None:
+        return served
+    if x.is_complex():
+        raise NotImplementedError(
+            "aten.logsumexp of a complex tensor along a split dim not supported for "
+            "ShardedTensor!")
+    shift, total = _shift_and_total(x, dims, dtypes[0], mask_infinite=True)
+    return _replicated(x, total.log_().add_(shift), _out_size(x.shape, dims, keepdim),
+                       dtypes[0])
+
+
+# -- softmax, log_softmax and their backward ----------------------------------------------------
+
+@_implements(aten._softmax.default, log=False)
+@_implements(aten._log_softmax.default, log=True)
+def _softmax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+             log: bool) -> Any:
+    """``x.softmax(dim)`` / ``log_softmax``, in ``x``'s layout: blockwise when no block splits
+    ``dim`` (collectives: none); else two all-reduces of the ``dim``-reduced size (a
+    NaN-aware max, then the sum of ``exp(x - max)``), then each block normalized locally."""
+    bound = _bind(func, args, kwargs)
+    (dtype,) = _probe(func, args, kwargs)
+    x: ShardedTensor = args[0]._reduced()
+    dims = _dims(x.dim(), bound["dim"])
+    if x._layout.is_replicate or not set(dims) & _split_dims(x._layout):
+        return x._like([func(block, *args[1:], **kwargs) for block in x._local_tensors],
+                       dtype=dtype)
+    if not _is_member(x):
+        return x._like([], dtype=dtype)
+    shift, total = _shift_and_total(x, dims, dtype, mask_infinite=False)
+    if log:
+        total.log_()
+    layout = x._layout
+    blocks = []
+    for block, index in zip(x._local_tensors, layout.local_indices(x._rank), strict=True):
+        keep = _keep_box(layout.shard_box(index), dims)
+        shifted = block.to(dtype) - shift[keep]
+        blocks.append(shifted - total[keep] if log else shifted.exp_().div_(total[keep]))
+    return x._like(blocks, dtype=dtype)
+
+
+def _operand(value: Any, anchor: ShardedTensor) -> ShardedTensor:
+    """``value`` as a non-partial ShardedTensor (a plain tensor is a replicated value)."""
+    if isinstance(value, ShardedTensor):
+        return value._reduced()
+    blocks = [value] if _is_member(anchor) else []
+    return anchor._like(blocks, _layout_for(anchor, Replicate(), value.shape), value.dtype)
+
+
+@_implements(aten._softmax_backward_data.default, log=False)
+@_implements(aten._log_softmax_backward_data.default, log=True)
+def _softmax_backward(func: torch._ops.OpOverload, args: tuple[Any, ...],
+                      kwargs: dict[str, Any], log: bool) -> Any:
+    """``_softmax_backward_data(grad_output, output, dim, input_dtype)`` / the log form, in
+    ``output``'s layout (``grad_output`` is moved there: local slicing when replicated, an
+    all-to-all when sharded differently): blockwise when no block splits ``dim``
+    (collectives: none); else one sum all-reduce of the ``dim``-reduced size of
+    ``grad_output * output`` (log: of ``grad_output``), then locally per block."""
+    bound = _bind(func, args, kwargs)
+    (dtype,) = _probe(func, args, kwargs)
+    anchor = next(a for a in args if isinstance(a, ShardedTensor))
+    grad, output = _operand(bound["grad_output"], anchor), _operand(bound["output"], anchor)
+    base = grad if grad._layout.is_sharded and not output._layout.is_sharded else output
+    grad, output = (t if t._layout is base._layout else t._redistributed(base._layout.spec)
+                    for t in (grad, output))
+    dims = _dims(base.dim(), bound["dim"])
+    pairs = list(zip(grad._local_tensors, output._local_tensors, strict=True))
+    if base._layout.is_replicate or not set(dims) & _split_dims(base._layout):
+        rest = (bound["dim"], bound["input_dtype"])
+        return base._like([func(g, o, *rest) for g, o in pairs], dtype=dtype)
+    if not _is_member(base):
+        return base._like([], dtype=dtype)
+    terms = [g if log else g * o for g, o in pairs]
+    term_dtype = grad.dtype if log else torch.promote_types(grad.dtype, output.dtype)
+    total = _all_reduced(base, dims, term_dtype, "sum",
+                         lambda block, _: block.sum(dims, keepdim=True), terms)
+    layout = base._layout
+    blocks = []
+    for (g, o), index in zip(pairs, layout.local_indices(base._rank), strict=True):
+        part = total[_keep_box(layout.shard_box(index), dims)]
+        blocks.append((g - o.exp() * part if log else o * (g - part)).to(dtype))
+    return base._like(blocks, dtype=dtype)
