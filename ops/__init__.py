@@ -8,5 +8,10 @@ from __future__ import annotations
 
 from dispatch_shard.ops import factory, foreach, matmul, pointwise, reduction, tensor_basics, view
 
-__all__ = ["factory", "foreach", "matmul", "pointwise", "reduction", "tensor_basics",
-           "view"]
+# isort: split
+# Last, and it must stay last: torch's decompositions fill in only the ops that
+# no family above serves (see ops/decomposed.py).
+from dispatch_shard.ops import decomposed
+
+__all__ = ["decomposed", "factory", "foreach", "matmul", "pointwise", "reduction",
+           "tensor_basics", "view"]

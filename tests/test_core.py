@@ -86,8 +86,10 @@ def seeded(*size: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> tor
 # with each new op family.
 BUILTIN_OPS = {
     "dispatch_shard.ops.factory": [
-        "aten.empty_like", "aten.full_like", "aten.ones_like", "aten.rand_like",
-        "aten.randn_like", "aten.zeros_like",
+        "aten.bernoulli_", "aten.cauchy_", "aten.empty_like", "aten.exponential_",
+        "aten.full_like", "aten.geometric_", "aten.log_normal_", "aten.new_empty",
+        "aten.new_full", "aten.new_ones", "aten.new_zeros", "aten.normal_", "aten.ones_like",
+        "aten.rand_like", "aten.randn_like", "aten.random_", "aten.uniform_", "aten.zeros_like",
     ],
     "dispatch_shard.ops.matmul": [
         "aten.addmm.default", "aten.addmv.default", "aten.baddbmm.default", "aten.bmm.default",
@@ -122,17 +124,21 @@ BUILTIN_OPS = {
 # elementwise _foreach_/fused optimizer overload: pinned to those derived sets.
 POINTWISE_MODULE = "dispatch_shard.ops.pointwise"
 FOREACH_MODULE = "dispatch_shard.ops.foreach"
+# ops/decomposed.py fills in, through torch's decompositions, what no family serves.
+DECOMPOSED_MODULE = "dispatch_shard.ops.decomposed"
 
 _LIST_REGISTRY = """
 import json
 import dispatch_shard
 from dispatch_shard import registry
+from dispatch_shard.ops.decomposed import decomposed_overloads
 from dispatch_shard.ops.foreach import foreach_overloads
 from dispatch_shard.ops.pointwise import pointwise_overloads
 tables = (registry.OVERLOADS, registry.PACKETS, registry.TORCH_FUNCTIONS)
 print(json.dumps([{str(op): fn.__module__ for op, fn in table.items()} for table in tables]
                  + [sorted(str(op) for op in pointwise_overloads())]
-                 + [sorted(str(op) for op in foreach_overloads())]))
+                 + [sorted(str(op) for op in foreach_overloads())]
+                 + [sorted(str(op) for op in decomposed_overloads())]))
 """
 
 
@@ -141,7 +147,7 @@ def test_builtin_ops_are_pinned() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     listing = subprocess.run([sys.executable, "-c", _LIST_REGISTRY], env=env, check=True,
                              capture_output=True, text=True).stdout
-    overloads, packets, torch_functions, tagged, foreach = json.loads(listing)
+    overloads, packets, torch_functions, tagged, foreach, decomposed = json.loads(listing)
     registered: dict[str, list[str]] = {}
     for name, module in sorted({**overloads, **packets}.items()):
         registered.setdefault(module, []).append(name)
@@ -149,6 +155,8 @@ def test_builtin_ops_are_pinned() -> None:
     assert len(tagged) > 500
     assert sorted(registered.pop(FOREACH_MODULE)) == sorted([*foreach, "aten._foreach_norm.Scalar"])
     assert len(foreach) > 200  # torch 2.13: 243 overloads
+    assert sorted(registered.pop(DECOMPOSED_MODULE)) == decomposed
+    assert "aten.mse_loss.default" in decomposed and "aten.to.dtype" in decomposed
     assert registered == BUILTIN_OPS
     assert torch_functions == {}  # no built-in op needs __torch_function__
 

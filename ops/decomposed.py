@@ -1,0 +1,84 @@
+"""Ops served by torch's own decompositions (``torch._decomp.decomposition_table``).
+
+An op that no other family serves, and that torch can decompose, runs its
+decomposition on the ShardedTensor arguments: every op the decomposition
+calls re-enters the dispatch loop and is served by its own family, with its
+own collectives. Losses, layer norm, dropout and many backward formulas come
+this way.
+
+NOTE [why decompositions are safe here]
+A decomposition is written for dense tensors. It stays correct on sharded
+ones because every primitive it calls is correct on any mix of ShardedTensors
+and plain tensors (a plain tensor is a replicated value), and because a
+primitive we do not serve raises ``NotImplementedError`` instead of computing
+something else. What a decomposition cannot promise is speed: a decomposition
+that materializes a whole tensor does so here too.
+
+Two sources, in order of preference:
+
+1. CompositeImplicitAutograd ops (``aten.to.dtype``, ``aten.log_sigmoid``...).
+   Above autograd torch decomposes them itself; below it, inside our dispatch,
+   they can still arrive, and ``OpOverload.decompose`` runs the same kernel.
+2. ``torch._decomp.decomposition_table``: Python decompositions of the rest.
+   Some are references built on ``prims.*`` ops, which we refuse (they raise).
+
+This module is imported last: it only fills in ops no other family registered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._decomp import decomposition_table
+
+from dispatch_shard.registry import OVERLOADS, PACKETS, custom_sharded_op_impl
+
+__all__ = ["decomposed_overloads"]
+
+_DECOMPOSED: list[torch._ops.OpOverload] = []
+
+
+def decomposed_overloads() -> list[torch._ops.OpOverload]:
+    """The overloads this module registered (those no other family serves)."""
+    return list(_DECOMPOSED)
+
+
+def _register(func: torch._ops.OpOverload, decomposition: Callable[..., Any]) -> None:
+    def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+        return decomposition(*args, **kwargs)
+
+    impl.__name__ = impl.__qualname__ = f"decomposed_{func.name().replace('::', '_')}"
+    impl.__doc__ = (f"``{func}`` through torch's decomposition; the collectives are those of "
+                    "the ops it calls.")
+    custom_sharded_op_impl(func)(impl)
+    _DECOMPOSED.append(func)
+
+
+def _served(func: torch._ops.OpOverload) -> bool:
+    return func in OVERLOADS or func.overloadpacket in PACKETS
+
+
+def _composite_implicit_overloads() -> list[torch._ops.OpOverload]:
+    found = []
+    for name in sorted(torch._C._dispatch_get_all_op_names()):
+        if not name.startswith("aten::"):
+            continue
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd"):
+            continue
+        packet_name, _, overload = name[len("aten::"):].partition(".")
+        packet = getattr(torch.ops.aten, packet_name, None)
+        func = getattr(packet, overload or "default", None) if packet is not None else None
+        if isinstance(func, torch._ops.OpOverload):
+            found.append(func)
+    return found
+
+
+for _func in _composite_implicit_overloads():
+    if not _served(_func):
+        _register(_func, _func.decompose)
+
+for _op, _decomposition in sorted(decomposition_table.items(), key=lambda kv: str(kv[0])):
+    if isinstance(_op, torch._ops.OpOverload) and not _served(_op):
+        _register(_op, _decomposition)

@@ -1,0 +1,109 @@
+"""Losses and activations used in training, forward and backward, against dense.
+
+Most of them reach us as torch decompositions (ops/decomposed.py) whose pieces
+are served by the pointwise, reduction and view families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from layouts import shard, specs_2d
+
+import dispatch_shard as ds
+from dispatch_shard.testing import multi_rank
+
+SIZE = (10, 7)
+BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse_mean": lambda a, b: F.mse_loss(a, b),
+    "mse_sum": lambda a, b: F.mse_loss(a, b, reduction="sum"),
+    "mse_none": lambda a, b: F.mse_loss(a, b, reduction="none"),
+    "l1_mean": lambda a, b: F.l1_loss(a, b),
+    "l1_none": lambda a, b: F.l1_loss(a, b, reduction="none"),
+    "smooth_l1": lambda a, b: F.smooth_l1_loss(a, b, beta=0.5),
+    "smooth_l1_sum": lambda a, b: F.smooth_l1_loss(a, b, beta=0.5, reduction="sum"),
+    "huber": lambda a, b: F.huber_loss(a, b, delta=0.7),
+    "huber_none": lambda a, b: F.huber_loss(a, b, delta=0.7, reduction="none"),
+    "bce_with_logits": lambda a, b: F.binary_cross_entropy_with_logits(a, b.sigmoid()),
+}
+UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "layer_norm": lambda a: F.layer_norm(a, (7,)),
+    "log_sigmoid": F.logsigmoid,
+}
+
+
+def _check(fn: Callable[..., torch.Tensor], sharded_args: list[torch.Tensor],
+           dense_args: list[torch.Tensor]) -> None:
+    leaf = sharded_args[0].detach().requires_grad_(True)
+    dense_leaf = dense_args[0].clone().requires_grad_(True)
+    out = fn(leaf, *sharded_args[1:])
+    want = fn(dense_leaf, *dense_args[1:])
+    assert isinstance(out, ds.ShardedTensor)
+    torch.testing.assert_close(out.full_tensor(), want)
+    weight = torch.linspace(0.5, 1.5, want.numel()).reshape(want.shape)
+    (out * weight).sum().backward()
+    (want * weight).sum().backward()
+    assert leaf.grad is not None and leaf.grad._layout is leaf._layout
+    torch.testing.assert_close(leaf.grad.full_tensor(), dense_leaf.grad)
+
+
+@multi_rank(world_size=[1, 3, 4])
+@pytest.mark.parametrize("layout", ["rows", "cols", "several", "grid", "replicate"])
+def test_losses_match_dense(rank: int, world_size: int, layout: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(*SIZE, generator=generator), torch.randn(*SIZE, generator=generator)
+    spec = specs_2d(SIZE, world_size)[layout]
+    for fn in BINARY.values():
+        _check(fn, [shard(x, spec), shard(y, spec)], [x, y])
+        _check(fn, [shard(x, spec), y], [x, y])  # a plain target
+
+
+@multi_rank(world_size=[1, 3])
+@pytest.mark.parametrize("layout", ["rows", "cols", "several", "grid", "replicate"])
+def test_activations_and_layer_norm_match_dense(rank: int, world_size: int, layout: str) -> None:
+    x = torch.randn(*SIZE, generator=torch.Generator().manual_seed(1))
+    spec = specs_2d(SIZE, world_size)[layout]
+    for fn in UNARY.values():
+        _check(fn, [shard(x, spec)], [x])
+    generator = torch.Generator().manual_seed(2)  # plain tensors must agree on every rank
+    weight, bias = torch.randn(7, generator=generator), torch.randn(7, generator=generator)
+    _check(lambda a: F.layer_norm(a, (7,), weight, bias), [shard(x, spec)], [x])
+
+
+@multi_rank(world_size=[2])
+def test_dropout_draws_per_shard_and_keeps_scale(rank: int, world_size: int) -> None:
+    x = torch.ones(200, 50)
+    spec = specs_2d((200, 50), world_size)["rows"]
+    torch.manual_seed(1234 + rank)
+    out = F.dropout(shard(x, spec), p=0.25, training=True).full_tensor()
+    kept = out != 0
+    assert torch.all(out[kept] == 1 / 0.75)  # survivors are scaled like dense
+    assert 0.6 < kept.float().mean().item() < 0.9
+    top, bottom = kept[:100], kept[100:]
+    assert not torch.equal(top, bottom)  # each rank drew its own mask
+    assert torch.equal(F.dropout(shard(x, spec), p=0.25, training=False).full_tensor(), x)
+
+
+@multi_rank(world_size=[3])
+def test_random_fill_of_a_replicated_tensor_stays_replicated(rank: int, world_size: int) -> None:
+    torch.manual_seed(rank)  # different generators on purpose
+    replicated = shard(torch.zeros(4, 5), ds.Replicate())
+    replicated.uniform_()
+    local = replicated.local_tensor()
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, local)
+    assert all(torch.equal(g, gathered[0]) for g in gathered)
+    assert bool((local > 0).all()) and bool((local < 1).all())
+    probabilities = torch.full((10, 7), 0.5)
+    sharded = shard(torch.zeros(10, 7), specs_2d((10, 7), world_size)["rows"])
+    sharded.bernoulli_(shard(probabilities, specs_2d((10, 7), world_size)["cols"]))
+    assert set(sharded.full_tensor().unique().tolist()) <= {0.0, 1.0}
