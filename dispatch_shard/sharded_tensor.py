@@ -63,7 +63,8 @@ class ShardedTensor(torch.Tensor):
     :meth:`from_local_tensor`.
     """
 
-    __slots__ = ("_grad_layout_hook", "_layout", "_local_tensors", "_process_group", "_rank")
+    __slots__ = ("_grad_layout_hook", "_layout", "_local_tensors", "_process_group", "_rank",
+                 "_reduced_cache")
     _local_tensors: list[torch.Tensor]
     _layout: Layout
     _process_group: ProcessGroup
@@ -127,7 +128,9 @@ class ShardedTensor(torch.Tensor):
     # requires grad therefore carries a post-accumulate-grad hook that moves
     # ``.grad`` to the leaf's layout: a local slice when the gradient is
     # replicated, an all-to-all otherwise, nothing when the layouts already match
-    # (identity check; the usual case for parameters and optimizers).
+    # (identity check; the usual case for parameters and optimizers). It also
+    # makes the gradient's blocks contiguous, as AccumulateGrad does for dense
+    # gradients (our wrapper is always "contiguous", so AccumulateGrad cannot).
     def requires_grad_(self, requires_grad: bool = True) -> ShardedTensor:
         super().requires_grad_(requires_grad)
         if requires_grad and self.is_leaf and getattr(self, "_grad_layout_hook", None) is None:
@@ -222,17 +225,31 @@ class ShardedTensor(torch.Tensor):
 
     # -- layout changes ------------------------------------------------------
     def _reduced(self) -> ShardedTensor:
-        """A partial tensor reduced to replicated; others as they are."""
+        """A partial tensor reduced to replicated; others as they are.
+
+        NOTE [a Partial is reduced at most once]
+        Autograd saves Partial outputs for backward (a row-parallel linear's output
+        feeding a loss), so the same Partial is often reduced in the forward and
+        again in the backward. The result is cached on the tensor, keyed by its
+        summand's identity and version counter: an in-place change of the summand,
+        or a reshard, invalidates it, so the cache never serves a stale value.
+        """
         layout = self._layout
         if not layout.is_partial:
             return self
+        summand = self._local_tensors[0] if self._local_tensors else None
+        cached = getattr(self, "_reduced_cache", None)
+        if (cached is not None and cached[0] is summand
+                and (summand is None or cached[1] == summand._version)):
+            return cached[2]  # type: ignore[no-any-return]
         op = layout.spec.reduce_op  # type: ignore[attr-defined]
-        if collectives.is_member(self._process_group, self._rank):
-            local = [collectives.all_reduce(self._local_tensors[0].clone(), op,
-                                            self._process_group)]
+        if summand is not None and collectives.is_member(self._process_group, self._rank):
+            local = [collectives.all_reduce(summand.clone(), op, self._process_group)]
         else:
             local = []
-        return self._like(local, layout.with_spec(Replicate()))
+        reduced = self._like(local, layout.with_spec(Replicate()))
+        self._reduced_cache = (summand, None if summand is None else summand._version, reduced)
+        return reduced
 
     def _moved_to(self, dst: Layout) -> list[torch.Tensor]:
         """This rank's blocks of ``dst`` (self is sharded or replicated)."""
@@ -395,12 +412,18 @@ _REQUIRES_GRAD: Any = vars(torch._C.TensorBase)["requires_grad"]
 
 
 def _grad_to_leaf_layout(leaf: torch.Tensor) -> None:
-    """See NOTE [a leaf's grad keeps the leaf's layout]."""
+    """See NOTE [a leaf's grad keeps the leaf's layout]. Also dense autograd's layout
+    contract, block by block: a gradient's blocks are contiguous like the leaf's (some
+    fused optimizer kernels silently miscompute on strided gradients)."""
     grad = leaf.grad
-    if (isinstance(leaf, ShardedTensor) and isinstance(grad, ShardedTensor)
-            and grad._layout is not leaf._layout):
-        with torch.no_grad():
-            leaf.grad = grad._redistributed(leaf._layout.spec)
+    if not (isinstance(leaf, ShardedTensor) and isinstance(grad, ShardedTensor)):
+        return
+    with torch.no_grad():
+        if grad._layout is not leaf._layout:
+            leaf.grad = grad = grad._redistributed(leaf._layout.spec)
+        blocks = grad._local_tensors
+        if not all(b.is_contiguous() for b in blocks):
+            grad._local_tensors = [b.contiguous() for b in blocks]
 
 
 def _torch_function_with_registry(

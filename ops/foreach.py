@@ -84,6 +84,19 @@ def _pieces(value: Any, base: Any) -> list[torch.Tensor]:
     return pieces
 
 
+def _contiguous_blocks(blocks: list[torch.Tensor],
+                       written_back: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    result = []
+    for block in blocks:
+        if block.is_contiguous():
+            result.append(block)
+        else:
+            copy = block.contiguous()
+            written_back.append((block, copy))
+            result.append(copy)
+    return result
+
+
 def _count(element: Any) -> int:
     return len(element._local_tensors) if isinstance(element, ShardedTensor) else 1
 
@@ -106,6 +119,7 @@ def _regroup(base_list: list[Any], flat: list[torch.Tensor]) -> list[Any]:
 def _register(func: torch._ops.OpOverload) -> None:
     arguments = func._schema.arguments
     returns_list = any(str(r.type) == "List[Tensor]" for r in func._schema.returns)
+    fused = func.name().startswith("aten::_fused_")
 
     def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
         named = [(a, v) for a, v in zip(arguments, args, strict=False)]
@@ -125,9 +139,17 @@ def _register(func: torch._ops.OpOverload) -> None:
                              for _ in range(_count(s))])
             else:
                 flat.append(_whole(value))
+        written_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if fused:
+            # NOTE: the CPU fused kernels miscompute on strided tensors (seen with
+            # _fused_sgd_ in torch 2.13); give them contiguous blocks and copy back.
+            flat = [_contiguous_blocks(v, written_back) if isinstance(v, list) else v
+                    for v in flat]
         call_kwargs = {a.name: v for (a, _), v in zip(named[len(args):], flat[len(args):],
                                                         strict=True)}
         result = func(*flat[: len(args)], **call_kwargs)
+        for original, copy in written_back:
+            original.copy_(copy)
         if returns_list:
             return _regroup(list(base_list), result)
         return result
