@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from layouts import cols, rows, shard
 from torch import nn
 
 import dispatch_shard as ds
 from dispatch_shard import collectives
 from dispatch_shard.testing import multi_rank
-from layouts import cols, rows, shard
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
