@@ -303,7 +303,10 @@ def _view(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     layout = _viewed(x._layout, tuple(size))
     if layout is None:
         return replicated_fallback(aten.reshape.default, (x, size), {})
-    return _view_blocks(x, layout, lambda t, _, out: t.view(out.shard_sizes))
+    # NOTE: a ShardedTensor always has contiguous strides, so a view of it is legal
+    # even where a block is strided (a transposed block): such a block is
+    # reshaped, a copy, as dense reshape would do for a strided tensor.
+    return _view_blocks(x, layout, lambda t, _, out: t.reshape(out.shard_sizes))
 
 
 for _overload in (aten.view.default, aten._unsafe_view.default):
