@@ -381,6 +381,30 @@ class ShardedTensor(torch.Tensor):
 
     _init_from_local_tensor = from_local_tensor  # the legacy name
 
+    @classmethod
+    def from_replicated(
+        cls,
+        tensor: torch.Tensor,
+        spec: ShardingSpec,
+        process_group: ProcessGroup | None = None,
+    ) -> ShardedTensor:
+        """``tensor``, which every rank already holds, laid out by ``spec``: each rank keeps
+        copies of its own blocks. No communication and no check that the copies agree
+        (use :func:`dispatch_shard.shard_tensor` to scatter from one rank instead).
+        """
+        group = collectives.resolve_group(process_group)
+        rank = dist.get_rank()
+        layout = layout_of(spec, tensor.shape, collectives.group_ranks(group),
+                           device=str(tensor.device))
+        source = tensor.detach()
+        blocks = [source[layout.shard_box(i)].clone() for i in layout.local_indices(rank)]
+        if layout.is_partial and blocks and rank != layout.group_ranks[0]:
+            blocks = [torch.zeros_like(b) for b in blocks]  # one summand holds the value
+        result = cls._wrap(blocks, layout, group, rank, tensor.dtype, tensor.device)
+        if tensor.requires_grad:
+            result.requires_grad_(True)
+        return result
+
     # -- pickling ----------------------------------------------------------------
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         group = self._process_group

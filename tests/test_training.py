@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from layouts import cols, rows, shard
+from layouts import rows, shard
 from torch import nn
 
 import dispatch_shard as ds
 from dispatch_shard import collectives
+from dispatch_shard.examples import MLP, TRANSFORMER_PLAN, TransformerBlock, parallelize
 from dispatch_shard.testing import multi_rank
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
@@ -28,29 +29,13 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 MODES = {"for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-class MLP(nn.Module):
-    def __init__(self, d_model: int = 8, hidden: int = 14) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d_model, hidden)
-        self.fc2 = nn.Linear(hidden, d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-def _sharded(param: torch.Tensor, spec: ds.ShardingSpec) -> nn.Parameter:
-    return nn.Parameter(shard(param.detach(), spec))
+MLP_PLAN = {"fc1": "colwise", "fc2": "rowwise"}
 
 
 def megatron(model: MLP, world_size: int) -> MLP:
     """fc1 column-parallel (weight rows and bias split), fc2 row-parallel (weight columns
     split, bias replicated)."""
-    sharded = copy.deepcopy(model)
-    sharded.fc1.weight = _sharded(model.fc1.weight, rows(world_size))
-    sharded.fc1.bias = _sharded(model.fc1.bias, rows(world_size))
-    sharded.fc2.weight = _sharded(model.fc2.weight, cols(world_size))
-    sharded.fc2.bias = _sharded(model.fc2.bias, ds.Replicate())
-    return sharded
+    return parallelize(copy.deepcopy(model), MLP_PLAN, world_size)  # type: ignore[return-value]
 
 
 def _batch(step: int, rows_: int = 6, d_model: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,58 +154,17 @@ def test_a_partial_is_reduced_once_and_never_stale(rank: int, world_size: int) -
         collectives._observers.remove(observe)
 
 
-class Block(nn.Module):
-    """A pre-norm transformer block: multi-head self-attention and an MLP."""
-
-    def __init__(self, d_model: int = 8, heads: int = 4, hidden: int = 16) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        # No key bias: its true gradient is exactly zero (softmax ignores a per-query
-        # shift), so its computed gradient is roundoff that Adam would amplify into
-        # order-dependent updates in dense and sharded runs alike.
-        self.q, self.v = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model, bias=False)
-        self.o = nn.Linear(d_model, d_model)
-        self.mlp = MLP(d_model, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, d_model = x.shape
-        h = self.ln1(x)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, seq, self.heads, d_model // self.heads).transpose(1, 2)
-
-        q, k, v = heads(self.q(h)), heads(self.k(h)), heads(self.v(h))
-        scores = (q @ k.transpose(-2, -1)) / (d_model // self.heads) ** 0.5
-        attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, seq, d_model)
-        x = x + self.o(attended)
-        return x + self.mlp(self.ln2(x))
-
-
-def sharded_block(block: Block, world_size: int) -> Block:
+def sharded_block(block: TransformerBlock, world_size: int) -> TransformerBlock:
     """q/k/v column-parallel (each rank holds whole heads), o row-parallel, the MLP
     Megatron-style, layer norms replicated."""
-    sharded = copy.deepcopy(block)
-    for name in ("q", "k", "v"):
-        linear = getattr(sharded, name)
-        linear.weight = _sharded(getattr(block, name).weight, rows(world_size))
-        if linear.bias is not None:
-            linear.bias = _sharded(getattr(block, name).bias, rows(world_size))
-    sharded.o.weight = _sharded(block.o.weight, cols(world_size))
-    sharded.o.bias = _sharded(block.o.bias, ds.Replicate())
-    sharded.mlp = megatron(block.mlp, world_size)
-    for norm in (sharded.ln1, sharded.ln2):
-        norm.weight = _sharded(norm.weight, ds.Replicate())
-        norm.bias = _sharded(norm.bias, ds.Replicate())
-    return sharded
+    return parallelize(copy.deepcopy(block), TRANSFORMER_PLAN, world_size)  # type: ignore[return-value]
 
 
 @multi_rank(world_size=[2, 4], timeout_s=180)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_transformer_block_trains_like_dense(rank: int, world_size: int, mode: str) -> None:
     torch.manual_seed(3)
-    dense = Block()
+    dense = TransformerBlock()
     sharded = sharded_block(dense, world_size)
 
     def loss(model: nn.Module, step: int) -> torch.Tensor:
