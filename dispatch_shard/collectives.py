@@ -42,6 +42,8 @@ ProcessGroup = dist.ProcessGroup
 
 # Observers of every collective issued: called with (kind, bytes, group).
 _observers: list[Callable[[str, int, ProcessGroup], None]] = []
+# The ops being dispatched, outermost first; kept only while an observer is active.
+_op_stack: list[Any] = []
 
 
 def _record(kind: str, nbytes: int, group: ProcessGroup) -> None:
@@ -87,7 +89,8 @@ def is_member(group: ProcessGroup, rank: int) -> bool:
 
 _ERROR_TYPES: dict[str, type[Exception]] = {
     cls.__name__: cls
-    for cls in (ValueError, TypeError, RuntimeError, NotImplementedError, IndexError, KeyError)
+    for cls in (ValueError, TypeError, RuntimeError, NotImplementedError, IndexError, KeyError,
+                AttributeError)
 }
 
 

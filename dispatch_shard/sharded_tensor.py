@@ -118,7 +118,13 @@ class ShardedTensor(torch.Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         impl = OVERLOADS.get(func) or lookup(func)
-        return impl(types, args, kwargs or {}, _first_group(args))
+        if not collectives._observers:
+            return impl(types, args, kwargs or {}, _first_group(args))
+        collectives._op_stack.append(func)  # for dispatch_shard.observe.count_collectives
+        try:
+            return impl(types, args, kwargs or {}, _first_group(args))
+        finally:
+            collectives._op_stack.pop()
 
     # -- autograd ------------------------------------------------------------
     # NOTE [a leaf's grad keeps the leaf's layout]
