@@ -10,6 +10,13 @@ from __future__ import annotations
 
 # The built-in op implementations register themselves on import.
 from dispatch_shard import ops
+from dispatch_shard.api import (
+    collect_local_shard,
+    reshard_output,
+    shard_module,
+    shard_parameter,
+    shard_tensor,
+)
 from dispatch_shard.creation import empty, full, ones, rand, randn, zeros
 from dispatch_shard.metadata import (
     Placement,
@@ -18,8 +25,11 @@ from dispatch_shard.metadata import (
     ShardMetadata,
     TensorProperties,
 )
+from dispatch_shard.named_optimizer import NamedOptimizer
+from dispatch_shard.observe import count_collectives, sharding_svg, visualize_sharding
 from dispatch_shard.registry import custom_sharded_op_impl, remove_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, load_with_process_group
+from dispatch_shard.sharder import Sharder, ShardingPlan
 from dispatch_shard.specs import (
     ChunkShardingSpec,
     EnumerableShardingSpec,
@@ -27,10 +37,12 @@ from dispatch_shard.specs import (
     Replicate,
     ShardingSpec,
 )
+from dispatch_shard.state_dict import pre_load_state_dict_hook, state_dict_hook
 
 __all__ = [
     "ChunkShardingSpec",
     "EnumerableShardingSpec",
+    "NamedOptimizer",
     "Partial",
     "Placement",
     "Replicate",
@@ -38,16 +50,28 @@ __all__ = [
     "ShardMetadata",
     "ShardedTensor",
     "ShardedTensorMetadata",
+    "Sharder",
+    "ShardingPlan",
     "ShardingSpec",
     "TensorProperties",
+    "collect_local_shard",
+    "count_collectives",
     "custom_sharded_op_impl",
     "empty",
     "full",
     "load_with_process_group",
     "ones",
     "ops",
+    "pre_load_state_dict_hook",
     "rand",
     "randn",
     "remove_sharded_op_impl",
+    "reshard_output",
+    "shard_module",
+    "shard_parameter",
+    "shard_tensor",
+    "sharding_svg",
+    "state_dict_hook",
+    "visualize_sharding",
     "zeros",
 ]

@@ -6,12 +6,22 @@ public :func:`dispatch_shard.custom_sharded_op_impl` decorator, exactly as users
 
 from __future__ import annotations
 
-from dispatch_shard.ops import factory, foreach, matmul, pointwise, reduction, tensor_basics, view
+from dispatch_shard.ops import (
+    embedding,
+    factory,
+    foreach,
+    indexing,
+    matmul,
+    pointwise,
+    reduction,
+    tensor_basics,
+    view,
+)
 
 # isort: split
 # Last, and it must stay last: torch's decompositions fill in only the ops that
 # no family above serves (see ops/decomposed.py).
 from dispatch_shard.ops import decomposed
 
-__all__ = ["decomposed", "factory", "foreach", "matmul", "pointwise", "reduction",
-           "tensor_basics", "view"]
+__all__ = ["decomposed", "embedding", "factory", "foreach", "indexing", "matmul", "pointwise",
+           "reduction", "tensor_basics", "view"]

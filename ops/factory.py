@@ -23,15 +23,28 @@ _LIKE_OPS = (aten.empty_like, aten.zeros_like, aten.ones_like, aten.rand_like,
              aten.randn_like, aten.full_like)
 
 
+_RANDOM_LIKE = {aten.rand_like: aten.uniform_, aten.randn_like: aten.normal_}
+
+
 def _register(packet: Any) -> None:
     def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
              process_group: Any) -> ShardedTensor:
         tensor: ShardedTensor = args[0]
         kwargs = {k: v for k, v in kwargs.items() if k != "memory_format"}
+        if tensor._layout.is_partial:
+            # A new value, not a summand: the result is replicated (ones_like of a
+            # Partial kept as Partial would sum to world_size ones).
+            tensor = tensor._like(list(tensor._local_tensors),
+                                  tensor._layout.with_spec(Replicate()))
+            if packet in _RANDOM_LIKE:  # one draw, broadcast (see _random_fill)
+                result = map_blocks(tensor, lambda b: torch.empty_like(b, **kwargs))
+                return _RANDOM_LIKE[packet](result)  # type: ignore[no-any-return]
         return map_blocks(tensor, lambda block: packet(block, *args[1:], **kwargs))
 
     impl.__name__ = impl.__qualname__ = f"sharded_{packet.__name__}"
-    impl.__doc__ = f"``{packet.__name__}``: per-block, same layout; collectives: none."
+    impl.__doc__ = (f"``{packet.__name__}``: per-block, same layout (a Partial input gives a "
+                    "replicated result); collectives: none (a random fill of a replicated "
+                    "result: one broadcast).")
     custom_sharded_op_impl(packet)(impl)
 
 
@@ -68,6 +81,9 @@ _new_factory(aten.new_ones, lambda block, dtype: torch.ones_like(block, dtype=dt
 _new_factory(aten.new_empty, lambda block, dtype: torch.empty_like(block, dtype=dtype))
 _new_factory(aten.new_full,
              lambda block, value, dtype: torch.full_like(block, value, dtype=dtype))
+# Autograd's grad accumulation calls it (blocks are contiguous: the strides are moot).
+_new_factory(aten.new_empty_strided,
+             lambda block, stride, dtype: torch.empty_like(block, dtype=dtype))
 
 
 # -- in-place random fills ------------------------------------------------------------

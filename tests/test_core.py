@@ -88,8 +88,23 @@ BUILTIN_OPS = {
     "dispatch_shard.ops.factory": [
         "aten.bernoulli_", "aten.cauchy_", "aten.empty_like", "aten.exponential_",
         "aten.full_like", "aten.geometric_", "aten.log_normal_", "aten.new_empty",
-        "aten.new_full", "aten.new_ones", "aten.new_zeros", "aten.normal_", "aten.ones_like",
+        "aten.new_empty_strided", "aten.new_full", "aten.new_ones", "aten.new_zeros",
+        "aten.normal_", "aten.ones_like",
         "aten.rand_like", "aten.randn_like", "aten.random_", "aten.uniform_", "aten.zeros_like",
+    ],
+    "dispatch_shard.ops.embedding": [
+        "aten._embedding_bag.default", "aten._embedding_bag_backward.default",
+        "aten._embedding_bag_forward_only.default",
+        "aten._embedding_bag_per_sample_weights_backward.default", "aten.embedding.default",
+        "aten.embedding_dense_backward.default",
+    ],
+    "dispatch_shard.ops.indexing": [
+        "aten.gather.default", "aten.index.Tensor", "aten.index_add.default",
+        "aten.index_add_.default", "aten.index_put.default", "aten.index_put_.default",
+        "aten.index_select.default", "aten.nll_loss_backward.default",
+        "aten.nll_loss_forward.default", "aten.scatter.src", "aten.scatter.value",
+        "aten.scatter_.src", "aten.scatter_.value", "aten.scatter_add.default",
+        "aten.scatter_add_.default", "aten.scatter_reduce.two", "aten.scatter_reduce_.two",
     ],
     "dispatch_shard.ops.matmul": [
         "aten.addmm.default", "aten.addmv.default", "aten.baddbmm.default", "aten.bmm.default",

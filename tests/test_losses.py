@@ -107,3 +107,18 @@ def test_random_fill_of_a_replicated_tensor_stays_replicated(rank: int, world_si
     sharded = shard(torch.zeros(10, 7), specs_2d((10, 7), world_size)["rows"])
     sharded.bernoulli_(shard(probabilities, specs_2d((10, 7), world_size)["cols"]))
     assert set(sharded.full_tensor().unique().tolist()) <= {0.0, 1.0}
+
+
+@multi_rank(world_size=[3])
+def test_like_factories_of_a_partial_are_new_replicated_values(rank: int, world_size: int) -> None:
+    x = torch.randn(*SIZE, generator=torch.Generator().manual_seed(4))
+    partial = shard(x, specs_2d(SIZE, world_size)["rows"]).redistribute(ds.Partial())
+    assert torch.equal(torch.ones_like(partial).full_tensor(), torch.ones(SIZE))
+    assert torch.equal(torch.full_like(partial, 2.5).full_tensor(), torch.full(SIZE, 2.5))
+    assert torch.equal(torch.zeros_like(partial).full_tensor(), torch.zeros(SIZE))
+    torch.manual_seed(rank)  # different generators: the draw must still be replicated
+    drawn = torch.rand_like(partial)
+    assert isinstance(drawn.sharding_spec(), ds.Replicate)
+    gathered = [torch.empty(SIZE) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, drawn.local_tensor())
+    assert all(torch.equal(g, gathered[0]) for g in gathered)

@@ -1,0 +1,1043 @@
+"""Indexing ops: ``gather``, ``scatter`` / ``scatter_add`` / ``scatter_reduce`` (and their in-place
+forms), ``index_select``, ``index`` (advanced indexing, boolean masks), ``index_put(_)``,
+``index_add(_)``, and ``nll_loss_forward`` / ``nll_loss_backward`` (what ``F.cross_entropy``
+and ``F.nll_loss`` reach).
+
+Per rank, for ``x`` indexed along ``dim`` by an index tensor (``R`` ranks; "replicated"
+includes plain tensors, see NOTE [index operands are replicated values]):
+
+* Along a dim no block splits (``x [M/R, N]`` gathered along dim 1, ``x [M, N/R]``
+  indexed along dim 0): block by block, with the index (and ``src``) sliced by the
+  block's box along the other dims. The result keeps ``x``'s blocks along the other dims.
+  Collectives: none.
+* Along a split dim, reading (``gather``, ``index_select``, ``index``): each rank reads the
+  entries its blocks hold and leaves zeros elsewhere -> ``Partial("sum")`` of the result's
+  size. Collectives: none (the consumer reduces, or not).
+* Along a split dim, writing (``scatter*``, ``index_put``, ``index_add``): each block takes
+  the writes that land in it (the others go to a scratch slot and are dropped); the result
+  keeps ``x``'s layout. Collectives: none.
+* Replicated ``x`` with an index / ``src`` sharded along the other dims (the backward of
+  the blockwise case: ``new_zeros(x.shape).scatter_add(dim, index, grad)``): block by block
+  along the sharded operand's blocks, so the gradient comes out sharded like ``x`` was.
+  Collectives: none.
+* Anything else: the sharded operands are gathered whole (one all-to-all each) and the
+  op runs on the whole value -> replicated (in-place forms write into ``x`` as it is).
+
+Errors are dense's: every op first runs on meta tensors of the global sizes (shape and
+dtype errors, the same on every rank), and index values are bounds-checked on the whole
+(replicated) index, so a bad index raises on every rank alike. An index that is sharded
+(and used block by block) is checked per block and the verdict is exchanged
+(:func:`dispatch_shard.collectives.raise_if_any`, one small all-gather) before any rank
+moves on.
+
+NOTE [index operands are replicated values]
+Index tensors, ``src`` / ``values`` / ``source`` operands, class weights and targets are
+usually plain tensors: the same on every rank, so every rank can slice what its blocks
+need without communication. A ShardedTensor in those positions is used block by block
+when its layout lines up with the result's blocks, and gathered whole otherwise.
+
+NOTE [selections commute with partial reductions]
+``gather``, ``index_select`` and ``index`` pick elements. Picking commutes with every
+elementwise reduction across ranks (sum, avg, max, min), so a ``Partial`` input with a
+replicated index is indexed summand by summand and the result is ``Partial`` with the same
+reduce op: no collective.
+
+NOTE [ShardedTensor.gather is the legacy gather]
+``x.gather(dst, out)`` on a ShardedTensor is the legacy gather-to-one-rank method (the
+public API keeps it), so ``x.gather(dim, index)`` does not reach ``aten.gather``: write
+``torch.gather(x, dim, index)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dispatch_shard import collectives
+from dispatch_shard.layout import Box, Layout, layout_of
+from dispatch_shard.ops.reduction import _bind, _reduced_layout
+from dispatch_shard.ops.view import (
+    _first_sharded,
+    _relayout,
+    _sliced,
+    _split_dims,
+    replicated_fallback,
+)
+from dispatch_shard.registry import custom_sharded_op_impl
+from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.specs import ChunkShardingSpec, Partial, Replicate
+
+__all__: list[str] = []
+
+aten = torch.ops.aten
+
+BlockMap = Callable[[list[int], list[int]], tuple[list[int], list[int]]]
+Check = Callable[[torch.Tensor], None]
+
+
+# -- operands ------------------------------------------------------------------------------
+
+def _member(tensor: ShardedTensor) -> bool:
+    return collectives.is_member(tensor._process_group, tensor._rank)
+
+
+def _dense(value: Any) -> Any:
+    """A ShardedTensor's whole value (a partial one reduced); anything else as it is.
+
+    Ranks outside the group get zeros of the right size (they compute nothing with it).
+    """
+    if isinstance(value, ShardedTensor):
+        whole = value._redistributed(Replicate())
+        if whole._local_tensors:
+            return whole._local_tensors[0]
+        return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+    return value
+
+
+def _sharded(value: Any) -> bool:
+    """Whether ``value`` is a ShardedTensor laid out in blocks (not replicated or partial)."""
+    return isinstance(value, ShardedTensor) and value._layout.is_sharded
+
+
+def _pieces(value: Any, layout: Layout, rank: int) -> list[torch.Tensor]:
+    """``value``'s part for each of this rank's blocks of ``layout`` (``value.shape`` is
+    ``layout.size``): its own blocks, moved there (one all-to-all) when sharded otherwise,
+    or sliced locally from a replicated or plain value."""
+    if isinstance(value, ShardedTensor):
+        if value._layout is layout:
+            return list(value._local_tensors)
+        if value._layout.is_sharded and layout.is_sharded:
+            return list(value._redistributed(layout.spec)._local_tensors)
+        value = _dense(value)
+    return [value[layout.shard_box(i)] for i in layout.local_indices(rank)]
+
+
+def _index_pieces(index: Any, layout: Layout, rank: int, check: Check,
+                  anchor: ShardedTensor) -> list[torch.Tensor]:
+    """:func:`_pieces` of an index tensor, bounds-checked alike on every rank: a whole
+    index is checked locally (every rank holds the same one); a sharded index is checked
+    block by block and the verdict exchanged."""
+    if _sharded(index):
+        pieces = _pieces(index, layout, rank)
+        error: Exception | None = None
+        try:
+            for piece in pieces:
+                check(piece)
+        except (RuntimeError, IndexError) as exc:
+            error = exc
+        collectives.raise_if_any(error, anchor._process_group)
+        return pieces
+    whole = _dense(index)
+    check(whole)
+    return [whole[layout.shard_box(i)] for i in layout.local_indices(rank)]
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, list | tuple):
+        return type(value)(_to_meta(v) for v in value)
+    return value
+
+
+def _meta_call(func: torch._ops.OpOverload, args: Sequence[Any],
+               kwargs: dict[str, Any]) -> list[tuple[torch.Size, torch.dtype]]:
+    """Sizes and dtypes of ``func``'s results from meta tensors of the global sizes: dense's
+    shape and dtype errors, raised on every rank alike."""
+    result = func(*_to_meta(list(args)), **{k: _to_meta(v) for k, v in kwargs.items()})
+    results = result if isinstance(result, tuple | list) else (result,)
+    return [(r.shape, r.dtype) for r in results]
+
+
+# -- results ----------------------------------------------------------------------------------
+
+def _whole_layout(anchor: ShardedTensor, spec: Replicate | Partial, size: Sequence[int]
+                  ) -> Layout:
+    return layout_of(spec, torch.Size(size), anchor._layout.group_ranks,
+                     anchor._layout.device or str(anchor.device))
+
+
+def _replicated(anchor: ShardedTensor, value: torch.Tensor | None, size: Sequence[int],
+                dtype: torch.dtype) -> ShardedTensor:
+    """A replicated result (``value`` is ignored on ranks outside the group)."""
+    layout = _whole_layout(anchor, Replicate(), size)
+    blocks = [value] if value is not None and layout.local_indices(anchor._rank) else []
+    return anchor._like(blocks, layout, dtype)
+
+
+def _partial(anchor: ShardedTensor, summand: torch.Tensor, dtype: torch.dtype,
+             op: str = "sum") -> ShardedTensor:
+    """This rank's ``summand`` of a ``Partial(op)`` result; no collective."""
+    layout = _whole_layout(anchor, Partial(op), summand.shape)
+    return anchor._like([summand] if layout.local_indices(anchor._rank) else [], layout, dtype)
+
+
+def _outside(anchor: ShardedTensor, results: list[tuple[torch.Size, torch.dtype]]) -> Any:
+    """What a rank outside the group returns: the sizes, no blocks."""
+    outs = [_replicated(anchor, None, size, dtype) for size, dtype in results]
+    return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+# -- layouts ----------------------------------------------------------------------------------
+
+def _derived(layout: Layout, size: Sequence[int], chunk_dim: int | None,
+             block_map: BlockMap) -> Layout:
+    """``view._relayout`` whose empty blocks stay empty when ``block_map`` drops the dim that
+    made them empty."""
+
+    def keep_empty(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        new_offsets, new_sizes = block_map(offsets, sizes)
+        if 0 in sizes and new_sizes and 0 not in new_sizes:
+            new_sizes[0] = 0
+        return new_offsets, new_sizes
+
+    return _relayout(layout, size, chunk_dim, keep_empty)
+
+
+def _chunk_dim(layout: Layout) -> int | None:
+    spec = layout.spec
+    if isinstance(spec, ChunkShardingSpec):
+        return spec.dim % len(layout.size)
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _with_dim_length(layout: Layout, dim: int, length: int) -> Layout:
+    """``layout`` with ``dim`` (which no block splits) now of ``length``: blocks that span
+    ``dim`` span the new length, empty blocks stay empty."""
+    size = [length if d == dim else n for d, n in enumerate(layout.size)]
+    chunk = _chunk_dim(layout)
+
+    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        new_offsets = [0 if d == dim else o for d, o in enumerate(offsets)]
+        new_sizes = [(length if n or 0 not in sizes else 0) if d == dim else n
+                     for d, n in enumerate(sizes)]
+        return new_offsets, new_sizes
+
+    return _derived(layout, size, chunk if chunk != dim else None, block_map)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gathered_layout(layout: Layout, dim: int, shape: tuple[int, ...]) -> Layout:
+    """The blocks of ``gather(x, dim, index)`` (``index.shape == shape``) for ``x`` laid out
+    by ``layout`` with ``dim`` unsplit: the other dims clipped to ``shape``, ``dim`` of
+    ``shape[dim]``."""
+    for d, n in enumerate(shape):
+        if d != dim and n != layout.size[d]:
+            layout = _sliced(layout, d, 0, n)
+    return _with_dim_length(layout, dim, shape[dim])
+
+
+@functools.lru_cache(maxsize=1024)
+def _indexed_layout(layout: Layout, indexed: tuple[int, ...], broadcast: tuple[int, ...],
+                    position: int, size: tuple[int, ...]) -> Layout:
+    """The blocks of ``x[indices]`` for ``x`` laid out by ``layout`` whose ``indexed`` dims
+    no block splits: the other dims keep their blocks, the ``broadcast`` dims of the index
+    (at ``position`` of the result) are whole."""
+    ndim = len(layout.size)
+    others = [d for d in range(ndim) if d not in indexed]
+    chunk = _chunk_dim(layout)
+    chunk_dim = None
+    if chunk is not None and chunk not in indexed:
+        at = others.index(chunk)
+        chunk_dim = at + len(broadcast) if at >= position else at
+
+    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        new_offsets = [offsets[d] for d in others]
+        new_sizes = [sizes[d] for d in others]
+        new_offsets[position:position] = [0] * len(broadcast)
+        new_sizes[position:position] = list(broadcast)
+        return new_offsets, new_sizes
+
+    return _derived(layout, size, chunk_dim, block_map)
+
+
+@functools.lru_cache(maxsize=1024)
+def _unindexed_layout(layout: Layout, indexed: tuple[int, ...], broadcast: int, position: int,
+                      size: tuple[int, ...]) -> Layout:
+    """The inverse of :func:`_indexed_layout`: blocks of ``x`` (of ``size``) from the blocks
+    of ``x[indices]`` whose ``broadcast`` index dims (at ``position``) no block splits."""
+    ndim = len(size)
+    others = [d for d in range(ndim) if d not in indexed]
+    chunk = _chunk_dim(layout)
+    chunk_dim = None
+    if chunk is not None and not position <= chunk < position + broadcast:
+        at = chunk - broadcast if chunk >= position + broadcast else chunk
+        chunk_dim = others[at]
+
+    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        kept_offsets = offsets[:position] + offsets[position + broadcast:]
+        kept_sizes = sizes[:position] + sizes[position + broadcast:]
+        new_offsets, new_sizes = [0] * ndim, list(size)
+        for at, d in enumerate(others):
+            new_offsets[d], new_sizes[d] = kept_offsets[at], kept_sizes[at]
+        return new_offsets, new_sizes
+
+    return _derived(layout, size, chunk_dim, block_map)
+
+
+def _region(box: Box, dim: int, shape: Sequence[int]) -> tuple[Box, Box]:
+    """For a block ``box`` of ``x`` and an index of ``shape`` along ``dim``: the part of the
+    index (global coordinates) the block serves, and the same part relative to the block.
+    Along ``dim`` both are whole."""
+    in_index, in_block = [], []
+    for d, (span, n) in enumerate(zip(box, shape, strict=True)):
+        if d == dim:
+            in_index.append(slice(None))
+            in_block.append(slice(None))
+        else:
+            start, stop = min(span.start, n), min(span.stop, n)
+            in_index.append(slice(start, stop))
+            in_block.append(slice(0, stop - start))
+    return tuple(in_index), tuple(in_block)
+
+
+# -- bounds -----------------------------------------------------------------------------------
+
+def _bounds_check(size: int, dim: int, *, negative: bool = False,
+                  error: type[Exception] = RuntimeError) -> Check:
+    """A check that raises dense's "index ... is out of bounds" for values outside
+    ``[0, size)`` (``[-size, size)`` with ``negative``)."""
+
+    def check(index: torch.Tensor) -> None:
+        if index.numel() == 0:
+            return
+        low = -size if negative else 0
+        bad = (index < low) | (index >= size)
+        if bool(bad.any()):
+            value = int(index[bad].reshape(-1)[0])
+            raise error(f"index {value} is out of bounds for dimension {dim} with size {size}")
+
+    return check
+
+
+def _normalized(index: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.where(index < 0, index + size, index)
+
+
+# -- gather --------------------------------------------------------------------------------------
+
+@custom_sharded_op_impl(aten.gather.default)
+def gather(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``torch.gather(x, dim, index)`` (use ``torch.gather``: ``ShardedTensor.gather`` is the
+    legacy gather-to-one-rank).
+
+    * ``x [M/R, N]`` along the unsplit dim 1, ``index [M, k]`` -> ``[M/R, k]`` in ``x``'s
+      blocks (other dims clipped to the index); collectives: none.
+    * ``x`` split along ``dim``, replicated index -> ``Partial("sum") [*index.shape]``: each
+      rank reads what it holds, zeros elsewhere; collectives: none.
+    * replicated ``x``, index sharded -> the index's layout; collectives: none.
+    * ``Partial`` ``x``, replicated index -> ``Partial`` of the same op (NOTE [selections
+      commute with partial reductions]); collectives: none.
+    A sharded index not lined up with the result is gathered whole (one all-to-all).
+    """
+    func = aten.gather.default
+    bound = _bind(func, args, kwargs)
+    x, index = bound["self"], bound["index"]
+    results = _meta_call(func, args, kwargs)
+    ((size, dtype),) = results
+    anchor = _first_sharded(args, kwargs)
+    if not _member(anchor):
+        return _outside(anchor, results)
+    dim = bound["dim"] % max(x.dim(), 1)
+    check = _bounds_check(x.shape[dim] if x.dim() else 1, dim)
+    rank = anchor._rank
+
+    def local(block: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.gather(block, dim, idx)
+
+    if isinstance(x, ShardedTensor) and x._layout.is_partial and not _sharded(index):
+        idx = _dense(index)
+        check(idx)
+        summand = local(x._local_tensors[0], idx)
+        return _partial(anchor, summand, dtype, x._layout.spec.reduce_op)  # type: ignore[attr-defined]
+    if _sharded(x):
+        layout = x._layout
+        if dim not in _split_dims(layout):
+            out_layout = _gathered_layout(layout, dim, tuple(size))
+            pieces = _index_pieces(index, out_layout, rank, check, anchor)
+            blocks = []
+            for block, idx, i, j in zip(x._local_tensors, pieces, layout.local_indices(rank),
+                                        out_layout.local_indices(rank), strict=True):
+                sizes = out_layout.shards[j].shard_sizes
+                if 0 in sizes:
+                    blocks.append(block.new_empty(sizes))
+                else:
+                    blocks.append(local(block[_region(layout.shard_box(i), dim, size)[1]], idx))
+            return x._like(blocks, out_layout, dtype)
+        idx = _dense(index)
+        check(idx)
+        summand = torch.zeros(size, dtype=dtype, device=x.device)
+        for block, i in zip(x._local_tensors, layout.local_indices(rank), strict=True):
+            box = layout.shard_box(i)
+            low, high = box[dim].start, box[dim].stop
+            in_index, in_block = _region(box, dim, size)
+            piece = idx[in_index]
+            if piece.numel() == 0 or high == low:
+                continue
+            hit = (piece >= low) & (piece < high)
+            picked = local(block[in_block], (piece - low).clamp_(0, high - low - 1))
+            target = summand[in_index]
+            target.copy_(torch.where(hit, picked, target))
+        return _partial(anchor, summand, dtype)
+    whole_x = _dense(x)
+    if _sharded(index):
+        out_layout = index._layout
+        pieces = _index_pieces(index, out_layout, rank, check, anchor)
+        blocks = [local(whole_x[_region(out_layout.shard_box(j), dim, whole_x.shape)[0]], idx)
+                  if idx.numel() else idx.new_empty(idx.shape, dtype=dtype)
+                  for idx, j in zip(pieces, out_layout.local_indices(rank), strict=True)]
+        return index._like(blocks, out_layout, dtype)
+    idx = _dense(index)
+    check(idx)
+    return _replicated(anchor, local(whole_x, idx), size, dtype)
+
+
+# -- scatter, scatter_add, scatter_reduce --------------------------------------------------------
+
+_SCATTER: dict[torch._ops.OpOverload, tuple[torch._ops.OpOverload, bool]] = {
+    aten.scatter.src: (aten.scatter_.src, False),
+    aten.scatter_.src: (aten.scatter_.src, True),
+    aten.scatter.value: (aten.scatter_.value, False),
+    aten.scatter_.value: (aten.scatter_.value, True),
+    aten.scatter_add.default: (aten.scatter_add_.default, False),
+    aten.scatter_add_.default: (aten.scatter_add_.default, True),
+    aten.scatter_reduce.two: (aten.scatter_reduce_.two, False),
+    aten.scatter_reduce_.two: (aten.scatter_reduce_.two, True),
+}
+
+
+def _into_partial(func: torch._ops.OpOverload) -> NotImplementedError:
+    return NotImplementedError(f"{func} into a Partial ShardedTensor not supported for "
+                               "ShardedTensor!")
+
+
+def _scatter(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``x.scatter(dim, index, src|value)``, ``scatter_add``, ``scatter_reduce`` and the
+    in-place forms; the result has ``x``'s layout.
+
+    * ``x`` sharded, ``dim`` unsplit: each block scatters the index / ``src`` rows of its
+      box along the other dims; collectives: none.
+    * ``x`` split along ``dim``: each block scatters the entries that land in it (the
+      others go to a scratch slot that is dropped); collectives: none.
+    * replicated ``x`` (out of place), index or ``src`` sharded along the other dims with
+      ``dim`` unsplit (the backward of ``gather``): block by block along that operand's
+      blocks -> sharded like it, with ``dim`` of ``x``'s length; collectives: none.
+    * otherwise sharded operands are gathered whole (one all-to-all each) -> replicated.
+    A ``Partial`` ``x`` is reduced first (out of place) or refused (in place).
+    """
+    inplace_op, inplace = _SCATTER[func]
+    bound = _bind(func, args, kwargs)
+    x, index = bound["self"], bound["index"]
+    src_name = "src" if "src" in bound else "value"
+    src = bound[src_name]
+    extra = {k: v for k, v in bound.items() if k not in ("self", "dim", "index", src_name)}
+    results = _meta_call(func, args, kwargs)
+    ((size, dtype),) = results
+    anchor = _first_sharded(args, kwargs)
+    if not _member(anchor):
+        return x if inplace else _outside(anchor, results)
+    dim = bound["dim"] % max(x.dim(), 1)
+    check = _bounds_check(x.shape[dim] if x.dim() else 1, dim)
+    rank = anchor._rank
+    tensor_src = isinstance(src, torch.Tensor)
+    index_size = tuple(index.shape)
+
+    def apply(target: torch.Tensor, idx: torch.Tensor, piece: Any) -> None:
+        inplace_op(target, dim, idx, piece, **extra)
+
+    def src_pieces(layout: Layout) -> list[Any]:
+        """``src``'s part for each local block of ``layout`` (a layout of the index's size)."""
+        count = len(layout.local_indices(rank))
+        if not tensor_src:
+            return [src] * count
+        if isinstance(src, ShardedTensor) and src.shape == index.shape:
+            return _pieces(src, layout, rank)
+        whole = _dense(src)[tuple(slice(0, n) for n in index_size)]
+        return _pieces(whole, layout, rank)
+
+    if isinstance(x, ShardedTensor) and x._layout.is_partial:
+        if inplace:
+            raise _into_partial(func)
+        x = x._reduced()
+    if _sharded(x):
+        layout = x._layout
+        targets = x._local_tensors if inplace else [b.clone() for b in x._local_tensors]
+        if dim not in _split_dims(layout):
+            like = _gathered_layout(layout, dim, index_size)
+            pieces = _index_pieces(index, like, rank, check, anchor)
+            for target, idx, piece, i in zip(targets, pieces, src_pieces(like),
+                                             layout.local_indices(rank), strict=True):
+                if idx.numel() and target.numel():
+                    apply(target[_region(layout.shard_box(i), dim, index_size)[1]], idx, piece)
+        else:
+            idx = _dense(index)
+            check(idx)
+            whole_src = (_dense(src)[tuple(slice(0, n) for n in index_size)] if tensor_src
+                         else src)
+            for target, i in zip(targets, layout.local_indices(rank), strict=True):
+                box = layout.shard_box(i)
+                low, high = box[dim].start, box[dim].stop
+                in_index, in_block = _region(box, dim, index_size)
+                piece = idx[in_index]
+                if piece.numel() == 0 or high == low:
+                    continue
+                hit = (piece >= low) & (piece < high)
+                if not bool(hit.any()):
+                    continue
+                view = target[in_block]
+                scratch = list(view.shape)
+                scratch[dim] = 1
+                padded = torch.cat([view, view.new_zeros(scratch)], dim)
+                apply(padded, torch.where(hit, piece - low, high - low),
+                      whole_src[in_index] if tensor_src else whole_src)
+                view.copy_(padded.narrow(dim, 0, high - low))
+        return x if inplace else x._like(targets, dtype=dtype)
+    if not inplace:
+        lined_up = [t for t in (index, src) if _sharded(t) and t.shape == index.shape
+                    and dim not in _split_dims(t._layout)]
+        if (lined_up and (not tensor_src or src.shape == index.shape)
+                and all(n == x.shape[d] for d, n in enumerate(index_size) if d != dim)):
+            layout = lined_up[0]._layout
+            out_layout = _with_dim_length(layout, dim, x.shape[dim])
+            pieces = _index_pieces(index, layout, rank, check, anchor)
+            whole_x = _dense(x)
+            blocks = []
+            for idx, piece, j in zip(pieces, src_pieces(layout), out_layout.local_indices(rank),
+                                     strict=True):
+                block = whole_x[out_layout.shard_box(j)].clone()
+                if idx.numel() and block.numel():
+                    apply(block, idx, piece)
+                blocks.append(block)
+            return lined_up[0]._like(blocks, out_layout, dtype)
+    idx = _dense(index)
+    check(idx)
+    whole_src = _dense(src)
+    if inplace:
+        targets = x._local_tensors if isinstance(x, ShardedTensor) else [x]
+        for target in targets:
+            apply(target, idx, whole_src)
+        return x
+    result = _dense(x).clone()
+    apply(result, idx, whole_src)
+    return _replicated(anchor, result, size, dtype)
+
+
+def _register_scatter(func: torch._ops.OpOverload) -> None:
+    def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+        return _scatter(func, args, kwargs)
+
+    impl.__name__ = impl.__qualname__ = f"sharded_{func.name().split('::')[1]}"
+    impl.__doc__ = _scatter.__doc__
+    custom_sharded_op_impl(func)(impl)
+
+
+for _func in _SCATTER:
+    _register_scatter(_func)
+
+
+# -- index_select, index_add -----------------------------------------------------------------------
+
+@custom_sharded_op_impl(aten.index_select.default)
+def index_select(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.index_select(dim, index)``, ``index [k]`` (gathered whole when sharded).
+
+    * ``x [M, N/R]`` along the unsplit dim 0 -> ``[k, N/R]`` in ``x``'s blocks; none.
+    * ``x`` split along ``dim`` -> ``Partial("sum")``: each rank reads the rows it holds,
+      zeros elsewhere; collectives: none.
+    * ``Partial`` ``x`` -> ``Partial`` of the same op; replicated ``x`` -> replicated; none.
+    """
+    func = aten.index_select.default
+    bound = _bind(func, args, kwargs)
+    x = bound["self"]
+    results = _meta_call(func, args, kwargs)
+    ((size, dtype),) = results
+    anchor = _first_sharded(args, kwargs)
+    if not _member(anchor):
+        return _outside(anchor, results)
+    dim = bound["dim"] % max(x.dim(), 1)
+    idx = _dense(bound["index"])
+    _bounds_check(x.shape[dim] if x.dim() else 1, dim)(idx)
+    if not isinstance(x, ShardedTensor) or x._layout.is_replicate:
+        return _replicated(anchor, _dense(x).index_select(dim, idx), size, dtype)
+    if x._layout.is_partial:
+        return _partial(anchor, x._local_tensors[0].index_select(dim, idx), dtype,
+                        x._layout.spec.reduce_op)  # type: ignore[attr-defined]
+    layout, rank = x._layout, x._rank
+    if dim not in _split_dims(layout):
+        out_layout = _with_dim_length(layout, dim, size[dim] if size else 1)
+        blocks = [block.index_select(dim, idx) if block.numel()
+                  else block.new_empty(out_layout.shards[j].shard_sizes)
+                  for block, j in zip(x._local_tensors, out_layout.local_indices(rank),
+                                      strict=True)]
+        return x._like(blocks, out_layout, dtype)
+    flat = idx.reshape(-1)
+    summand = torch.zeros(size, dtype=dtype, device=x.device)
+    for block, i in zip(x._local_tensors, layout.local_indices(rank), strict=True):
+        box = layout.shard_box(i)
+        low, high = box[dim].start, box[dim].stop
+        where = ((flat >= low) & (flat < high)).nonzero().reshape(-1)
+        if where.numel() == 0 or block.numel() == 0:
+            continue
+        region = tuple(slice(None) if d == dim else s for d, s in enumerate(box))
+        summand[region].index_copy_(dim, where, block.index_select(dim, flat[where] - low))
+    return _partial(anchor, summand, dtype)
+
+
+def _index_add(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+               inplace: bool) -> Any:
+    """``x.index_add(dim, index, source, alpha)`` and ``index_add_``; ``x``'s layout.
+
+    * ``x`` sharded, ``dim`` unsplit: each block adds the ``source`` rows of its box along
+      the other dims; collectives: none (a ``source`` sharded like the ``index_select``
+      output is used block by block).
+    * ``x`` split along ``dim``: each block adds the index entries that land in it; none.
+    * replicated ``x`` (out of place), ``source`` sharded with ``dim`` unsplit: block by
+      block along ``source``'s blocks; none.
+    * otherwise sharded operands are gathered whole -> replicated. (``index_select``'s
+      backward is ``new_zeros(x.shape).index_add_(...)``, in place into a replicated
+      tensor: a gradient sharded like the output is gathered there, one all-to-all.)
+    """
+    bound = _bind(func, args, kwargs)
+    x, source, alpha = bound["self"], bound["source"], bound["alpha"]
+    results = _meta_call(func, args, kwargs)
+    ((size, dtype),) = results
+    anchor = _first_sharded(args, kwargs)
+    if not _member(anchor):
+        return x if inplace else _outside(anchor, results)
+    dim = bound["dim"] % max(x.dim(), 1)
+    idx = _dense(bound["index"])
+    _bounds_check(x.shape[dim] if x.dim() else 1, dim)(idx)
+    rank = anchor._rank
+    if isinstance(x, ShardedTensor) and x._layout.is_partial:
+        if inplace:
+            raise _into_partial(func)
+        x = x._reduced()
+    if _sharded(x):
+        layout = x._layout
+        targets = x._local_tensors if inplace else [b.clone() for b in x._local_tensors]
+        if dim not in _split_dims(layout):
+            like = _with_dim_length(layout, dim, source.shape[dim] if source.dim() else 1)
+            for target, piece in zip(targets, _pieces(source, like, rank), strict=True):
+                if target.numel():
+                    target.index_add_(dim, idx, piece, alpha=alpha)
+        else:
+            whole = _dense(source)
+            flat = idx.reshape(-1)
+            for target, i in zip(targets, layout.local_indices(rank), strict=True):
+                box = layout.shard_box(i)
+                low, high = box[dim].start, box[dim].stop
+                where = ((flat >= low) & (flat < high)).nonzero().reshape(-1)
+                if where.numel() == 0 or target.numel() == 0:
+                    continue
+                region = tuple(slice(None) if d == dim else s for d, s in enumerate(box))
+                target.index_add_(dim, flat[where] - low,
+                                  whole[region].index_select(dim, where), alpha=alpha)
+        return x if inplace else x._like(targets, dtype=dtype)
+    if not inplace and _sharded(source) and dim not in _split_dims(source._layout):
+        out_layout = _with_dim_length(source._layout, dim, x.shape[dim])
+        whole_x = _dense(x)
+        blocks = []
+        for piece, j in zip(source._local_tensors, out_layout.local_indices(rank), strict=True):
+            block = whole_x[out_layout.shard_box(j)].clone()
+            if block.numel():
+                block.index_add_(dim, idx, piece, alpha=alpha)
+            blocks.append(block)
+        return source._like(blocks, out_layout, dtype)
+    whole_source = _dense(source)
+    if inplace:
+        for target in (x._local_tensors if isinstance(x, ShardedTensor) else [x]):
+            target.index_add_(dim, idx, whole_source, alpha=alpha)
+        return x
+    result = _dense(x).index_add(dim, idx, whole_source, alpha=alpha)
+    return _replicated(anchor, result, size, dtype)
+
+
+@custom_sharded_op_impl(aten.index_add.default)
+def index_add(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    return _index_add(aten.index_add.default, args, kwargs, inplace=False)
+
+
+@custom_sharded_op_impl(aten.index_add_.default)
+def index_add_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    return _index_add(aten.index_add_.default, args, kwargs, inplace=True)
+
+
+index_add.__doc__ = index_add_.__doc__ = _index_add.__doc__
+
+
+# -- advanced indexing: index, index_put ------------------------------------------------------
+
+def _long_indices(x: Any, indices: Sequence[Any]) -> list[torch.Tensor | None] | None:
+    """The indices as whole long tensors (``None`` kept); a boolean mask becomes one long
+    index per masked dim, as dense does. None when a 0-dim mask asks for dense's special
+    case (served by the replicated fallback)."""
+    result: list[torch.Tensor | None] = []
+    for position, index in enumerate(indices):
+        if index is None:
+            result.append(None)
+            continue
+        whole = _dense(index)
+        if whole.dtype in (torch.bool, torch.uint8):
+            if whole.dim() == 0:
+                return None
+            start = len(result)
+            expected = list(x.shape[start:start + whole.dim()])
+            if list(whole.shape) != expected:
+                raise IndexError(
+                    f"The shape of the mask {list(whole.shape)} at index {position} does not "
+                    f"match the shape of the indexed tensor {list(x.shape)} at index {start}")
+            result.extend(whole.nonzero().unbind(1))
+        else:
+            result.append(whole)
+    return result
+
+
+class _Indexing:
+    """What advanced indexing with ``indices`` does to ``x``'s dims (dense's rules)."""
+
+    def __init__(self, x: Any, indices: list[torch.Tensor | None]) -> None:
+        ndim = x.dim()
+        self.indexed = tuple(d for d, i in enumerate(indices) if i is not None)
+        self.others = tuple(d for d in range(ndim) if d not in self.indexed)
+        tensors = [i for i in indices if i is not None]
+        self.broadcast = tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
+        adjacent = self.indexed == tuple(range(self.indexed[0], self.indexed[-1] + 1))
+        self.position = sum(1 for d in self.others if d < self.indexed[0]) if adjacent else 0
+        for d in self.indexed:
+            index = indices[d]
+            assert index is not None
+            _bounds_check(x.shape[d], d, negative=True, error=IndexError)(index)
+        # Flat, non-negative coordinates of every indexed element, one tensor per indexed dim.
+        self.flat = [_normalized(t, x.shape[d]).expand(self.broadcast).reshape(-1)
+                     for t, d in zip(tensors, self.indexed, strict=True)]
+
+    def hits(self, box: Box) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Positions (into the flat indexed elements) that fall in ``box``, and their
+        coordinates relative to the block."""
+        hit = torch.ones(self.flat[0].shape, dtype=torch.bool, device=self.flat[0].device)
+        for coordinate, d in zip(self.flat, self.indexed, strict=True):
+            hit &= (coordinate >= box[d].start) & (coordinate < box[d].stop)
+        where = hit.nonzero().reshape(-1)
+        return where, tuple(c[where] - box[d].start
+                            for c, d in zip(self.flat, self.indexed, strict=True))
+
+    def flat_first(self, value: torch.Tensor) -> torch.Tensor:
+        """A value of the indexing result's shape as ``[n_indexed, *other dims]``."""
+        count = len(self.broadcast)
+        moved = value.movedim(tuple(range(self.position, self.position + count)),
+                              tuple(range(count)))
+        return moved.reshape(-1, *moved.shape[count:])
+
+    def unflatten(self, value: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`flat_first`."""
+        count = len(self.broadcast)
+        shaped = value.reshape(*self.broadcast, *value.shape[1:])
+        return shaped.movedim(tuple(range(count)),
+                              tuple(range(self.position, self.position + count))).contiguous()
+
+
+@custom_sharded_op_impl(aten.index.Tensor)
+def index(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x[indices]``: advanced indexing; boolean masks become long indices (a sharded mask
+    or index is gathered whole: one all-to-all).
+
+    * no indexed dim split (``x [M/R, N]`` as ``x[:, idx]``) -> ``x``'s blocks along the
+      other dims, the index dims whole; collectives: none.
+    * an indexed dim split (``x [M/R, N]`` as ``x[idx]``, ``x[mask]``) -> ``Partial("sum")``:
+      each rank reads the elements it holds, zeros elsewhere; collectives: none.
+    * ``Partial`` ``x`` -> ``Partial`` of the same op; replicated ``x`` -> replicated; none.
+    """
+    func = aten.index.Tensor
+    bound = _bind(func, args, kwargs)
+    x = bound["self"]
+    anchor = _first_sharded(args, kwargs)
+    indices = _long_indices(x, bound["indices"])
+    if indices is None or not any(i is not None for i in indices):
+        return replicated_fallback(func, args, kwargs)
+    results = _meta_call(func, (x, indices), {})
+    ((size, dtype),) = results
+    if not _member(anchor):
+        return _outside(anchor, results)
+    plan = _Indexing(x, indices)
+    if not isinstance(x, ShardedTensor) or x._layout.is_replicate:
+        return _replicated(anchor, aten.index.Tensor(_dense(x), indices), size, dtype)
+    if x._layout.is_partial:
+        return _partial(anchor, aten.index.Tensor(x._local_tensors[0], indices), dtype,
+                        x._layout.spec.reduce_op)  # type: ignore[attr-defined]
+    layout, rank = x._layout, x._rank
+    if size and not set(plan.indexed) & _split_dims(layout):
+        out_layout = _indexed_layout(layout, plan.indexed, plan.broadcast, plan.position,
+                                     tuple(size))
+        blocks = [aten.index.Tensor(block, indices) if block.numel()
+                  else block.new_empty(out_layout.shards[j].shard_sizes)
+                  for block, j in zip(x._local_tensors, out_layout.local_indices(rank),
+                                      strict=True)]
+        return x._like(blocks, out_layout, dtype)
+    order = plan.indexed + plan.others
+    summand = torch.zeros(plan.flat[0].numel(), *(x.shape[d] for d in plan.others),
+                          dtype=dtype, device=x.device)
+    for block, i in zip(x._local_tensors, layout.local_indices(rank), strict=True):
+        if block.numel() == 0:
+            continue
+        box = layout.shard_box(i)
+        where, coordinates = plan.hits(box)
+        if where.numel() == 0:
+            continue
+        region = (slice(None), *(box[d] for d in plan.others))
+        summand[region][where] = block.permute(order)[coordinates]
+    return _partial(anchor, plan.unflatten(summand), dtype)
+
+
+def _index_put(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+               inplace: bool) -> Any:
+    """``x[indices] = values`` (``index_put_``) and ``index_put``; ``x``'s layout.
+
+    * a boolean mask of ``x``'s size and a one-element value (``x[x > 0] = 0``): the mask is
+      moved to ``x``'s blocks (nothing to move when it is laid out like ``x`` or plain) and
+      each block writes its part; collectives: none.
+    * ``x`` sharded: each block writes the indexed elements that fall in it (indices and
+      values whole: gathered when sharded); collectives: none.
+    * replicated ``x`` (out of place), ``values`` sharded with the index dims whole (the
+      backward of ``x[:, idx]``): block by block along ``values``' blocks -> sharded like
+      ``x`` was; collectives: none.
+    * otherwise: whole operands -> replicated (in place: written into ``x`` as it is).
+    """
+    bound = _bind(func, args, kwargs)
+    x, values, accumulate = bound["self"], bound["values"], bound["accumulate"]
+    anchor = _first_sharded(args, kwargs)
+    raw = list(bound["indices"])
+    if isinstance(x, ShardedTensor) and x._layout.is_partial:
+        if inplace:
+            raise _into_partial(func)
+        x = x._reduced()
+    if _sharded(x) and _is_full_mask(x, raw) and values.numel() == 1:
+        if values.dtype != x.dtype:
+            raise RuntimeError("Index put requires the source and destination dtypes match, got "
+                               f"{x.dtype} for the destination and {values.dtype} for the source.")
+        if not _member(anchor):
+            return x
+        rank = x._rank
+        value = _dense(values)
+        targets = x._local_tensors if inplace else [b.clone() for b in x._local_tensors]
+        for target, mask in zip(targets, _pieces(raw[0], x._layout, rank), strict=True):
+            aten.index_put_.default(target, [mask], value, accumulate)
+        return x if inplace else x._like(targets)
+    indices = _long_indices(x, raw)
+    if indices is None or not any(i is not None for i in indices):
+        if inplace:
+            raise NotImplementedError(f"{func} with a 0-dim boolean index not supported for "
+                                      "ShardedTensor!")
+        return replicated_fallback(func, (x, raw, values, accumulate), {})
+    results = _meta_call(aten.index_put.default, (x, indices, values, accumulate), {})
+    ((size, dtype),) = results
+    if not _member(anchor):
+        return x if inplace else _outside(anchor, results)
+    plan = _Indexing(x, indices)
+    rank = anchor._rank
+    if _sharded(x):
+        layout = x._layout
+        (indexed_size, _), = _meta_call(aten.index.Tensor, (x, indices), {})
+        flat = plan.flat_first(_dense(values).expand(indexed_size))
+        order = plan.indexed + plan.others
+        targets = x._local_tensors if inplace else [b.clone() for b in x._local_tensors]
+        for target, i in zip(targets, layout.local_indices(rank), strict=True):
+            if target.numel() == 0:
+                continue
+            box = layout.shard_box(i)
+            where, coordinates = plan.hits(box)
+            if where.numel() == 0:
+                continue
+            piece = flat[where][(slice(None), *(box[d] for d in plan.others))]
+            target.permute(order).index_put_(coordinates, piece, accumulate)
+        return x if inplace else x._like(targets, dtype=dtype)
+    count = len(plan.broadcast)
+    if not inplace and _sharded(values) and count:
+        (indexed_size, _), = _meta_call(aten.index.Tensor, (x, indices), {})
+        index_dims = set(range(plan.position, plan.position + count))
+        if values.shape == indexed_size and not index_dims & _split_dims(values._layout):
+            out_layout = _unindexed_layout(values._layout, plan.indexed, count, plan.position,
+                                           tuple(x.shape))
+            whole_x = _dense(x)
+            blocks = []
+            for piece, j in zip(values._local_tensors, out_layout.local_indices(rank),
+                                strict=True):
+                block = whole_x[out_layout.shard_box(j)].clone()
+                if block.numel() and piece.numel():
+                    aten.index_put_.default(block, indices, piece, accumulate)
+                blocks.append(block)
+            return values._like(blocks, out_layout, dtype)
+    whole_values = _dense(values)
+    if inplace:
+        for target in (x._local_tensors if isinstance(x, ShardedTensor) else [x]):
+            aten.index_put_.default(target, indices, whole_values, accumulate)
+        return x
+    result = aten.index_put.default(_dense(x), indices, whole_values, accumulate)
+    return _replicated(anchor, result, size, dtype)
+
+
+def _is_full_mask(x: ShardedTensor, indices: Sequence[Any]) -> bool:
+    return (len(indices) == 1 and isinstance(indices[0], torch.Tensor)
+            and indices[0].dtype == torch.bool and indices[0].shape == x.shape)
+
+
+@custom_sharded_op_impl(aten.index_put_.default)
+def index_put_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    return _index_put(aten.index_put_.default, args, kwargs, inplace=True)
+
+
+@custom_sharded_op_impl(aten.index_put.default)
+def index_put(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    return _index_put(aten.index_put.default, args, kwargs, inplace=False)
+
+
+index_put.__doc__ = index_put_.__doc__ = _index_put.__doc__
+
+
+# -- nll_loss (what cross_entropy reaches) ---------------------------------------------------
+
+_NONE, _MEAN, _SUM = 0, 1, 2
+
+
+class _Targets:
+    """The per-sample facts of an ``nll_loss`` call, from the whole (replicated) target and
+    class weight: valid samples, their classes and weights."""
+
+    def __init__(self, target: Any, weight: Any, classes: int, ignore_index: int,
+                 dtype: torch.dtype, check: bool) -> None:
+        target = _dense(target).reshape(-1)
+        valid = target != ignore_index
+        if check:
+            bad = valid & ((target < 0) | (target >= classes))
+            if bool(bad.any()):
+                raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+        self.classes = torch.where(valid, target, 0).clamp_(0, max(classes - 1, 0))
+        weight = _dense(weight)
+        if weight is None:
+            self.weights = valid.to(dtype)
+        else:
+            self.weights = torch.where(valid, weight.to(dtype)[self.classes], 0)
+        self.valid = valid
+
+    def hits(self, rows: slice, columns: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples of ``rows`` whose (valid) class is in ``columns``, relative to the block."""
+        classes = self.classes[rows]
+        hit = self.valid[rows] & (classes >= columns.start) & (classes < columns.stop)
+        where = hit.nonzero().reshape(-1)
+        return where, classes[where] - columns.start
+
+
+def _rows_and_columns(box: Box) -> tuple[slice, slice]:
+    """A block's samples and classes (a 1-D input is one sample)."""
+    return (box[0], box[1]) if len(box) == 2 else (slice(0, 1), box[0])
+
+
+@custom_sharded_op_impl(aten.nll_loss_forward.default)
+def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``nll_loss_forward(x, target, weight, reduction, ignore_index) -> (loss, total_weight)``
+    for ``x [N, C]`` (or ``[C]``); ``target [N]`` and ``weight [C]`` whole (gathered when
+    sharded: one all-to-all each).
+
+    Each rank picks ``-weight[t_n] * x[n, t_n]`` from its blocks (zeros where it holds no
+    such element); ``total_weight`` is computed from the target alone, on every rank.
+    * ``reduction="none"``: ``x [N/R, C]`` -> ``[N/R]`` (``x``'s row blocks); ``x`` split
+      along the classes -> ``Partial("sum") [N]``; collectives: none.
+    * ``"sum"`` / ``"mean"``: one scalar all-reduce -> replicated 0-dim (none when ``x`` is
+      replicated).
+    A ``Partial`` ``x`` is reduced first.
+    """
+    func = aten.nll_loss_forward.default
+    bound = _bind(func, args, kwargs)
+    x = bound["self"]
+    results = _meta_call(func, args, kwargs)
+    (size, dtype), (_, weight_dtype) = results
+    anchor = _first_sharded(args, kwargs)
+    if not _member(anchor):
+        return _outside(anchor, results)
+    reduction = bound["reduction"]
+    classes = x.shape[-1]
+    targets = _Targets(bound["target"], bound["weight"], classes, bound["ignore_index"],
+                       x.dtype, check=True)
+    total = (targets.weights.sum() if reduction != _NONE
+             else torch.zeros((), dtype=weight_dtype, device=x.device))
+    total_weight = _replicated(anchor, total.to(weight_dtype), (), weight_dtype)
+    if isinstance(x, ShardedTensor) and x._layout.is_partial:
+        x = x._reduced()
+    if not isinstance(x, ShardedTensor) or x._layout.is_replicate:
+        loss, _ = func(_dense(x), _dense(bound["target"]), _dense(bound["weight"]), reduction,
+                       bound["ignore_index"])
+        return _replicated(anchor, loss, size, dtype), total_weight
+    layout, rank = x._layout, x._rank
+    picked = torch.zeros(targets.weights.shape, dtype=x.dtype, device=x.device)
+    for block, i in zip(x._local_tensors, layout.local_indices(rank), strict=True):
+        rows, columns = _rows_and_columns(layout.shard_box(i))
+        where, local = targets.hits(rows, columns)
+        if where.numel():
+            picked[rows][where] = block.reshape(-1, block.shape[-1])[where, local]
+    losses = -(targets.weights * picked)
+    if reduction == _NONE and x.dim() == 2:
+        if 1 in _split_dims(layout):
+            return _partial(anchor, losses, dtype), total_weight
+        out_layout = _reduced_layout(layout, (1,), False)
+        blocks = [losses[out_layout.shard_box(j)] for j in out_layout.local_indices(rank)]
+        return x._like(blocks, out_layout, dtype), total_weight
+    loss = collectives.all_reduce(losses.sum(), "sum", x._process_group)
+    if reduction == _MEAN:
+        loss = loss / total
+    return _replicated(anchor, loss.to(dtype), size, dtype), total_weight
+
+
+@custom_sharded_op_impl(aten.nll_loss_backward.default)
+def nll_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``nll_loss_backward(grad, x, target, weight, reduction, ignore_index, total_weight)``
+    -> ``grad_input`` in ``x``'s layout: each block holds ``-weight[t_n] * grad_n`` (divided
+    by ``total_weight`` for ``"mean"``) at its ``(n, t_n)`` elements, zeros elsewhere.
+
+    Collectives: none for a replicated ``grad`` or one laid out like the forward's
+    ``"none"`` loss (``[N/R]`` for ``x [N/R, C]``); otherwise ``grad`` is gathered whole
+    (one all-to-all, or one all-reduce when partial).
+    """
+    func = aten.nll_loss_backward.default
+    bound = _bind(func, args, kwargs)
+    x, grad = bound["self"], bound["grad_output"]
+    results = _meta_call(func, args, kwargs)
+    ((size, dtype),) = results
+    anchor = _first_sharded(args, kwargs)
+    if not _member(anchor):
+        return _outside(anchor, results)
+    reduction = bound["reduction"]
+    targets = _Targets(bound["target"], bound["weight"], x.shape[-1], bound["ignore_index"],
+                       dtype, check=False)
+    scale = -targets.weights
+    if reduction == _MEAN:
+        scale = scale / _dense(bound["total_weight"]).to(dtype)
+    if not _sharded(x):
+        whole = func(_dense(grad), torch.zeros((), dtype=x.dtype).expand(x.shape),
+                     _dense(bound["target"]), _dense(bound["weight"]), reduction,
+                     bound["ignore_index"], _dense(bound["total_weight"]))
+        return _replicated(anchor, whole, size, dtype)
+    layout, rank = x._layout, x._rank
+    by_rows = reduction == _NONE and x.dim() == 2 and 1 not in _split_dims(layout)
+    if by_rows:
+        row_layout = _reduced_layout(layout, (1,), False)
+        grads = _pieces(grad, row_layout, rank)
+    else:
+        whole_grad = _dense(grad).to(dtype)
+        coefficients = scale * (whole_grad.reshape(-1) if reduction == _NONE else whole_grad)
+    blocks = []
+    for position, i in enumerate(layout.local_indices(rank)):
+        sizes = layout.shards[i].shard_sizes
+        block = torch.zeros(sizes, dtype=dtype, device=x.device)
+        rows, columns = _rows_and_columns(layout.shard_box(i))
+        where, local = targets.hits(rows, columns)
+        if where.numel() and block.numel():
+            if by_rows:
+                values = scale[rows][where] * grads[position].to(dtype)[where]
+            else:
+                values = coefficients[rows][where]
+            block.view(-1, sizes[-1])[where, local] = values
+        blocks.append(block)
+    return x._like(blocks, dtype=dtype)
