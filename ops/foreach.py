@@ -97,6 +97,32 @@ def _contiguous_blocks(blocks: list[torch.Tensor],
     return result
 
 
+def _same_layout_blocks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
+    """The arguments with each tensor list flattened to blocks, when every list holds
+    ShardedTensors whose layouts match the first list's element by element and the other
+    arguments are Python scalars; else None (the general path)."""
+    base = args[0]
+    if kwargs and any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        return None
+    flat: list[Any] = []
+    for value in args:
+        if isinstance(value, list | tuple) and value and isinstance(value[0], torch.Tensor):
+            if len(value) != len(base):
+                return None
+            blocks = []
+            for element, anchor in zip(value, base, strict=True):
+                if type(element) is not ShardedTensor or element._layout is not anchor._layout \
+                        or element._layout.is_partial:
+                    return None
+                blocks.extend(element._local_tensors)
+            flat.append(blocks)
+        elif isinstance(value, torch.Tensor) or isinstance(value, list | tuple):
+            return None  # a scalar tensor or a scalar list: the general path expands them
+        else:
+            flat.append(value)
+    return flat
+
+
 def _count(element: Any) -> int:
     return len(element._local_tensors) if isinstance(element, ShardedTensor) else 1
 
@@ -122,6 +148,10 @@ def _register(func: torch._ops.OpOverload) -> None:
     fused = func.name().startswith("aten::_fused_")
 
     def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+        if not fused and not returns_list:
+            fast = _same_layout_blocks(args, kwargs)
+            if fast is not None:  # every element shares its base's layout: flatten blocks
+                return func(*fast, **kwargs)
         named = [(a, v) for a, v in zip(arguments, args, strict=False)]
         named += [(a, kwargs[a.name]) for a in arguments[len(args):] if a.name in kwargs]
         base_list = args[0]

@@ -238,6 +238,19 @@ def _register(func: torch._ops.OpOverload) -> None:
         # Fast path: one operand, or two with one layout or a Python scalar; nothing
         # partial, no keyword arguments, not in place, no out=.
         first = args[0]
+        if schema.inplace and not kwargs and len(args) == 2 and type(first) is ShardedTensor:
+            # In place with a same-layout operand or a Python scalar: block by block.
+            second = args[1]
+            if not first._layout.is_partial and (
+                    isinstance(second, int | float | bool)
+                    or (type(second) is ShardedTensor and second._layout is first._layout)):
+                if isinstance(second, ShardedTensor):
+                    for a, b in zip(first._local_tensors, second._local_tensors, strict=True):
+                        func(a, b)
+                else:
+                    for a in first._local_tensors:
+                        func(a, second)
+                return first
         if (type(first) is ShardedTensor and not kwargs and not schema.inplace
                 and not first._layout.is_partial):
             if len(args) == 1:
