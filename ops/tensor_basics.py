@@ -67,3 +67,29 @@ def equal(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_gro
         return verdict
     flag = torch.tensor([1 if verdict else 0], dtype=torch.int32, device=first.device)
     return bool(collectives.all_reduce(flag, "min", group).item())
+
+
+@custom_sharded_op_impl(aten._local_scalar_dense.default)
+def local_scalar_dense(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       process_group: Any) -> Any:
+    """``x.item()`` of a one-element tensor: the Python number on every rank. Replicated:
+    local; sharded or partial: whichever collective ``full_tensor`` needs (every rank of the
+    group calls ``item()``, as with any collective)."""
+    tensor: ShardedTensor = args[0]
+    if tensor.numel() != 1:
+        raise RuntimeError(
+            f"a Tensor with {tensor.numel()} elements cannot be converted to Scalar")
+    if tensor._layout.is_replicate and tensor._local_tensors:
+        return tensor._local_tensors[0].item()
+    return tensor.full_tensor().item()
+
+
+@custom_sharded_op_impl(aten.allclose.default)
+def allclose(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             process_group: Any) -> bool:
+    """``torch.allclose(a, b, rtol, atol, equal_nan)``: ``isclose`` (pointwise, operands
+    moved to one layout) then ``all()`` (one all-reduce); a Python bool on every rank."""
+    first, second = args[0], args[1]
+    options = dict(zip(("rtol", "atol", "equal_nan"), args[2:], strict=False))
+    options.update(kwargs)
+    return bool(torch.isclose(first, second, **options).all().item())

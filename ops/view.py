@@ -421,11 +421,28 @@ def select(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     if not 0 <= index < x.shape[dim]:
         raise IndexError(f"select(): index {args[2]} out of range for dim {dim} of size "
                          f"{x.shape[dim]}")
+    if x.dim() == 1 and x._layout.is_sharded:
+        return _select_element(x, index)
     narrowed = slice_(types, (x, dim, index, index + 1, 1), {}, pg)
     layout = _selected(narrowed._layout, dim)
     return _view_blocks(narrowed, layout,
                         lambda t, _, new: t.narrow(dim, 0, min(1, t.shape[dim])).reshape(
                             new.shard_sizes) if t.shape[dim] != 1 else t.squeeze(dim))
+
+
+def _select_element(x: ShardedTensor, index: int) -> ShardedTensor:
+    """``x[index]`` of a sharded vector: a 0-dim block on the rank holding the element (a
+    0-dim block cannot be empty, so the other ranks hold none); no collectives."""
+    layout = x._layout
+    owner = next(i for i, s in enumerate(layout.shards)
+                 if s.shard_offsets[0] <= index < s.shard_offsets[0] + s.shard_sizes[0])
+    shard = layout.shards[owner]
+    new_layout = layout_of(EnumerableShardingSpec([ShardMetadata([], [], shard.placement)]),
+                           torch.Size([]), layout.group_ranks)
+    local = layout.local_indices(x._rank)
+    blocks = [x._local_tensors[local.index(owner)][index - shard.shard_offsets[0]]] \
+        if owner in local else []
+    return x._like(blocks, new_layout)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -123,7 +123,8 @@ BUILTIN_OPS = {
         "aten.sum.dim_IntList", "aten.var.correction", "aten.var_mean.correction",
     ],
     "dispatch_shard.ops.tensor_basics": [
-        "aten.alias.default", "aten.clone.default", "aten.detach.default", "aten.equal.default",
+        "aten._local_scalar_dense.default", "aten.alias.default", "aten.allclose.default",
+        "aten.clone.default", "aten.detach.default", "aten.equal.default",
         "aten.is_pinned.default",
     ],
     "dispatch_shard.ops.view": [

@@ -122,3 +122,16 @@ def test_like_factories_of_a_partial_are_new_replicated_values(rank: int, world_
     gathered = [torch.empty(SIZE) for _ in range(world_size)]
     torch.distributed.all_gather(gathered, drawn.local_tensor())
     assert all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+@multi_rank(world_size=[3])
+def test_item_and_allclose_give_python_values_on_every_rank(rank: int, world_size: int) -> None:
+    x = torch.randn(*SIZE, generator=torch.Generator().manual_seed(5))
+    for spec in specs_2d(SIZE, world_size).values():
+        sx = shard(x, spec)
+        assert sx.sum().item() == pytest.approx(x.sum().item(), rel=1e-5)
+        assert sx[9, 6].item() == x[9, 6].item()  # one element, held by one rank
+        assert torch.allclose(sx, shard(x.clone(), spec)) is True
+        assert torch.allclose(sx, shard(x + 1, spec)) is False
+    with pytest.raises(RuntimeError, match="cannot be converted to Scalar"):
+        shard(x, specs_2d(SIZE, world_size)["rows"]).item()
