@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from layouts import rows, shard
+from layouts import cols, rows, shard
 from torch import nn
 
 import dispatch_shard as ds
@@ -162,7 +162,9 @@ def sharded_block(block: TransformerBlock, world_size: int) -> TransformerBlock:
 
 @multi_rank(world_size=[2, 4], timeout_s=180)
 @pytest.mark.parametrize("mode", list(MODES))
-def test_transformer_block_trains_like_dense(rank: int, world_size: int, mode: str) -> None:
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_transformer_block_trains_like_dense(rank: int, world_size: int, name: str,
+                                             mode: str) -> None:
     torch.manual_seed(3)
     dense = TransformerBlock()
     sharded = sharded_block(dense, world_size)
@@ -172,5 +174,52 @@ def test_transformer_block_trains_like_dense(rank: int, world_size: int, mode: s
         x = torch.randn(2, 5, 8, generator=generator)
         return F.mse_loss(model(x), torch.randn(2, 5, 8, generator=generator))
 
-    _train(sharded, dense, lambda params: torch.optim.AdamW(params, lr=0.01, **MODES[mode]),
+    cls, options = OPTIMIZERS[name]
+    _train(sharded, dense, lambda params: cls(params, **options, **MODES[mode]),
+           steps=10, loss_fn=loss)
+
+
+class BagCollection(nn.Module):
+    """TorchRec-style: two pooled embedding tables feeding a dense over-arch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.user = nn.EmbeddingBag(13, 4, mode="sum")
+        self.item = nn.EmbeddingBag(9, 6, mode="mean")
+        self.over = nn.Linear(10, 3)
+
+    def forward(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        user_ids, user_offsets, item_ids, item_offsets = batch
+        pooled = torch.cat([self.user(user_ids, user_offsets),
+                            self.item(item_ids, item_offsets)], 1)
+        return self.over(pooled)  # type: ignore[no-any-return]
+
+
+def _bag_batch(step: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    generator = torch.Generator().manual_seed(3000 + step)
+    user_ids = torch.randint(0, 13, (9,), generator=generator)
+    item_ids = torch.randint(0, 9, (7,), generator=generator)
+    batch = (user_ids, torch.tensor([0, 2, 2, 6]), item_ids, torch.tensor([0, 3, 4, 5]))
+    return batch, torch.randint(0, 3, (4,), generator=generator)
+
+
+@multi_rank(world_size=[2, 4], timeout_s=180)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_embedding_bag_collection_trains_like_dense(rank: int, world_size: int, name: str,
+                                                    mode: str) -> None:
+    """Half the tables row-wise (user), half column-wise (item), the over-arch replicated."""
+    torch.manual_seed(4)
+    dense = BagCollection()
+    sharded = copy.deepcopy(dense)
+    for table, spec in ((sharded.user, rows(world_size)), (sharded.item, cols(world_size))):
+        table.weight = nn.Parameter(ds.ShardedTensor.from_replicated(table.weight.detach(), spec))
+    parallelize(sharded, {"over": "replicate"}, world_size)
+
+    def loss(model: nn.Module, step: int) -> torch.Tensor:
+        batch, labels = _bag_batch(step)
+        return F.cross_entropy(model(batch), labels)
+
+    cls, options = OPTIMIZERS[name]
+    _train(sharded, dense, lambda params: cls(params, **options, **MODES[mode]),
            steps=10, loss_fn=loss)
