@@ -8,6 +8,8 @@ a process group; aten ops on it are served shard by shard by the op registry
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 # The built-in op implementations register themselves on import.
 from dispatch_shard import ops
 from dispatch_shard.api import (
@@ -39,6 +41,9 @@ from dispatch_shard.specs import (
 )
 from dispatch_shard.state_dict import pre_load_state_dict_hook, state_dict_hook
 
+if TYPE_CHECKING:
+    from dispatch_shard import checkpoint
+
 __all__ = [
     "ChunkShardingSpec",
     "EnumerableShardingSpec",
@@ -54,6 +59,7 @@ __all__ = [
     "ShardingPlan",
     "ShardingSpec",
     "TensorProperties",
+    "checkpoint",
     "collect_local_shard",
     "count_collectives",
     "custom_sharded_op_impl",
@@ -75,3 +81,13 @@ __all__ = [
     "visualize_sharding",
     "zeros",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # dispatch_shard.checkpoint imports torch.distributed.checkpoint (and DTensor),
+    # about a second: it is imported on first use, not with the package.
+    if name == "checkpoint":
+        import importlib
+
+        return importlib.import_module("dispatch_shard.checkpoint")
+    raise AttributeError(f"module 'dispatch_shard' has no attribute {name!r}")

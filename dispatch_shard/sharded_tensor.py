@@ -411,6 +411,23 @@ class ShardedTensor(torch.Tensor):
             result.requires_grad_(True)
         return result
 
+    # -- torch.distributed.checkpoint: DCP's tensor-subclass protocol --------------
+    # NOTE [ShardedTensors in DCP] in dispatch_shard.checkpoint
+    def __create_write_items__(self, fqn: str, object: Any) -> list[Any]:
+        from dispatch_shard.checkpoint import _create_write_items
+
+        return _create_write_items(self, fqn)
+
+    def __create_chunk_list__(self) -> list[Any]:
+        from dispatch_shard.checkpoint import _create_chunk_list
+
+        return _create_chunk_list(self)
+
+    def __get_tensor_shard__(self, index: Any) -> torch.Tensor:
+        from dispatch_shard.checkpoint import _get_tensor_shard
+
+        return _get_tensor_shard(self, index)
+
     # -- pickling ----------------------------------------------------------------
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         group = self._process_group
