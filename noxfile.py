@@ -1,4 +1,4 @@
-"""Project sessions: ``nox -s tests lint typecheck docs bench demo``.
+"""Project sessions: ``nox -s tests properties lint typecheck docs bench demo``.
 
 NOTE [which torch the sessions use]
 Every session's virtualenv sees the interpreter's site-packages, so a torch
@@ -43,6 +43,18 @@ def tests(session: nox.Session) -> None:
     session.chdir(session.create_tmp())
     session.run("python", "-m", "pytest", tests_dir, *args,
                 env={"PYTHONDONTWRITEBYTECODE": "1"})
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def properties(session: nox.Session) -> None:
+    """The property-based tests with the long hypothesis profile (random examples, ten
+    times the CI count, world sizes 1-4; see docs/reliability.rst)."""
+    install(session, "dev")
+    tests_file = os.path.join(session.invoked_from, "tests", "test_properties.py")
+    args = session.posargs or ["-q", "-s"]
+    session.chdir(session.create_tmp())
+    session.run("python", "-m", "pytest", tests_file, *args,
+                env={"PYTHONDONTWRITEBYTECODE": "1", "HYPOTHESIS_PROFILE": "long"})
 
 
 @nox.session(venv_params=VENV_PARAMS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 # The built-in op implementations register themselves on import.
-from dispatch_shard import ops
+from dispatch_shard import debug, ops
 from dispatch_shard.api import (
     collect_local_shard,
     reshard_output,
@@ -63,6 +63,7 @@ __all__ = [
     "collect_local_shard",
     "count_collectives",
     "custom_sharded_op_impl",
+    "debug",
     "empty",
     "full",
     "load_with_process_group",

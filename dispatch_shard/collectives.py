@@ -13,11 +13,27 @@ Validation that can fail on some ranks only (a local tensor of the wrong
 shape, a different global size...) must not raise there while the other ranks
 enter a collective and wait forever. :func:`raise_if_any` exchanges each
 rank's verdict first and raises the same error on every rank.
+
+NOTE [collective timeouts]
+No collective here waits forever: each runs under its process group's
+timeout (``timeout=`` of ``init_process_group`` / ``new_group``; torch's
+default is 30 minutes), which gloo and NCCL enforce. When a collective times
+out (a rank skipped it, issued another one, or is stuck) or a peer's
+connection drops (a rank died), the backend's error becomes a
+:class:`CollectiveError`: a ``RuntimeError`` naming the collective, the
+group's global ranks, this rank and what dispatch_shard was running. The
+dispatch loop adds the aten op(s) as the error passes through it (a
+``try``/``except`` costs nothing until something is raised); a call outside
+any op (``full_tensor``, ``reshard``, ``shard_tensor``...) is named from the
+call stack, walked only when the error is built. After such an error the
+group's state is unknown: do not issue more collectives on it.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +43,7 @@ import torch.distributed as dist
 from dispatch_shard.layout import Layout, redistribute_plan
 
 __all__ = [
+    "CollectiveError",
     "all_gather_object",
     "all_reduce",
     "broadcast",
@@ -44,6 +61,9 @@ ProcessGroup = dist.ProcessGroup
 _observers: list[Callable[[str, int, ProcessGroup], None]] = []
 # The ops being dispatched, outermost first; kept only while an observer is active.
 _op_stack: list[Any] = []
+# Called with (op, args, kwargs) before an outermost op runs, while an observer is active
+# (dispatch_shard.debug installs both).
+_op_checks: list[Callable[[Any, tuple[Any, ...], dict[str, Any]], None]] = []
 
 
 def _record(kind: str, nbytes: int, group: ProcessGroup) -> None:
@@ -85,6 +105,102 @@ def is_member(group: ProcessGroup, rank: int) -> bool:
     return isinstance(group, ProcessGroup) and rank in _ranks_of(group)
 
 
+# -- failures ------------------------------------------------------------------
+
+class CollectiveError(RuntimeError):
+    """A collective timed out or lost a peer (see NOTE [collective timeouts]).
+
+    Attributes: ``collective`` (``"all_to_all"``, ...), ``group_ranks`` (global
+    ranks), ``rank`` (this global rank), ``ops`` (the aten ops being dispatched,
+    innermost first), ``entry`` (the dispatch_shard function called outside any
+    op, or None) and ``cause`` (the backend's message).
+    """
+
+    def __init__(self, collective: str, group_ranks: Sequence[int], rank: int, cause: str,
+                 entry: str | None = None, timeout_s: float | None = None,
+                 ops: Sequence[str] = ()) -> None:
+        super().__init__(collective, tuple(group_ranks), rank, cause, entry, timeout_s,
+                         tuple(ops))
+        self.collective = collective
+        self.group_ranks = tuple(group_ranks)
+        self.rank = rank
+        self.cause = cause
+        self.entry = entry
+        self.timeout_s = timeout_s
+        self.ops: list[str] = list(ops)
+
+    def add_op(self, op: object) -> None:
+        """Record that the error passed through the dispatch of ``op``."""
+        name = str(op)
+        if not self.ops or self.ops[-1] != name:
+            self.ops.append(name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CollectiveError, (self.collective, self.group_ranks, self.rank, self.cause,
+                                  self.entry, self.timeout_s, tuple(self.ops)))
+
+    def __str__(self) -> str:
+        where = [*self.ops]
+        if self.entry is not None:
+            where.append(self.entry)
+        running = (f" while running {where[0]}"
+                   + "".join(f" (inside {outer})" for outer in where[1:])) if where else ""
+        lowered = self.cause.lower()
+        if "timed out" in lowered or "timeout" in lowered:
+            after = "" if self.timeout_s is None else f" after {self.timeout_s:g}s"
+            what = (f"timed out{after}: a rank of the group skipped this collective, issued "
+                    "a different one, or is stuck")
+        elif any(text in lowered for text in _PEER_LOST):
+            what = "lost a peer: a rank of the group died or closed its connection"
+        else:
+            what = "failed"
+        return (f"dispatch_shard: collective {self.collective}{running} on rank {self.rank} "
+                f"of the process group with global ranks {list(self.group_ranks)} {what}. "
+                f"The group may be unusable now. Cause: {self.cause}")
+
+
+_PEER_LOST = ("connection closed", "connection reset", "closed by peer", "broken pipe",
+              "connection refused", "end of file", "socket closed")
+
+
+def _group_timeout_s(group: ProcessGroup) -> float | None:
+    try:
+        options = group._get_backend(torch.device("cpu")).options
+        return float(options._timeout.total_seconds())
+    except Exception:  # not every backend exposes its options
+        return None
+
+
+def _entry_point() -> str | None:
+    """The outermost dispatch_shard function on the stack, looking through torch's frames
+    and stopping at the caller's code (dispatch_shard.testing counts as the caller's)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    ops = sys.modules.get("dispatch_shard.ops")
+    roots = tuple({package, os.path.dirname(os.path.abspath(getattr(ops, "__file__", "") or
+                                                             __file__))})
+    outside = (os.path.join(package, "testing"),)
+    torch_root = os.path.dirname(os.path.abspath(torch.__file__))
+    entry = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if filename.startswith(roots) and not filename.startswith(outside):
+            code = frame.f_code
+            entry = getattr(code, "co_qualname", code.co_name)
+        elif not filename.startswith(torch_root):
+            break
+        frame = frame.f_back  # type: ignore[assignment]
+    return None if entry is None or entry.endswith("__torch_dispatch__") else entry
+
+
+def _failed(collective: str, group: ProcessGroup, error: RuntimeError) -> CollectiveError:
+    """The :class:`CollectiveError` for a backend error raised by ``collective``."""
+    if isinstance(error, CollectiveError):
+        return error
+    return CollectiveError(collective, group_ranks(group), dist.get_rank(), str(error),
+                           _entry_point(), _group_timeout_s(group))
+
+
 # -- agreement ---------------------------------------------------------------
 
 _ERROR_TYPES: dict[str, type[Exception]] = {
@@ -97,7 +213,20 @@ _ERROR_TYPES: dict[str, type[Exception]] = {
 def all_gather_object(obj: Any, group: ProcessGroup) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size(group)
     _record("all_gather_object", 0, group)
-    dist.all_gather_object(gathered, obj, group=group)
+    try:
+        dist.all_gather_object(gathered, obj, group=group)
+    except RuntimeError as error:
+        raise _failed("all_gather_object", group, error) from error
+    return gathered
+
+
+def _exchange(obj: Any, group: ProcessGroup) -> list[Any]:
+    """:func:`all_gather_object` unseen by observers (for dispatch_shard.debug's checks)."""
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    try:
+        dist.all_gather_object(gathered, obj, group=group)
+    except RuntimeError as error:
+        raise _failed("all_gather_object", group, error) from error
     return gathered
 
 
@@ -150,7 +279,10 @@ def all_reduce(tensor: torch.Tensor, op: str, group: ProcessGroup) -> torch.Tens
     if op in ("max", "min") and tensor.is_floating_point():
         return _all_reduce_nan_aware(tensor, op, group)
     _record("all_reduce", tensor.numel() * tensor.element_size(), group)
-    dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group)
+    try:
+        dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group)
+    except RuntimeError as error:
+        raise _failed("all_reduce", group, error) from error
     if op == "avg":
         _divide(tensor, dist.get_world_size(group))
     return tensor
@@ -168,7 +300,10 @@ def _all_reduce_nan_aware(tensor: torch.Tensor, op: str, group: ProcessGroup) ->
     flags = flat.isnan().to(tensor.dtype)
     buffer = torch.cat([flat, flags if op == "max" else flags.neg_()])
     _record("all_reduce", buffer.numel() * buffer.element_size(), group)
-    dist.all_reduce(buffer, op=_REDUCE_OPS[op], group=group)
+    try:
+        dist.all_reduce(buffer, op=_REDUCE_OPS[op], group=group)
+    except RuntimeError as error:
+        raise _failed("all_reduce", group, error) from error
     values, flags = buffer[:flat.numel()], buffer[flat.numel():]
     values.masked_fill_(flags != 0, float("nan"))
     tensor.copy_(values.view(tensor.shape))
@@ -180,7 +315,10 @@ def reduce_scatter(
 ) -> torch.Tensor:
     """``output`` on group rank r receives the reduction of every rank's ``inputs[r]``."""
     _record("reduce_scatter", sum(t.numel() * t.element_size() for t in inputs), group)
-    dist.reduce_scatter(output, inputs, op=_REDUCE_OPS[op], group=group)
+    try:
+        dist.reduce_scatter(output, inputs, op=_REDUCE_OPS[op], group=group)
+    except RuntimeError as error:
+        raise _failed("reduce_scatter", group, error) from error
     if op == "avg":
         _divide(output, dist.get_world_size(group))
     return output
@@ -189,7 +327,10 @@ def reduce_scatter(
 def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup) -> torch.Tensor:
     """``tensor`` from global rank ``src`` to every rank of ``group``, in place."""
     _record("broadcast", tensor.numel() * tensor.element_size(), group)
-    dist.broadcast(tensor, src=src, group=group)
+    try:
+        dist.broadcast(tensor, src=src, group=group)
+    except RuntimeError as error:
+        raise _failed("broadcast", group, error) from error
     return tensor
 
 
@@ -242,7 +383,10 @@ def redistribute(
     send = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
     recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=device)
     _record("all_to_all", sum(send_splits), group)
-    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+    try:
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+    except RuntimeError as error:
+        raise _failed("all_to_all", group, error) from error
     offset = 0
     for per_peer in plan.recv:
         for dst_pos, dst_box, numel in per_peer:

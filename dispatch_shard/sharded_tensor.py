@@ -31,6 +31,7 @@ from dispatch_shard.registry import (
     OVERLOADS,
     TORCH_FUNCTIONS,
     _on_torch_function_table_change,
+    _op_name,
     lookup,
 )
 from dispatch_shard.specs import (
@@ -44,15 +45,47 @@ from dispatch_shard.specs import (
 __all__ = ["ShardedTensor", "load_with_process_group"]
 
 
-def _first_group(args: Sequence[Any]) -> ProcessGroup | None:
+def _first_group(args: Sequence[Any], func: object = None) -> ProcessGroup | None:
+    """The process group of the first ShardedTensor in ``args`` (or in a list there).
+
+    Every other ShardedTensor there must live on the same global ranks (see NOTE
+    [operands share a process group]).
+    """
+    first: ShardedTensor | None = None
     for arg in args:
         if isinstance(arg, ShardedTensor):
-            return arg._process_group
-        if isinstance(arg, list | tuple):
+            if first is None:
+                first = arg
+            elif arg._layout.group_ranks is not first._layout.group_ranks:
+                _check_same_ranks(first, arg, func)
+        elif isinstance(arg, list | tuple):
             for item in arg:
                 if isinstance(item, ShardedTensor):
-                    return item._process_group
-    return None
+                    if first is None:
+                        first = item
+                    elif item._layout.group_ranks is not first._layout.group_ranks:
+                        _check_same_ranks(first, item, func)
+    return None if first is None else first._process_group
+
+
+# NOTE [operands share a process group]
+# An op's ShardedTensor operands must live on the same global ranks: the op's
+# collectives run on one group, and ranks of another would never join them (or
+# would compute with blocks they do not hold). Layouts carry their group's ranks
+# (one cached tuple per group), so the check is an identity test per operand,
+# and a comparison only when two groups differ as objects. Ranks outside a group
+# cannot tell which group a tensor was made on (see NOTE [ranks outside a
+# subgroup] in dispatch_shard.collectives); they compare the ranks torch reports.
+
+def _check_same_ranks(first: ShardedTensor, other: ShardedTensor, func: object) -> None:
+    ranks, other_ranks = first._layout.group_ranks, other._layout.group_ranks
+    if ranks != other_ranks:
+        name = "an op" if func is None else _op_name(func)
+        raise ValueError(
+            f"{name}: ShardedTensor operands live on different process groups (global "
+            f"ranks {list(ranks)} and {list(other_ranks)}); move one onto the other's group "
+            "first (e.g. full_tensor() and ShardedTensor.from_replicated)"
+        )
 
 
 class ShardedTensor(torch.Tensor):
@@ -118,13 +151,13 @@ class ShardedTensor(torch.Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         impl = OVERLOADS.get(func) or lookup(func)
-        if not collectives._observers:
-            return impl(types, args, kwargs or {}, _first_group(args))
-        collectives._op_stack.append(func)  # for dispatch_shard.observe.count_collectives
         try:
-            return impl(types, args, kwargs or {}, _first_group(args))
-        finally:
-            collectives._op_stack.pop()
+            if not collectives._observers:
+                return impl(types, args, kwargs or {}, _first_group(args, func))
+            return _observed_dispatch(func, impl, types, args, kwargs or {})
+        except collectives.CollectiveError as error:
+            error.add_op(func)  # NOTE [collective timeouts] in dispatch_shard.collectives
+            raise
 
     # -- autograd ------------------------------------------------------------
     # NOTE [a leaf's grad keeps the leaf's layout]
@@ -238,7 +271,11 @@ class ShardedTensor(torch.Tensor):
         feeding a loss), so the same Partial is often reduced in the forward and
         again in the backward. The result is cached on the tensor, keyed by its
         summand's identity and version counter: an in-place change of the summand,
-        or a reshard, invalidates it, so the cache never serves a stale value.
+        or a reshard, invalidates it, so the cache never serves a stale value. The
+        cached tensor and its blocks never leave dispatch_shard's internals:
+        :meth:`_redistributed` hands out copies (an in-place op on what
+        :meth:`redistribute` returns runs below autograd, where the blocks' version
+        counters do not move, so it would change this tensor's value unseen).
         """
         layout = self._layout
         if not layout.is_partial:
@@ -273,7 +310,9 @@ class ShardedTensor(torch.Tensor):
             return self._like(_to_partial(self, dst), dst)
         value = self._reduced()
         if value._layout is dst:
-            return value
+            # A copy of the cached reduction, never the cache itself (see NOTE [a Partial
+            # is reduced at most once]): callers may change it in place.
+            return value._like([t.clone() for t in value._local_tensors])
         return self._like(value._moved_to(dst), dst)
 
     def redistribute(self, spec: ShardingSpec) -> ShardedTensor:
@@ -307,6 +346,11 @@ class ShardedTensor(torch.Tensor):
         size = parse_size(global_size)
         rank = dist.get_rank()
         if not collectives.is_member(group, rank):
+            if local_shards:  # they would be dropped silently
+                raise ValueError(
+                    f"from_local_shards: rank {rank} is not in the process group, but passed "
+                    f"{len(local_shards)} local shard(s); a rank outside the group holds none"
+                )
             return _empty_member(size, group, rank)
         local_error, summary = _summarize_local_shards(local_shards, size, rank)
         collectives.raise_if_any(local_error, group)
@@ -454,6 +498,24 @@ class ShardedTensor(torch.Tensor):
         return result
 
 
+def _observed_dispatch(
+    func: torch._ops.OpOverload, impl: Any, types: Any, args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The dispatch loop while an observer is active (``count_collectives``, debug mode):
+    keeps the op stack and runs the checks of :mod:`dispatch_shard.debug` first."""
+    stack = collectives._op_stack
+    stack.append(func)  # for dispatch_shard.observe.count_collectives
+    try:
+        group = _first_group(args, func)
+        if len(stack) == 1:
+            for check in collectives._op_checks:
+                check(func, args, kwargs)
+        return impl(types, args, kwargs, group)
+    finally:
+        stack.pop()
+
+
 # The C-level descriptor behind Tensor.requires_grad, read by our property override.
 _REQUIRES_GRAD: Any = vars(torch._C.TensorBase)["requires_grad"]
 
@@ -463,7 +525,14 @@ def _grad_to_leaf_layout(leaf: torch.Tensor) -> None:
     contract, block by block: a gradient's blocks are contiguous like the leaf's (some
     fused optimizer kernels silently miscompute on strided gradients)."""
     grad = leaf.grad
-    if not (isinstance(leaf, ShardedTensor) and isinstance(grad, ShardedTensor)):
+    if not isinstance(leaf, ShardedTensor) or grad is None:
+        return
+    if not isinstance(grad, ShardedTensor):
+        # A derivative formula built a plain tensor (torch's cat backward does, with
+        # at::zeros, for an empty 1-D input): a replicated value, cut to the leaf's blocks.
+        with torch.no_grad():
+            leaf.grad = ShardedTensor.from_replicated(grad, leaf._layout.spec,
+                                                      leaf._process_group)
         return
     with torch.no_grad():
         if grad._layout is not leaf._layout:
@@ -479,7 +548,7 @@ def _torch_function_with_registry(
 ) -> Any:
     impl = TORCH_FUNCTIONS.get(func)
     if impl is not None:
-        return impl(types, args, kwargs or {}, _first_group(args))
+        return impl(types, args, kwargs or {}, _first_group(args, func))
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **(kwargs or {}))
 
@@ -528,14 +597,30 @@ def _to_partial(tensor: ShardedTensor, dst: Layout) -> list[torch.Tensor]:
         local = value._local_tensors[0]
         keep = op in ("max", "min", "avg") or rank == value._layout.group_ranks[0]
         return [local.clone() if keep else torch.zeros_like(local)]
-    if op not in ("sum", "avg"):
-        raise NotImplementedError(f"sharded -> Partial({op!r}) is not supported")
-    summand = torch.zeros(tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    # Elements this rank holds no block of get the reduction's identity (0 for sum and
+    # avg, the lowest value for max, the highest for min), so other ranks' values win.
+    summand = torch.full(tuple(tensor.shape), _identity(op, tensor.dtype), dtype=tensor.dtype,
+                         device=tensor.device)
     for block, index in zip(value._local_tensors, value._layout.local_indices(rank), strict=True):
         summand[value._layout.shard_box(index)] = block
     if op == "avg":
         summand.mul_(len(value._layout.group_ranks))
     return [summand]
+
+
+def _identity(op: str, dtype: torch.dtype) -> bool | int | float:
+    """The identity element of the reduction ``op`` (sum, avg, max, min) for ``dtype``."""
+    if op in ("sum", "avg"):
+        return False if dtype == torch.bool else 0
+    highest = op == "min"
+    if dtype == torch.bool:
+        return highest
+    if dtype.is_complex:
+        raise NotImplementedError(f"Partial({op!r}) of a complex tensor is not supported")
+    if dtype.is_floating_point:
+        return float("inf") if highest else float("-inf")
+    info = torch.iinfo(dtype)
+    return info.max if highest else info.min
 
 
 class _FullTensor(torch.autograd.Function):
@@ -589,7 +674,8 @@ def _summarize_local_shards(
     try:
         dtypes = {s.tensor.dtype for s in local_shards}
         grads = {s.tensor.requires_grad for s in local_shards}
-        for prop, values in (("dtype", dtypes), ("requires_grad", grads)):
+        devices = {s.tensor.device for s in local_shards}
+        for prop, values in (("dtype", dtypes), ("requires_grad", grads), ("device", devices)):
             if len(values) > 1:
                 raise ValueError(
                     f"Local shards' tensor {prop} property need to be the same on rank:{rank}! "
@@ -619,6 +705,7 @@ def _summarize_local_shards(
         [s.metadata for s in local_shards],
         next(iter(dtypes)) if dtypes else None,
         next(iter(grads)) if grads else None,
+        next(iter(devices)).type if devices else None,  # ranks may use different GPUs
     )
     return None, summary
 
@@ -643,8 +730,8 @@ def _check_same(facts: list[tuple[Any, ...]], names: list[str], ranks: Sequence[
 def _check_global(
     summaries: list[Any], size: torch.Size, ranks: tuple[int, ...]
 ) -> tuple[ShardingSpec, torch.dtype, bool]:
-    _check_same([(s[0], s[2], s[3]) for s in summaries],
-                ["global_size", "dtype", "requires_grad"], ranks)
+    _check_same([(s[0], s[2], s[3], s[4]) for s in summaries],
+                ["global_size", "dtype", "requires_grad", "device type"], ranks)
     shards = [m for s in summaries for m in s[1]]
     if not shards:
         raise ValueError("from_local_shards: no rank holds a shard")
