@@ -1,4 +1,4 @@
-"""Project sessions: ``nox -s tests properties lint typecheck docs bench demo``.
+"""Project sessions: ``nox -s tests properties lint typecheck docs bench coverage demo``.
 
 NOTE [which torch the sessions use]
 Every session's virtualenv sees the interpreter's site-packages, so a torch
@@ -53,7 +53,9 @@ def properties(session: nox.Session) -> None:
     tests_file = os.path.join(session.invoked_from, "tests", "test_properties.py")
     args = session.posargs or ["-q", "-s"]
     session.chdir(session.create_tmp())
-    session.run("python", "-m", "pytest", tests_file, *args,
+    # Each test runs thousands of examples: lift pyproject's 300 s per-test safety net
+    # (every example still has its own timeout on the rank pool).
+    session.run("python", "-m", "pytest", tests_file, "--timeout=3600", *args,
                 env={"PYTHONDONTWRITEBYTECODE": "1", "HYPOTHESIS_PROFILE": "long"})
 
 
@@ -89,6 +91,18 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against DTensor and the legacy ShardedTensor (see tools/)."""
     install(session)
     session.run("python", "tools/bench.py", *session.posargs)
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def coverage(session: nox.Session) -> None:
+    """The op coverage report: the OpInfo differential run over all of op_db, dispatch_shard
+    and DTensor, world sizes 2 and 3 (about an hour on two cores). Regenerates
+    docs/op_coverage.rst; JSON and CSV go to build/op_coverage/ (see tools/op_coverage.py)."""
+    install(session, "dev")  # torch.testing._internal needs expecttest
+    # By path, not -m: then sys.path[0] is tools/ and the installed package is the one run.
+    session.run("python", "tools/op_coverage.py", "--out-dir", "build/op_coverage",
+                "--rst", "docs/op_coverage.rst", *session.posargs,
+                env={"PYTHONDONTWRITEBYTECODE": "1"})
 
 
 @nox.session(venv_params=VENV_PARAMS)

@@ -565,3 +565,10 @@ def stack(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     dim %= tensors[0].dim() + 1
     return cat(types, ([t.unsqueeze(dim) for t in tensors], dim), {}, pg)
+
+
+@custom_sharded_op_impl(aten.repeat.default)
+def repeat(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.repeat(counts)``: NOTE [replicated fallback] (its decomposition returned a plain
+    tensor for zero counts: a result must always be a ShardedTensor)."""
+    return replicated_fallback(aten.repeat.default, args, kwargs)
