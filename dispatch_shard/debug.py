@@ -99,6 +99,8 @@ def check_consistency() -> Iterator[None]:
 
 def _fingerprint(tensor: torch.Tensor) -> tuple[int, str]:
     """(CRC-32 of the bytes, a short summary for messages)."""
+    if tensor.layout != torch.strided or tensor.device.type == "meta":
+        return 0, f"{tensor.layout} on {tensor.device.type}, not hashed"
     data = tensor.detach()
     if data.is_conj():
         data = data.resolve_conj()

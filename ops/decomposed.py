@@ -33,7 +33,10 @@ from typing import Any
 import torch
 from torch._decomp import decomposition_table
 
+from dispatch_shard.layout import layout_of
 from dispatch_shard.registry import OVERLOADS, PACKETS, custom_sharded_op_impl
+from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.specs import Replicate
 
 __all__ = ["decomposed_overloads"]
 
@@ -45,9 +48,43 @@ def decomposed_overloads() -> list[torch._ops.OpOverload]:
     return list(_DECOMPOSED)
 
 
+def _as_replicated(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Plain tensors a decomposition made (not its plain arguments) as replicated values.
+
+    Such a tensor was computed from plain values only (an empty ``reserve`` buffer, a
+    count), so it is the same on every rank: a replicated ShardedTensor, like every
+    other output of an op on ShardedTensors.
+    """
+    inputs = [*args, *kwargs.values()]
+    flat = [x for a in inputs for x in (a if isinstance(a, (list, tuple)) else (a,))]
+    anchor = next((x for x in flat if isinstance(x, ShardedTensor)), None)
+    if anchor is None:
+        return out
+    plain_inputs = {id(x) for x in flat if isinstance(x, torch.Tensor)}
+
+    def wrap(value: Any) -> Any:
+        if (type(value) is torch.Tensor and id(value) not in plain_inputs
+                and not value.requires_grad):
+            layout = layout_of(Replicate(), value.shape, anchor._layout.group_ranks,
+                               anchor._layout.device or str(anchor.device))
+            blocks = [value] if layout.local_indices(anchor._rank) else []
+            return anchor._like(blocks, layout, value.dtype)
+        return value
+
+    if isinstance(out, tuple):
+        return tuple(wrap(v) for v in out)
+    if isinstance(out, list):
+        return [wrap(v) for v in out]
+    return wrap(out)
+
+
 def _register(func: torch._ops.OpOverload, decomposition: Callable[..., Any]) -> None:
-    def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-        return decomposition(*args, **kwargs)
+    if torch.Tag.nondeterministic_seeded in func.tags:
+        def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+            return decomposition(*args, **kwargs)
+    else:
+        def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+            return _as_replicated(decomposition(*args, **kwargs), args, kwargs)
 
     impl.__name__ = impl.__qualname__ = f"decomposed_{func.name().replace('::', '_')}"
     impl.__doc__ = (f"``{func}`` through torch's decomposition; the collectives are those of "

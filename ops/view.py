@@ -336,6 +336,10 @@ def _expanded(layout: Layout, size: tuple[int, ...]) -> Layout:
     chunk_dim = None
     if isinstance(layout.spec, ChunkShardingSpec):
         chunk_dim = layout.spec.dim % len(layout.size) + lead
+        if size[chunk_dim] != layout.size[chunk_dim - lead]:
+            # An expanded chunk dim (size 1: one block of 1, the others empty) is no
+            # chunk of the new size: the block of 1 grows, the empty ones stay empty.
+            chunk_dim = None
 
     def block_map(o: list[int], s: list[int]) -> tuple[list[int], list[int]]:
         new_sizes = [size[d] if d < lead or (s[d - lead] == layout.size[d - lead]
@@ -371,7 +375,11 @@ def _resized(layout: Layout, dim: int, length: int) -> Layout:
         if isinstance(layout.spec, ChunkShardingSpec) else None
 
     def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        return offsets, [length if d == dim and n else n for d, n in enumerate(sizes)]
+        # A block spans the unsplit dim (offset 0) or is empty along it (any offset up to
+        # the old length): the spanning ones take the new length, the empty ones stay
+        # empty, at an offset inside the new length.
+        return ([min(o, length) if d == dim else o for d, o in enumerate(offsets)],
+                [length if d == dim and n else n for d, n in enumerate(sizes)])
 
     return _relayout(layout, size, chunk_dim, block_map)
 

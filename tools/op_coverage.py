@@ -184,6 +184,14 @@ def _cell(text: str) -> str:
     return text.replace('"', '""')
 
 
+def _text(text: str) -> str:
+    """Free text as reStructuredText: markup characters escaped (``squeeze_`` is no link)."""
+    text = text.replace("\\", "\\\\")
+    for char in "`*_|[]":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
 def _csv_table(header: list[str], body: list[list[str]], widths: str | None = None) -> list[str]:
     lines = ["   :header-rows: 1"]
     if widths:
@@ -267,8 +275,8 @@ def rst(rows: list[dict[str, Any]], results: dict[tuple[str, int, str], OpResult
             continue
         out += [".. csv-table::"]
         out += _csv_table(["Op", "World", "Sample", "Input", "What"],
-                          [[f"``{name}``", str(world), str(s.index), s.sample,
-                            s.detail] for name, world, s in wrong], "15 5 5 30 45")
+                          [[f"``{name}``", str(world), str(s.index), _text(s.sample),
+                            _text(s.detail)] for name, world, s in wrong], "15 5 5 30 45")
     out += ["", "Per op", "------", "", ".. csv-table::"]
     header = ["Op", "Served by"]
     for library in libraries:
@@ -277,7 +285,7 @@ def rst(rows: list[dict[str, Any]], results: dict[tuple[str, int, str], OpResult
     for row in rows:
         served = row["registration"]
         if row["missing"]:
-            served += f"; missing {row['missing']}"
+            served += "; missing " + " ".join(f"``{op}``" for op in row["missing"].split())
         cells = [f"``{row['op']}``", served]
         for library in libraries:
             forward = row[f"{library}_forward"]
