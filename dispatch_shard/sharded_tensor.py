@@ -498,6 +498,23 @@ class ShardedTensor(torch.Tensor):
         return result
 
 
+# NOTE [deep copies share the process group]
+# A process group is a handle on a communicator: a copy of a ShardedTensor shares its
+# group (as ``__deepcopy__`` above does), it cannot have a group of its own. DCP's
+# ``async_save`` stages the state dict with its own deep copy, which copies a tensor
+# subclass attribute by attribute (``__slots__`` included) instead of calling its
+# ``__deepcopy__``, and so meets the ProcessGroup itself, which has no way to be
+# copied. Deep copies of a ProcessGroup (``copy.deepcopy`` and DCP's stager both ask
+# ``__deepcopy__`` first) therefore return the group itself. Pickling a ProcessGroup
+# still fails, as it should.
+def _share_process_group(group: ProcessGroup, memo: dict[int, Any]) -> ProcessGroup:
+    return group
+
+
+if not hasattr(ProcessGroup, "__deepcopy__"):
+    ProcessGroup.__deepcopy__ = _share_process_group  # type: ignore[attr-defined]
+
+
 def _observed_dispatch(
     func: torch._ops.OpOverload, impl: Any, types: Any, args: tuple[Any, ...],
     kwargs: dict[str, Any],

@@ -12,6 +12,7 @@ pytest ``tmp_path`` made by the parent process and passed to every rank.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -476,3 +477,57 @@ def test_save_and_load_without_process_group(tmp_path: Path) -> None:
         assert torch.equal(target["w"], torch.full((3, 2), value))
         assert target["meta"]["note"] == "single"
         assert path.is_symlink() and versions(path) == [os.readlink(path)]
+
+
+# -- async_save: DCP stages a copy of the state dict, then writes it in a thread -------------
+
+@multi_rank(world_size=[2, 3])
+def test_async_save_and_load(rank: int, world_size: int, tmp_path: Path) -> None:
+    everyone = list(range(world_size))
+    keys = ["rows", "cols", "several", "grid", "replicate"]
+    state: dict[str, Any] = {key: sharded(reference(key), specs(everyone)[key]) for key in keys}
+    state["partial"] = sharded(reference("partial"), ds.Partial("sum"))
+    state["step"] = torch.tensor(7)
+    future = dcp.async_save(state, checkpoint_id=str(tmp_path / "async"))
+    # Staging copied every block: changing the live tensors now does not reach the file.
+    with torch.no_grad():
+        for key in keys:
+            state[key].fill_(-1.0)
+    future.result()
+    target: dict[str, Any] = {key: blank(key, specs(everyone)[key]) for key in keys}
+    target["partial"] = blank("partial", specs(everyone)["several"])
+    target["step"] = torch.tensor(0)
+    dcp.load(target, checkpoint_id=str(tmp_path / "async"))
+    for key in [*keys, "partial"]:
+        assert torch.equal(target[key].full_tensor(), reference(key)), key
+    assert target["step"].item() == 7
+
+
+@multi_rank(world_size=2)
+def test_deepcopy_of_a_sharded_model_is_independent(rank: int, world_size: int) -> None:
+    model = block(world_size, seed=0)
+    train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), seed=1)  # grads, hooks
+    copied = copy.deepcopy(model)
+    before = {name: dense(p).clone() for name, p in model.named_parameters()}
+    for (name, param), copy_param in zip(model.named_parameters(), copied.parameters(),
+                                         strict=True):
+        assert type(copy_param) is type(param) and copy_param is not param, name
+        assert torch.equal(dense(copy_param), dense(param)), name
+        if isinstance(param, ShardedTensor):
+            assert isinstance(copy_param, ShardedTensor)
+            assert copy_param.process_group is param.process_group, name  # shared, not copied
+            assert copy_param.sharding_spec() == param.sharding_spec(), name
+            assert all(a.data_ptr() != b.data_ptr() for a, b in
+                       zip(copy_param._local_tensors, param._local_tensors, strict=True)), name
+    # Training the copy leaves the original alone; the copy's gradients keep its layouts.
+    optimizer = torch.optim.AdamW(copied.parameters(), lr=1e-2)
+    for seed in (2, 3):
+        train_step(copied, optimizer, seed=seed)
+    for name, param in model.named_parameters():
+        assert torch.equal(dense(param), before[name]), name
+    assert any(not torch.equal(dense(p), before[n]) for n, p in copied.named_parameters())
+    # The copy trains like the original would.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for seed in (2, 3):
+        train_step(model, optimizer, seed=seed)
+    assert_same_parameters(model, copied)
