@@ -16,9 +16,11 @@ Per rank, with ``D`` the reduced dims and ``R`` the size of the process group:
   ``Partial("min")``: no collective, the next op decides) or all-reduced into a
   replicated result (everything that needs the final value). See each op for its
   collectives.
-* A 0-dim result (a full reduction) is always replicated: one all-reduce of a
-  scalar, so a loss is whole on every rank and ``loss.backward()`` starts from a
-  replicated ``ones_like`` (a partial one would count the seed once per rank).
+* A 0-dim result (a full reduction) follows the same rules: ``x.sum()`` is a
+  ``Partial("sum")`` scalar, all-reduced once where its value is needed (``item()``,
+  a non-linear op; the reduction is cached). ``loss.backward()`` on a partial loss is
+  right: ``ones_like`` of a Partial is a replicated one, so each rank's share of the
+  gradient is counted once.
 
 Errors and result dtypes are dense torch's: every op first runs on size-<=2
 stand-ins of its operands (same dtypes, same dims, same emptiness), so a bad dim,
@@ -311,7 +313,7 @@ def _reduction(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     """A reduction whose across-rank step is one ``op`` all-reduce, or a ``Partial(op)``.
 
     ``stays_partial``: across ranks, return ``Partial(op)`` instead of all-reducing
-    (0-dim results are replicated anyway). ``commutes_with``: the partial inputs this
+    (0-dim results too). ``commutes_with``: the partial inputs this
     reduction runs on directly (NOTE [partial inputs]).
     """
     x: ShardedTensor = args[0]
@@ -326,7 +328,7 @@ def _reduction(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     if served is not None:
         return served  # type: ignore[no-any-return]
     summand = _summand(x, dims, dtype, op, local).reshape(size)
-    if stays_partial and size:
+    if stays_partial:
         return x._like([summand], _layout_for(x, Partial(op), size), dtype)
     if op == "product" and dtype.is_complex:
         summand = _product_of_gathered(x, summand)
@@ -348,15 +350,10 @@ def _product_of_gathered(x: ShardedTensor, summand: torch.Tensor) -> torch.Tenso
 def _on_summand(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
                 x: ShardedTensor, reduce_op: str, size: torch.Size,
                 dtype: torch.dtype) -> ShardedTensor:
-    """``func`` on each rank's summand of a partial ``x``: partial again, or all-reduced into
-    a replicated result when it is 0-dim."""
+    """``func`` on each rank's summand of a partial ``x``: partial again (no collective)."""
     value = func(x._local_tensors[0], *args[1:], **kwargs) if x._local_tensors else None
-    if size:
-        blocks = [] if value is None else [value]
-        return x._like(blocks, _layout_for(x, Partial(reduce_op), size), dtype)
-    if value is not None:
-        collectives.all_reduce(value, reduce_op, x._process_group)
-    return _replicated(x, value, size, dtype)
+    blocks = [] if value is None else [value]
+    return x._like(blocks, _layout_for(x, Partial(reduce_op), size), dtype)
 
 
 # -- sum, mean, nansum, count_nonzero, prod --------------------------------------------------
@@ -365,8 +362,8 @@ def _on_summand(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict
 def _sum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``x.sum(dims, keepdim, dtype)``. Blockwise ``[m_i, N] -> [m_i]`` when no block splits a
     reduced dim (collectives: none); else each rank's blocks summed into a full-size summand
-    -> ``Partial("sum")`` (collectives: none; a 0-dim result: one scalar all-reduce ->
-    replicated). A ``Partial("sum"|"avg")`` input is summed per summand and stays partial."""
+    -> ``Partial("sum")`` (collectives: none, 0-dim results too). A ``Partial("sum"|"avg")``
+    input is summed per summand and stays partial."""
     bound = _bind(func, args, kwargs)
     dims = _dims(args[0].dim(), bound.get("dim"))
     (dtype,) = _probe(func, args, kwargs)
@@ -379,8 +376,8 @@ def _sum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, A
 def _mean(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``x.mean(dims, keepdim, dtype)``. Blockwise when no block splits a reduced dim
     (collectives: none); else each rank's ``sum(blocks) / N``, ``N`` the global count (NOTE
-    [means weight by element counts]) -> ``Partial("sum")`` (collectives: none; 0-dim: one
-    scalar all-reduce -> replicated). ``Partial("sum"|"avg")`` inputs stay partial."""
+    [means weight by element counts]) -> ``Partial("sum")`` (collectives: none, 0-dim results
+    too). ``Partial("sum"|"avg")`` inputs stay partial."""
     bound = _bind(func, args, kwargs)
     x = args[0]
     dims = _dims(x.dim(), bound.get("dim"))
@@ -407,8 +404,7 @@ def _nansum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str
 def _count_nonzero(func: torch._ops.OpOverload, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
     """``torch.count_nonzero(x, dims)``: blockwise when no block splits a reduced dim; else
-    per-rank counts -> ``Partial("sum")`` int64 (collectives: none; 0-dim: one scalar
-    all-reduce -> replicated)."""
+    per-rank counts -> ``Partial("sum")`` int64 (collectives: none, 0-dim results too)."""
     dims = _dims(args[0].dim(), _bind(func, args, kwargs)["dim"])
     (dtype,) = _probe(func, args, kwargs)
 
@@ -450,9 +446,8 @@ def _amax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, 
           op: str) -> Any:
     """``x.amax(dims, keepdim)`` / ``amin``: blockwise when no block splits a reduced dim
     (collectives: none); else per-rank extremes in a full-size summand (the identity, -inf or
-    +inf, where the rank holds nothing) -> ``Partial("max"|"min")`` (collectives: none; 0-dim:
-    one NaN-aware scalar all-reduce -> replicated). A partial input of the same op stays
-    partial."""
+    +inf, where the rank holds nothing) -> ``Partial("max"|"min")`` (collectives: none, 0-dim
+    results too; reducing it is NaN-aware). A partial input of the same op stays partial."""
     bound = _bind(func, args, kwargs)
     dims = _dims(args[0].dim(), bound["dim"])
     (dtype,) = _probe(func, args, kwargs)
@@ -466,7 +461,7 @@ def _amax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, 
 def _max(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
          op: str) -> Any:
     """``x.max()`` / ``x.min()``: per-rank extremes and one NaN-aware scalar all-reduce ->
-    replicated 0-dim (a replicated input: none)."""
+    replicated 0-dim (a replicated input: none; a ``Partial`` of the same op: partial, none)."""
     dims = tuple(range(args[0].dim()))
     (dtype,) = _probe(func, args, kwargs)
     return _reduction(func, args, kwargs, dims, False, op,

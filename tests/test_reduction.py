@@ -220,12 +220,19 @@ def test_partial_results_and_collectives(rank: int, world_size: int) -> None:
     _check("amin_0", column_min, x.amin(0))
     _check("mean_0", column_means, x.mean(0, keepdim=True))
     _check("next_op", column_sums * 2 + 1, x.sum(0) * 2 + 1)
-    # A reduction of a partial input that commutes with it stays partial.
+    # A reduction of a partial input that commutes with it stays partial, 0-dim too: the
+    # scalar is all-reduced once, where its value is needed.
     with _collectives() as issued:
         total = column_sums.sum()
-    assert issued == ["all_reduce"]  # one scalar
-    assert total.sharding_spec() == ds.Replicate()
+        full_total = sx.sum()
+    assert issued == []
+    assert total.sharding_spec() == ds.Partial("sum")
+    assert full_total.sharding_spec() == ds.Partial("sum")
+    with _collectives() as issued:
+        value, again = total.item(), total.item()
+    assert issued == ["all_reduce"] and value == again  # reduced once, cached
     _check("partial_sum", total, x.sum())
+    _check("full_sum", full_total, x.sum())
     assert column_max.amax().full_tensor().item() == x.max().item()
     _check("partial_mean", column_sums.mean(), x.sum(0).mean())
     _check("partial_std", column_sums.std(), x.sum(0).std())  # nonlinear: reduced first
@@ -292,7 +299,9 @@ def test_loss_backward(rank: int, world_size: int, layout: str) -> None:
                           "mse": lambda a: ((a - weight) ** 2).mean()}.items():
         leaf = shard(x, spec, requires_grad=True)
         loss = loss_of(leaf)
-        assert loss.dim() == 0 and loss.sharding_spec() == ds.Replicate(), name
+        # Replicated (mse's pow reduces) or partial (a sum's ranks' shares): backward
+        # seeds both with ones, so every rank's gradient counts once.
+        assert loss.dim() == 0 and loss.sharding_spec() in (ds.Replicate(), ds.Partial()), name
         loss.backward()
         dense = x.clone().requires_grad_(True)
         loss_of(dense).backward()
