@@ -18,6 +18,7 @@ computed replicated.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -107,7 +108,7 @@ def _pointwise(func: torch._ops.OpOverload, schema: _Schema, args: tuple[Any, ..
                  for i, a in enumerate(args))
     kwargs = {k: _reduced(v) if k in names else v for k, v in kwargs.items()}
     operands = [args[i] for i in positions] + [kwargs[k] for k in names]
-    shape = torch.broadcast_shapes(*(t.shape for t in operands))
+    shape = _broadcast_shapes(*(t.shape for t in operands))
     if schema.inplace:
         destination = args[0]
     elif schema.out_names:
@@ -230,6 +231,39 @@ def _wrap_blocks(func: torch._ops.OpOverload, first: ShardedTensor, args: tuple[
     return first._like(blocks, dtype=dtype)
 
 
+def _same_layout(func: torch._ops.OpOverload, schema: _Schema, first: ShardedTensor,
+                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The result block by block when every tensor operand has ``first``'s layout; else
+    None."""
+    layout = first._layout
+    columns: list[Any] = []
+    for a in args:
+        if type(a) is ShardedTensor:
+            if a._layout is not layout:
+                return None
+            columns.append(a._local_tensors)
+        elif isinstance(a, torch.Tensor | list | tuple):
+            return None
+        else:
+            columns.append(None)
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor | list | tuple):
+            return None
+    blocks = [func(*[a if c is None else c[b] for a, c in zip(args, columns, strict=True)],
+                   **kwargs)
+              for b in range(len(first._local_tensors))]
+    if schema.inplace:
+        if not blocks:  # dense's errors (a float into an int tensor) on this rank too
+            func(*[_stand_in(a) for a in args], **kwargs)
+        return first
+    return _wrap_blocks(func, first, args, blocks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
+    return torch.broadcast_shapes(*shapes)
+
+
 def _register(func: torch._ops.OpOverload) -> None:
     schema = _Schema(func)
 
@@ -264,6 +298,14 @@ def _register(func: torch._ops.OpOverload) -> None:
                 if isinstance(second, int | float | bool):
                     return _wrap_blocks(func, first, args,
                                         [func(a, second) for a in first._local_tensors])
+        if (type(first) is ShardedTensor and not schema.out_names
+                and not first._layout.is_partial):
+            # Every tensor operand has ``first``'s layout (so its shape: no broadcasting),
+            # keyword arguments are scalars: ``lerp_``, ``addcmul_(.., value=)`` of an
+            # optimizer step. Block by block.
+            served = _same_layout(func, schema, first, args, kwargs)
+            if served is not None:
+                return served
         return _pointwise(func, schema, args, kwargs)
 
     impl.__name__ = impl.__qualname__ = f"pointwise_{func.name().replace('::', '_')}"
