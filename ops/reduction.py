@@ -141,11 +141,37 @@ def _keep_box(box: Box, dims: tuple[int, ...]) -> Box:
     return tuple(slice(None) if d in dims else s for d, s in enumerate(box))
 
 
+def _probe_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (torch.Tensor, value.dtype, tuple(min(n, 2) for n in value.shape))
+    if isinstance(value, list | tuple):
+        return (type(value), *(_probe_key(v) for v in value))
+    return value
+
+
+_PROBES: dict[Any, tuple[torch.dtype, ...]] = {}  # bounded: see _probe
+
+
 def _probe(func: torch._ops.OpOverload, args: tuple[Any, ...],
            kwargs: dict[str, Any]) -> tuple[torch.dtype, ...]:
     """The dtypes of ``func``'s results, from small dense stand-ins of the tensor operands
-    (same dtypes, dims and emptiness): dense errors, raised on every rank alike."""
+    (same dtypes, dims and emptiness): dense errors, raised on every rank alike. Results
+    are cached by the stand-ins' facts (errors are not: they raise again)."""
+    key: Any = (func, _probe_key(args), _probe_key(tuple(kwargs.items())))
+    try:
+        found = _PROBES.get(key)
+    except TypeError:  # an unhashable argument
+        key, found = None, None
+    if found is not None:
+        return found
+    dtypes = _probe_uncached(func, args, kwargs)
+    if key is not None and len(_PROBES) < 4096:
+        _PROBES[key] = dtypes
+    return dtypes
 
+
+def _probe_uncached(func: torch._ops.OpOverload, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> tuple[torch.dtype, ...]:
     def stand_in(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return torch.zeros([min(n, 2) for n in value.shape], dtype=value.dtype)
