@@ -390,12 +390,41 @@ def _sum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, A
     reduced dim (collectives: none); else each rank's blocks summed into a full-size summand
     -> ``Partial("sum")`` (collectives: none, 0-dim results too). A ``Partial("sum"|"avg")``
     input is summed per summand and stays partial."""
+    if func is aten.sum.default and len(args) == 1 and not kwargs:
+        served = _full_sum(args[0])
+        if served is not None:
+            return served
     bound = _bind(func, args, kwargs)
     dims = _dims(args[0].dim(), bound.get("dim"))
     (dtype,) = _probe(func, args, kwargs)
     return _reduction(func, args, kwargs, dims, bound.get("keepdim", False), "sum",
                       lambda block, _: block.sum(dims, keepdim=True, dtype=dtype),
                       dtype=dtype, stays_partial=True, commutes_with=("sum", "avg"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _scalar_share(layout: Layout, device: str) -> Layout:
+    """The layout of a full reduction's per-rank shares: a 0-dim ``Partial("sum")``."""
+    return layout_of(Partial("sum"), torch.Size(()), layout.group_ranks, layout.device or device)
+
+
+def _full_sum(x: ShardedTensor) -> ShardedTensor | None:
+    """``x.sum()`` of a sharded, non-empty ``x``: this rank's blocks summed, a 0-dim
+    ``Partial("sum")`` (the general path's result, without its bookkeeping); else None."""
+    layout = x._layout
+    if not layout.is_sharded or x.numel() == 0:
+        return None
+    blocks = x._local_tensors
+    share = _scalar_share(layout, str(x.device))
+    if blocks:
+        total = blocks[0].sum()
+        for block in blocks[1:]:
+            total = total + block.sum()
+        return x._like([total], share, total.dtype)
+    (dtype,) = _probe(aten.sum.default, (x,), {})
+    if not _is_member(x):
+        return x._like([], share, dtype)
+    return x._like([torch.zeros((), dtype=dtype, device=x.device)], share, dtype)
 
 
 @_implements(aten.mean.default, aten.mean.dim)
