@@ -261,7 +261,8 @@ def _same_layout(func: torch._ops.OpOverload, schema: _Schema, first: ShardedTen
 
 @functools.lru_cache(maxsize=4096)
 def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
-    return torch.broadcast_shapes(*shapes)
+    shape: torch.Size = torch.broadcast_shapes(*shapes)
+    return shape
 
 
 def _register(func: torch._ops.OpOverload) -> None:
