@@ -55,6 +55,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+VOCAB = 64  # rows of the demo's EmbeddingBag
+
+
 def _model(width: int) -> Any:
     import torch
     from torch import nn
@@ -64,11 +67,14 @@ def _model(width: int) -> Any:
     class DemoModel(nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            # Per sequence, a bag of context ids whose mean embedding joins every position.
+            self.context = nn.EmbeddingBag(VOCAB, width, mode="mean")
             self.blocks = nn.Sequential(TransformerBlock(width, 4, 2 * width),
                                         TransformerBlock(width, 4, 2 * width))
             self.head = nn.Linear(width, width)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            x = x + self.context(ids).unsqueeze(1)
             return self.head(self.blocks(x))  # type: ignore[no-any-return]
 
     return DemoModel()
@@ -80,6 +86,7 @@ def _plan() -> dict[str, str]:
     plan = {f"blocks.{i}.{path}": style for i in (0, 1) for path, style in
             TRANSFORMER_PLAN.items()}
     plan["head"] = "replicate"
+    plan["context"] = "table_rowwise"
     return plan
 
 
@@ -140,12 +147,13 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> float:
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         x = torch.randn(4, 6, args.width, generator=generator).to(device)
+        ids = torch.randint(0, VOCAB, (4, 3), generator=generator).to(device)
         y = torch.sin(x.flip(-1)).to(device)  # something to learn
         for model, optimizer in ((dense, dense_opt), (sharded, sharded_opt)):
             optimizer.zero_grad()
             if model is sharded:
                 collectives._observers.append(observe)
-            loss = F.mse_loss(model(x), y)
+            loss = F.mse_loss(model(x, ids), y)
             loss.backward()
             optimizer.step()
             if model is sharded:
@@ -171,7 +179,8 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> float:
         dense_bytes = _state_bytes(dense, dense_opt)
         kinds = Counter(kind for kind, _ in per_step)
         moved = sum(nbytes for _, nbytes in per_step)
-        print(f"dispatch_shard demo: a 2-block transformer (width {args.width}) on {world} "
+        print(f"dispatch_shard demo: a 2-block transformer with a row-wise EmbeddingBag "
+              f"(width {args.width}) on {world} "
               f"rank(s), backend {args.backend}, {args.steps} AdamW steps in {elapsed:.1f} s")
         print(f"  max |sharded - dense| over all parameters and ranks: {worst.item():.2e}")
         print(f"  parameters + gradients + AdamW state: dense {dense_bytes / 2**10:.1f} KiB; "

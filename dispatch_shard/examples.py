@@ -35,9 +35,14 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """A pre-norm transformer block: multi-head self-attention and an MLP."""
 
-    def __init__(self, d_model: int = 8, heads: int = 4, hidden: int = 16) -> None:
+    def __init__(self, d_model: int = 8, heads: int = 4, hidden: int = 16,
+                 fused_attention: bool = True) -> None:
         super().__init__()
         self.heads = heads
+        # ``F.scaled_dot_product_attention`` (True), or the same math spelled out with
+        # ``@`` and ``softmax`` (False; on sharded heads, ``@`` of 4-D tensors folds the
+        # split head dim into the batch and falls back to replicated: see ops/attention.py).
+        self.fused_attention = fused_attention
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         # No key bias: its exact gradient is zero (softmax ignores a per-query shift).
         self.q, self.v = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
@@ -53,8 +58,12 @@ class TransformerBlock(nn.Module):
             return t.view(batch, seq, self.heads, d_model // self.heads).transpose(1, 2)
 
         q, k, v = split_heads(self.q(h)), split_heads(self.k(h)), split_heads(self.v(h))
-        scores = (q @ k.transpose(-2, -1)) / (d_model // self.heads) ** 0.5
-        attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, seq, d_model)
+        if self.fused_attention:
+            heads = F.scaled_dot_product_attention(q, k, v)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / (d_model // self.heads) ** 0.5
+            heads = scores.softmax(-1) @ v
+        attended = heads.transpose(1, 2).reshape(batch, seq, d_model)
         x = x + self.o(attended)
         return x + self.mlp(self.ln2(x))  # type: ignore[no-any-return]
 
@@ -70,7 +79,11 @@ def _placements(world_size: int, device: str) -> list[str]:
 
 def parallelize(module: nn.Module, plan: dict[str, str], world_size: int,
                 device: str = "cpu") -> nn.Module:
-    """Shard ``module``'s submodules in place by ``plan`` (path -> colwise/rowwise/replicate).
+    """Shard ``module``'s submodules in place by ``plan`` (path -> style).
+
+    Styles: ``colwise`` / ``rowwise`` (Megatron's column- and row-parallel linears: the
+    weight's rows, or columns, chunked), ``table_rowwise`` (an embedding table's rows
+    chunked, TorchRec's row-wise) and ``replicate``.
 
     Every rank must hold the same dense module (same seed); each keeps its blocks, so
     this issues no collectives. Returns ``module``.
@@ -82,13 +95,15 @@ def parallelize(module: nn.Module, plan: dict[str, str], world_size: int,
         specs: dict[str, ShardingSpec]
         if style == "colwise":
             specs = {"weight": rows, "bias": rows}
+        elif style == "table_rowwise":
+            specs = {"weight": rows}
         elif style == "rowwise":
             specs = {"weight": cols, "bias": Replicate()}
         elif style == "replicate":
             specs = {name: Replicate() for name, _ in sub.named_parameters(recurse=False)}
         else:
             raise ValueError(f"unknown parallel style {style!r} for {path!r}: "
-                             "expected colwise, rowwise or replicate")
+                             "expected colwise, rowwise, table_rowwise or replicate")
         for name, spec in specs.items():
             param = getattr(sub, name, None)
             if param is None:

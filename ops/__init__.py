@@ -7,6 +7,7 @@ public :func:`dispatch_shard.custom_sharded_op_impl` decorator, exactly as users
 from __future__ import annotations
 
 from dispatch_shard.ops import (
+    attention,
     embedding,
     factory,
     foreach,
@@ -23,5 +24,5 @@ from dispatch_shard.ops import (
 # no family above serves (see ops/decomposed.py).
 from dispatch_shard.ops import decomposed
 
-__all__ = ["decomposed", "embedding", "factory", "foreach", "indexing", "matmul", "pointwise",
-           "reduction", "tensor_basics", "view"]
+__all__ = ["attention", "decomposed", "embedding", "factory", "foreach", "indexing", "matmul",
+           "pointwise", "reduction", "tensor_basics", "view"]

@@ -78,13 +78,23 @@ def _as_replicated(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     return wrap(out)
 
 
+def _decomposed(func: torch._ops.OpOverload, out: Any) -> Any:
+    """``out`` of ``func``'s decomposition, which returns ``NotImplemented`` for the cases it
+    leaves to the kernel (``adaptive_max_pool2d`` with uneven windows): we have no kernel."""
+    if out is NotImplemented:
+        raise NotImplementedError(
+            f"{func} (this case of its decomposition) not supported for ShardedTensor!")
+    return out
+
+
 def _register(func: torch._ops.OpOverload, decomposition: Callable[..., Any]) -> None:
     if torch.Tag.nondeterministic_seeded in func.tags:
         def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-            return decomposition(*args, **kwargs)
+            return _decomposed(func, decomposition(*args, **kwargs))
     else:
         def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-            return _as_replicated(decomposition(*args, **kwargs), args, kwargs)
+            return _as_replicated(_decomposed(func, decomposition(*args, **kwargs)), args,
+                                  kwargs)
 
     impl.__name__ = impl.__qualname__ = f"decomposed_{func.name().replace('::', '_')}"
     impl.__doc__ = (f"``{func}`` through torch's decomposition; the collectives are those of "

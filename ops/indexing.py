@@ -345,6 +345,10 @@ def gather(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     dim = bound["dim"] % max(x.dim(), 1)
     check = _bounds_check(x.shape[dim] if x.dim() else 1, dim)
     rank = anchor._rank
+    if 0 in size:
+        # An empty index picks nothing (dense allows any dims and integer dtype then).
+        return _replicated(anchor, torch.empty(size, dtype=dtype, device=anchor.device), size,
+                           dtype)
 
     def local(block: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return torch.gather(block, dim, idx)
@@ -387,7 +391,8 @@ def gather(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     if _sharded(index):
         out_layout = index._layout
         pieces = _index_pieces(index, out_layout, rank, check, anchor)
-        blocks = [local(whole_x[_region(out_layout.shard_box(j), dim, whole_x.shape)[0]], idx)
+        blocks = [local(whole_x[_region(out_layout.shard_box(j), dim, whole_x.shape)[0]]
+                        if whole_x.dim() else whole_x, idx)
                   if idx.numel() else idx.new_empty(idx.shape, dtype=dtype)
                   for idx, j in zip(pieces, out_layout.local_indices(rank), strict=True)]
         return index._like(blocks, out_layout, dtype)
@@ -497,8 +502,10 @@ def _scatter(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
                 view.copy_(padded.narrow(dim, 0, high - low))
         return x if inplace else x._like(targets, dtype=dtype)
     if not inplace:
+        # (An empty index writes nothing: the whole path below serves it.)
         lined_up = [t for t in (index, src) if _sharded(t) and t.shape == index.shape
-                    and dim not in _split_dims(t._layout)]
+                    and dim not in _split_dims(t._layout) and index.numel()
+                    and index.dim() == x.dim()]
         if (lined_up and (not tensor_src or src.shape == index.shape)
                 and all(n == x.shape[d] for d, n in enumerate(index_size) if d != dim)):
             layout = lined_up[0]._layout

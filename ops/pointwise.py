@@ -226,7 +226,14 @@ def _run_blocks(
 
 
 def _wrap_blocks(func: torch._ops.OpOverload, first: ShardedTensor, args: tuple[Any, ...],
-                 blocks: list[torch.Tensor]) -> ShardedTensor:
+                 blocks: list[Any]) -> Any:
+    """``first``'s layout around per-block results: one ShardedTensor, or a tuple of them for
+    an op with several outputs (``frexp``: mantissa and exponent)."""
+    if len(func._schema.returns) > 1:
+        dtypes = (tuple(r.dtype for r in blocks[0]) if blocks
+                  else _result_dtype(func, list(args), {}))
+        return tuple(first._like([b[k] for b in blocks], dtype=dtype)
+                     for k, dtype in enumerate(dtypes))
     dtype = blocks[0].dtype if blocks else _result_dtype(func, list(args), {})
     return first._like(blocks, dtype=dtype)
 
@@ -257,6 +264,71 @@ def _same_layout(func: torch._ops.OpOverload, schema: _Schema, first: ShardedTen
             func(*[_stand_in(a) for a in args], **kwargs)
         return first
     return _wrap_blocks(func, first, args, blocks)
+
+
+# NOTE [linear ops of partial values]
+# A sum of summands goes through linear ops: ``Σa + Σb = Σ(a + b)`` (same layout, so
+# the same group), ``(Σa) * r = Σ(a * r)`` and ``(Σa) / r`` for a replicated ``r`` (a
+# Python number, a plain tensor, a replicated ShardedTensor) that does not broadcast
+# the partial value, and ``-Σa = Σ(-a)``. These keep ``Partial("sum"|"avg")``: no
+# collective. Autograd meets them where gradients accumulate (``dq + dk`` into the
+# input of column-parallel Q/K/V projections), and one all-reduce then serves the sum.
+_LINEAR = {
+    aten.add.Tensor: "sum", aten.sub.Tensor: "sum",
+    aten.mul.Tensor: "scale", aten.div.Tensor: "scale",
+    aten.neg.default: "negate",
+}
+
+
+def _replicated_value(value: Any) -> Any:
+    """``value`` as a plain value, when it is replicated; else None."""
+    if isinstance(value, int | float | bool):
+        return value
+    if type(value) is torch.Tensor:
+        return value
+    if type(value) is ShardedTensor and value._layout.is_replicate:
+        return value._local_tensors[0] if value._local_tensors else torch.empty(
+            value.shape, dtype=value.dtype, device=value.device)
+    return None
+
+
+def _linear_on_partial(func: torch._ops.OpOverload, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
+    """NOTE [linear ops of partial values]; None where it does not apply."""
+    kind = _LINEAR[func]
+    partial = args[0]
+    if type(partial) is not ShardedTensor or not partial._layout.is_partial \
+            or partial._layout.spec.reduce_op not in ("sum", "avg"):  # type: ignore[attr-defined]
+        if kind != "scale" or func is aten.div.Tensor or len(args) != 2:
+            return None
+        partial, args = args[1], (args[1], args[0])  # r * Σa: the same as (Σa) * r
+        if type(partial) is not ShardedTensor or not partial._layout.is_partial \
+                or partial._layout.spec.reduce_op not in ("sum", "avg"):  # type: ignore[attr-defined]
+            return None
+    layout = partial._layout
+    if kind == "negate":
+        if kwargs or len(args) != 1:
+            return None
+        blocks = [func(t) for t in partial._local_tensors]
+    elif kind == "sum":
+        other = args[1]
+        if type(other) is not ShardedTensor or other._layout is not layout or len(args) != 2 \
+                or any(not isinstance(v, int | float | bool) for v in kwargs.values()):
+            return None
+        blocks = [func(a, b, **kwargs) for a, b in
+                  zip(partial._local_tensors, other._local_tensors, strict=True)]
+    else:
+        factor = _replicated_value(args[1]) if len(args) == 2 and not kwargs else None
+        if factor is None or (isinstance(factor, torch.Tensor)
+                              and _broadcast_shapes(factor.shape, partial.shape)
+                              != partial.shape):
+            return None
+        blocks = [func(t, factor) for t in partial._local_tensors]
+    if blocks:
+        dtype = blocks[0].dtype
+    else:
+        dtype = _result_dtype(func, list(args), dict(kwargs))
+    return partial._like(blocks, layout, dtype)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -49,18 +49,25 @@ def equal(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_gro
     """Same size and values on every rank; one all-reduce(min) of the local verdict.
 
     Operands with different layouts are compared after moving the second to
-    the first's layout.
+    the first's layout; a plain operand is a replicated value, compared block by block.
     """
     first, second = args
-    if not isinstance(first, ShardedTensor) or not isinstance(second, ShardedTensor):
-        raise TypeError("torch.equal: both arguments must be ShardedTensors")
+    if not isinstance(first, ShardedTensor):
+        first, second = second, first
     if first.shape != second.shape:
         return False
-    if second._layout is not first._layout:
-        second = second._redistributed(first._layout.spec)
+    first = first._reduced()
+    layout = first._layout
+    if isinstance(second, ShardedTensor):
+        second = second._reduced()
+        if second._layout is not layout:
+            second = second._redistributed(layout.spec)
+        others = list(second._local_tensors)
+    else:
+        # A plain tensor is a replicated value: each block meets its own part of it.
+        others = [second[layout.shard_box(i)] for i in layout.local_indices(first._rank)]
     verdict = all(
-        torch.equal(a, b)
-        for a, b in zip(first._local_tensors, second._local_tensors, strict=True)
+        torch.equal(a, b) for a, b in zip(first._local_tensors, others, strict=True)
     )
     group = first._process_group
     if not collectives.is_member(group, first._rank):

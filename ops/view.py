@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils._mode_utils import no_dispatch
 
 from dispatch_shard.layout import Layout, layout_of
 from dispatch_shard.metadata import ShardMetadata
@@ -221,6 +222,61 @@ def _squeezed(layout: Layout, dims: tuple[int, ...]) -> Layout:
                      lambda o, s: ([o[d] for d in keep], [s[d] for d in keep]))
 
 
+# -- in-place views ------------------------------------------------------------------------
+
+# NOTE [in-place views]
+# ``x.squeeze_()``, ``x.t_()``... change ``x``'s shape, not its data. ``x`` takes the blocks
+# and layout of the out-of-place view (its blocks alias the old ones, as the view's do;
+# the old block tensors are left alone: another wrapper, a ``detach``, may share them),
+# then the wrapper's own sizes are changed with dispatch off (as torch's
+# ``return_and_correct_aliasing`` does for DTensor's ``squeeze_``), keeping the contiguous
+# strides every ShardedTensor has.
+_INPLACE_VIEWS = {
+    aten.squeeze_.default: aten.squeeze.default,
+    aten.squeeze_.dim: aten.squeeze.dim,
+    aten.squeeze_.dims: aten.squeeze.dims,
+    aten.unsqueeze_.default: aten.unsqueeze.default,
+    aten.transpose_.default: aten.transpose.int,
+    aten.t_.default: aten.t.default,
+    aten.detach_.default: aten.detach.default,
+}
+
+
+def _set_wrapper_size(x: ShardedTensor, size: torch.Size) -> None:
+    """``x``'s own (wrapper) sizes become ``size``, with contiguous strides like every
+    ShardedTensor's; only metadata changes (the wrapper has no data)."""
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    with no_dispatch():
+        meta_in_tls = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            aten.as_strided_.default(x, list(size), strides[::-1])
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
+
+
+def _register_inplace_view(func: torch._ops.OpOverload, view: torch._ops.OpOverload) -> None:
+    def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+        x = args[0]
+        result = view(*args, **kwargs)
+        x._local_tensors = list(result._local_tensors)
+        x._layout = result._layout
+        _set_wrapper_size(x, result.shape)
+        return x
+
+    impl.__name__ = impl.__qualname__ = f"inplace_view_{func.name().split('::')[1]}"
+    impl.__doc__ = (f"``{func}``: ``x`` becomes its ``{view}`` (blocks and layout), see NOTE "
+                    "[in-place views]; no collectives.")
+    custom_sharded_op_impl(func)(impl)
+
+
+for _func, _view_op in _INPLACE_VIEWS.items():
+    _register_inplace_view(_func, _view_op)
+
+
 # -- view / reshape -------------------------------------------------------------------
 
 def _dim_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
@@ -300,6 +356,8 @@ def _view(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     if -1 in size:
         known = math.prod(s for s in size if s != -1)
         size[size.index(-1)] = x.numel() // known if known else 0
+    if not size and x._layout.is_sharded:
+        return _only_element(x)
     layout = _viewed(x._layout, tuple(size))
     if layout is None:
         return replicated_fallback(aten.reshape.default, (x, size), {})
@@ -450,6 +508,19 @@ def _select_element(x: ShardedTensor, index: int) -> ShardedTensor:
     local = layout.local_indices(x._rank)
     blocks = [x._local_tensors[local.index(owner)][index - shard.shard_offsets[0]]] \
         if owner in local else []
+    return x._like(blocks, new_layout)
+
+
+def _only_element(x: ShardedTensor) -> ShardedTensor:
+    """``x.view(())`` of a sharded one-element ``x``: a 0-dim block on the rank holding the
+    element (a 0-dim block cannot be empty: the empty blocks go); no collectives."""
+    layout = x._layout
+    owner = next(i for i, s in enumerate(layout.shards) if math.prod(s.shard_sizes) == 1)
+    new_layout = layout_of(
+        EnumerableShardingSpec([ShardMetadata([], [], layout.shards[owner].placement)]),
+        torch.Size([]), layout.group_ranks)
+    local = layout.local_indices(x._rank)
+    blocks = [x._local_tensors[local.index(owner)].reshape(())] if owner in local else []
     return x._like(blocks, new_layout)
 
 

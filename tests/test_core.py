@@ -129,12 +129,14 @@ BUILTIN_OPS = {
     ],
     "dispatch_shard.ops.view": [
         "aten._to_copy.default", "aten._unsafe_view.default", "aten.cat.default",
-        "aten.copy_.default", "aten.expand.default", "aten.permute.default",
-        "aten.repeat.default",
+        "aten.copy_.default", "aten.detach_.default", "aten.expand.default",
+        "aten.permute.default", "aten.repeat.default",
         "aten.select.int", "aten.slice.Tensor", "aten.split.Tensor",
         "aten.split_with_sizes.default", "aten.squeeze.default", "aten.squeeze.dim",
-        "aten.squeeze.dims", "aten.stack.default", "aten.t.default", "aten.transpose.int",
-        "aten.unbind.int", "aten.unsqueeze.default", "aten.view.default",
+        "aten.squeeze.dims", "aten.squeeze_.default", "aten.squeeze_.dim", "aten.squeeze_.dims",
+        "aten.stack.default", "aten.t.default", "aten.t_.default", "aten.transpose.int",
+        "aten.transpose_.default", "aten.unbind.int", "aten.unsqueeze.default",
+        "aten.unsqueeze_.default", "aten.view.default",
     ],
 }
 # ops/pointwise.py serves every overload torch tags pointwise, and ops/foreach.py every

@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 import dispatch_shard as ds
-from dispatch_shard.testing import RankFailure, get_pool, multi_rank
+from dispatch_shard.testing import get_pool, multi_rank
 
 # -- profiles ------------------------------------------------------------------------
 
@@ -473,8 +473,6 @@ def run_program(rank: int, world_size: int, program: dict[str, Any]) -> str | No
 KNOWN_GAPS = {
     "into a Partial ShardedTensor is not supported":
         "in-place pointwise ops into a Partial tensor (ops/pointwise.py refuses them)",
-    "aten.squeeze_.dim not supported for ShardedTensor":
-        "in-place view ops (vector @ matrix uses squeeze_)",
     "prims.prod.default not supported for ShardedTensor":
         "cumprod (the backward of prod uses it), decomposed to prims.prod",
 }
@@ -692,18 +690,8 @@ def steps(draw: st.DrawFn, x: torch.Tensor, world_size: int) -> tuple[Any, ...]:
     else:
         k = shape[0] if ndim == 1 else shape[-2]
         choices = [(k,), (n, k)] + ([(shape[0], n, k)] if ndim == 3 else [])
-    choices = [c for c in choices
-               if (matmul_supported(c, shape) if swap else matmul_supported(shape, c))]
-    if not choices:
-        return ("unary", "neg" if dtype != "bool" else "logical_not")
     other_shape = draw(st.sampled_from(choices))
     return ("matmul", draw(operands(other_shape, dtype, world_size)), swap)
-
-
-def matmul_supported(first: Shape, second: Shape) -> bool:
-    """vector @ matrix needs the in-place ``squeeze_`` on a ShardedTensor, which is not
-    supported (see test_vector_matrix_product_gap)."""
-    return not (len(first) == 1 and len(second) == 2)
 
 
 def _shaped(side: Side, x: torch.Tensor, step: tuple[Any, ...]) -> torch.Tensor:
@@ -779,12 +767,12 @@ def test_matmul_matches_dense(program: dict[str, Any]) -> None:
 
 def _vector_matrix_product(rank: int, world_size: int) -> None:
     vector = ds.ShardedTensor.from_replicated(torch.ones(3), ds.Replicate())
-    vector @ torch.ones(3, 2)  # matmul: unsqueeze(0).mm(...).squeeze_(0)
+    product = vector @ torch.ones(3, 2)  # matmul: unsqueeze(0).mm(...).squeeze_(0)
+    torch.testing.assert_close(product.full_tensor(), torch.full((2,), 3.0))
 
 
-@pytest.mark.xfail(strict=True, raises=RankFailure,
-                   reason="aten.squeeze_.dim (in-place view) is not supported for ShardedTensor")
-def test_vector_matrix_product_gap() -> None:
+def test_vector_matrix_product() -> None:
+    """Once a gap (the in-place view ``squeeze_``); the property tests now draw it too."""
     get_pool(2).run(_vector_matrix_product, timeout_s=RUN_TIMEOUT_S)
 
 

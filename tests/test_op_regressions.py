@@ -1,0 +1,135 @@
+"""Regressions the OpInfo differential run found (issue #4), pinned on world sizes 2 and 3.
+
+Each test is the smallest form of a failing OpInfo sample: tensors sharded along dim 0 in
+uneven chunks (a size-1 or empty dim leaves some ranks with empty blocks), compared with
+the dense op.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from layouts import rows, shard
+
+import dispatch_shard as ds
+from dispatch_shard.testing import multi_rank
+
+
+def _full(value: object) -> torch.Tensor:
+    assert isinstance(value, ds.ShardedTensor), type(value)
+    return value.full_tensor()
+
+
+@multi_rank(world_size=[2, 3])
+def test_frexp_gives_two_sharded_outputs(rank: int, world_size: int) -> None:
+    x = torch.linspace(-3.0, 5.0, 7)
+    mantissa, exponent = torch.frexp(shard(x, rows(world_size)))
+    want_mantissa, want_exponent = torch.frexp(x)
+    torch.testing.assert_close(_full(mantissa), want_mantissa)
+    torch.testing.assert_close(_full(exponent), want_exponent)
+    empty_mantissa, empty_exponent = torch.frexp(shard(torch.ones(1, 0, 3), rows(world_size)))
+    assert empty_mantissa.shape == (1, 0, 3) and empty_exponent.dtype == torch.int32
+
+
+@multi_rank(world_size=[2, 3])
+def test_equal_with_a_plain_operand_is_dense_equal(rank: int, world_size: int) -> None:
+    x = torch.arange(6.0).reshape(3, 2)
+    sx = shard(x, rows(world_size))
+    assert torch.equal(sx, torch.tensor(1.0)) is False  # sizes differ: False, no error
+    assert torch.equal(torch.tensor(1.0), sx) is False
+    assert torch.equal(sx, x.clone()) is True
+    assert torch.equal(x.clone(), sx) is True
+    changed = x.clone()
+    changed[-1, -1] = -1.0  # on the last rank's block only
+    assert torch.equal(sx, changed) is False
+
+
+@multi_rank(world_size=[2, 3])
+def test_adaptive_max_pool_with_uneven_windows_is_unsupported(rank: int,
+                                                              world_size: int) -> None:
+    # Its decomposition returns NotImplemented for windows that do not divide the input:
+    # that must be a NotImplementedError, not torch's "all handlers returned NotImplemented".
+    x = shard(torch.randn(3, 4, 4), rows(world_size))
+    with pytest.raises(NotImplementedError, match="adaptive_max_pool2d"):
+        torch.nn.functional.adaptive_max_pool1d(x, 3)
+
+
+@multi_rank(world_size=[2, 3])
+def test_one_element_sharded_tensor_viewed_as_0_dim(rank: int, world_size: int) -> None:
+    # prelu(0-dim input, weight [1]) views the sharded weight (one block of 1, empty
+    # blocks elsewhere) to 0-dim: the empty blocks used to become overlapping 0-dim blocks.
+    weight = torch.tensor([0.25])
+    x = torch.tensor(-0.7)
+    got = torch.nn.functional.prelu(x, shard(weight, rows(world_size)))
+    torch.testing.assert_close(_full(got), torch.nn.functional.prelu(x, weight))
+    scalar = shard(torch.tensor([[3.0]]), rows(world_size)).view(())
+    assert scalar.shape == () and scalar.item() == 3.0
+    torch.testing.assert_close(_full(scalar.reshape(1, 1, 1)), torch.full((1, 1, 1), 3.0))
+
+
+@multi_rank(world_size=[2, 3])
+def test_masked_var_with_a_broadcast_mask(rank: int, world_size: int) -> None:
+    # The mask [1, 5, 5] is chunked along its size-1 dim; the full reduction ends in a
+    # view of a one-element sharded tensor to 0-dim (as above).
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 5, 5, generator=generator)
+    mask = torch.rand(1, 5, 5, generator=generator) > 0.3
+    for correction in (None, -1):
+        got = torch.masked._ops.var(shard(x, rows(world_size)),
+                                    mask=shard(mask, rows(world_size)), correction=correction)
+        torch.testing.assert_close(_full(got), torch.masked._ops.var(x, mask=mask,
+                                                                     correction=correction))
+
+
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("case", ["empty_uint8", "empty_2d_uint8", "0_dim_source",
+                                  "empty_rows", "empty_columns"])
+def test_gather_with_empty_or_0_dim_operands(rank: int, world_size: int, case: str) -> None:
+    x, dim, index = {
+        "empty_uint8": (torch.arange(5.0), 0, torch.zeros(0, dtype=torch.uint8)),
+        "empty_2d_uint8": (torch.arange(5.0), 0, torch.zeros(2, 0, dtype=torch.uint8)),
+        "0_dim_source": (torch.tensor(1.5), 0, torch.zeros(1, dtype=torch.int64)),
+        "empty_rows": (torch.randn(4, 3), 0, torch.zeros(0, 3, dtype=torch.int64)),
+        "empty_columns": (torch.randn(4, 3), 1, torch.zeros(4, 0, dtype=torch.int64)),
+    }[case]
+    dense = x.clone().requires_grad_(True)
+    sharded = (shard(x, rows(world_size)) if x.dim() else x.clone()).requires_grad_(True)
+    want = torch.gather(dense, dim, index)
+    got = torch.gather(sharded, dim, shard(index, rows(world_size)))
+    torch.testing.assert_close(_full(got), want)
+    (want * 2.0).sum().backward()
+    (got * 2.0).sum().backward()
+    grad = sharded.grad
+    torch.testing.assert_close(grad.full_tensor() if isinstance(grad, ds.ShardedTensor)
+                               else grad, dense.grad)
+
+
+@multi_rank(world_size=[2, 3])
+def test_in_place_views_change_the_tensor_not_its_aliases(rank: int, world_size: int) -> None:
+    x = torch.randn(4, 1, 3, generator=torch.Generator().manual_seed(0))
+    sx = shard(x, rows(world_size))
+    alias = sx.detach()
+    assert sx.squeeze_(1) is sx
+    assert sx.shape == (4, 3) and alias.shape == (4, 1, 3)
+    want = x.squeeze(1)
+    torch.testing.assert_close(sx.full_tensor(), want)
+    for step in (lambda t: t.unsqueeze_(0), lambda t: t.transpose_(0, 2),
+                 lambda t: t.squeeze_(), lambda t: t.t_(), lambda t: t.squeeze_(-1)):
+        want = step(want.clone())
+        assert step(sx) is sx
+        assert sx.shape == want.shape and sx.is_contiguous()
+        torch.testing.assert_close(sx.full_tensor(), want)
+    sx.mul_(2.0)  # the blocks still alias the original data
+    torch.testing.assert_close(alias.full_tensor(), 2.0 * x)
+
+
+@multi_rank(world_size=[2, 3])
+def test_vector_matrix_product_uses_squeeze_(rank: int, world_size: int) -> None:
+    vector = torch.arange(3.0)
+    matrix = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    sharded = shard(vector, rows(world_size)).requires_grad_(True)
+    got = sharded @ matrix  # matmul: unsqueeze(0).mm(...).squeeze_(0)
+    torch.testing.assert_close(_full(got), vector @ matrix)
+    got.sum().backward()
+    torch.testing.assert_close(_full(sharded.grad), matrix.sum(1))
+
