@@ -87,12 +87,34 @@ def _decomposed(func: torch._ops.OpOverload, out: Any) -> Any:
     return out
 
 
+def _whole_sums(value: Any) -> Any:
+    """A Partial ShardedTensor reduced (cached: once), in lists too; others as they are.
+
+    NOTE [decompositions get reduced inputs]
+    A decomposition is many ops. Fed a partial value, its linear steps would keep it
+    partial (NOTE [linear ops of partial values] in ops/pointwise.py) and each
+    non-linear one would reduce its own intermediate: several all-reduces where
+    reducing the input once does (``native_layer_norm_backward`` of a partial
+    gradient: one all-reduce of the gradient, not three of its row sums and products).
+    """
+    if type(value) is ShardedTensor and value._layout.is_partial:
+        return value._reduced()
+    if isinstance(value, list | tuple) and any(
+            type(v) is ShardedTensor and v._layout.is_partial for v in value):
+        return type(value)(_whole_sums(v) for v in value)
+    return value
+
+
 def _register(func: torch._ops.OpOverload, decomposition: Callable[..., Any]) -> None:
     if torch.Tag.nondeterministic_seeded in func.tags:
         def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+            args = tuple(_whole_sums(a) for a in args)
+            kwargs = {k: _whole_sums(v) for k, v in kwargs.items()}
             return _decomposed(func, decomposition(*args, **kwargs))
     else:
         def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+            args = tuple(_whole_sums(a) for a in args)
+            kwargs = {k: _whole_sums(v) for k, v in kwargs.items()}
             return _as_replicated(_decomposed(func, decomposition(*args, **kwargs)), args,
                                   kwargs)
 

@@ -9,8 +9,8 @@ NOTE [the result's layout]
 The result takes the layout of an operand whose shape is the broadcast shape:
 the destination for in-place and ``out=`` forms, else the first sharded such
 operand, else the first replicated one. Partial operands are reduced first
-(a pointwise op of summands is not the op of the sum, except for a few linear
-ops we do not special-case yet). An operand that broadcasts (smaller shape),
+(a pointwise op of summands is not the op of the sum), except in the linear ops
+of NOTE [linear ops of partial values]. An operand that broadcasts (smaller shape),
 and every plain tensor (treated as replicated), is sliced per block where it
 is not broadcast. When no ShardedTensor has the broadcast shape, the result is
 computed replicated.
@@ -371,6 +371,10 @@ def _register(func: torch._ops.OpOverload) -> None:
                 if isinstance(second, int | float | bool):
                     return _wrap_blocks(func, first, args,
                                         [func(a, second) for a in first._local_tensors])
+        if func in _LINEAR:
+            served = _linear_on_partial(func, args, kwargs)
+            if served is not None:
+                return served
         if (type(first) is ShardedTensor and not schema.out_names
                 and not first._layout.is_partial):
             # Every tensor operand has ``first``'s layout (so its shape: no broadcasting),

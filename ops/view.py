@@ -314,39 +314,72 @@ def _dim_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int],
 def _viewed(layout: Layout, size: tuple[int, ...]) -> Layout | None:
     """The layout of ``x.view(size)`` when every block stays a block; else None.
 
-    Blocks survive a view when each group of dims that the view merges or
-    splits is either whole in every block, or is one dim of unchanged size.
+    A view pairs runs of old dims with runs of new dims of equal product (a group).
+    Blocks survive when, in each group, only the outermost real (size > 1) old dim
+    may be split, and each block's range of the group's flattened index starts and
+    ends on a multiple of the product of the new group's inner dims: splitting a
+    column-parallel ``[B, S, H * Dh]`` into heads ``[B, S, H, Dh]`` (blocks on head
+    boundaries), and merging ``[B, S, H, Dh]`` back.
     """
     groups = _dim_groups(list(layout.size), list(size))
     if groups is None:
         return None
-    group_list = groups
     split = _split_dims(layout)
     chunk_dim = None
     spec_dim = layout.spec.dim % len(layout.size) \
         if isinstance(layout.spec, ChunkShardingSpec) else None
+    # Per group: (outermost real old dim, its inner product, outermost real new dim, its
+    # inner product); None for a group no block splits (the new dims are whole).
+    plans: list[tuple[list[int], list[int], tuple[int, int, int, int] | None]] = []
     for old_dims, new_dims in groups:
         real_old = [d for d in old_dims if layout.size[d] != 1]
         real_new = [e for e in new_dims if size[e] != 1]
-        one_to_one = len(real_old) == 1 and len(real_new) == 1
-        if any(d in split for d in old_dims) and not one_to_one:
-            return None
-        if spec_dim in old_dims and one_to_one and spec_dim in real_old:
+        cut = [d for d in old_dims if d in split]
+        if len(real_old) == 1 and len(real_new) == 1:  # one dim of unchanged size
+            plans.append((old_dims, new_dims, (real_old[0], 1, real_new[0], 1)))
+            if spec_dim == real_old[0]:
+                chunk_dim = real_new[0]
+            continue
+        if not cut or not real_new:
+            plans.append((old_dims, new_dims, None))
+            continue
+        if cut != real_old[:1]:
+            return None  # an inner dim is split: a block is no box of the new dims
+        inner_old = math.prod(layout.size[d] for d in real_old[1:])
+        inner_new = math.prod(size[e] for e in real_new[1:])
+        for shard in layout.shards:
+            if 0 in shard.shard_sizes:
+                continue
+            lo = shard.shard_offsets[real_old[0]] * inner_old
+            hi = lo + shard.shard_sizes[real_old[0]] * inner_old
+            if lo % inner_new or hi % inner_new:
+                return None  # a block ends inside a row of the new inner dims
+        plans.append((old_dims, new_dims, (real_old[0], inner_old, real_new[0], inner_new)))
+        if spec_dim == real_old[0]:
             chunk_dim = real_new[0]
 
     def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
         new_offsets, new_sizes = [0] * len(size), list(size)
-        for old_dims, new_dims in group_list:
-            real_old = [d for d in old_dims if layout.size[d] != 1]
-            real_new = [e for e in new_dims if size[e] != 1]
-            if len(real_old) == 1 and len(real_new) == 1:
-                new_offsets[real_new[0]] = offsets[real_old[0]]
-                new_sizes[real_new[0]] = sizes[real_old[0]]
+        for _, _, plan in plans:
+            if plan is None:
+                continue
+            old, inner_old, new, inner_new = plan
+            lo = offsets[old] * inner_old
+            # (one-to-one: offsets as they are, a chunk's empty blocks' unclamped ones too)
+            new_offsets[new] = lo if inner_new == inner_old == 1 else min(lo // inner_new,
+                                                                           size[new])
+            new_sizes[new] = sizes[old] * inner_old // inner_new
         if 0 in sizes and new_sizes and 0 not in new_sizes:
             new_sizes[0] = 0  # an empty block stays empty
         return new_offsets, new_sizes
 
-    return _relayout(layout, size, chunk_dim, block_map)
+    enumerated = _relayout(layout, size, None, block_map)
+    if chunk_dim is not None and enumerated.is_sharded:
+        chunked = _relayout(layout, size, chunk_dim, block_map)
+        if [(s.shard_offsets, s.shard_sizes, s.placement) for s in chunked.shards] == [
+                (s.shard_offsets, s.shard_sizes, s.placement) for s in enumerated.shards]:
+            return chunked
+    return enumerated
 
 
 def _view(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:

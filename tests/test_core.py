@@ -85,6 +85,10 @@ def seeded(*size: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> tor
 # ``ops/__init__.py`` (or an op moving family) fails the test below; extend it
 # with each new op family.
 BUILTIN_OPS = {
+    "dispatch_shard.ops.attention": [
+        "aten._scaled_dot_product_flash_attention_for_cpu.default",
+        "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
+    ],
     "dispatch_shard.ops.factory": [
         "aten.bernoulli_", "aten.cauchy_", "aten.empty_like", "aten.exponential_",
         "aten.full_like", "aten.geometric_", "aten.log_normal_", "aten.new_empty",
