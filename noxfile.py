@@ -1,4 +1,4 @@
-"""Project sessions: ``nox -s tests properties lint typecheck docs bench coverage demo``.
+"""Project sessions: ``nox -s tests properties lint typecheck docs bench coverage demo soak``.
 
 NOTE [which torch the sessions use]
 Every session's virtualenv sees the interpreter's site-packages, so a torch
@@ -110,3 +110,15 @@ def demo(session: nox.Session) -> None:
     """The demo: 4 CPU ranks train a sharded model (python -m dispatch_shard.demo)."""
     install(session)
     session.run("python", "-m", "dispatch_shard.demo", *session.posargs)
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def soak(session: nox.Session) -> None:
+    """2000 training steps of the demo model on 4 CPU ranks: RSS, live tensors, caches,
+    threads and process groups stay flat after warm-up (tools/soak.py; ~15 minutes on two
+    cores). tests/test_soak.py is the short CI version."""
+    install(session)
+    # By path: sys.path[0] is tools/, so the ranks import soak.py by name, and the
+    # installed package is the one run.
+    session.run("python", "tools/soak.py", *session.posargs,
+                env={"PYTHONDONTWRITEBYTECODE": "1"})
