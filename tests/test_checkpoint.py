@@ -502,6 +502,24 @@ def test_async_save_and_load(rank: int, world_size: int, tmp_path: Path) -> None
         assert torch.equal(target[key].full_tensor(), reference(key)), key
     assert target["step"].item() == 7
 
+    # Training goes on while the model is written: the save thread runs DCP's collectives
+    # on a group of its own, so they never interleave with training's on the default group.
+    checkpoint_group = dist.new_group(backend="gloo")
+    model = block(world_size, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    saved = {name: dense(p).clone() for name, p in model.named_parameters()}
+    future = dcp.async_save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "model"),
+                            process_group=checkpoint_group)
+    for seed in (1, 2):
+        train_step(model, optimizer, seed=seed)
+    future.result()
+    model_2 = block(world_size, seed=7, plan=SWAPPED_PLAN)  # another layout: reshards
+    state_dict = {"model": model_2.state_dict()}
+    dcp.load(state_dict, checkpoint_id=str(tmp_path / "model"))
+    model_2.load_state_dict(state_dict["model"])
+    for name, param in model_2.named_parameters():
+        assert torch.equal(dense(param), saved[name]), name
+
 
 @multi_rank(world_size=2)
 def test_deepcopy_of_a_sharded_model_is_independent(rank: int, world_size: int) -> None:
