@@ -15,6 +15,7 @@ from dispatch_shard.ops import (
     matmul,
     pointwise,
     reduction,
+    scan,
     tensor_basics,
     view,
 )
@@ -25,4 +26,4 @@ from dispatch_shard.ops import (
 from dispatch_shard.ops import decomposed
 
 __all__ = ["attention", "decomposed", "embedding", "factory", "foreach", "indexing", "matmul",
-           "pointwise", "reduction", "tensor_basics", "view"]
+           "pointwise", "reduction", "scan", "tensor_basics", "view"]

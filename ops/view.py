@@ -679,6 +679,34 @@ def stack(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     return cat(types, ([t.unsqueeze(dim) for t in tensors], dim), {}, pg)
 
 
+@custom_sharded_op_impl(aten.flip.default)
+def flip(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.flip(dims)``: each block flipped (a copy, as dense), and mirrored to the other end
+    of each flipped dim (``offset -> length - offset - size``); no collectives. A chunk spec
+    along a flipped dim becomes the mirrored blocks (an enumerable spec)."""
+    x = args[0]
+    dims = args[1] if len(args) > 1 else kwargs["dims"]
+    torch.flip(torch.empty(x.shape, device="meta"), dims)  # dense's errors, on every rank
+    dims = tuple(sorted({d % max(x.dim(), 1) for d in dims}))
+    layout = _flipped(x._layout, dims) if x.dim() else x._layout
+    return x._like([t.flip(dims) for t in x._local_tensors], layout)
+
+
+@functools.lru_cache(maxsize=1024)
+def _flipped(layout: Layout, dims: tuple[int, ...]) -> Layout:
+    chunk_dim = None
+    if isinstance(layout.spec, ChunkShardingSpec):
+        chunk_dim = layout.spec.dim % len(layout.size)
+        chunk_dim = None if chunk_dim in dims else chunk_dim
+
+    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        # (An empty block may sit past the end: it stays empty, at an offset inside.)
+        return ([max(layout.size[d] - o - sizes[d], 0) if d in dims else o
+                 for d, o in enumerate(offsets)], list(sizes))
+
+    return _relayout(layout, layout.size, chunk_dim, block_map)
+
+
 @custom_sharded_op_impl(aten.repeat.default)
 def repeat(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.repeat(counts)``: NOTE [replicated fallback] (its decomposition returned a plain

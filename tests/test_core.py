@@ -131,10 +131,14 @@ BUILTIN_OPS = {
         "aten.clone.default", "aten.detach.default", "aten.equal.default",
         "aten.is_pinned.default",
     ],
+    "dispatch_shard.ops.scan": [
+        "aten.cumprod.default", "aten.cumprod_.default", "aten.cumsum.default",
+        "aten.cumsum_.default",
+    ],
     "dispatch_shard.ops.view": [
         "aten._to_copy.default", "aten._unsafe_view.default", "aten.cat.default",
         "aten.copy_.default", "aten.detach_.default", "aten.expand.default",
-        "aten.permute.default", "aten.repeat.default",
+        "aten.flip.default", "aten.permute.default", "aten.repeat.default",
         "aten.select.int", "aten.slice.Tensor", "aten.split.Tensor",
         "aten.split_with_sizes.default", "aten.squeeze.default", "aten.squeeze.dim",
         "aten.squeeze.dims", "aten.squeeze_.default", "aten.squeeze_.dim", "aten.squeeze_.dims",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layouts import rows, shard
+from layouts import rows, several, shard, specs_2d
 
 import dispatch_shard as ds
 from dispatch_shard.testing import multi_rank
@@ -133,3 +133,46 @@ def test_vector_matrix_product_uses_squeeze_(rank: int, world_size: int) -> None
     got.sum().backward()
     torch.testing.assert_close(_full(sharded.grad), matrix.sum(1))
 
+
+# -- ops that were unsupported: flip and the scans, on every 2-D layout -------------------
+
+@multi_rank(world_size=[1, 2, 3])
+@pytest.mark.parametrize("layout", ["rows", "cols", "several", "several_cols", "grid",
+                                    "replicate"])
+def test_flip_cumsum_cumprod_match_dense(rank: int, world_size: int, layout: str) -> None:
+    size = (10, 7)
+    specs = {**specs_2d(size, world_size), "several_cols": several(world_size, 1)}
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(size, generator=generator)
+    integers = torch.randint(-3, 4, size, generator=generator)
+    sx, si = shard(x, specs[layout]), shard(integers, specs[layout])
+    for dims in ([0], [1], [0, 1], [-1]):
+        torch.testing.assert_close(_full(sx.flip(dims)), x.flip(dims))
+    for dim in (0, 1, -1):
+        for scan in (torch.cumsum, torch.cumprod):
+            torch.testing.assert_close(_full(scan(sx, dim)), scan(x, dim))
+            torch.testing.assert_close(_full(scan(si, dim)), scan(integers, dim))
+            torch.testing.assert_close(_full(scan(sx, dim, dtype=torch.float64)),
+                                       scan(x, dim, dtype=torch.float64))
+        in_place = sx.clone()
+        assert in_place.cumsum_(dim) is in_place
+        torch.testing.assert_close(_full(in_place), x.cumsum(dim))
+    weight = torch.linspace(0.5, 1.5, x.numel()).reshape(size)
+    for chain in (lambda t: t.cumsum(0).flip([1]), lambda t: t.cumprod(0),
+                  lambda t: t.cumprod(1).flip([0, 1])):
+        dense = x.clone().requires_grad_(True)
+        sharded = shard(x, specs[layout], requires_grad=True)
+        (chain(dense) * weight).sum().backward()
+        (chain(sharded) * weight).sum().backward()
+        torch.testing.assert_close(_full(sharded.grad), dense.grad)
+
+
+@multi_rank(world_size=[2, 3])
+def test_cumsum_of_a_partial_stays_partial(rank: int, world_size: int) -> None:
+    summand = torch.arange(6.0).reshape(2, 3) * (rank + 1)
+    partial = ds.ShardedTensor.from_local_tensor(summand, ds.Partial(), 2, 3)
+    got = partial.cumsum(1)
+    assert got._layout.is_partial
+    total = torch.arange(6.0).reshape(2, 3) * sum(range(1, world_size + 1))
+    torch.testing.assert_close(got.full_tensor(), total.cumsum(1))
+    torch.testing.assert_close(partial.cumprod(0).full_tensor(), total.cumprod(0))
