@@ -170,3 +170,18 @@ def test_op_outcomes_are_the_worst_of_their_samples() -> None:
     hung.failure = "HANG"
     assert hung.forward == "HANG"
     assert OpResult.from_json(hung.to_json()) == hung
+
+
+def test_host_arguments_stay_dense() -> None:
+    # tensor_split reads its index tensor on the host, above dispatch: it stays a plain
+    # tensor (NOTE [host arguments stay dense]); the tensor being split is sharded.
+    from dispatch_shard.testing.opinfo import _host_tensors
+
+    (op,) = find_ops(["tensor_split"])
+    samples = [s for s in op.sample_inputs("cpu", torch.float32)
+               if s.args and isinstance(s.args[0], torch.Tensor)]
+    assert samples
+    for sample in samples:
+        assert _host_tensors(op, sample) == {id(sample.args[0])}
+    (other,) = find_ops(["gather"])
+    assert all(not _host_tensors(other, s) for s in other.sample_inputs("cpu", torch.float32))

@@ -3,7 +3,8 @@
 For each OpInfo of ``torch.testing._internal.common_methods_invocations.op_db``
 and each of its float32 CPU samples, every tensor argument of ``ndim >= 1`` is
 sharded along dim 0 in uneven ``torch.chunk`` blocks over the ranks of the
-pool (0-dim tensors and non-tensor arguments are kept as they are), the op runs
+pool (0-dim tensors, non-tensor arguments and NOTE [host arguments stay dense]
+are kept as they are), the op runs
 on the sharded sample and on the dense one, and the results are compared::
 
     from dispatch_shard.testing import get_pool
@@ -393,7 +394,23 @@ def _dense_copy(sample: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     return pytree.tree_map(copy, _arguments(sample))  # type: ignore[no-any-return]
 
 
-def _copies(sample: Any, library: _Library) -> _Copies:
+# NOTE [host arguments stay dense]
+# A few ops take a tensor that torch reads on the host, in a CompositeImplicitAutograd
+# kernel, before any ``__torch_dispatch__`` can see it (``tensor_split``'s
+# ``tensor_indices_or_sections``, which must be a CPU int64 tensor: a list of ints in
+# tensor form). No tensor subclass that serves aten ops can hold such an argument (a
+# wrapper has no data to read), so these arguments stay dense, by op name and position
+# in ``sample.args``.
+_HOST_ARGUMENTS: dict[str, tuple[int, ...]] = {"tensor_split": (0,)}
+
+
+def _host_tensors(op: Any, sample: Any) -> set[int]:
+    """Ids of the sample's tensors that stay dense (NOTE [host arguments stay dense])."""
+    return {id(sample.args[i]) for i in _HOST_ARGUMENTS.get(op_key(op), ())
+            if i < len(sample.args) and isinstance(sample.args[i], torch.Tensor)}
+
+
+def _copies(sample: Any, library: _Library, host: set[int] | None = None) -> _Copies:
     dense_memo: dict[int, torch.Tensor] = {}
     sharded_memo: dict[int, torch.Tensor] = {}
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -403,7 +420,7 @@ def _copies(sample: Any, library: _Library) -> _Copies:
         nonlocal count
         if isinstance(value, torch.Tensor) and id(value) not in dense_memo:
             dense_memo[id(value)] = _clone_leaf(value)
-            if value.ndim >= 1:
+            if value.ndim >= 1 and id(value) not in (host or ()):
                 sharded_memo[id(value)] = library.shard(value)
                 count += 1
             else:
@@ -684,7 +701,7 @@ def _run_sample(op: Any, sample: Any, library: _Library, backward: bool, seed: i
                                                or type(leaf) is not torch.Tensor):
             return SKIP, None, "a non-strided or subclass input"
     try:
-        copies = _copies(sample, library)
+        copies = _copies(sample, library, _host_tensors(op, sample))
     except NotImplementedError as exc:
         return UNSUPPORTED, None, f"sharding the input: {_message(exc)}"
     except Exception as exc:
