@@ -1,4 +1,4 @@
-"""Scans along a dim: ``cumsum`` and ``cumprod`` (and their in-place forms).
+"""Scans along a dim: ``cumsum``, ``cumprod`` (and their in-place forms), ``logcumsumexp``.
 
 Per rank: each block is scanned locally along ``dim``; the result keeps the
 input's layout.
@@ -7,10 +7,11 @@ input's layout.
 * ``dim`` split: a block must also fold in everything before it along ``dim``
   (the *carry*). Each rank writes the total of each of its blocks (its last
   scanned row, ``[..., 1, ...]``) into a small tensor with one slot per block
-  start along ``dim``; one all-reduce (sum for cumsum, product for cumprod:
-  each slot has one writer, the others add 0 or multiply by 1, so it is exact)
-  gives every rank all totals, and an exclusive scan of them over the slots is
-  each block's carry. Collectives: one all-reduce of ``numel / dim_length *
+  start along ``dim``; one all-reduce (sum for cumsum, product for cumprod, max
+  for logcumsumexp: each slot has one writer, the others hold the identity, 0,
+  1 or -inf, so it is exact) gives every rank all totals, and an exclusive scan
+  of them over the slots is each block's carry, combined into the block (``+``,
+  ``*``, ``logaddexp``). Collectives: one all-reduce of ``numel / dim_length *
   number_of_block_starts`` elements.
 
 A ``Partial("sum"/"avg")`` input stays partial for ``cumsum`` (a scan of
@@ -19,6 +20,7 @@ summands sums to the scan of the sum); other partials are reduced first.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -32,15 +34,21 @@ __all__: list[str] = []
 
 aten = torch.ops.aten
 
-# op -> (the scan of one block, the all-reduce that joins block totals, its identity)
-_SCANS = {
-    "cumsum": (torch.cumsum, "sum", 0),
-    "cumprod": (torch.cumprod, "product", 1),
+# op -> (the scan of a block, the all-reduce that joins block totals, its identity, how a
+# carry joins a block)
+_SCANS: dict[str, tuple[Any, str, float, Any]] = {
+    "cumsum": (torch.cumsum, "sum", 0, torch.add),
+    "cumprod": (torch.cumprod, "product", 1, torch.mul),
+    "logcumsumexp": (torch.logcumsumexp, "max", -math.inf, torch.logaddexp),
 }
 
 
 def _scan(name: str, x: ShardedTensor, dim: int, dtype: torch.dtype | None) -> ShardedTensor:
-    local_scan, reduce_op, identity = _SCANS[name]
+    scan, reduce_op, identity, combine = _SCANS[name]
+
+    def local_scan(t: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> Any:
+        return scan(t, dim) if dtype is None else scan(t, dim, dtype=dtype)
+
     dim = dim % max(x.dim(), 1)
     if x._layout.is_partial and not (name == "cumsum"
                                      and x._layout.spec.reduce_op in ("sum", "avg")):  # type: ignore[attr-defined]
@@ -73,8 +81,8 @@ def _scan(name: str, x: ShardedTensor, dim: int, dtype: torch.dtype | None) -> S
     # Exclusive scan over the slots: the carry into the block starting at starts[k].
     first = torch.full_like(totals.narrow(dim, 0, 1), identity)
     carries = torch.cat([first, local_scan(totals.narrow(dim, 0, len(starts) - 1), dim)], dim)
-    results = [block if box is None else block + carries[box] if name == "cumsum"
-               else block * carries[box] for block, box in zip(blocks, slots, strict=True)]
+    results = [block if box is None else combine(block, carries[box])
+               for block, box in zip(blocks, slots, strict=True)]
     return x._like(results, layout, result_dtype)
 
 
@@ -97,7 +105,8 @@ def _register(name: str) -> None:
     in_place.__name__ = in_place.__qualname__ = f"sharded_{name}_"
     out_of_place.__doc__ = in_place.__doc__ = f"``{name}`` along a dim; see the module docstring."
     custom_sharded_op_impl(getattr(aten, name).default)(out_of_place)
-    custom_sharded_op_impl(getattr(aten, f"{name}_").default)(in_place)
+    if hasattr(aten, f"{name}_"):
+        custom_sharded_op_impl(getattr(aten, f"{name}_").default)(in_place)
 
 
 for _name in _SCANS:

@@ -133,7 +133,7 @@ BUILTIN_OPS = {
     ],
     "dispatch_shard.ops.scan": [
         "aten.cumprod.default", "aten.cumprod_.default", "aten.cumsum.default",
-        "aten.cumsum_.default",
+        "aten.cumsum_.default", "aten.logcumsumexp.default",
     ],
     "dispatch_shard.ops.view": [
         "aten._to_copy.default", "aten._unsafe_view.default", "aten.cat.default",

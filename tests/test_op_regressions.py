@@ -139,7 +139,7 @@ def test_vector_matrix_product_uses_squeeze_(rank: int, world_size: int) -> None
 @multi_rank(world_size=[1, 2, 3])
 @pytest.mark.parametrize("layout", ["rows", "cols", "several", "several_cols", "grid",
                                     "replicate"])
-def test_flip_cumsum_cumprod_match_dense(rank: int, world_size: int, layout: str) -> None:
+def test_flip_and_scans_match_dense(rank: int, world_size: int, layout: str) -> None:
     size = (10, 7)
     specs = {**specs_2d(size, world_size), "several_cols": several(world_size, 1)}
     generator = torch.Generator().manual_seed(0)
@@ -154,12 +154,14 @@ def test_flip_cumsum_cumprod_match_dense(rank: int, world_size: int, layout: str
             torch.testing.assert_close(_full(scan(si, dim)), scan(integers, dim))
             torch.testing.assert_close(_full(scan(sx, dim, dtype=torch.float64)),
                                        scan(x, dim, dtype=torch.float64))
+        torch.testing.assert_close(_full(torch.logcumsumexp(sx, dim)),
+                                   torch.logcumsumexp(x, dim))
         in_place = sx.clone()
         assert in_place.cumsum_(dim) is in_place
         torch.testing.assert_close(_full(in_place), x.cumsum(dim))
     weight = torch.linspace(0.5, 1.5, x.numel()).reshape(size)
     for chain in (lambda t: t.cumsum(0).flip([1]), lambda t: t.cumprod(0),
-                  lambda t: t.cumprod(1).flip([0, 1])):
+                  lambda t: t.cumprod(1).flip([0, 1]), lambda t: t.logcumsumexp(0)):
         dense = x.clone().requires_grad_(True)
         sharded = shard(x, specs[layout], requires_grad=True)
         (chain(dense) * weight).sum().backward()
