@@ -9,10 +9,17 @@ machines are noisy. Sections:
    ``__torch_dispatch__`` wrapper that unwraps and rewraps.
 2. Overhead against world size: the same ops at world 1 and world 1024
    (PyTorch's fake process group, one process).
+   Also the cost against the number of blocks one rank holds.
 3. Communication, memory and step time of a Megatron MLP training step at
    world 4 (gloo, the persistent rank pool): bytes moved against the minimum
    the math needs and against DTensor's ``parallelize_module``; per-rank bytes
    of parameters, gradients and optimizer state against dense / world.
+4. Communication of a transformer block step at world 4, against the minimum
+   and DTensor, with fused and spelled-out attention.
+5. Memory at scale: a 32 GiB-parameter MLP from the meta device on 1024 fake
+   ranks, trained in a process whose address space could not hold one weight.
+
+The legacy ``torch.distributed._shard`` ShardedTensor is timed where it runs.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import statistics
 import sys
 import timeit
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -74,6 +82,7 @@ def _ops() -> list[tuple[str, Callable[[Any, Any], Any]]]:
         ("t (view)", lambda x, y: x.t()),
         ("view", lambda x, y: x.view(64)),
         ("sum (reduction)", lambda x, y: x.sum()),
+        ("detach", lambda x, y: x.detach()),
     ]
 
 
@@ -95,17 +104,63 @@ def _subjects(world_size: int) -> dict[str, tuple[Any, Any]]:
         mesh = DeviceMesh("cpu", list(range(world_size)))
         subjects["DTensor"] = (distribute_tensor(dense.clone(), mesh, [Shard(0)]),
                                distribute_tensor(dense.clone(), mesh, [Shard(0)]))
+        subjects["legacy"] = (_legacy(dense), _legacy(dense))
     return subjects
 
 
-def per_op_overhead(repeat: int, number: int) -> list[tuple[str, dict[str, float]]]:
+def _legacy(dense: torch.Tensor) -> Any:
+    """The legacy ``torch.distributed._shard`` ShardedTensor of ``dense`` (world 1)."""
+    import warnings
+
+    from torch.distributed._shard.metadata import ShardMetadata as LegacyMetadata
+    from torch.distributed._shard.sharded_tensor import Shard as LegacyShard
+    from torch.distributed._shard.sharded_tensor import (
+        init_from_local_shards,
+    )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation warning
+        shard = LegacyShard(dense.clone(), LegacyMetadata([0, 0], list(dense.shape),
+                                                          "rank:0/cpu"))
+        return init_from_local_shards([shard], *dense.shape)
+
+
+def _time_or_none(fn: Callable[[], Any], repeat: int, number: int) -> float | None:
+    """Microseconds per call, or None when the subject does not support the op."""
+    try:
+        fn()
+    except Exception:  # the legacy API raises RuntimeError, TypeError...
+        return None
+    return _time_us(fn, repeat, number)
+
+
+def per_op_overhead(repeat: int, number: int) -> list[tuple[str, dict[str, float | None]]]:
     rows = []
     subjects = _subjects(1)
     for name, op in _ops():
-        times = {label: _time_us(functools.partial(op, x, y), repeat, number)
+        times = {label: _time_or_none(functools.partial(op, x, y), repeat, number)
                  for label, (x, y) in subjects.items()}
         rows.append((name, times))
     return rows
+
+
+def shards_per_rank(repeat: int, number: int) -> list[tuple[str, dict[int, float]]]:
+    """(op, {local blocks: microseconds}): one rank holding 1, 4 or 16 blocks of an 8x8
+    tensor each (an enumerable spec of row blocks); cost should grow with blocks only."""
+    import dispatch_shard as ds
+
+    results: dict[str, dict[int, float]] = {}
+    for blocks in (1, 4, 16):
+        dense = torch.randn(8 * blocks, 8)
+        spec = ds.EnumerableShardingSpec([ds.ShardMetadata([8 * i, 0], [8, 8], "rank:0/cpu")
+                                          for i in range(blocks)])
+        x, y = (ds.ShardedTensor.from_replicated(dense, spec) for _ in range(2))
+        for name, op in _ops():
+            if name.startswith("view"):
+                continue  # a 2-D-only view of the 8x8 case
+            results.setdefault(name, {})[blocks] = _time_us(functools.partial(op, x, y),
+                                                             repeat, number)
+    return list(results.items())
 
 
 def world_scaling(repeat: int, number: int) -> list[tuple[str, float, float]]:
@@ -190,6 +245,67 @@ def _mlp_step_figures(rank: int, world_size: int, steps: int) -> dict[str, float
     return figures
 
 
+TB_BATCH, TB_SEQ, TB_MODEL, TB_HEADS, TB_HIDDEN = 4, 8, 64, 4, 128
+
+
+def _transformer_figures(rank: int, world_size: int) -> dict[str, float]:
+    """Collectives and bytes of one AdamW step of the transformer block, ours and DTensor's,
+    with fused (``scaled_dot_product_attention``) and spelled-out attention."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    import dispatch_shard as ds
+    from dispatch_shard.examples import TRANSFORMER_PLAN, TransformerBlock, parallelize
+
+    torch.manual_seed(0)
+    dense = TransformerBlock(TB_MODEL, TB_HEADS, TB_HIDDEN)
+    ours = parallelize(copy.deepcopy(dense), TRANSFORMER_PLAN, world_size)
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world_size,))
+    # Q/K/V outputs stay DTensors so that the head view sees the global shape.
+    theirs = parallelize_module(copy.deepcopy(dense), mesh, {
+        "q": ColwiseParallel(use_local_output=False),
+        "k": ColwiseParallel(use_local_output=False),
+        "v": ColwiseParallel(use_local_output=False),
+        "o": RowwiseParallel(), "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
+    x, y = torch.randn(TB_BATCH, TB_SEQ, TB_MODEL), torch.randn(TB_BATCH, TB_SEQ, TB_MODEL)
+    figures: dict[str, float] = {}
+    for label, model in (("ours", ours), ("dtensor", theirs)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for fused in (True, False):
+            setattr(model, "fused_attention", fused)  # noqa: B010 - a Module attribute
+            key = f"{label}_{'fused' if fused else 'spelled'}"
+            try:
+                for _ in range(2):  # the second step is counted (optimizer state exists)
+                    optimizer.zero_grad()
+                    if label == "ours":
+                        with ds.count_collectives() as counted:
+                            F.mse_loss(model(x), y).backward()
+                            optimizer.step()
+                        figures[f"{key}_collectives"] = len(counted.events)
+                        figures[f"{key}_bytes"] = counted.nbytes
+                    else:
+                        with CommDebugMode() as comm:
+                            F.mse_loss(model(x), y).backward()
+                            optimizer.step()
+                        counts = comm.get_comm_counts()
+                        figures[f"{key}_collectives"] = comm.get_total_counts()
+                        # All-reduces of [B, S, D] activations or their gradients.
+                        others = {str(k) for k, n in counts.items()
+                                  if n and "all_reduce" not in str(k)}
+                        figures[f"{key}_bytes"] = -1.0 if others else (
+                            comm.get_total_counts() * x.numel() * 4)
+            except Exception:  # a library that cannot run this variant
+                figures[f"{key}_collectives"] = figures[f"{key}_bytes"] = float("nan")
+    return figures
+
+
 def _local_bytes(tensor: torch.Tensor) -> int:
     from torch.distributed.tensor import DTensor
 
@@ -208,14 +324,79 @@ def world4_training(steps: int) -> dict[str, float]:
 
     try:
         results = get_pool(4).run(_mlp_step_figures, timeout_s=600, steps=steps)
+        transformer = get_pool(4).run(_transformer_figures, timeout_s=600)[0]
     finally:
         shutdown_pools()
     first = results[0]
+    first.update({f"tb_{k}": v for k, v in transformer.items()})
     # Slowest rank for times, largest rank for memory.
     for key in first:
         if key.endswith("_step_ms") or key.endswith("_memory"):
             first[key] = max(r[key] for r in results)
     return dict(first)
+
+
+# -- memory at scale: a model no rank could hold, on 1024 fake ranks -------------------
+
+SCALE_WORLD, SCALE_MODEL, SCALE_HIDDEN, SCALE_BATCH = 1024, 16384, 262144, 8
+SCALE_LIMIT = 8 << 30  # address-space limit of the child process (bytes)
+
+
+def _scale_child() -> None:
+    """In a child process limited to SCALE_LIMIT bytes of address space: a Megatron MLP
+    of 32 GiB of parameters (128 GiB with gradients and AdamW state) built from the meta
+    device, sharded over SCALE_WORLD fake ranks, trained two steps as rank 0. Any op that
+    materialized a full-size weight would fail to allocate. Prints one line of figures."""
+    import json
+    import resource
+
+    import torch.nn.functional as F
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import dispatch_shard as ds
+    from dispatch_shard.examples import MLP
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=SCALE_WORLD)
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.device("meta"):
+        model = MLP(SCALE_MODEL, SCALE_HIDDEN)
+    ranks = [f"rank:{r}/cpu" for r in range(SCALE_WORLD)]
+    rows, cols = ds.ChunkShardingSpec(0, ranks), ds.ChunkShardingSpec(1, ranks)
+    model.fc1.weight = torch.nn.Parameter(ds.randn(rows, SCALE_HIDDEN, SCALE_MODEL) * 0.01)
+    model.fc1.bias = torch.nn.Parameter(ds.zeros(rows, SCALE_HIDDEN))
+    model.fc2.weight = torch.nn.Parameter(ds.randn(cols, SCALE_MODEL, SCALE_HIDDEN) * 0.01)
+    model.fc2.bias = torch.nn.Parameter(ds.zeros(ds.Replicate(), SCALE_MODEL))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(SCALE_BATCH, SCALE_MODEL), torch.randn(SCALE_BATCH, SCALE_MODEL)
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    state = [v for st in optimizer.state.values() for v in st.values()
+             if isinstance(v, torch.Tensor) and v.dim() > 0]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    held = sum(_local_bytes(t) for t in [*model.parameters(), *grads, *state])
+    dense = 4 * 4 * sum(p.numel() for p in model.parameters())  # params+grads+2 states
+    print(json.dumps({"dense": dense, "held": held, "peak_growth": peak - start}))
+
+
+def memory_at_scale() -> dict[str, float] | str:
+    """The figures of :func:`_scale_child`, or why it failed."""
+    import json
+    import resource
+    import subprocess
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (SCALE_LIMIT, SCALE_LIMIT))
+
+    done = subprocess.run([sys.executable, __file__, "--scale-child"], capture_output=True,
+                          text=True, preexec_fn=limit, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        return (done.stderr.strip().splitlines() or ["no output"])[-1]
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -226,36 +407,57 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _us(value: float | None) -> str:
+    return "unsupported" if value is None else f"{value:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "" if a is None or b is None else f"{a / b:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--number", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=20, help="timed MLP steps at world 4")
+    parser.add_argument("--scale-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the legacy API's deprecation
+    if args.scale_child:
+        _scale_child()
+        return 0
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         overhead = per_op_overhead(args.repeat, args.number)
+        blocks = shards_per_rank(args.repeat, args.number // 4)
     finally:
         dist.destroy_process_group()
     scaling = world_scaling(args.repeat, args.number // 4)
     training = world4_training(args.steps)
+    at_scale = memory_at_scale()
 
     print("1. Per-op overhead, 8x8 float32 blocks, world 1 (median, microseconds)")
     rows = []
-    for name, t in overhead:
-        rows.append([name, f"{t['plain']:.2f}", f"{t['minimal wrapper']:.2f}",
-                     f"{t['DTensor']:.2f}", f"{t['dispatch_shard']:.2f}",
-                     f"{t['dispatch_shard'] / t['DTensor']:.2f}",
-                     f"{t['dispatch_shard'] / t['minimal wrapper']:.2f}"])
-    print(_table(["op", "plain", "minimal wrapper", "DTensor", "dispatch_shard",
-                  "ds/DTensor (<=1.0)", "ds/wrapper (<=1.25)"], rows))
+    for name, times in overhead:
+        ours = times["dispatch_shard"]
+        rows.append([name, _us(times["plain"]), _us(times["minimal wrapper"]),
+                     _us(times["DTensor"]), _us(times["legacy"]), _us(ours),
+                     _ratio(ours, times["DTensor"]), _ratio(ours, times["minimal wrapper"]),
+                     _ratio(ours, times["legacy"])])
+    print(_table(["op", "plain", "minimal wrapper", "DTensor", "legacy ShardedTensor",
+                  "dispatch_shard", "ds/DTensor (<=1.0)", "ds/wrapper (<=1.25)", "ds/legacy"],
+                 rows))
     print("\n2. Overhead against world size (fake process group; microseconds)")
     print(_table(["op", "world 1", "world 1024", "ratio (<=1.2)"],
                  [[n, f"{a:.2f}", f"{b:.2f}", f"{b / a:.2f}"] for n, a, b in scaling]))
+    print("\n   and against local blocks (one rank holding k 8x8 blocks; microseconds)")
+    print(_table(["op", "k=1", "k=4", "k=16", "k=16 / k=1 (linear: <=16)"],
+                 [[n, f"{k[1]:.2f}", f"{k[4]:.2f}", f"{k[16]:.2f}", f"{k[16] / k[1]:.2f}"]
+                  for n, k in blocks]))
     t = training
     minimum = BATCH * D_MODEL * 4  # one all-reduce of the row-parallel output
     dense_mem = t["dense_memory"]
@@ -273,7 +475,44 @@ def main(argv: list[str] | None = None) -> int:
          f"{t['dtensor_step_ms']:.1f}", f"{t['ours_step_ms'] / t['dtensor_step_ms']:.2f}"],
     ]))
     print(f"   dense step on one rank: {t['dense_step_ms']:.1f} ms. The legacy ShardedTensor has "
-          "no sharded linear/optimizer path in torch 2.13 to run this model: not shown.")
+          "no sharded linear, autograd or optimizer path in torch 2.13 to run this model "
+          "(ShardedOptimizer needs gradients on local shards, which nothing computes): not "
+          "shown.")
+    tb_min = 4 * TB_BATCH * TB_SEQ * TB_MODEL * 4  # 2 forward + 2 backward all-reduces
+
+    def tb(key: str) -> list[str]:
+        n, b = t[f"tb_{key}_collectives"], t[f"tb_{key}_bytes"]
+        if n != n:  # NaN: the library raised
+            return ["raises", "", ""]
+        if b < 0:
+            return [f"{n:.0f}", "(not only all-reduces)", ""]
+        return [f"{n:.0f}", f"{b / 2**10:.1f}", f"{b / tb_min:.2f}"]
+
+    print(f"\n4. Transformer block (batch {TB_BATCH}, seq {TB_SEQ}, width {TB_MODEL}, "
+          f"{TB_HEADS} heads), AdamW step, world 4: communication")
+    print(_table(["library, attention", "collectives", "KiB sent", "bytes / minimum (1.00)"], [
+        ["dispatch_shard, scaled_dot_product_attention", *tb("ours_fused")],
+        ["dispatch_shard, q @ k.T and softmax", *tb("ours_spelled")],
+        ["DTensor, scaled_dot_product_attention", *tb("dtensor_fused")],
+        ["DTensor, q @ k.T and softmax", *tb("dtensor_spelled")],
+    ]))
+    print("   minimum: 2 all-reduces of the [B, S, D] activations forward (attention and MLP "
+          "outputs), 2 backward (gradients into the column-parallel inputs).")
+    print(f"\n5. Memory at scale: a Megatron MLP {SCALE_MODEL} -> {SCALE_HIDDEN} from the meta "
+          f"device on {SCALE_WORLD} fake ranks, 2 AdamW steps as rank 0 in a process limited "
+          f"to {SCALE_LIMIT >> 30} GiB of address space")
+    if isinstance(at_scale, str):
+        print(f"   FAILED: {at_scale}")
+    else:
+        gib = 2**30
+        dense_b, held, growth = at_scale["dense"], at_scale["held"], at_scale["peak_growth"]
+        print(_table(["figure", "value"], [
+            ["params+grads+AdamW state, dense (GiB)", f"{dense_b / gib:.1f}"],
+            ["the same held by rank 0 (MiB)", f"{held / 2**20:.1f}"],
+            [f"held / (dense/{SCALE_WORLD}) (1.00)", f"{held / (dense_b / SCALE_WORLD):.3f}"],
+            ["peak RSS growth of the process (MiB)", f"{growth / 2**20:.1f}"],
+            ["peak RSS growth / held (no full-size tensor: small)", f"{growth / held:.2f}"],
+        ]))
     return 0
 
 
