@@ -276,6 +276,8 @@ def all_reduce(tensor: torch.Tensor, op: str, group: ProcessGroup) -> torch.Tens
 
     Floating ``max``/``min`` propagate NaN like ``torch.maximum`` (see NOTE [NaN in max/min]).
     """
+    if isinstance(group, ProcessGroup) and len(_ranks_of(group)) == 1:
+        return tensor  # a group of one: every op is the identity; nothing to send
     if op in ("max", "min") and tensor.is_floating_point():
         return _all_reduce_nan_aware(tensor, op, group)
     _record("all_reduce", tensor.numel() * tensor.element_size(), group)
