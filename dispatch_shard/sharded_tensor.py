@@ -133,14 +133,16 @@ class ShardedTensor(torch.Tensor):
         dtype: torch.dtype | None = None,
     ) -> ShardedTensor:
         """A new ShardedTensor on this one's group (by default: same layout and dtype)."""
-        return ShardedTensor._wrap(
-            local_tensors,
-            self._layout if layout is None else layout,
-            self._process_group,
-            self._rank,
-            self.dtype if dtype is None else dtype,
-            self.device,
-        )
+        # (``_wrap`` inlined: this runs once per op result)
+        layout = self._layout if layout is None else layout
+        tensor: ShardedTensor = torch.Tensor._make_wrapper_subclass(
+            ShardedTensor, layout.size, dtype=self.dtype if dtype is None else dtype,
+            device=self.device)
+        tensor._local_tensors = local_tensors
+        tensor._layout = layout
+        tensor._process_group = self._process_group
+        tensor._rank = self._rank
+        return tensor
 
     @classmethod
     def __torch_dispatch__(  # type: ignore[override]  # torch types it as a plain callable

@@ -87,6 +87,13 @@ class _Schema:
     def __init__(self, func: torch._ops.OpOverload) -> None:
         self.inplace = torch.Tag.inplace in func.tags
         self.out_names = tuple(a.name for a in func._schema.arguments if a.is_out)
+        if len(func._schema.returns) > 1:
+            _MULTI_OUTPUT.add(func)
+
+
+# Overloads with several outputs (``frexp``); a set lookup on the hot path, where
+# ``func._schema`` would build a schema object per call.
+_MULTI_OUTPUT: set[torch._ops.OpOverload] = set()
 
 
 def _pick_base(candidates: list[ShardedTensor]) -> ShardedTensor | None:
@@ -229,7 +236,7 @@ def _wrap_blocks(func: torch._ops.OpOverload, first: ShardedTensor, args: tuple[
                  blocks: list[Any]) -> Any:
     """``first``'s layout around per-block results: one ShardedTensor, or a tuple of them for
     an op with several outputs (``frexp``: mantissa and exponent)."""
-    if len(func._schema.returns) > 1:
+    if func in _MULTI_OUTPUT:
         dtypes = (tuple(r.dtype for r in blocks[0]) if blocks
                   else _result_dtype(func, list(args), {}))
         return tuple(first._like([b[k] for b in blocks], dtype=dtype)
