@@ -233,15 +233,17 @@ def _run_blocks(
 
 
 def _wrap_blocks(func: torch._ops.OpOverload, first: ShardedTensor, args: tuple[Any, ...],
-                 blocks: list[Any]) -> Any:
+                 blocks: list[Any], kwargs: dict[str, Any] | None = None) -> Any:
     """``first``'s layout around per-block results: one ShardedTensor, or a tuple of them for
     an op with several outputs (``frexp``: mantissa and exponent)."""
     if func in _MULTI_OUTPUT:
         dtypes = (tuple(r.dtype for r in blocks[0]) if blocks
-                  else _result_dtype(func, list(args), {}))
+                  else _result_dtype(func, list(args), kwargs or {}))
         return tuple(first._like([b[k] for b in blocks], dtype=dtype)
                      for k, dtype in enumerate(dtypes))
-    dtype = blocks[0].dtype if blocks else _result_dtype(func, list(args), {})
+    # (A rank without blocks learns the dtype from stand-ins, with the same kwargs: a
+    # 0-dim ShardedTensor has its one block on one rank.)
+    dtype = blocks[0].dtype if blocks else _result_dtype(func, list(args), kwargs or {})
     return first._like(blocks, dtype=dtype)
 
 
@@ -270,7 +272,7 @@ def _same_layout(func: torch._ops.OpOverload, schema: _Schema, first: ShardedTen
         if not blocks:  # dense's errors (a float into an int tensor) on this rank too
             func(*[_stand_in(a) for a in args], **kwargs)
         return first
-    return _wrap_blocks(func, first, args, blocks)
+    return _wrap_blocks(func, first, args, blocks, kwargs)
 
 
 # NOTE [linear ops of partial values]

@@ -178,3 +178,17 @@ def test_cumsum_of_a_partial_stays_partial(rank: int, world_size: int) -> None:
     total = torch.arange(6.0).reshape(2, 3) * sum(range(1, world_size + 1))
     torch.testing.assert_close(got.full_tensor(), total.cumsum(1))
     torch.testing.assert_close(partial.cumprod(0).full_tensor(), total.cumprod(0))
+
+
+@multi_rank(world_size=[2, 3])
+def test_pointwise_with_kwargs_on_a_0_dim_sharded_tensor(rank: int, world_size: int) -> None:
+    # x[i] of a sharded vector is 0-dim with its one block on one rank; the other ranks
+    # learn the result's dtype from stand-ins, and need rounding_mode for it (bucketize's
+    # decomposition divides so): they raised while the owner went on to a collective.
+    boundaries = torch.tensor([0.1, 0.5, 0.9, 1.3, 2.0])
+    sharded = shard(boundaries, rows(world_size))
+    got = torch.div(sharded[4], sharded[1], rounding_mode="floor")
+    torch.testing.assert_close(_full(got), torch.div(boundaries[4], boundaries[1],
+                                                     rounding_mode="floor"))
+    bucket = torch.bucketize(torch.tensor(0.7), sharded)
+    torch.testing.assert_close(_full(bucket), torch.bucketize(torch.tensor(0.7), boundaries))
