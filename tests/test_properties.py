@@ -473,8 +473,6 @@ def run_program(rank: int, world_size: int, program: dict[str, Any]) -> str | No
 KNOWN_GAPS = {
     "into a Partial ShardedTensor is not supported":
         "in-place pointwise ops into a Partial tensor (ops/pointwise.py refuses them)",
-    "prims.prod.default not supported for ShardedTensor":
-        "cumprod (the backward of prod uses it), decomposed to prims.prod",
 }
 
 
