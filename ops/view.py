@@ -669,6 +669,13 @@ def copy_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     return x
 
 
+@custom_sharded_op_impl(torch.ops.prims.copy_to.default)
+def prims_copy_to(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``prims.copy_to(a, b)``, the copy into ``a`` of torch's references (``constant_pad_nd``
+    writes its input into a slice of a new plain tensor): ``a.copy_(b)``, see ``copy_``."""
+    return copy_(types, args, {}, pg)
+
+
 @custom_sharded_op_impl(aten.stack.default)
 def stack(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``torch.stack(tensors, dim)``: ``unsqueeze`` each (a view) then ``cat``; collectives as

@@ -144,7 +144,7 @@ BUILTIN_OPS = {
         "aten.squeeze.dims", "aten.squeeze_.default", "aten.squeeze_.dim", "aten.squeeze_.dims",
         "aten.stack.default", "aten.t.default", "aten.t_.default", "aten.transpose.int",
         "aten.transpose_.default", "aten.unbind.int", "aten.unsqueeze.default",
-        "aten.unsqueeze_.default", "aten.view.default",
+        "aten.unsqueeze_.default", "aten.view.default", "prims.copy_to.default",
     ],
 }
 # ops/pointwise.py serves every overload torch tags pointwise, and ops/foreach.py every

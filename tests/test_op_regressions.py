@@ -192,3 +192,21 @@ def test_pointwise_with_kwargs_on_a_0_dim_sharded_tensor(rank: int, world_size: 
                                                      rounding_mode="floor"))
     bucket = torch.bucketize(torch.tensor(0.7), sharded)
     torch.testing.assert_close(_full(bucket), torch.bucketize(torch.tensor(0.7), boundaries))
+
+
+@multi_rank(world_size=[2, 3])
+def test_constant_pad_and_max_pool_through_prims_copy_to(rank: int, world_size: int) -> None:
+    # torch's constant_pad_nd reference (max_pool's ceil_mode pads with it) copies its input
+    # into a slice of a new plain tensor with prims.copy_to: that was unsupported.
+    x = torch.randn(3, 2, 3, 6, generator=torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(shard(x, rows(world_size)), (1, 2, 0, 1), value=-1.0)
+    torch.testing.assert_close(_full(padded), torch.nn.functional.pad(x, (1, 2, 0, 1),
+                                                                      value=-1.0))
+    dense = x.clone().requires_grad_(True)
+    sharded = shard(x, rows(world_size), requires_grad=True)
+    want = torch.nn.functional.max_pool2d(dense, 3, 2, ceil_mode=True)
+    got = torch.nn.functional.max_pool2d(sharded, 3, 2, ceil_mode=True)
+    torch.testing.assert_close(_full(got), want)
+    want.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(_full(sharded.grad), dense.grad)
