@@ -52,18 +52,16 @@ class Layout:
     device: str
     shards: tuple[ShardMetadata, ...]
     _local: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    # The spec's kind, as plain attributes: every op reads them (a property costs a call).
+    is_replicate: bool = field(init=False, repr=False)
+    is_partial: bool = field(init=False, repr=False)
+    is_sharded: bool = field(init=False, repr=False)
 
-    @property
-    def is_replicate(self) -> bool:
-        return isinstance(self.spec, Replicate)
-
-    @property
-    def is_partial(self) -> bool:
-        return isinstance(self.spec, Partial)
-
-    @property
-    def is_sharded(self) -> bool:
-        return isinstance(self.spec, ChunkShardingSpec | EnumerableShardingSpec)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_replicate", isinstance(self.spec, Replicate))
+        object.__setattr__(self, "is_partial", isinstance(self.spec, Partial))
+        object.__setattr__(self, "is_sharded",
+                           isinstance(self.spec, ChunkShardingSpec | EnumerableShardingSpec))
 
     def local_indices(self, rank: int) -> tuple[int, ...]:
         """Indices into :attr:`shards` of the blocks placed on global ``rank``, in order."""

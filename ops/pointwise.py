@@ -82,18 +82,14 @@ def _result_dtype(func: torch._ops.OpOverload, args: list[Any], kwargs: dict[str
 
 
 class _Schema:
-    __slots__ = ("inplace", "out_names")
+    __slots__ = ("inplace", "multi", "out_names")
 
     def __init__(self, func: torch._ops.OpOverload) -> None:
         self.inplace = torch.Tag.inplace in func.tags
         self.out_names = tuple(a.name for a in func._schema.arguments if a.is_out)
-        if len(func._schema.returns) > 1:
-            _MULTI_OUTPUT.add(func)
-
-
-# Overloads with several outputs (``frexp``); a set lookup on the hot path, where
-# ``func._schema`` would build a schema object per call.
-_MULTI_OUTPUT: set[torch._ops.OpOverload] = set()
+        # Several outputs (``frexp``). Read here once: ``func._schema`` builds a schema
+        # object per call, and hashing an OpOverload runs Python code.
+        self.multi = len(func._schema.returns) > 1
 
 
 def _pick_base(candidates: list[ShardedTensor]) -> ShardedTensor | None:
@@ -232,11 +228,12 @@ def _run_blocks(
     return base._like(results, layout, dtypes)
 
 
-def _wrap_blocks(func: torch._ops.OpOverload, first: ShardedTensor, args: tuple[Any, ...],
-                 blocks: list[Any], kwargs: dict[str, Any] | None = None) -> Any:
+def _wrap_blocks(func: torch._ops.OpOverload, schema: _Schema, first: ShardedTensor,
+                 args: tuple[Any, ...], blocks: list[Any],
+                 kwargs: dict[str, Any] | None = None) -> Any:
     """``first``'s layout around per-block results: one ShardedTensor, or a tuple of them for
     an op with several outputs (``frexp``: mantissa and exponent)."""
-    if func in _MULTI_OUTPUT:
+    if schema.multi:
         dtypes = (tuple(r.dtype for r in blocks[0]) if blocks
                   else _result_dtype(func, list(args), kwargs or {}))
         return tuple(first._like([b[k] for b in blocks], dtype=dtype)
@@ -272,7 +269,7 @@ def _same_layout(func: torch._ops.OpOverload, schema: _Schema, first: ShardedTen
         if not blocks:  # dense's errors (a float into an int tensor) on this rank too
             func(*[_stand_in(a) for a in args], **kwargs)
         return first
-    return _wrap_blocks(func, first, args, blocks, kwargs)
+    return _wrap_blocks(func, schema, first, args, blocks, kwargs)
 
 
 # NOTE [linear ops of partial values]
@@ -370,15 +367,16 @@ def _register(func: torch._ops.OpOverload) -> None:
         if (type(first) is ShardedTensor and not kwargs and not schema.inplace
                 and not first._layout.is_partial):
             if len(args) == 1:
-                return _wrap_blocks(func, first, args, [func(t) for t in first._local_tensors])
+                return _wrap_blocks(func, schema, first, args,
+                                    [func(t) for t in first._local_tensors])
             if len(args) == 2:
                 second = args[1]
                 if type(second) is ShardedTensor and second._layout is first._layout:
                     blocks = [func(a, b) for a, b in
                               zip(first._local_tensors, second._local_tensors, strict=True)]
-                    return _wrap_blocks(func, first, args, blocks)
+                    return _wrap_blocks(func, schema, first, args, blocks)
                 if isinstance(second, int | float | bool):
-                    return _wrap_blocks(func, first, args,
+                    return _wrap_blocks(func, schema, first, args,
                                         [func(a, second) for a in first._local_tensors])
         if func in _LINEAR:
             served = _linear_on_partial(func, args, kwargs)
