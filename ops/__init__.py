@@ -16,6 +16,7 @@ from dispatch_shard.ops import (
     pointwise,
     reduction,
     scan,
+    sorting,
     tensor_basics,
     view,
 )
@@ -26,4 +27,4 @@ from dispatch_shard.ops import (
 from dispatch_shard.ops import decomposed
 
 __all__ = ["attention", "decomposed", "embedding", "factory", "foreach", "indexing", "matmul",
-           "pointwise", "reduction", "scan", "tensor_basics", "view"]
+           "pointwise", "reduction", "scan", "sorting", "tensor_basics", "view"]

@@ -131,6 +131,12 @@ BUILTIN_OPS = {
         "aten.clone.default", "aten.detach.default", "aten.equal.default",
         "aten.is_pinned.default",
     ],
+    "dispatch_shard.ops.sorting": [
+        "aten.cummax.default", "aten.cummin.default", "aten.kthvalue.default",
+        "aten.median.default", "aten.median.dim", "aten.mode.default",
+        "aten.nanmedian.default", "aten.nanmedian.dim", "aten.sort.default",
+        "aten.sort.stable", "aten.topk.default",
+    ],
     "dispatch_shard.ops.scan": [
         "aten.cumprod.default", "aten.cumprod_.default", "aten.cumsum.default",
         "aten.cumsum_.default", "aten.logcumsumexp.default",
