@@ -17,6 +17,7 @@ from dispatch_shard.ops import (
     reduction,
     scan,
     sorting,
+    spatial,
     tensor_basics,
     view,
 )
@@ -27,4 +28,5 @@ from dispatch_shard.ops import (
 from dispatch_shard.ops import decomposed
 
 __all__ = ["attention", "decomposed", "embedding", "factory", "foreach", "indexing", "matmul",
-           "pointwise", "reduction", "scan", "sorting", "tensor_basics", "view"]
+           "pointwise", "reduction", "scan", "sorting", "spatial",
+           "tensor_basics", "view"]

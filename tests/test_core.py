@@ -137,6 +137,15 @@ BUILTIN_OPS = {
         "aten.nanmedian.default", "aten.nanmedian.dim", "aten.sort.default",
         "aten.sort.stable", "aten.topk.default",
     ],
+    "dispatch_shard.ops.spatial": [
+        "aten.avg_pool2d.default", "aten.avg_pool2d_backward.default",
+        "aten.avg_pool3d.default", "aten.avg_pool3d_backward.default",
+        "aten.convolution.default", "aten.convolution_backward.default",
+        "aten.max_pool2d_with_indices.default",
+        "aten.max_pool2d_with_indices_backward.default",
+        "aten.max_pool3d_with_indices.default",
+        "aten.max_pool3d_with_indices_backward.default",
+    ],
     "dispatch_shard.ops.scan": [
         "aten.cumprod.default", "aten.cumprod_.default", "aten.cumsum.default",
         "aten.cumsum_.default", "aten.logcumsumexp.default",
