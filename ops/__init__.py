@@ -20,6 +20,7 @@ from dispatch_shard.ops import (
     spatial,
     tensor_basics,
     view,
+    whole,
 )
 
 # isort: split
@@ -29,4 +30,4 @@ from dispatch_shard.ops import decomposed
 
 __all__ = ["attention", "decomposed", "embedding", "factory", "foreach", "indexing", "matmul",
            "pointwise", "reduction", "scan", "sorting", "spatial",
-           "tensor_basics", "view"]
+           "tensor_basics", "view", "whole"]

@@ -137,6 +137,33 @@ BUILTIN_OPS = {
         "aten.nanmedian.default", "aten.nanmedian.dim", "aten.sort.default",
         "aten.sort.stable", "aten.topk.default",
     ],
+    "dispatch_shard.ops.whole": [
+        "aten._adaptive_avg_pool3d.default", "aten._cdist_forward.default",
+        "aten._fft_c2c.default", "aten._fft_c2r.default", "aten._fft_r2c.default",
+        "aten._histogramdd_bin_edges.default", "aten._histogramdd_from_bin_tensors.default",
+        "aten._linalg_check_errors.default", "aten._linalg_det.default",
+        "aten._linalg_eigh.default", "aten._linalg_slogdet.default",
+        "aten._linalg_solve_ex.default", "aten._linalg_svd.default",
+        "aten._pdist_forward.default", "aten._trilinear.default", "aten._unique2.default",
+        "aten._upsample_bilinear2d_aa.default", "aten.addbmm.default", "aten.cholesky.default",
+        "aten.cholesky_inverse.default", "aten.cholesky_solve.default",
+        "aten.fractional_max_pool2d.default", "aten.fractional_max_pool3d.default",
+        "aten.geqrf.default", "aten.grid_sampler_3d.default", "aten.histc.default",
+        "aten.histogram.bin_ct", "aten.histogram.bins_tensor", "aten.index_reduce.default",
+        "aten.linalg_cholesky_ex.default", "aten.linalg_eig.default",
+        "aten.linalg_householder_product.default", "aten.linalg_inv_ex.default",
+        "aten.linalg_ldl_factor_ex.default", "aten.linalg_ldl_solve.default",
+        "aten.linalg_lstsq.default", "aten.linalg_lu.default",
+        "aten.linalg_lu_factor_ex.default", "aten.linalg_lu_solve.default",
+        "aten.linalg_matrix_exp.default", "aten.linalg_pinv.atol_rtol_tensor",
+        "aten.linalg_qr.default", "aten.linalg_solve_triangular.default",
+        "aten.lu_unpack.default", "aten.masked_scatter.default", "aten.masked_select.default",
+        "aten.nonzero.default", "aten.nonzero_static.default", "aten.ormqr.default",
+        "aten.put.default", "aten.repeat_interleave.Tensor", "aten.searchsorted.Scalar",
+        "aten.searchsorted.Tensor", "aten.segment_reduce.default",
+        "aten.triangular_solve.default", "aten.unique_consecutive.default",
+        "aten.unique_dim.default",
+    ],
     "dispatch_shard.ops.spatial": [
         "aten.avg_pool2d.default", "aten.avg_pool2d_backward.default",
         "aten.avg_pool3d.default", "aten.avg_pool3d_backward.default",
@@ -233,8 +260,8 @@ def _one_argument(types: Any) -> None:
     return None
 
 
-# cholesky_inverse: an op no built-in family serves (no decomposition either).
-UNSERVED = torch.ops.aten.cholesky_inverse
+# hash_tensor: an op no built-in family serves (no decomposition either).
+UNSERVED = torch.ops.aten.hash_tensor
 
 
 @pytest.mark.parametrize("op", [torch.asin, UNSERVED.default, UNSERVED,
@@ -530,7 +557,7 @@ def test_insufficient_sharding_dims(rank: int, world_size: int) -> None:
     assert torch.equal(st.full_tensor(), dense)
 
 
-UNSUPPORTED_OP = torch.histc  # aten.histc.default: no sharded implementation
+UNSUPPORTED_OP = torch.hash_tensor  # aten.hash_tensor.default: no sharded implementation
 
 
 @multi_rank(world_size=4)
@@ -547,9 +574,9 @@ def test_invalid_sharding(rank: int, world_size: int) -> None:
         ds.empty(ChunkShardingSpec(dim=0, placements=["rank:5/cpu"]), 10, 20)
 
     st = ds.empty(ChunkShardingSpec(dim=0, placements=["rank:0/cpu"]), 10, 20)
-    assert torch.ops.aten.histc.default not in registry.OVERLOADS
-    assert torch.ops.aten.histc not in registry.PACKETS
-    unsupported = r"^aten\.histc\.default not supported for ShardedTensor!$"
+    assert torch.ops.aten.hash_tensor.default not in registry.OVERLOADS
+    assert torch.ops.aten.hash_tensor not in registry.PACKETS
+    unsupported = r"^aten\.hash_tensor\.default not supported for ShardedTensor!$"
     with pytest.raises(RuntimeError, match=unsupported):
         UNSUPPORTED_OP(st)
     with pytest.raises(NotImplementedError, match=r".*not supported for ShardedTensor!$"):

@@ -517,6 +517,17 @@ class _SeededOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _on_any_rank(flag: bool) -> bool:
+    """``flag`` or'ed over the ranks: uninitialised memory (``lstsq``'s unused outputs)
+    differs between ranks, so one rank alone could call an output random and skip reading
+    it while the others read it (a collective) and wait."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _random(op: Any, sample: Any, dense_out: Any, seed: int) -> bool:
     """Whether the dense op draws random numbers or gives another output on another seed.
 
@@ -713,7 +724,8 @@ def _run_sample(op: Any, sample: Any, library: _Library, backward: bool, seed: i
         return SKIP, None, f"dense raised {_message(exc)}"
     if copies.sharded_count == 0:
         return SKIP, None, "no tensor input of ndim >= 1"
-    random_output = op.has_nondeterministic_output or _random(op, sample, dense_out, seed)
+    random_output = _on_any_rank(op.has_nondeterministic_output
+                                 or _random(op, sample, dense_out, seed))
     watch = _Watch(library, dispatched)
     try:
         with watch:
