@@ -1,6 +1,6 @@
 """Ops that work along one dim, each slice on its own: sort, topk, kthvalue, median and
 nanmedian along a dim, mode, cummax and cummin (``argsort`` and ``msort`` are torch
-compositions of ``sort``).
+compositions of ``sort``; the median of all elements is in :mod:`dispatch_shard.ops.whole`).
 
 Per rank: when no block splits the op's dim, every slice along it lies in one block,
 so each block runs the op (values and int64 indices within the slice are the global
@@ -114,16 +114,3 @@ for _func, _position, _default in (
     _register(_func, _position, _default)
 
 
-
-def _register_whole(func: torch._ops.OpOverload) -> None:
-    def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-        return replicated_fallback(func, args, kwargs)
-
-    impl.__name__ = impl.__qualname__ = f"whole_{func.name().split('::')[1]}"
-    impl.__doc__ = (f"``{func}`` of all elements, a global order statistic: on the whole "
-                    "value (replicated; one gather).")
-    custom_sharded_op_impl(func)(impl)
-
-
-for _func in (aten.median.default, aten.nanmedian.default):
-    _register_whole(_func)

@@ -42,6 +42,8 @@ _NAMES = (
     # outputs sized by the data
     "_unique2.default", "unique_consecutive.default", "unique_dim.default", "nonzero.default",
     "nonzero_static.default", "masked_select.default", "repeat_interleave.Tensor",
+    # order statistics of all elements
+    "median.default", "nanmedian.default",
     # histograms and searches
     "histc.default", "histogram.bin_ct", "histogram.bins_tensor",
     "_histogramdd_bin_edges.default", "_histogramdd_from_bin_tensors.default",

@@ -133,8 +133,7 @@ BUILTIN_OPS = {
     ],
     "dispatch_shard.ops.sorting": [
         "aten.cummax.default", "aten.cummin.default", "aten.kthvalue.default",
-        "aten.median.default", "aten.median.dim", "aten.mode.default",
-        "aten.nanmedian.default", "aten.nanmedian.dim", "aten.sort.default",
+        "aten.median.dim", "aten.mode.default", "aten.nanmedian.dim", "aten.sort.default",
         "aten.sort.stable", "aten.topk.default",
     ],
     "dispatch_shard.ops.whole": [
@@ -158,11 +157,11 @@ BUILTIN_OPS = {
         "aten.linalg_matrix_exp.default", "aten.linalg_pinv.atol_rtol_tensor",
         "aten.linalg_qr.default", "aten.linalg_solve_triangular.default",
         "aten.lu_unpack.default", "aten.masked_scatter.default", "aten.masked_select.default",
-        "aten.nonzero.default", "aten.nonzero_static.default", "aten.ormqr.default",
-        "aten.put.default", "aten.repeat_interleave.Tensor", "aten.searchsorted.Scalar",
-        "aten.searchsorted.Tensor", "aten.segment_reduce.default",
-        "aten.triangular_solve.default", "aten.unique_consecutive.default",
-        "aten.unique_dim.default",
+        "aten.median.default", "aten.nanmedian.default", "aten.nonzero.default",
+        "aten.nonzero_static.default", "aten.ormqr.default", "aten.put.default",
+        "aten.repeat_interleave.Tensor", "aten.searchsorted.Scalar", "aten.searchsorted.Tensor",
+        "aten.segment_reduce.default", "aten.triangular_solve.default",
+        "aten.unique_consecutive.default", "aten.unique_dim.default",
     ],
     "dispatch_shard.ops.spatial": [
         "aten.avg_pool2d.default", "aten.avg_pool2d_backward.default",
