@@ -719,3 +719,92 @@ def repeat(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     """``x.repeat(counts)``: NOTE [replicated fallback] (its decomposition returned a plain
     tensor for zero counts: a result must always be a ShardedTensor)."""
     return replicated_fallback(aten.repeat.default, args, kwargs)
+
+
+# -- diagonal ---------------------------------------------------------------------------
+
+def _diagonal_parts(layout: Layout, offset: int, dim1: int, dim2: int
+                    ) -> tuple[torch.Size, list[tuple[list[int], list[int], int, int]]]:
+    """The size of ``x.diagonal(offset, dim1, dim2)`` and, per block of ``layout``, its
+    output box (offsets, sizes) and the slice ``[lo, hi)`` of the block's own diagonal (at
+    its local offset) that the box holds."""
+    size = layout.size
+    row, col = max(-offset, 0), max(offset, 0)
+    length = max(min(size[dim1] - row, size[dim2] - col), 0)
+    others = [d for d in range(len(size)) if d not in (dim1, dim2)]
+    out_size = torch.Size([*(size[d] for d in others), length])
+    parts = []
+    for shard in layout.shards:
+        o, s = shard.shard_offsets, shard.shard_sizes
+        # Diagonal element k sits at (k + row, k + col): inside the block for k in [lo, hi).
+        lo = max(o[dim1] - row, o[dim2] - col, 0)
+        hi = min(o[dim1] + s[dim1] - row, o[dim2] + s[dim2] - col, length)
+        empty = hi <= lo or any(s[d] == 0 for d in others)
+        lo = min(lo, length)
+        hi = lo if empty else hi
+        local_offset = offset + o[dim1] - o[dim2]
+        start = lo + row - o[dim1] - max(-local_offset, 0)
+        parts.append(([*(o[d] for d in others), lo],
+                      [*(s[d] for d in others), hi - lo] if not empty
+                      else [*(0 if i == 0 else s[d] for i, d in enumerate(others)), 0],
+                      start, start + hi - lo))
+    return out_size, parts
+
+
+@functools.lru_cache(maxsize=1024)
+def _diagonal_layout(layout: Layout, offset: int, dim1: int, dim2: int
+                     ) -> tuple[Layout, tuple[tuple[int, int], ...]]:
+    out_size, parts = _diagonal_parts(layout, offset, dim1, dim2)
+    blocks = [ShardMetadata(offsets, sizes, shard.placement)
+              for (offsets, sizes, _, _), shard in zip(parts, layout.shards, strict=True)]
+    new_layout = layout_of(EnumerableShardingSpec(blocks), out_size, layout.group_ranks)
+    return new_layout, tuple((start, stop) for _, _, start, stop in parts)
+
+
+@custom_sharded_op_impl(aten.diagonal.default)
+def diagonal(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+    """``x.diagonal(offset, dim1, dim2)``: a view. Each block's share of the diagonal is a
+    piece of its own diagonal, so the result has one block per input block (most of them
+    empty on a grid); no collectives. Replicated and partial inputs: per block."""
+    x = args[0]
+    names = ("offset", "dim1", "dim2")
+    defaults = (0, 0, 1)
+    offset, dim1, dim2 = (args[i + 1] if len(args) > i + 1 else kwargs.get(n, defaults[i])
+                          for i, n in enumerate(names))
+    if x.dim() < 2:
+        torch.empty((0,) * x.dim(), device="meta").diagonal(offset, dim1, dim2)  # dense error
+    dim1, dim2 = dim1 % x.dim(), dim2 % x.dim()
+    if dim1 == dim2:
+        raise RuntimeError(f"diagonal dimensions cannot be identical {dim1}, {dim2}")
+    layout = x._layout
+    if not layout.is_sharded:
+        blocks = [t.diagonal(offset, dim1, dim2) for t in x._local_tensors]
+        size = torch.empty(x.shape, device="meta").diagonal(offset, dim1, dim2).shape
+        return x._like(blocks, layout_of(layout.spec, size, layout.group_ranks,
+                                         layout.device or str(x.device)))
+    new_layout, slices = _diagonal_layout(layout, offset, dim1, dim2)
+    blocks = []
+    for t, i in zip(x._local_tensors, layout.local_indices(x._rank), strict=True):
+        s = layout.shards[i]
+        start, stop = slices[i]
+        local_offset = offset + s.shard_offsets[dim1] - s.shard_offsets[dim2]
+        piece = t.diagonal(local_offset, dim1, dim2)[..., start:stop]
+        blocks.append(piece.reshape(new_layout.shards[i].shard_sizes)
+                      if 0 in new_layout.shards[i].shard_sizes else piece)
+    return x._like(blocks, new_layout)
+
+
+@custom_sharded_op_impl(aten.diagonal_scatter.default)
+def diagonal_scatter(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     pg: Any) -> Any:
+    """``x`` with ``src`` written on its diagonal: a clone, then ``copy_`` into the clone's
+    :func:`diagonal` view (``diagonal``'s backward); collectives: those of moving ``src``
+    to the diagonal's blocks."""
+    x, src = args[0], args[1]
+    rest = args[2:]
+    out = aten.clone.default(x) if isinstance(x, ShardedTensor) else x.clone()
+    if not isinstance(out, ShardedTensor):
+        return replicated_fallback(aten.diagonal_scatter.default, args, kwargs)
+    view = aten.diagonal.default(out, *rest, **kwargs)
+    aten.copy_.default(view, src)
+    return out

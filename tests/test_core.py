@@ -178,7 +178,8 @@ BUILTIN_OPS = {
     ],
     "dispatch_shard.ops.view": [
         "aten._to_copy.default", "aten._unsafe_view.default", "aten.cat.default",
-        "aten.copy_.default", "aten.detach_.default", "aten.expand.default",
+        "aten.copy_.default", "aten.detach_.default", "aten.diagonal.default",
+        "aten.diagonal_scatter.default", "aten.expand.default",
         "aten.flip.default", "aten.permute.default", "aten.repeat.default",
         "aten.select.int", "aten.slice.Tensor", "aten.split.Tensor",
         "aten.split_with_sizes.default", "aten.squeeze.default", "aten.squeeze.dim",

@@ -106,3 +106,33 @@ def test_moving_to_another_device_is_refused(rank: int, world_size: int) -> None
     x = shard(torch.randn(*SIZE), rows(world_size))
     with pytest.raises(NotImplementedError, match="not supported for ShardedTensor!"):
         x.to("meta")
+
+
+@multi_rank(world_size=[2, 3])
+def test_diagonal_is_a_view_of_every_layout(rank: int, world_size: int) -> None:
+    # Each block holds a piece of the diagonal: the result has one block per input block,
+    # no collectives; its backward writes through the same view (diagonal_scatter).
+    for shape in ((5, 5), (4, 7), (7, 3)):
+        dense = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        for name, spec in specs_2d(shape, world_size).items():
+            for offset in (0, 1, -2, 3, -6):
+                x = ds.ShardedTensor.from_replicated(dense, spec).requires_grad_()
+                with ds.count_collectives() as counted:
+                    diagonal = x.diagonal(offset)
+                assert counted.counts == {}, name
+                where = f"{name} {shape} offset {offset}"
+                torch.testing.assert_close(diagonal.full_tensor(), dense.diagonal(offset),
+                                           msg=where)
+                (diagonal * torch.arange(diagonal.shape[0])).sum().backward()
+                reference = dense.clone().requires_grad_()
+                (reference.diagonal(offset) * torch.arange(diagonal.shape[0])).sum().backward()
+                torch.testing.assert_close(x.grad.full_tensor(), reference.grad, msg=where)
+        square = ds.ShardedTensor.from_replicated(dense[:3, :3].contiguous(), spec)
+        torch.testing.assert_close(torch.trace(square).full_tensor(), dense[:3, :3].trace())
+    cube = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(2))
+    x = ds.ShardedTensor.from_replicated(cube, ds.ChunkShardingSpec(
+        0, [f"rank:{r}/cpu" for r in range(world_size)]))
+    torch.testing.assert_close(x.diagonal(1, 1, 2).full_tensor(), cube.diagonal(1, 1, 2))
+    torch.testing.assert_close(x.diagonal(0, 2, 0).full_tensor(), cube.diagonal(0, 2, 0))
+    with pytest.raises(RuntimeError, match="diagonal dimensions cannot be identical"):
+        x.diagonal(0, 1, -2)
