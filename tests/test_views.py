@@ -136,3 +136,19 @@ def test_diagonal_is_a_view_of_every_layout(rank: int, world_size: int) -> None:
     torch.testing.assert_close(x.diagonal(0, 2, 0).full_tensor(), cube.diagonal(0, 2, 0))
     with pytest.raises(RuntimeError, match="diagonal dimensions cannot be identical"):
         x.diagonal(0, 1, -2)
+
+
+@multi_rank(world_size=[2, 3])
+def test_as_strided_that_is_a_reshape(rank: int, world_size: int) -> None:
+    dense = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(3))
+    for name, spec in {"rows": rows(world_size), "replicate": ds.Replicate()}.items():
+        x = ds.ShardedTensor.from_replicated(dense, spec)
+        torch.testing.assert_close(x.as_strided((4, 6), (6, 1)).full_tensor(),
+                                   dense.as_strided((4, 6), (6, 1)), msg=name)
+        with pytest.raises(NotImplementedError, match="no reshape of the tensor"):
+            x.as_strided((2, 2), (1, 2))
+    # group norm's decomposition reshapes through as_strided
+    weight, bias = torch.ones(3), torch.zeros(3)
+    x = ds.ShardedTensor.from_replicated(dense, rows(world_size))
+    torch.testing.assert_close(torch.nn.functional.group_norm(x, 3, weight, bias).full_tensor(),
+                               torch.nn.functional.group_norm(dense, 3, weight, bias))
