@@ -210,6 +210,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                             timeout=timedelta(seconds=120))
     try:
         deviation = _run(rank, world, args)
+        # Every rank leaves together: a rank that tears its gloo connections down while a
+        # peer is still printing the report could take the peer down with it (one
+        # SIGABRT seen on rank 3 in many runs).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if deviation > 1e-5:
