@@ -44,6 +44,7 @@ from dispatch_shard.testing.opinfo import (
     op_key,
     registration,
     run_op,
+    summarize,
 )
 from dispatch_shard.testing.pool import RankPool
 
@@ -53,17 +54,7 @@ LABELS = {"dispatch_shard": "dispatch_shard", "dtensor": "DTensor"}
 
 def merge(outcomes: Iterable[str]) -> str:
     """One op outcome from several world sizes' (worst first, PARTIAL for a mix)."""
-    counted = [o for o in outcomes if o not in (SKIP, "")]
-    for bad in (WRONG, ERROR, HANG):
-        if bad in counted:
-            return bad
-    if not counted:
-        return SKIP
-    if all(o == PASS for o in counted):
-        return PASS
-    if all(o == UNSUPPORTED for o in counted):
-        return UNSUPPORTED
-    return PARTIAL
+    return summarize(outcomes)
 
 
 def load(path: str) -> dict[tuple[str, int, str], OpResult]:

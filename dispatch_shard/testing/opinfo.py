@@ -91,7 +91,7 @@ import random
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -119,6 +119,7 @@ __all__ = [
     "run_op",
     "run_ops",
     "run_samples_on_rank",
+    "summarize",
 ]
 
 PASS = "PASS"
@@ -961,14 +962,18 @@ class SampleResult:
     sample: str  # a description, for samples that did not pass
 
 
-def _summary(outcomes: Sequence[str], failure: str | None) -> str:
-    counted = [o for o in outcomes if o != SKIP]
-    if WRONG in counted:
-        return WRONG
-    if ERROR in counted:
-        return ERROR
+def summarize(outcomes: Iterable[str], failure: str | None = None) -> str:
+    """One outcome from several (samples', or world sizes'): the worst of WRONG, ERROR, the
+    run's ``failure``, HANG; else PASS or UNSUPPORTED when all agree, PARTIAL for a mix
+    (SKIP and "" do not count)."""
+    counted = [o for o in outcomes if o not in (SKIP, "")]
+    for bad in (WRONG, ERROR):
+        if bad in counted:
+            return bad
     if failure is not None:
         return failure
+    if HANG in counted:
+        return HANG
     if not counted:
         return SKIP
     if all(o == PASS for o in counted):
@@ -998,7 +1003,7 @@ class OpResult:
     @property
     def forward(self) -> str:
         """The op's forward outcome: WRONG > ERROR > HANG > PASS / UNSUPPORTED / PARTIAL > SKIP."""
-        return _summary([s.forward for s in self.samples], self.failure)
+        return summarize([s.forward for s in self.samples], self.failure)
 
     @property
     def backward(self) -> str:
@@ -1008,7 +1013,7 @@ class OpResult:
         outcomes = [s.backward for s in self.samples if s.backward is not None]
         if not outcomes and self.forward in (UNSUPPORTED, ERROR, HANG):
             return self.forward  # no forward, no backward
-        return _summary(outcomes, self.failure)
+        return summarize(outcomes, self.failure)
 
     def count(self, outcome: str, backward: bool = False) -> int:
         return sum((s.backward if backward else s.forward) == outcome for s in self.samples)
