@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 import dispatch_shard as ds
@@ -52,3 +54,11 @@ def shard(dense: torch.Tensor, spec: ds.ShardingSpec, requires_grad: bool = Fals
                   for i in layout.local_indices(rank)]
         result = ds.ShardedTensor.from_local_shards(shards, *dense.shape)
     return result.requires_grad_(True) if requires_grad else result
+
+
+def whole(value: Any) -> Any:
+    """The dense value of a ShardedTensor result, or of each in a tuple of them."""
+    if isinstance(value, tuple):
+        return tuple(whole(v) for v in value)
+    assert isinstance(value, ds.ShardedTensor), type(value)
+    return value.full_tensor()

@@ -312,14 +312,8 @@ def reduce(x: torch.Tensor, name: str, dims: tuple[int, ...] | None, keepdim: bo
 
 
 def view(x: torch.Tensor, kind: str, params: tuple[Any, ...]) -> torch.Tensor:
-    if kind == "transpose":
-        return x.transpose(*params)
-    if kind == "permute":
-        return x.permute(*params)
-    if kind == "unsqueeze":
-        return x.unsqueeze(*params)
-    if kind == "squeeze":
-        return x.squeeze(*params)
+    if kind in ("transpose", "permute", "unsqueeze", "squeeze", "select"):
+        return getattr(x, kind)(*params)
     if kind == "reshape":
         return x.reshape(params)
     if kind == "flatten":
@@ -327,8 +321,6 @@ def view(x: torch.Tensor, kind: str, params: tuple[Any, ...]) -> torch.Tensor:
     if kind == "slice":
         dim, start, stop, step = params
         return x[(slice(None),) * dim + (slice(start, stop, step),)]
-    if kind == "select":
-        return x.select(*params)
     if kind == "expand":
         return x.expand(params)
     if kind == "contiguous":

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from layouts import specs_2d
+from layouts import specs_2d, whole
 
 import dispatch_shard as ds
 from dispatch_shard.testing import multi_rank
@@ -33,13 +33,6 @@ OPS: dict[str, Callable[[torch.Tensor], Any]] = {
 }
 
 
-def _whole(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_whole(v) for v in value)
-    assert isinstance(value, ds.ShardedTensor), type(value)
-    return value.full_tensor()
-
-
 @multi_rank(world_size=[2, 3])
 @pytest.mark.parametrize("layout", ["rows", "cols", "grid", "several", "replicate"])
 def test_ops_along_a_dim_match_dense(rank: int, world_size: int, layout: str) -> None:
@@ -53,7 +46,7 @@ def test_ops_along_a_dim_match_dense(rank: int, world_size: int, layout: str) ->
         with ds.count_collectives() as counted:
             result = op(sharded)
         expected = op(source)
-        got = _whole(result)
+        got = whole(result)
         if isinstance(expected, tuple):
             for g, e in zip(got, expected, strict=True):
                 torch.testing.assert_close(g, e, equal_nan=True, msg=name)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from layouts import specs_2d
+from layouts import specs_2d, whole
 
 import dispatch_shard as ds
 from dispatch_shard.testing import multi_rank
@@ -30,20 +30,13 @@ OPS: dict[str, Callable[[torch.Tensor], Any]] = {
 }
 
 
-def _whole(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_whole(v) for v in value)
-    assert isinstance(value, ds.ShardedTensor), type(value)
-    return value.full_tensor()
-
-
 @multi_rank(world_size=[2, 3])
 @pytest.mark.parametrize("layout", ["rows", "grid", "several"])
 def test_whole_value_ops_match_dense(rank: int, world_size: int, layout: str) -> None:
     dense = torch.randn(SIZE, generator=torch.Generator().manual_seed(7)) + 3 * torch.eye(5)
     sharded = ds.ShardedTensor.from_replicated(dense, specs_2d(SIZE, world_size)[layout])
     for name, op in OPS.items():
-        got, expected = _whole(op(sharded)), op(dense)
+        got, expected = whole(op(sharded)), op(dense)
         if isinstance(expected, tuple):
             for g, e in zip(got, expected, strict=True):
                 torch.testing.assert_close(g, e, msg=name)
