@@ -16,16 +16,19 @@ operands, a sharded mask) computes on whole operands (NOTE [replicated fallback]
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from dispatch_shard.layout import Layout
-from dispatch_shard.ops.view import _relayout, _split_dims, replicated_fallback
+from dispatch_shard.ops.view import (
+    _leading_boxes,
+    _like_leading,
+    _split_dims,
+    replicated_fallback,
+)
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
-from dispatch_shard.specs import ChunkShardingSpec
 
 aten = torch.ops.aten
 
@@ -36,25 +39,7 @@ def _heads(layout: Layout) -> tuple[Any, ...] | None:
     """The blocks' (batch, head) extents and placements, when nothing else is split."""
     if layout.is_partial or len(layout.size) < 3 or _split_dims(layout) - {0, 1}:
         return None
-    return tuple((tuple(s.shard_offsets[:2]), tuple(s.shard_sizes[:2]), s.placement)
-                 for s in layout.shards)
-
-
-@functools.lru_cache(maxsize=256)
-def _like_heads(layout: Layout, size: torch.Size) -> Layout:
-    """``layout``'s (batch, head) blocks for a tensor of ``size`` (its leading dims equal):
-    whole along every other dim."""
-    spec = layout.spec
-    chunk_dim = spec.dim % len(layout.size) if isinstance(spec, ChunkShardingSpec) else None
-
-    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        empty = 0 in sizes[:2]
-        new_sizes = list(sizes[:2]) + list(size[2:])
-        if empty and new_sizes and 0 not in new_sizes:
-            new_sizes[0] = 0
-        return list(offsets[:2]) + [0] * (len(size) - 2), new_sizes
-
-    return _relayout(layout, size, chunk_dim, block_map)
+    return _leading_boxes(layout, 2)
 
 
 def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -93,7 +78,7 @@ def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     for k, source in enumerate(outputs):
         anchor: ShardedTensor = args[source]
         size = torch.Size(_global_size(anchor, shapes[k]))
-        layout = _like_heads(anchor._layout, size)
+        layout = _like_leading(anchor._layout, 2, size)
         outs.append(anchor._like([r[k] for r in results], layout, shapes[k].dtype))
     return tuple(outs)
 

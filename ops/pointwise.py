@@ -345,6 +345,7 @@ def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
 
 def _register(func: torch._ops.OpOverload) -> None:
     schema = _Schema(func)
+    linear = func in _LINEAR  # decided once: hashing an OpOverload per call runs Python
 
     def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
              process_group: Any) -> Any:
@@ -378,7 +379,7 @@ def _register(func: torch._ops.OpOverload) -> None:
                 if isinstance(second, int | float | bool):
                     return _wrap_blocks(func, schema, first, args,
                                         [func(a, second) for a in first._local_tensors])
-        if func in _LINEAR:
+        if linear:
             served = _linear_on_partial(func, args, kwargs)
             if served is not None:
                 return served

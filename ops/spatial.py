@@ -18,43 +18,24 @@ Dense's errors first, on every rank: the op runs on a CPU stand-in of one sample
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
-from dispatch_shard.layout import Layout, layout_of
-from dispatch_shard.ops.view import _relayout, _split_dims, replicated_fallback
+from dispatch_shard.layout import layout_of
+from dispatch_shard.ops.view import (
+    _leading_boxes,
+    _like_leading,
+    _split_dims,
+    replicated_fallback,
+)
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
-from dispatch_shard.specs import ChunkShardingSpec, Partial
+from dispatch_shard.specs import Partial
 
 aten = torch.ops.aten
 
 __all__: list[str] = []
-
-
-def _boxes(layout: Layout, lead: int) -> tuple[Any, ...]:
-    return tuple((tuple(s.shard_offsets[:lead]), tuple(s.shard_sizes[:lead]), s.placement)
-                 for s in layout.shards)
-
-
-@functools.lru_cache(maxsize=256)
-def _like_leading(layout: Layout, lead: int, size: torch.Size) -> Layout:
-    """``layout``'s blocks along its ``lead`` leading dims, whole along the rest of
-    ``size`` (whose leading dims are ``layout``'s)."""
-    spec = layout.spec
-    chunk_dim = spec.dim % len(layout.size) if isinstance(spec, ChunkShardingSpec) else None
-    if chunk_dim is not None and chunk_dim >= lead:
-        chunk_dim = None
-
-    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        new_sizes = list(sizes[:lead]) + list(size[lead:])
-        if 0 in sizes[:lead] and 0 not in new_sizes and new_sizes:
-            new_sizes[0] = 0
-        return list(offsets[:lead]) + [0] * (len(size) - lead), new_sizes
-
-    return _relayout(layout, size, chunk_dim, block_map)
 
 
 def _whole(value: Any) -> Any:
@@ -79,8 +60,8 @@ def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     if not all(type(t) is ShardedTensor and not t._layout.is_partial for t in operands) \
             or not first._layout.is_sharded or first.dim() <= lead:
         return replicated_fallback(func, args, kwargs)
-    boxes = _boxes(first._layout, lead)
-    if any(_split_dims(t._layout) - set(range(lead)) or _boxes(t._layout, lead) != boxes
+    boxes = _leading_boxes(first._layout, lead)
+    if any(_split_dims(t._layout) - set(range(lead)) or _leading_boxes(t._layout, lead) != boxes
            or t._layout.group_ranks != first._layout.group_ranks for t in operands):
         return replicated_fallback(func, args, kwargs)
     plain = list(args)

@@ -118,6 +118,32 @@ def _view_blocks(x: ShardedTensor, layout: Layout, view: Callable[..., torch.Ten
     return x._like(blocks, layout)
 
 
+# -- blocks along leading dims (ops/attention.py, ops/spatial.py) ------------------
+
+def _leading_boxes(layout: Layout, lead: int) -> tuple[Any, ...]:
+    """Every block's extent along the first ``lead`` dims, and its placement."""
+    return tuple((tuple(s.shard_offsets[:lead]), tuple(s.shard_sizes[:lead]), s.placement)
+                 for s in layout.shards)
+
+
+@functools.lru_cache(maxsize=256)
+def _like_leading(layout: Layout, lead: int, size: torch.Size) -> Layout:
+    """``layout``'s blocks along its ``lead`` leading dims, whole along the rest of
+    ``size`` (whose leading dims are ``layout``'s)."""
+    spec = layout.spec
+    chunk_dim = spec.dim % len(layout.size) if isinstance(spec, ChunkShardingSpec) else None
+    if chunk_dim is not None and chunk_dim >= lead:
+        chunk_dim = None
+
+    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        new_sizes = list(sizes[:lead]) + list(size[lead:])
+        if 0 in sizes[:lead] and 0 not in new_sizes and new_sizes:
+            new_sizes[0] = 0
+        return list(offsets[:lead]) + [0] * (len(size) - lead), new_sizes
+
+    return _relayout(layout, size, chunk_dim, block_map)
+
+
 # -- permutations ------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1024)
