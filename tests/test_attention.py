@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from layouts import several
 
 import dispatch_shard as ds
 from dispatch_shard.examples import TRANSFORMER_PLAN, TransformerBlock, parallelize
@@ -47,24 +48,26 @@ def test_head_splitting_views_keep_blocks(rank: int, world_size: int) -> None:
 
 @multi_rank(world_size=[2, 3])
 @pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("blocks", ["one", "several"])
 def test_scaled_dot_product_attention_on_split_heads(rank: int, world_size: int,
-                                                     dim: int) -> None:
+                                                     dim: int, blocks: str) -> None:
+    spec = _chunk(dim, world_size) if blocks == "one" else several(world_size, dim)
     for batch, heads, length, e, causal in ((2, 4, 5, 8, True), (3, 2, 4, 4, False),
                                             (2, 3, 6, 2, True), (1, 1, 3, 2, False)):
         q, k, v, grad = (_randn(batch, heads, length, e, seed=s) for s in range(4))
-        sq, sk, sv = (ds.ShardedTensor.from_replicated(t, _chunk(dim, world_size))
+        sq, sk, sv = (ds.ShardedTensor.from_replicated(t, spec)
                       .requires_grad_() for t in (q, k, v))
         with ds.count_collectives() as counted:
             out = F.scaled_dot_product_attention(sq, sk, sv, is_causal=causal)
-            out.backward(ds.ShardedTensor.from_replicated(grad, _chunk(dim, world_size)))
+            out.backward(ds.ShardedTensor.from_replicated(grad, spec))
         assert counted.counts == {}  # blocks of whole (batch, head) pairs: local kernels
         dq, dk, dv = (t.clone().requires_grad_() for t in (q, k, v))
         expected = F.scaled_dot_product_attention(dq, dk, dv, is_causal=causal)
         expected.backward(grad)
-        assert out.sharding_spec() == _chunk(dim, world_size)
+        assert out.sharding_spec() == spec
         torch.testing.assert_close(out.full_tensor(), expected)
         for sharded, dense in ((sq, dq), (sk, dk), (sv, dv)):
-            assert sharded.grad.sharding_spec() == _chunk(dim, world_size)
+            assert sharded.grad.sharding_spec() == spec
             torch.testing.assert_close(sharded.grad.full_tensor(), dense.grad)
 
 

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from layouts import several
 from torch import nn
 
 import dispatch_shard as ds
@@ -33,10 +34,12 @@ SHAPES = {"max_pool1d": (5, 3, 8), "max_pool3d": (5, 2, 4, 4, 4), "avg_pool3d": 
 
 @multi_rank(world_size=[2, 3])
 @pytest.mark.parametrize("dim", [0, 1, 2])
-def test_pooling_matches_dense(rank: int, world_size: int, dim: int) -> None:
+@pytest.mark.parametrize("blocks", ["one", "several"])
+def test_pooling_matches_dense(rank: int, world_size: int, dim: int, blocks: str) -> None:
+    spec = _spec(dim, world_size) if blocks == "one" else several(world_size, dim)
     for name, pool in POOLS.items():
         dense = _randn(*SHAPES.get(name, (5, 3, 6, 6)), seed=1)
-        leaf = ds.ShardedTensor.from_replicated(dense, _spec(dim, world_size)).requires_grad_()
+        leaf = ds.ShardedTensor.from_replicated(dense, spec).requires_grad_()
         with ds.count_collectives() as counted:
             out = pool(leaf)
             out.backward(ds.ShardedTensor.from_replicated(_randn(*out.shape, seed=2),
@@ -64,7 +67,8 @@ class ConvNet(nn.Module):
 
 
 @multi_rank(world_size=[2, 3])
-def test_data_parallel_cnn_trains_like_dense(rank: int, world_size: int) -> None:
+@pytest.mark.parametrize("blocks", ["one", "several"])
+def test_data_parallel_cnn_trains_like_dense(rank: int, world_size: int, blocks: str) -> None:
     # The batch is split across ranks, the parameters are replicated: each rank's weight
     # gradient is its share of a sum (no collective until the optimizer needs it).
     torch.manual_seed(0)
@@ -75,8 +79,9 @@ def test_data_parallel_cnn_trains_like_dense(rank: int, world_size: int) -> None
             setattr(module, name, nn.Parameter(
                 ds.ShardedTensor.from_replicated(param.detach(), ds.Replicate())))
     x, y = _randn(7, 3, 8, 8, seed=3), _randn(7, 3, seed=4)
-    sx = ds.ShardedTensor.from_replicated(x, _spec(0, world_size))
-    sy = ds.ShardedTensor.from_replicated(y, _spec(0, world_size))
+    spec = _spec(0, world_size) if blocks == "one" else several(world_size)
+    sx = ds.ShardedTensor.from_replicated(x, spec)
+    sy = ds.ShardedTensor.from_replicated(y, spec)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (dense, sharded)]
     for _ in range(3):
         for model, optimizer, inputs, target in ((dense, optimizers[0], x, y),

@@ -141,7 +141,8 @@ def test_diagonal_is_a_view_of_every_layout(rank: int, world_size: int) -> None:
 @multi_rank(world_size=[2, 3])
 def test_as_strided_that_is_a_reshape(rank: int, world_size: int) -> None:
     dense = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(3))
-    for name, spec in {"rows": rows(world_size), "replicate": ds.Replicate()}.items():
+    for name, spec in {"rows": rows(world_size), "several": several(world_size),
+                       "replicate": ds.Replicate()}.items():
         x = ds.ShardedTensor.from_replicated(dense, spec)
         torch.testing.assert_close(x.as_strided((4, 6), (6, 1)).full_tensor(),
                                    dense.as_strided((4, 6), (6, 1)), msg=name)
