@@ -28,6 +28,7 @@ from dispatch_shard.metadata import (
     TensorProperties,
 )
 from dispatch_shard.registry import (
+    GROUP_FREE,
     OVERLOADS,
     TORCH_FUNCTIONS,
     _on_torch_function_table_change,
@@ -155,6 +156,8 @@ class ShardedTensor(torch.Tensor):
         impl = OVERLOADS.get(func) or lookup(func)
         try:
             if not collectives._observers:
+                if impl in GROUP_FREE:  # NOTE [implementations that find their own group]
+                    return impl(types, args, kwargs or {}, None)
                 return impl(types, args, kwargs or {}, _first_group(args, func))
             return _observed_dispatch(func, impl, types, args, kwargs or {})
         except collectives.CollectiveError as error:

@@ -6,7 +6,13 @@ tensors are repeated ``k_i`` times). Collectives: none when the lists' tensors
 share layouts element by element (parameters, their grads and their optimizer
 state always do); an element of another layout is moved first.
 
-``_foreach_norm``: per-block norms, then one all-reduce for the whole list.
+Tensors at one index of the lists must live on one group's ranks; tensors at
+different indices may live on different groups (one optimizer over 2-D-parallel
+parameters), since nothing communicates between indices. The hot path, where every
+list's element shares the layout of the first list's element, calls torch's
+binding of the kernel once (see ``dispatch_shard.registry._binding``).
+
+``_foreach_norm``: per-block norms, then one all-reduce for the whole list (one group).
 
 NOTE [plain tensors in foreach lists]
 ``torch.optim`` groups tensors by device and dtype, not by type, so a list may
@@ -17,13 +23,14 @@ per block like any replicated operand.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from dispatch_shard import collectives
-from dispatch_shard.registry import custom_sharded_op_impl
-from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.registry import _binding, _group_free, custom_sharded_op_impl
+from dispatch_shard.sharded_tensor import ShardedTensor, _check_same_ranks
 from dispatch_shard.specs import Replicate
 
 __all__ = ["foreach_overloads"]
@@ -97,45 +104,103 @@ def _contiguous_blocks(blocks: list[torch.Tensor],
     return result
 
 
-def _same_layout_blocks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
-    """The arguments with each tensor list flattened to blocks, when every list holds
-    ShardedTensors whose layouts match the first list's element by element and the other
-    arguments are Python scalars; else None (the general path)."""
+# The fast path of every optimizer step: the tensor lists flattened to blocks when
+# every element is a ShardedTensor with the layout (the same object) of the first
+# list's element at its index, and none is partial; else None (the general path).
+# One flattener per number of lists (no pytree, no per-call tables).
+
+def _flat_one(args: tuple[Any, ...]) -> list[list[Any]] | None:
     base = args[0]
-    if kwargs and any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+    if len(base) == 1:  # (the lists of one-block tensors are not copied)
+        element = base[0]
+        if type(element) is not ShardedTensor or element._layout.is_partial:
+            return None
+        return [element._local_tensors]
+    blocks: list[Any] = []
+    for element in base:
+        if type(element) is not ShardedTensor or element._layout.is_partial:
+            return None
+        blocks += element._local_tensors
+    return [blocks]
+
+
+def _flat_two(args: tuple[Any, ...]) -> list[list[Any]] | None:
+    base, other = args[0], args[1]
+    if len(other) != len(base):
         return None
-    flat: list[Any] = []
-    for value in args:
-        if isinstance(value, list | tuple) and value and isinstance(value[0], torch.Tensor):
-            if len(value) != len(base):
+    if len(base) == 1:
+        element, second = base[0], other[0]
+        if type(element) is not ShardedTensor or type(second) is not ShardedTensor \
+                or second._layout is not element._layout or element._layout.is_partial:
+            return None
+        return [element._local_tensors, second._local_tensors]
+    blocks: list[Any] = []
+    other_blocks: list[Any] = []
+    for element, second in zip(base, other, strict=True):
+        if type(element) is not ShardedTensor or type(second) is not ShardedTensor:
+            return None
+        layout = element._layout
+        if second._layout is not layout or layout.is_partial:
+            return None
+        blocks += element._local_tensors
+        other_blocks += second._local_tensors
+    return [blocks, other_blocks]
+
+
+def _flat_many(args: tuple[Any, ...], lists: int) -> list[list[Any]] | None:
+    base, others = args[0], args[1:lists]
+    for column in others:
+        if len(column) != len(base):
+            return None
+    flat: list[list[Any]] = [[] for _ in range(len(others) + 1)]
+    for i, element in enumerate(base):
+        if type(element) is not ShardedTensor:
+            return None
+        layout = element._layout
+        if layout.is_partial:
+            return None
+        flat[0] += element._local_tensors
+        for column, out in zip(others, flat[1:], strict=True):
+            other = column[i]
+            if type(other) is not ShardedTensor or other._layout is not layout:
                 return None
-            blocks = []
-            for element, anchor in zip(value, base, strict=True):
-                if type(element) is not ShardedTensor or element._layout is not anchor._layout \
-                        or element._layout.is_partial:
-                    return None
-                blocks.extend(element._local_tensors)
-            flat.append(blocks)
-        elif isinstance(value, torch.Tensor) or isinstance(value, list | tuple):
-            return None  # a scalar tensor or a scalar list: the general path expands them
-        else:
-            flat.append(value)
+            out += other._local_tensors
     return flat
+
+
+_FLATTENERS: dict[int, Any] = {1: _flat_one, 2: _flat_two}
+_NOT_SCALAR = (torch.Tensor, list, tuple)
+
+
+def _check_index_groups(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Elements at one index of the tensor lists live on the same ranks (NOTE [operands
+    share a process group]); elements at different indices may not: nothing
+    communicates between them (NOTE [implementations that find their own group])."""
+    base = args[0]
+    for value in (*args[1:], *kwargs.values()):
+        if isinstance(value, list | tuple) and len(value) == len(base):
+            for element, anchor in zip(value, base, strict=True):
+                if isinstance(element, ShardedTensor) and isinstance(anchor, ShardedTensor) \
+                        and element._layout.group_ranks is not anchor._layout.group_ranks:
+                    _check_same_ranks(anchor, element, func)
 
 
 def _count(element: Any) -> int:
     return len(element._local_tensors) if isinstance(element, ShardedTensor) else 1
 
 
-def _regroup(base_list: list[Any], flat: list[torch.Tensor]) -> list[Any]:
+def _regroup(base_list: list[Any], flat: list[torch.Tensor],
+             dtypes: list[torch.dtype] | None = None) -> list[Any]:
+    """Per-block results back into one result per tensor of ``base_list`` (``dtypes``:
+    the results' dtypes, needed where a tensor has no block here)."""
     results: list[Any] = []
     position = 0
-    for element in base_list:
+    for i, element in enumerate(base_list):
         n = _count(element)
         blocks = flat[position:position + n]
         position += n
         if isinstance(element, ShardedTensor):
-            dtype = blocks[0].dtype if blocks else element.dtype
+            dtype = dtypes[i] if dtypes is not None else blocks[0].dtype
             results.append(element._like(list(blocks), dtype=dtype))
         else:
             results.append(blocks[0])
@@ -146,12 +211,34 @@ def _register(func: torch._ops.OpOverload) -> None:
     arguments = func._schema.arguments
     returns_list = any(str(r.type) == "List[Tensor]" for r in func._schema.returns)
     fused = func.name().startswith("aten::_fused_")
+    positional = [a for a in arguments if not a.kwarg_only]
+    kinds = [str(a.type) for a in positional]
+    # The fast path: positional tensor lists first, then numbers (no scalar tensor, no
+    # per-tensor scalar list, whose entries would repeat per block); scalar keywords.
+    lists = sum(kind == "List[Tensor]" for kind in kinds)
+    simple = not fused and lists > 0 and all(kind == "List[Tensor]" for kind in kinds[:lists]) \
+        and all("Tensor" not in kind and "List" not in kind for kind in kinds[lists:])
+    flatten = _FLATTENERS.get(lists) or functools.partial(_flat_many, lists=lists)
+    call = _binding(func)
+    arity = len(positional)
 
+    @_group_free
     def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-        if not fused and not returns_list:
-            fast = _same_layout_blocks(args, kwargs)
-            if fast is not None:  # every element shares its base's layout: flatten blocks
-                return func(*fast, **kwargs)
+        if simple and len(args) == arity:
+            for value in kwargs.values():
+                if isinstance(value, _NOT_SCALAR):
+                    break
+            else:
+                base = args[0]
+                fast = flatten(args) if type(base) is list else None
+                if fast is not None and fast[0]:  # (no block here, uneven: general path)
+                    if not returns_list:
+                        call(*fast, *args[lists:], **kwargs)
+                        return None
+                    if len(fast[0]) == len(base):  # one block per tensor
+                        return [e._like([r], dtype=r.dtype) for e, r in
+                                zip(base, call(*fast, *args[lists:], **kwargs), strict=True)]
+        _check_index_groups(func, args, kwargs)
         named = [(a, v) for a, v in zip(arguments, args, strict=False)]
         named += [(a, kwargs[a.name]) for a in arguments[len(args):] if a.name in kwargs]
         base_list = args[0]
@@ -169,6 +256,21 @@ def _register(func: torch._ops.OpOverload) -> None:
                              for _ in range(_count(s))])
             else:
                 flat.append(_whole(value))
+        counts = [_count(e) for e in base_list]
+        dtypes = None
+        if not fused and (not flat[0] or (returns_list and 0 in counts)):
+            # A tensor (or all) without a block here: dense's errors and result dtypes
+            # from empty stand-ins, one per tensor, alike on every rank.
+            stand_ins = [[torch.empty(0, dtype=e.dtype, device=e.device) for e in value]
+                         if str(a.type) == "List[Tensor]" and isinstance(value, list | tuple)
+                         else value if str(a.type) == "List[number]" else f
+                         for (a, value), f in zip(named, flat, strict=True)]
+            outputs = func(*stand_ins[: len(args)],
+                           **{a.name: v for (a, _), v in zip(named[len(args):],
+                                                             stand_ins[len(args):], strict=True)})
+            dtypes = [o.dtype for o in outputs] if returns_list else None
+        if not flat[0]:  # nothing to compute here
+            return _regroup(list(base_list), [], dtypes) if returns_list else None
         written_back: list[tuple[torch.Tensor, torch.Tensor]] = []
         if fused:
             # NOTE: the CPU fused kernels miscompute on strided tensors (seen with
@@ -181,7 +283,7 @@ def _register(func: torch._ops.OpOverload) -> None:
         for original, copy in written_back:
             original.copy_(copy)
         if returns_list:
-            return _regroup(list(base_list), result)
+            return _regroup(list(base_list), result, dtypes)
         return result
 
     impl.__name__ = impl.__qualname__ = f"foreach_{func.name().replace('::', '_')}"

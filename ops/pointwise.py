@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout
-from dispatch_shard.registry import custom_sharded_op_impl
-from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.registry import _binding, _group_free, custom_sharded_op_impl
+from dispatch_shard.sharded_tensor import ShardedTensor, _first_group
 from dispatch_shard.specs import Replicate
 
 __all__ = ["pointwise_overloads"]
@@ -244,10 +244,10 @@ def _wrap_blocks(func: torch._ops.OpOverload, schema: _Schema, first: ShardedTen
     return first._like(blocks, dtype=dtype)
 
 
-def _same_layout(func: torch._ops.OpOverload, schema: _Schema, first: ShardedTensor,
-                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The result block by block when every tensor operand has ``first``'s layout; else
-    None."""
+def _same_layout(func: torch._ops.OpOverload, call: Any, schema: _Schema,
+                 first: ShardedTensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The result block by block (``call``: ``func``'s binding) when every tensor operand
+    has ``first``'s layout; else None."""
     layout = first._layout
     columns: list[Any] = []
     for a in args:
@@ -262,7 +262,7 @@ def _same_layout(func: torch._ops.OpOverload, schema: _Schema, first: ShardedTen
     for v in kwargs.values():
         if isinstance(v, torch.Tensor | list | tuple):
             return None
-    blocks = [func(*[a if c is None else c[b] for a, c in zip(args, columns, strict=True)],
+    blocks = [call(*[a if c is None else c[b] for a, c in zip(args, columns, strict=True)],
                    **kwargs)
               for b in range(len(first._local_tensors))]
     if schema.inplace:
@@ -347,6 +347,9 @@ def _register(func: torch._ops.OpOverload) -> None:
     schema = _Schema(func)
     linear = func in _LINEAR  # decided once: hashing an OpOverload per call runs Python
 
+    call = _binding(func)
+
+    @_group_free
     def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
              process_group: Any) -> Any:
         # Fast path: one operand, or two with one layout or a Python scalar; nothing
@@ -360,25 +363,26 @@ def _register(func: torch._ops.OpOverload) -> None:
                     or (type(second) is ShardedTensor and second._layout is first._layout)):
                 if isinstance(second, ShardedTensor):
                     for a, b in zip(first._local_tensors, second._local_tensors, strict=True):
-                        func(a, b)
+                        call(a, b)
                 else:
                     for a in first._local_tensors:
-                        func(a, second)
+                        call(a, second)
                 return first
         if (type(first) is ShardedTensor and not kwargs and not schema.inplace
                 and not first._layout.is_partial):
             if len(args) == 1:
                 return _wrap_blocks(func, schema, first, args,
-                                    [func(t) for t in first._local_tensors])
+                                    [call(t) for t in first._local_tensors])
             if len(args) == 2:
                 second = args[1]
                 if type(second) is ShardedTensor and second._layout is first._layout:
-                    blocks = [func(a, b) for a, b in
+                    blocks = [call(a, b) for a, b in
                               zip(first._local_tensors, second._local_tensors, strict=True)]
                     return _wrap_blocks(func, schema, first, args, blocks)
                 if isinstance(second, int | float | bool):
                     return _wrap_blocks(func, schema, first, args,
-                                        [func(a, second) for a in first._local_tensors])
+                                        [call(a, second) for a in first._local_tensors])
+        _first_group(args, func)  # NOTE [implementations that find their own group]
         if linear:
             served = _linear_on_partial(func, args, kwargs)
             if served is not None:
@@ -388,7 +392,7 @@ def _register(func: torch._ops.OpOverload) -> None:
             # Every tensor operand has ``first``'s layout (so its shape: no broadcasting),
             # keyword arguments are scalars: ``lerp_``, ``addcmul_(.., value=)`` of an
             # optimizer step. Block by block.
-            served = _same_layout(func, schema, first, args, kwargs)
+            served = _same_layout(func, call, schema, first, args, kwargs)
             if served is not None:
                 return served
         return _pointwise(func, schema, args, kwargs)

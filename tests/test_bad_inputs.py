@@ -160,8 +160,21 @@ def _mixed_groups(rank: int, world_size: int, case: str) -> tuple[str, str]:
         "mm": lambda: torch.mm(a, b),
         "cat": lambda: torch.cat([a, b]),
         "add in place": lambda: a.add_(b),
+        "foreach, one index": lambda: torch._foreach_add_([a], [b]),
+        # Different groups at different indices are fine (the optimizer of 2-D
+        # parallelism): the error comes from the one index that mixes them.
+        "foreach, second index": lambda: torch._foreach_add_([b, a], [b, b]),
     }
     return outcome(ops[case])
+
+
+def _int_into_foreach(rank: int, world_size: int, case: str) -> tuple[str, str]:
+    """An in-place foreach op whose result dtype does not fit the destination, on a
+    tensor some ranks hold no element of: dense's error there too."""
+    group = short_group(world_size)
+    target = ShardedTensor.from_replicated(torch.arange(2).reshape(2, 1), chunk(0, range(3)),
+                                           process_group=group)
+    return outcome(lambda: torch._foreach_div_([target], 2))
 
 
 # (body, case, world size, ranks expected to raise (None: all), error type, message regex)
@@ -202,6 +215,12 @@ CASES: list[tuple[Callable[..., tuple[str, str]], str, int, list[int] | None, st
     (_mixed_groups, "cat", 3, None, "ValueError", r"aten.cat.default: .*different process groups"),
     (_mixed_groups, "add in place", 3, None, "ValueError",
      r"aten.add_.Tensor: .*different process groups"),
+    (_mixed_groups, "foreach, one index", 3, None, "ValueError",
+     r"aten._foreach_add_.List: .*different process groups"),
+    (_mixed_groups, "foreach, second index", 3, None, "ValueError",
+     r"aten._foreach_add_.List: .*ranks \[0, 1, 2\] and \[0, 1\]"),
+    (_int_into_foreach, "int destination", 3, None, "RuntimeError",
+     r"result type Float can't be cast to the desired output type Long"),
 ]
 
 

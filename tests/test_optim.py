@@ -100,3 +100,79 @@ def test_foreach_with_mismatched_layouts_moves_data(rank: int, world_size: int) 
     outs = torch._foreach_mul([shard(x, specs["several"])], 3.0)
     assert isinstance(outs[0], ds.ShardedTensor)
     torch.testing.assert_close(outs[0].full_tensor(), x * 3.0)
+
+
+@multi_rank(world_size=[3])
+@pytest.mark.parametrize("mode", ["for_loop", "foreach"])
+def test_optimizer_over_parameters_of_different_groups(rank: int, world_size: int,
+                                                       mode: str) -> None:
+    """One optimizer over a parameter sharded on every rank and one on a subgroup (as
+    2-D parallelism makes): elements of a foreach list may live on different groups,
+    since nothing communicates between them; each matches its dense twin."""
+    import torch.distributed as dist
+
+    pair = dist.new_group([0, 1])
+    generator = torch.Generator().manual_seed(4)
+    weights = [torch.randn(*SIZE, generator=generator), torch.randn(5, 3, generator=generator)]
+    sharded = [shard(weights[0], rows(world_size), requires_grad=True),
+               ds.ShardedTensor.from_replicated(
+                   weights[1], ds.ChunkShardingSpec(0, ["rank:0/cpu", "rank:1/cpu"]),
+                   process_group=pair).requires_grad_()]
+    dense = [w.clone().requires_grad_() for w in weights]
+    sharded_opt = torch.optim.Adam(sharded, lr=0.1, **MODES[mode])
+    dense_opt = torch.optim.Adam(dense, lr=0.1, **MODES[mode])
+    for step in range(2):
+        generator = torch.Generator().manual_seed(10 + step)
+        grads = [torch.randn(*SIZE, generator=generator), torch.randn(5, 3, generator=generator)]
+        sharded[0].grad = shard(grads[0], rows(world_size))
+        sharded[1].grad = ds.ShardedTensor.from_replicated(
+            grads[1], ds.ChunkShardingSpec(0, ["rank:0/cpu", "rank:1/cpu"]), process_group=pair)
+        for p, g in zip(dense, grads, strict=True):
+            p.grad = g
+        sharded_opt.step()
+        dense_opt.step()
+    torch.testing.assert_close(sharded[0].detach().full_tensor(), dense[0].detach())
+    if rank in (0, 1):
+        torch.testing.assert_close(sharded[1].detach().full_tensor(), dense[1].detach())
+    else:
+        assert sharded[1].local_shards() == []  # rank 2 holds none of the pair's tensor
+    dist.destroy_process_group(pair)
+
+
+@multi_rank(world_size=[2])
+def test_foreach_when_a_rank_holds_no_block(rank: int, world_size: int) -> None:
+    """A one-row tensor chunked over two ranks: rank 1 holds no element of it (no block
+    or an empty one), and the kernel (which refuses empty lists) must not fail there."""
+    generator = torch.Generator().manual_seed(5)
+    x, y = torch.randn(1, 3, generator=generator), torch.randn(1, 3, generator=generator)
+    spec = rows(world_size)
+    target = shard(x, spec)
+    assert sum(s.tensor.numel() for s in target.local_shards()) == (3 if rank == 0 else 0)
+    torch._foreach_add_([target], [shard(y, spec)], alpha=0.5)
+    torch.testing.assert_close(target.full_tensor(), x + 0.5 * y)
+    outs = torch._foreach_mul([target], 2.0)
+    assert isinstance(outs[0], ds.ShardedTensor) and outs[0]._layout is target._layout
+    torch.testing.assert_close(outs[0].full_tensor(), (x + 0.5 * y) * 2.0)
+    outs = torch._foreach_sqrt([shard(x.abs(), spec)])
+    torch.testing.assert_close(outs[0].full_tensor(), x.abs().sqrt())
+
+
+@multi_rank(world_size=[2, 3])
+def test_foreach_fast_path_results_keep_layout_and_dtype(rank: int, world_size: int) -> None:
+    """Out-of-place foreach results on the one-block-per-tensor fast path and on the
+    several-blocks path: the operands' layout, the kernel's dtype, dense values."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(*SIZE, generator=generator)
+    ints = torch.randint(-5, 5, SIZE, generator=generator)
+    for spec in specs_2d(SIZE, world_size).values():
+        a, b = shard(x, spec), shard(ints, spec)
+        sums = torch._foreach_add([a, b], [a, b])
+        for out, dense, source in zip(sums, [x + x, ints + ints], [a, b], strict=True):
+            assert isinstance(out, ds.ShardedTensor) and out._layout is source._layout
+            assert out.dtype == dense.dtype
+            torch.testing.assert_close(out.full_tensor(), dense)
+        halves = torch._foreach_div([b], 2)  # int / int: true division, float result
+        assert halves[0].dtype == torch.float32
+        torch.testing.assert_close(halves[0].full_tensor(), ints / 2)
+        lerped = torch._foreach_lerp([a], [shard(x * 2, spec)], 0.25)
+        torch.testing.assert_close(lerped[0].full_tensor(), torch.lerp(x, x * 2, 0.25))
