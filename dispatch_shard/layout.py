@@ -52,6 +52,9 @@ class Layout:
     device: str
     shards: tuple[ShardMetadata, ...]
     _local: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    # Layouts derived from this one by ops (a transpose, a full sum's shares), keyed by
+    # the op's parameters: a sharding decision made once per layout, not once per call.
+    _derived: dict[object, Layout] = field(default_factory=dict, repr=False)
     # The spec's kind, as plain attributes: every op reads them (a property costs a call).
     is_replicate: bool = field(init=False, repr=False)
     is_partial: bool = field(init=False, repr=False)

@@ -50,7 +50,10 @@ _listeners: list[Callable[[bool], None]] = []
 # element, since nothing there communicates). They are listed here and called
 # with ``process_group=None``; their general paths run the check themselves. A
 # user's override is not listed, so it gets the group as documented.
+# ``GROUP_FREE_OVERLOADS`` mirrors the OVERLOADS entries whose implementation is
+# listed, so the dispatch loop finds them with one lookup.
 GROUP_FREE: set[ShardedOpImpl] = set()
+GROUP_FREE_OVERLOADS: dict[torch._ops.OpOverload, ShardedOpImpl] = {}
 
 
 def _group_free(fn: ShardedOpImpl) -> ShardedOpImpl:
@@ -152,6 +155,11 @@ def custom_sharded_op_impl(
                 f"pass override=True to replace it with {_where(fn)}"
             )
         table[op] = fn
+        if table is OVERLOADS:
+            if fn in GROUP_FREE:
+                GROUP_FREE_OVERLOADS[op] = fn  # type: ignore[index]
+            else:
+                GROUP_FREE_OVERLOADS.pop(op, None)  # type: ignore[call-overload]
         if table is TORCH_FUNCTIONS:
             for listener in _listeners:
                 listener(True)
@@ -164,6 +172,7 @@ def remove_sharded_op_impl(op: object) -> ShardedOpImpl:
     """Unregister and return the implementation of ``op`` (``KeyError`` if none)."""
     table = _table_for(op)
     fn = table.pop(op)
+    GROUP_FREE_OVERLOADS.pop(op, None)  # type: ignore[call-overload]
     if table is TORCH_FUNCTIONS:
         for listener in _listeners:
             listener(bool(TORCH_FUNCTIONS))

@@ -28,7 +28,7 @@ from dispatch_shard.metadata import (
     TensorProperties,
 )
 from dispatch_shard.registry import (
-    GROUP_FREE,
+    GROUP_FREE_OVERLOADS,
     OVERLOADS,
     TORCH_FUNCTIONS,
     _on_torch_function_table_change,
@@ -44,6 +44,10 @@ from dispatch_shard.specs import (
 )
 
 __all__ = ["ShardedTensor", "load_with_process_group"]
+
+# ``collectives._observers`` itself (observers are added and removed in place): the
+# dispatch loop reads it on every op.
+_OBSERVERS = collectives._observers
 
 
 def _first_group(args: Sequence[Any], func: object = None) -> ProcessGroup | None:
@@ -97,12 +101,16 @@ class ShardedTensor(torch.Tensor):
     :meth:`from_local_tensor`.
     """
 
-    __slots__ = ("_grad_layout_hook", "_layout", "_local_tensors", "_process_group", "_rank",
-                 "_reduced_cache")
+    __slots__ = ("_device", "_dtype", "_grad_layout_hook", "_layout", "_local_tensors",
+                 "_process_group", "_rank", "_reduced_cache")
     _local_tensors: list[torch.Tensor]
     _layout: Layout
     _process_group: ProcessGroup
     _rank: int
+    # The wrapper's dtype and device, which never change, as plain attributes: ``_like``
+    # runs once per op result, and reading them from the wrapper costs a call each.
+    _dtype: torch.dtype
+    _device: torch.device
 
     # NOTE [torch function is off unless needed] in dispatch_shard.registry
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
@@ -121,6 +129,8 @@ class ShardedTensor(torch.Tensor):
         tensor: ShardedTensor = torch.Tensor._make_wrapper_subclass(
             ShardedTensor, layout.size, dtype=dtype, device=device, requires_grad=requires_grad
         )
+        tensor._dtype = dtype
+        tensor._device = tensor.device
         tensor._local_tensors = local_tensors
         tensor._layout = layout
         tensor._process_group = process_group
@@ -136,9 +146,11 @@ class ShardedTensor(torch.Tensor):
         """A new ShardedTensor on this one's group (by default: same layout and dtype)."""
         # (``_wrap`` inlined: this runs once per op result)
         layout = self._layout if layout is None else layout
+        dtype = self._dtype if dtype is None else dtype
         tensor: ShardedTensor = torch.Tensor._make_wrapper_subclass(
-            ShardedTensor, layout.size, dtype=self.dtype if dtype is None else dtype,
-            device=self.device)
+            ShardedTensor, layout.size, dtype=dtype, device=self._device)
+        tensor._dtype = dtype
+        tensor._device = self._device
         tensor._local_tensors = local_tensors
         tensor._layout = layout
         tensor._process_group = self._process_group
@@ -153,12 +165,14 @@ class ShardedTensor(torch.Tensor):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        impl = OVERLOADS.get(func) or lookup(func)
+        impl = GROUP_FREE_OVERLOADS.get(func)
         try:
-            if not collectives._observers:
-                if impl in GROUP_FREE:  # NOTE [implementations that find their own group]
+            if not _OBSERVERS:
+                if impl is not None:  # NOTE [implementations that find their own group]
                     return impl(types, args, kwargs or {}, None)
+                impl = OVERLOADS.get(func) or lookup(func)
                 return impl(types, args, kwargs or {}, _first_group(args, func))
+            impl = OVERLOADS.get(func) or lookup(func)
             return _observed_dispatch(func, impl, types, args, kwargs or {})
         except collectives.CollectiveError as error:
             error.add_op(func)  # NOTE [collective timeouts] in dispatch_shard.collectives

@@ -59,8 +59,8 @@ import torch
 from dispatch_shard import collectives
 from dispatch_shard.layout import Box, Layout, layout_of
 from dispatch_shard.ops.view import _relayout, _split_dims
-from dispatch_shard.registry import custom_sharded_op_impl
-from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.registry import _group_free, custom_sharded_op_impl
+from dispatch_shard.sharded_tensor import ShardedTensor, _first_group
 from dispatch_shard.specs import ChunkShardingSpec, Partial, Replicate
 
 __all__: list[str] = []
@@ -87,7 +87,13 @@ def _implements(*overloads: torch._ops.OpOverload, **fixed: Any) -> Callable[[Op
 
 def _serving(fn: OpImpl, func: torch._ops.OpOverload, fixed: dict[str, Any]) -> Impl:
     def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> Any:
+        if several:  # NOTE [implementations that find their own group]
+            _first_group(args, func)
         return fn(func, args, kwargs, **fixed)
+
+    # The group is not used here; operands are checked only where there are several.
+    several = sum("Tensor" in str(a.type) for a in func._schema.arguments) > 1
+    _group_free(impl)
 
     impl.__name__ = impl.__qualname__ = f"sharded_{func.name().split('::')[1]}"
     impl.__doc__ = fn.__doc__
@@ -412,10 +418,12 @@ def _full_sum(x: ShardedTensor) -> ShardedTensor | None:
     """``x.sum()`` of a sharded, non-empty ``x``: this rank's blocks summed, a 0-dim
     ``Partial("sum")`` (the general path's result, without its bookkeeping); else None."""
     layout = x._layout
-    if not layout.is_sharded or x.numel() == 0:
-        return None
+    share = layout._derived.get("sum")
+    if share is None:
+        if not layout.is_sharded or 0 in layout.size:
+            return None
+        share = layout._derived["sum"] = _scalar_share(layout, str(x.device))
     blocks = x._local_tensors
-    share = _scalar_share(layout, str(x.device))
     if blocks:
         total = blocks[0].sum()
         for block in blocks[1:]:

@@ -27,7 +27,7 @@ from torch.utils._mode_utils import no_dispatch
 
 from dispatch_shard.layout import Layout, layout_of
 from dispatch_shard.metadata import ShardMetadata
-from dispatch_shard.registry import custom_sharded_op_impl
+from dispatch_shard.registry import _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import ChunkShardingSpec, EnumerableShardingSpec, Replicate
 
@@ -157,11 +157,17 @@ def _permuted(layout: Layout, perm: tuple[int, ...]) -> Layout:
 
 
 def _permute_to(x: ShardedTensor, perm: tuple[int, ...]) -> ShardedTensor:
-    layout = _permuted(x._layout, perm)
+    key = ("permute", perm)
+    layout = x._layout._derived.get(key)
+    if layout is None:
+        layout = x._layout._derived[key] = _permuted(x._layout, perm)
+    if perm == (1, 0):
+        return x._like([t.t() for t in x._local_tensors], layout)
     return x._like([t.permute(perm) for t in x._local_tensors], layout)
 
 
 @custom_sharded_op_impl(aten.permute.default)
+@_group_free  # one operand: NOTE [implementations that find their own group]
 def permute(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.permute(dims)``: each block permuted; the layout's dims follow; no collectives."""
     x, dims = args[0], args[1]
@@ -169,6 +175,7 @@ def permute(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) 
 
 
 @custom_sharded_op_impl(aten.transpose.int)
+@_group_free  # one operand: NOTE [implementations that find their own group]
 def transpose(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.transpose(a, b)``: each block transposed; no collectives."""
     x, a, b = args
@@ -180,6 +187,7 @@ def transpose(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any
 
 
 @custom_sharded_op_impl(aten.t.default)
+@_group_free  # one operand: NOTE [implementations that find their own group]
 def t(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.t()`` of a matrix: each block transposed; no collectives."""
     x = args[0]
@@ -426,6 +434,7 @@ def _view(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     return _view_blocks(x, layout, lambda t, _, out: t.reshape(out.shard_sizes))
 
 
+_group_free(_view)  # one operand: NOTE [implementations that find their own group]
 for _overload in (aten.view.default, aten._unsafe_view.default):
     custom_sharded_op_impl(_overload)(_view)
 

@@ -1177,3 +1177,33 @@ def test_custom_aten_op(rank: int, world_size: int) -> None:
         ds.custom_sharded_op_impl(mm)(existing)
     assert registry.OVERLOADS[mm] is existing  # the built-in is back
     assert torch.allclose(torch.mm(st, st).full_tensor(), dense @ dense)
+
+
+@multi_rank(world_size=2)
+def test_override_of_a_group_free_builtin_gets_the_group(rank: int, world_size: int) -> None:
+    """The built-in pointwise and foreach implementations skip the dispatch loop's group
+    lookup; a user's override of one is called with the group, as documented, and the
+    built-in's fast path is back once it is restored."""
+    add = torch.ops.aten.add.Tensor
+    existing = registry.OVERLOADS[add]
+    assert registry.GROUP_FREE_OVERLOADS[add] is existing
+    seen: list[Any] = []
+
+    @ds.custom_sharded_op_impl(add, override=True)
+    def logged_add(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   process_group: Any) -> Any:
+        seen.append(process_group)
+        return existing(types, args, kwargs, process_group)
+
+    dense = seeded(4, 3)
+    st = ShardedTensor.from_replicated(dense, chunk_spec(0, [0, 1]))
+    try:
+        assert add not in registry.GROUP_FREE_OVERLOADS
+        assert torch.equal((st + st).full_tensor(), dense + dense)
+        assert seen == [st.process_group]
+    finally:
+        ds.remove_sharded_op_impl(add)
+        ds.custom_sharded_op_impl(add)(existing)
+    assert registry.GROUP_FREE_OVERLOADS[add] is existing
+    assert torch.equal((st + st).full_tensor(), dense + dense)
+    assert len(seen) == 1
