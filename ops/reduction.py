@@ -58,10 +58,11 @@ import torch
 
 from dispatch_shard import collectives
 from dispatch_shard.layout import Box, Layout, layout_of
+from dispatch_shard.metadata import ShardMetadata
 from dispatch_shard.ops.view import _relayout, _split_dims
 from dispatch_shard.registry import _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, _first_group
-from dispatch_shard.specs import ChunkShardingSpec, Partial, Replicate
+from dispatch_shard.specs import ChunkShardingSpec, EnumerableShardingSpec, Partial, Replicate
 
 __all__: list[str] = []
 
@@ -338,6 +339,79 @@ def _all_reduced(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype, op
                                   x._process_group)
 
 
+# NOTE [reductions combined within a rank]
+# A reduced dim split into blocks needs no collective when every block meeting the
+# same output positions is on one rank: a rank holding every batch entry of some
+# columns as several blocks (the pieces of NOTE [views that cut blocks into pieces]
+# in ops/view.py) sums its columns alone. The blocks are grouped by their extent
+# along the kept dims; when groups are disjoint and each lies on one rank, each group
+# becomes one block of the result, on that rank, combining its blocks with the op.
+
+@functools.lru_cache(maxsize=1024)
+def _combined_layout(layout: Layout, dims: tuple[int, ...], size: torch.Size
+                     ) -> tuple[Layout, tuple[tuple[int, ...], ...]] | None:
+    """The result layout and, per result block, the input blocks it combines; None when
+    some output position needs blocks of two ranks."""
+    groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    for i, shard in enumerate(layout.shards):
+        if 0 in shard.shard_sizes:
+            continue
+        kept = tuple((o, n) for d, (o, n) in enumerate(zip(shard.shard_offsets,
+                                                           shard.shard_sizes, strict=True))
+                     if d not in dims)
+        groups.setdefault(kept, []).append(i)
+    keys = list(groups)
+    for members in groups.values():
+        if len({layout.shards[i].placement for i in members}) != 1:
+            return None
+    for a in range(len(keys)):  # disjoint extents (else two groups meet one position)
+        for b in range(a + 1, len(keys)):
+            if all(min(oa + na, ob + nb) > max(oa, ob)
+                   for (oa, na), (ob, nb) in zip(keys[a], keys[b], strict=True)):
+                return None
+    keepdim = len(size) == len(layout.size)
+    blocks = []
+    for kept, members in groups.items():
+        extent = iter(kept)
+        offsets, sizes = [], []
+        for d in range(len(layout.size)):
+            if d in dims:
+                if keepdim:
+                    offsets.append(0)
+                    sizes.append(1)
+            else:
+                o, n = next(extent)
+                offsets.append(o)
+                sizes.append(n)
+        blocks.append(ShardMetadata(offsets, sizes, layout.shards[members[0]].placement))
+    out = layout_of(EnumerableShardingSpec(blocks), size, layout.group_ranks)
+    return out, tuple(tuple(m) for m in groups.values())
+
+
+def _combined_within_ranks(x: ShardedTensor, dims: tuple[int, ...], size: torch.Size,
+                           dtype: torch.dtype, op: str, local: Local) -> ShardedTensor | None:
+    """NOTE [reductions combined within a rank]; None where it does not apply."""
+    if not size or not x._layout.is_sharded:
+        return None
+    plan = _combined_layout(x._layout, dims, size)
+    if plan is None:
+        return None
+    out, groups = plan
+    position = {i: p for p, i in enumerate(x._layout.local_indices(x._rank))}
+    blocks = []
+    for index in out.local_indices(x._rank):
+        value: torch.Tensor | None = None
+        for i in groups[index]:
+            part = local(x._local_tensors[position[i]], x._layout.shard_box(i))
+            if value is None:
+                value = part
+            else:
+                _combine(value, part, op)
+        assert value is not None
+        blocks.append(value.reshape(out.shards[index].shard_sizes))
+    return x._like(blocks, out, dtype)
+
+
 def _reduction(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
                dims: tuple[int, ...], keepdim: bool, op: str, local: Local, *,
                dtype: torch.dtype, stays_partial: bool,
@@ -359,6 +433,9 @@ def _reduction(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     served = _served_without_communication(func, args, kwargs, dims, keepdim, (dtype,))
     if served is not None:
         return served  # type: ignore[no-any-return]
+    combined = _combined_within_ranks(x, dims, size, dtype, op, local)
+    if combined is not None:
+        return combined
     summand = _summand(x, dims, dtype, op, local).reshape(size)
     if stays_partial:
         return x._like([summand], _layout_for(x, Partial(op), size), dtype)

@@ -18,6 +18,7 @@ but it moves data and the result no longer aliases the input.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -416,6 +417,120 @@ def _viewed(layout: Layout, size: tuple[int, ...]) -> Layout | None:
     return enumerated
 
 
+# NOTE [views that cut blocks into pieces]
+# A block of ``[B, H, S, Dh]`` holding every batch entry and a range of heads is no
+# box of ``[B * H, S, Dh]``: in row-major order it is B separate runs. Torch's
+# ``matmul`` of 4-D tensors makes exactly this view (it folds the leading dims into
+# one batch dim for ``bmm``). Such a block is cut into pieces, one per run (here
+# ``block[b]`` for each b), and each piece is a block of the view: a rank then holds
+# several blocks, and the pieces are views of its block (no copy, no collective).
+# A run maps onto the new dims as a box when it starts and ends on whole rows of
+# the new dims inside one outer index (the same rule in both directions), so
+# merging the pieces back (``[B * H, S, S] -> [B, H, S, S]``) keeps them blocks.
+_MAX_PIECES = 4096  # beyond this many blocks, gathering is cheaper than bookkeeping
+
+
+def _runs(offsets: Sequence[int], sizes: Sequence[int], full: Sequence[int]
+          ) -> list[tuple[tuple[tuple[int, int], ...], int, int]]:
+    """A box (``offsets``, ``sizes`` within dims of extents ``full``) as row-major runs:
+    (the run's box relative to the block, as (offset, length) per dim; its flat start;
+    its length)."""
+    strides = [math.prod(full[d + 1:]) for d in range(len(full))]
+    cut = [d for d in range(len(full)) if sizes[d] != full[d]]
+    if not cut:
+        return [(tuple((0, n) for n in sizes), 0, math.prod(full))]
+    m = cut[-1]  # the innermost cut dim: the dims inside it are whole
+    runs = []
+    outer = [range(sizes[d]) for d in range(m)]
+    for index in itertools.product(*outer):
+        start = sum((offsets[d] + i) * strides[d] for d, i in enumerate(index))
+        start += offsets[m] * strides[m]
+        box = tuple((i, 1) for i in index) + tuple((0, sizes[d]) for d in range(m, len(full)))
+        runs.append((box, start, sizes[m] * strides[m]))
+    return runs
+
+
+def _run_box(start: int, length: int, full: Sequence[int]
+             ) -> tuple[list[int], list[int]] | None:
+    """The box of dims of extents ``full`` that the row-major run covers, or None when
+    it is no box."""
+    strides = [math.prod(full[d + 1:]) for d in range(len(full))]
+    real = [d for d in range(len(full)) if full[d] != 1]
+    if not real:
+        return [0] * len(full), [1] * len(full)
+    m = next((d for d in real if strides[d] <= length), real[-1])
+    if start % strides[m] or length % strides[m]:
+        return None
+    first, count = (start // strides[m]) % full[m], length // strides[m]
+    if first + count > full[m]:
+        return None
+    offsets = [(start // strides[d]) % full[d] if d < m else 0 for d in range(len(full))]
+    sizes = [1 if d < m else full[d] for d in range(len(full))]
+    offsets[m], sizes[m] = first, count
+    return offsets, sizes
+
+
+Piece = tuple[tuple[slice, ...], tuple[int, ...]]
+
+
+@functools.lru_cache(maxsize=1024)
+def _cut_viewed(layout: Layout, size: tuple[int, ...]
+                ) -> tuple[Layout, tuple[tuple[Piece, ...], ...]] | None:
+    """The layout of ``x.view(size)`` with blocks cut into pieces (NOTE [views that cut
+    blocks into pieces]), and per old block its pieces: (the piece's slices of the
+    block, the piece's sizes in the view). None when a run is no box of the new dims."""
+    groups = _dim_groups(list(layout.size), list(size))
+    if groups is None or not layout.is_sharded or not size:
+        return None
+    blocks: list[ShardMetadata] = []
+    pieces: list[tuple[Piece, ...]] = []
+    for shard in layout.shards:
+        if 0 in shard.shard_sizes:  # an empty block stays one empty block
+            empty = [0, *size[1:]]
+            blocks.append(ShardMetadata([0] * len(size), empty, shard.placement))
+            pieces.append(((tuple(slice(None) for _ in layout.size), tuple(empty)),))
+            continue
+        # Per group: the block's runs, each with its box in the new dims.
+        per_group = []
+        for old_dims, new_dims in groups:
+            found = []
+            for box, start, length in _runs([shard.shard_offsets[d] for d in old_dims],
+                                            [shard.shard_sizes[d] for d in old_dims],
+                                            [layout.size[d] for d in old_dims]):
+                mapped = _run_box(start, length, [size[e] for e in new_dims])
+                if mapped is None:
+                    return None
+                found.append((box, mapped))
+            per_group.append(found)
+        own: list[Piece] = []
+        for combination in itertools.product(*per_group):
+            relative = [r for box, _ in combination for r in box]
+            offsets = [o for _, (offs, _) in combination for o in offs]
+            sizes = [n for _, (_, ns) in combination for n in ns]
+            blocks.append(ShardMetadata(offsets, sizes, shard.placement))
+            own.append((tuple(slice(o, o + n) for o, n in relative), tuple(sizes)))
+        pieces.append(tuple(own))
+        if len(blocks) > _MAX_PIECES:
+            return None
+    new_layout = layout_of(EnumerableShardingSpec(blocks), torch.Size(size),
+                           layout.group_ranks)
+    return new_layout, tuple(pieces)
+
+
+def _cut_view(x: ShardedTensor, size: tuple[int, ...]) -> ShardedTensor | None:
+    """``x.view(size)`` by NOTE [views that cut blocks into pieces]; None where it does
+    not apply."""
+    cut = _cut_viewed(x._layout, size)
+    if cut is None:
+        return None
+    layout, pieces = cut
+    blocks = [block[box].reshape(sizes)
+              for block, i in zip(x._local_tensors, x._layout.local_indices(x._rank),
+                                  strict=True)
+              for box, sizes in pieces[i]]
+    return x._like(blocks, layout)
+
+
 def _view(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.view(size)``: each block viewed to its extent when no block is cut; no collectives
     (else see NOTE [replicated fallback])."""
@@ -427,6 +542,9 @@ def _view(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
         return _only_element(x)
     layout = _viewed(x._layout, tuple(size))
     if layout is None:
+        cut = _cut_view(x, tuple(size))
+        if cut is not None:
+            return cut
         return replicated_fallback(aten.reshape.default, (x, size), {})
     # NOTE: a ShardedTensor always has contiguous strides, so a view of it is legal
     # even where a block is strided (a transposed block): such a block is

@@ -122,9 +122,12 @@ def test_linear_ops_keep_partial_values_partial(rank: int, world_size: int) -> N
 
 
 @multi_rank(world_size=[2, 4])
-def test_transformer_block_moves_the_minimum(rank: int, world_size: int) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_transformer_block_moves_the_minimum(rank: int, world_size: int, fused: bool) -> None:
+    """Fused (``scaled_dot_product_attention``) or spelled out (``q @ k.T``, softmax,
+    ``@ v``: 4-D matmuls whose views cut each rank's heads into per-batch pieces)."""
     torch.manual_seed(0)
-    dense = TransformerBlock(16, 4, 32)
+    dense = TransformerBlock(16, 4, 32, fused_attention=fused)
     sharded = parallelize(copy.deepcopy(dense), TRANSFORMER_PLAN, world_size)
     x, y = _randn(3, 5, 16, seed=1), _randn(3, 5, 16, seed=2)
     activation_bytes = x.numel() * 4
@@ -149,7 +152,7 @@ def test_transformer_block_moves_the_minimum(rank: int, world_size: int) -> None
 @multi_rank(world_size=[3])
 def test_spelled_out_attention_trains_like_dense(rank: int, world_size: int) -> None:
     # ``q @ k.transpose(-2, -1)`` of 4-D tensors folds the split head dim into the batch:
-    # it falls back to replicated, more traffic but the same numbers.
+    # each rank's heads become one block per batch entry (three heads on three ranks).
     torch.manual_seed(0)
     dense = TransformerBlock(12, 3, 24, fused_attention=False)
     sharded = parallelize(copy.deepcopy(dense), TRANSFORMER_PLAN, world_size)
@@ -163,3 +166,26 @@ def test_spelled_out_attention_trains_like_dense(rank: int, world_size: int) -> 
     for (name, p), q in zip(sharded.named_parameters(), dense.parameters(), strict=True):
         value = p.full_tensor() if isinstance(p, ds.ShardedTensor) else p
         torch.testing.assert_close(value, q, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@multi_rank(world_size=[2, 3])
+def test_batched_matmul_on_heads_cut_into_pieces(rank: int, world_size: int) -> None:
+    """``[B, H, S, E] @ [B, H, E, S]`` with H split: the fold to ``[B * H, ...]`` cuts each
+    rank's block into B pieces, ``bmm`` runs piece by piece, the result's view back keeps
+    them; no collective, dense values forward and backward, uneven heads too."""
+    for batch, heads, length, e in ((2, 4, 3, 2), (3, 5, 2, 3), (1, 3, 4, 2)):
+        q, k, grad = (_randn(batch, heads, length, e, seed=s) for s in range(3))
+        spec = _chunk(1, world_size)
+        sq, sk = (ds.ShardedTensor.from_replicated(t, spec).requires_grad_() for t in (q, k))
+        with ds.count_collectives() as counted:
+            scores = sq @ sk.transpose(-2, -1)
+            out = scores.softmax(-1) @ sq
+            out.backward(ds.ShardedTensor.from_replicated(grad, spec))
+        assert counted.counts == {}, counted.events
+        dq, dk = (t.clone().requires_grad_() for t in (q, k))
+        dense_out = (dq @ dk.transpose(-2, -1)).softmax(-1) @ dq
+        dense_out.backward(grad)
+        torch.testing.assert_close(out.full_tensor(), dense_out)
+        torch.testing.assert_close(sq.grad.full_tensor(), dq.grad)
+        torch.testing.assert_close(sk.grad.full_tensor(), dk.grad)
+        assert sq.grad.sharding_spec() == spec  # the leaf's layout (NOTE in sharded_tensor)

@@ -332,3 +332,37 @@ def test_tensor_parallel_mlp_forward_and_backward(rank: int, world_size: int) ->
             assert grad.sharding_spec() == param.sharding_spec() or world_size == 1
             assert grad.metadata().shards_metadata == param.metadata().shards_metadata
             torch.testing.assert_close(grad.full_tensor(), reference.grad)
+
+
+@multi_rank(world_size=[2, 3])
+def test_bmm_keeps_several_batch_blocks_per_rank(rank: int, world_size: int) -> None:
+    """Blocks that split only the batch dim, several per rank in any order, are kept as
+    they are; the other operand is laid out on the same batch blocks (sliced if
+    replicated, moved if sharded otherwise)."""
+    batch = 2 * world_size + 1
+    a, b = _dense(batch, 3, 4, seed=1), _dense(batch, 4, 2, seed=2)
+    order = [(r * 2 + 1) % world_size for r in range(batch)]
+    spec = ds.EnumerableShardingSpec([ds.ShardMetadata([i, 0, 0], [1, 3, 4], f"rank:{r}/cpu")
+                                      for i, r in enumerate(order)])
+    sa = ds.ShardedTensor.from_replicated(a, spec)
+    with _collectives() as issued:
+        replicated = torch.bmm(sa, ds.ShardedTensor.from_replicated(b, ds.Replicate()))
+        plain = torch.bmm(sa, b)
+    assert issued == []
+    for out in (replicated, plain):
+        _assert_matches(out, a @ b)
+        assert [s.metadata.shard_offsets[0] for s in out.local_shards()] == \
+            [i for i, r in enumerate(order) if r == rank]
+    chunked = ds.ShardedTensor.from_replicated(b, _chunk(0, world_size))
+    _assert_matches(torch.bmm(sa, chunked), a @ b)
+    _assert_matches(torch.bmm(chunked.transpose(1, 2), sa.transpose(1, 2)),
+                    b.transpose(1, 2) @ a.transpose(1, 2))
+    # Empty blocks (a zero-size dim; a chunk past the end): kept apart, never overlapping.
+    empty = _dense(1, 0, 1, seed=3)
+    two_on_zero = ds.ChunkShardingSpec(0, ["rank:0/cpu", "rank:0/cpu"])
+    # (matmul with autograd folds through expand and reshape, which move the empty block)
+    held = ds.ShardedTensor.from_replicated(empty, two_on_zero).requires_grad_()
+    _assert_matches(torch.matmul(held, _dense(1, 1, 1, seed=4)).detach(),
+                    empty @ _dense(1, 1, 1, seed=4))
+    _assert_matches(torch.bmm(ds.ShardedTensor.from_replicated(a[:1], _chunk(0, world_size)),
+                              b[:1]), a[:1] @ b[:1])

@@ -375,3 +375,46 @@ def test_subgroup_leaves_rank_zero_out(rank: int, world_size: int) -> None:
             got = op(sharded)  # rank 0 holds nothing and issues no collective
             if rank != 0:
                 _check(name, got, op(x))
+
+
+def _columns_in_row_blocks(size: tuple[int, int], world_size: int, mixed: bool
+                           ) -> ds.EnumerableShardingSpec:
+    """Each rank holds a range of columns as two row blocks (``mixed``: the second row
+    block of the last range goes to rank 0 instead)."""
+    top = size[0] // 2 + 1
+    bounds = [size[1] * r // world_size for r in range(world_size + 1)]
+    blocks = []
+    for r in range(world_size):
+        left, width = bounds[r], bounds[r + 1] - bounds[r]
+        for row, height, owner in ((0, top, r), (top, size[0] - top, r)):
+            if mixed and r == world_size - 1 and row:
+                owner = 0
+            blocks.append(ds.ShardMetadata([row, left], [height, width], f"rank:{owner}/cpu"))
+    return ds.EnumerableShardingSpec(blocks)
+
+
+@multi_rank(world_size=[2, 3])
+def test_reductions_combined_within_a_rank(rank: int, world_size: int) -> None:
+    """A reduced dim split into blocks that all lie on one rank per output position:
+    each rank combines its blocks, no collective, a sharded result (NOTE [reductions
+    combined within a rank] in ops/reduction.py); where two ranks meet an output
+    position, the usual Partial result."""
+    x = _dense(*SIZE, seed=11)
+    sx = shard(x, _columns_in_row_blocks(SIZE, world_size, mixed=False))
+    cases: dict[str, Case] = {
+        "sum_0": lambda a: a.sum(0), "sum_0_keepdim": lambda a: a.sum(0, keepdim=True),
+        "mean_0": lambda a: a.mean(0), "amax_0": lambda a: a.amax(0),
+        "amin_0_keepdim": lambda a: a.amin(0, keepdim=True), "prod_0": lambda a: a.prod(0),
+        "nansum_0": lambda a: a.nansum(0), "sum_1": lambda a: a.sum(1),
+    }
+    with _collectives() as issued:
+        results = {name: op(sx) for name, op in cases.items()}
+    assert issued == []
+    for name in ("sum_0", "mean_0", "amax_0", "prod_0"):
+        assert results[name]._layout.is_sharded, name  # complete values, no Partial
+    for name, op in cases.items():
+        _check(name, results[name], op(x))
+    mixed = shard(x, _columns_in_row_blocks(SIZE, world_size, mixed=True))
+    assert mixed.sum(0).sharding_spec() == ds.Partial("sum")
+    for name, op in cases.items():
+        _check(f"mixed {name}", op(mixed), op(x))

@@ -153,3 +153,44 @@ def test_as_strided_that_is_a_reshape(rank: int, world_size: int) -> None:
     x = ds.ShardedTensor.from_replicated(dense, rows(world_size))
     torch.testing.assert_close(torch.nn.functional.group_norm(x, 3, weight, bias).full_tensor(),
                                torch.nn.functional.group_norm(dense, 3, weight, bias))
+
+
+def _cut_case(world_size: int) -> tuple[torch.Tensor, ds.ShardedTensor]:
+    dense = torch.randn(3, 5, 2, 4, generator=torch.Generator().manual_seed(7))
+    spec = ds.ChunkShardingSpec(1, [f"rank:{r}/cpu" for r in range(world_size)])
+    return dense, ds.ShardedTensor.from_replicated(dense, spec)
+
+
+@multi_rank(world_size=[2, 3])
+def test_views_that_cut_blocks_into_pieces(rank: int, world_size: int) -> None:
+    """Folding a whole dim into a split inner one (``[B, H, ...] -> [B * H, ...]``, H
+    split) cuts each block into one piece per B index: no collective, the pieces are
+    views of the block, and the view back keeps them (NOTE [views that cut blocks into
+    pieces] in ops/view.py)."""
+    dense, x = _cut_case(world_size)
+    with ds.count_collectives() as counted:
+        folded = x.view(15, 2, 4)
+        flat = x.view(3, 40)  # H and the inner dims: whole rows, one piece per block
+        back = folded.view(3, 5, 2, 4)
+    assert counted.counts == {}
+    torch.testing.assert_close(folded.full_tensor(), dense.view(15, 2, 4))
+    torch.testing.assert_close(flat.full_tensor(), dense.view(3, 40))
+    torch.testing.assert_close(back.full_tensor(), dense)
+    held = [s for s in x.local_shards() if s.tensor.numel()]
+    assert len([s for s in folded.local_shards() if s.tensor.numel()]) == 3 * len(held)
+    for piece in folded.local_shards():  # views of this rank's block: the same storage
+        if piece.tensor.numel():
+            assert piece.tensor.untyped_storage().data_ptr() == \
+                held[0].tensor.untyped_storage().data_ptr()
+    folded.mul_(2)  # in place through the pieces reaches the base
+    torch.testing.assert_close(x.full_tensor(), dense * 2)
+
+
+@multi_rank(world_size=[2, 3])
+def test_views_whose_pieces_are_no_boxes_gather(rank: int, world_size: int) -> None:
+    """A run that is no box of the new dims (it wraps a row): the view falls back to
+    replicated, never a wrong value."""
+    dense, x = _cut_case(world_size)
+    odd = x.view(6, 20)  # H's blocks (2 * 4 elements per head) end inside rows of 20
+    torch.testing.assert_close(odd.full_tensor(), dense.view(6, 20))
+    assert odd.sharding_spec() == ds.Replicate()
