@@ -188,7 +188,7 @@ def world_scaling(repeat: int, number: int) -> list[tuple[str, float, float]]:
 # -- world 4: one training step of the Megatron MLP -------------------------------------
 
 BATCH, D_MODEL, HIDDEN = 64, 256, 1024
-ROUNDS = 10  # alternating timing rounds of the MLP step
+ROUNDS = 20  # alternating timing rounds of the MLP step
 
 
 def _mlp_step_figures(rank: int, world_size: int, steps: int) -> dict[str, float]:
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--number", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=40,
+    parser.add_argument("--steps", type=int, default=80,
                         help="timed MLP steps at world 4, per library (in alternating rounds)")
     parser.add_argument("--scale-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
