@@ -18,6 +18,7 @@ machines are noisy. Sections:
    and DTensor, with fused and spelled-out attention.
 5. Memory at scale: a 32 GiB-parameter MLP from the meta device on 1024 fake
    ranks, trained in a process whose address space could not hold one weight.
+6. Every target of the above in one table, with whether it is met.
 
 The legacy ``torch.distributed._shard`` ShardedTensor is timed where it runs.
 """
@@ -539,7 +540,57 @@ def main(argv: list[str] | None = None) -> int:
             ["peak RSS growth of the process (MiB)", f"{growth / 2**20:.1f}"],
             ["peak RSS growth / held (no full-size tensor: small)", f"{growth / held:.2f}"],
         ]))
+    print("\n6. Every target in one table (ratios from the sections above)")
+    print(_table(["figure", "dispatch_shard", "target", "met"],
+                 _summary(overhead, scaling, blocks, training, at_scale)))
     return 0
+
+
+def _summary(overhead: list[tuple[str, dict[str, float | None]]],
+             scaling: list[tuple[str, float, float]],
+             blocks: list[tuple[str, dict[int, float]]], t: dict[str, float],
+             at_scale: dict[str, float] | str) -> list[list[str]]:
+    rows: list[list[str]] = []
+
+    def row(figure: str, value: float, target: str, met: bool) -> None:
+        rows.append([figure, f"{value:.3f}" if value < 10 else f"{value:.1f}", target,
+                     "yes" if met else "NO"])
+
+    for name, times in overhead:
+        ours, theirs, floor = times["dispatch_shard"], times["DTensor"], times["minimal wrapper"]
+        assert ours is not None and theirs is not None and floor is not None
+        row(f"{name}: time / DTensor's", ours / theirs, "<= 1.0", ours <= theirs)
+        row(f"{name}: time / minimal wrapper's", ours / floor, "<= 1.25", ours <= 1.25 * floor)
+    for name, one, many in scaling:
+        row(f"{name}: world 1024 / world 1", many / one, "<= 1.2", many <= 1.2 * one)
+    for name, k in blocks:
+        row(f"{name}: 16 blocks / 1 block", k[16] / k[1], "<= 16 (linear)", k[16] <= 16 * k[1])
+    minimum = BATCH * D_MODEL * 4
+    row("MLP: bytes / minimum", t["ours_bytes"] / minimum, "1.00", t["ours_bytes"] == minimum)
+    row("MLP: bytes / DTensor's", t["ours_bytes"] / t["dtensor_bytes"], "<= 1.0",
+        t["ours_bytes"] <= t["dtensor_bytes"])
+    memory = t["ours_memory"] / (t["dense_memory"] / 4)
+    row("MLP: param+grad+state per rank / (dense/4)", memory, "<= 1.01", memory <= 1.01)
+    row("MLP: step time / DTensor's (median of rounds)", t["step_ratio"], "<= 1.0",
+        t["step_ratio"] <= 1.0)
+    tb_min = 4 * TB_BATCH * TB_SEQ * TB_MODEL * 4
+    for key, label in (("fused", "scaled_dot_product_attention"), ("spelled", "q @ k.T")):
+        ours = t[f"tb_ours_{key}_bytes"]
+        row(f"transformer block ({label}): bytes / minimum", ours / tb_min, "1.00",
+            ours == tb_min)
+        theirs = t[f"tb_dtensor_{key}_bytes"]
+        if theirs == theirs and theirs >= 0:  # DTensor ran (its fused variant raises)
+            row(f"transformer block ({label}): bytes / DTensor's", ours / theirs, "<= 1.0",
+                ours <= theirs)
+    if isinstance(at_scale, str):
+        rows.append(["memory at scale", "FAILED", "", "NO"])
+    else:
+        held = at_scale["held"] / (at_scale["dense"] / SCALE_WORLD)
+        row(f"memory at scale: held / (dense/{SCALE_WORLD})", held, "<= 1.01", held <= 1.01)
+        growth = at_scale["peak_growth"] / at_scale["held"]
+        row("memory at scale: peak RSS growth / held", growth,
+            "small (a full-size weight: > 100)", growth < 10)
+    return rows
 
 
 if __name__ == "__main__":
