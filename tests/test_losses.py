@@ -135,3 +135,35 @@ def test_item_and_allclose_give_python_values_on_every_rank(rank: int, world_siz
         assert torch.allclose(sx, shard(x + 1, spec)) is False
     with pytest.raises(RuntimeError, match="cannot be converted to Scalar"):
         shard(x, specs_2d(SIZE, world_size)["rows"]).item()
+
+
+@multi_rank(world_size=[2, 3])
+def test_replicated_operands_run_the_kernel_once(rank: int, world_size: int) -> None:
+    """A partial input (a row-parallel output) is reduced once, then the loss and its
+    backward run as single kernels on the replicated value (NOTE [replicated operands
+    skip the decomposition] in ops/decomposed.py): one all-reduce, replicated results
+    that match dense; a plain target that requires grad takes the decomposition."""
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(*SIZE, generator=generator), torch.randn(*SIZE, generator=generator)
+    partial = shard(x, specs_2d(SIZE, world_size)["rows"]).redistribute(ds.Partial())
+    leaf = partial.detach().requires_grad_(True)
+    with ds.count_collectives() as counted:
+        loss = F.mse_loss(leaf, y)
+        norm = F.layer_norm(leaf, (7,))
+    assert counted.counts == {"all_reduce": 1}  # the partial input, reduced once (cached)
+    for out in (loss, norm):
+        assert isinstance(out, ds.ShardedTensor) and out.sharding_spec() == ds.Replicate()
+    torch.testing.assert_close(loss.full_tensor(), F.mse_loss(x, y))
+    torch.testing.assert_close(norm.full_tensor(), F.layer_norm(x, (7,)))
+    (loss + norm.sum()).backward()
+    dense = x.clone().requires_grad_(True)
+    (F.mse_loss(dense, y) + F.layer_norm(dense, (7,)).sum()).backward()
+    torch.testing.assert_close(leaf.grad.full_tensor(), dense.grad)
+    target = y.clone().requires_grad_(True)
+    replicated = shard(x, ds.Replicate())
+    both = F.mse_loss(replicated, target)
+    both.backward()
+    dense_target = y.clone().requires_grad_(True)
+    F.mse_loss(x, dense_target).backward()
+    torch.testing.assert_close(both.full_tensor(), F.mse_loss(x, y))
+    torch.testing.assert_close(target.grad, dense_target.grad)
