@@ -141,13 +141,10 @@ def _is_member(tensor: ShardedTensor) -> bool:
 
 
 def _fresh_reduction(tensor: ShardedTensor) -> ShardedTensor | None:
-    """A Partial tensor's cached reduction, if its summand has not changed since."""
-    cached = getattr(tensor, "_reduced_cache", None)
-    summand = tensor._local_tensors[0] if tensor._local_tensors else None
-    if (cached is not None and summand is not None and cached[0] is summand
-            and cached[1] == summand._version):
-        return cast("ShardedTensor", cached[2])
-    return None
+    """A Partial tensor's cached reduction, if it has not changed since (members only)."""
+    if not tensor._local_tensors:
+        return None
+    return tensor._cached_reduction()
 
 
 def _create_write_items(tensor: ShardedTensor, fqn: str) -> list[WriteItem]:

@@ -282,6 +282,18 @@ class ShardedTensor(torch.Tensor):
         out.copy_(blocks[0])
 
     # -- layout changes ------------------------------------------------------
+    def _cached_reduction(self) -> ShardedTensor | None:
+        """The cached reduction of this Partial tensor while it is fresh (NOTE [a Partial
+        is reduced at most once]); else None."""
+        cached = getattr(self, "_reduced_cache", None)
+        if cached is None:
+            return None
+        summand = self._local_tensors[0] if self._local_tensors else None
+        if (cached[0] is summand and cached[3] == self._version
+                and (summand is None or cached[1] == summand._version)):
+            return cast("ShardedTensor", cached[2])
+        return None
+
     def _reduced(self) -> ShardedTensor:
         """A partial tensor reduced to replicated; others as they are.
 
@@ -289,8 +301,11 @@ class ShardedTensor(torch.Tensor):
         Autograd saves Partial outputs for backward (a row-parallel linear's output
         feeding a loss), so the same Partial is often reduced in the forward and
         again in the backward. The result is cached on the tensor, keyed by its
-        summand's identity and version counter: an in-place change of the summand,
-        or a reshard, invalidates it, so the cache never serves a stale value. The
+        summand's identity and version counter and by the tensor's own version
+        counter: an in-place change of the summand, or a reshard, invalidates it, and
+        so does a write through a view of the tensor (made above autograd, a view
+        shares the tensor's counter; the views of the summands made below autograd
+        share nothing), so the cache never serves a stale value. The
         cached tensor and its blocks never leave dispatch_shard's internals:
         :meth:`_redistributed` hands out copies (an in-place op on what
         :meth:`redistribute` returns runs below autograd, where the blocks' version
@@ -299,18 +314,18 @@ class ShardedTensor(torch.Tensor):
         layout = self._layout
         if not layout.is_partial:
             return self
+        cached = self._cached_reduction()
+        if cached is not None:
+            return cached
         summand = self._local_tensors[0] if self._local_tensors else None
-        cached = getattr(self, "_reduced_cache", None)
-        if (cached is not None and cached[0] is summand
-                and (summand is None or cached[1] == summand._version)):
-            return cached[2]  # type: ignore[no-any-return]
         op = layout.spec.reduce_op  # type: ignore[attr-defined]
         if summand is not None and collectives.is_member(self._process_group, self._rank):
             local = [collectives.all_reduce(summand.clone(), op, self._process_group)]
         else:
             local = []
         reduced = self._like(local, layout.with_spec(Replicate()))
-        self._reduced_cache = (summand, None if summand is None else summand._version, reduced)
+        self._reduced_cache = (summand, None if summand is None else summand._version, reduced,
+                               self._version)
         return reduced
 
     def _moved_to(self, dst: Layout) -> list[torch.Tensor]:

@@ -286,6 +286,69 @@ _LINEAR = {
 }
 
 
+# NOTE [linear in-place ops into partial values]
+# The in-place forms write into the summands: ``Σa += Σb`` summand by summand (same
+# layout), ``Σa *= r`` and ``Σa /= r`` on every summand, ``Σa += r`` (a replicated
+# ``r``) on one summand, the group's first rank's (every summand for ``Partial("avg")``,
+# whose value is the mean). The views of the partial alias the summands, so they follow.
+# Its cached reduction is keyed by the summand's version counter (NOTE [a Partial is
+# reduced at most once] in dispatch_shard/sharded_tensor.py), which an in-place kernel
+# below autograd does not move: every rank moves it, those whose summand the op leaves
+# alone too, so all drop the cache together and a later reduction is issued on all.
+_LINEAR_INPLACE = {
+    aten.add_.Tensor: "sum", aten.sub_.Tensor: "sum",
+    aten.mul_.Tensor: "scale", aten.div_.Tensor: "scale",
+    aten.neg_.default: "negate",
+}
+
+
+def _linear_into_partial(call: Any, kind: str, args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Any:
+    """NOTE [linear in-place ops into partial values]; None where it does not apply."""
+    destination = args[0]
+    if type(destination) is not ShardedTensor or not destination._layout.is_partial:
+        return None
+    layout = destination._layout
+    reduce_op = layout.spec.reduce_op  # type: ignore[attr-defined]
+    if reduce_op not in ("sum", "avg") or any(
+            not isinstance(v, int | float | bool) for v in kwargs.values()):
+        return None
+    summands = destination._local_tensors
+    if kind == "negate":
+        if len(args) != 1:
+            return None
+        for summand in summands:
+            call(summand)
+        return _written(destination)
+    if len(args) != 2:
+        return None
+    other = args[1]
+    if kind == "sum" and type(other) is ShardedTensor and other._layout is layout:
+        for summand, addend in zip(summands, other._local_tensors, strict=True):
+            call(summand, addend, **kwargs)
+        return _written(destination)
+    value = _replicated_value(other)
+    if value is None or (isinstance(value, torch.Tensor) and _broadcast_shapes(
+            value.shape, destination.shape) != destination.shape):
+        return None
+    if kind == "scale" or reduce_op == "avg" or destination._rank == layout.group_ranks[0]:
+        for summand in summands:
+            call(summand, value, **kwargs)
+    else:
+        stand_in = value.new_empty((0,)) if isinstance(value, torch.Tensor) else value
+        for summand in summands:  # dense's dtype errors here too
+            call(summand.new_empty((0,)), stand_in, **kwargs)
+    return _written(destination)
+
+
+def _written(destination: ShardedTensor) -> ShardedTensor:
+    """``destination`` after a write into its summands, with their version counters moved
+    on every rank (below autograd, an in-place kernel does not move them)."""
+    for summand in destination._local_tensors:
+        torch.autograd.graph.increment_version(summand)
+    return destination
+
+
 def _replicated_value(value: Any) -> Any:
     """``value`` as a plain value, when it is replicated; else None."""
     if isinstance(value, int | float | bool):
@@ -346,6 +409,7 @@ def _broadcast_shapes(*shapes: torch.Size) -> torch.Size:
 def _register(func: torch._ops.OpOverload) -> None:
     schema = _Schema(func)
     linear = func in _LINEAR  # decided once: hashing an OpOverload per call runs Python
+    linear_inplace = _LINEAR_INPLACE.get(func)
 
     call = _binding(func)
 
@@ -383,6 +447,10 @@ def _register(func: torch._ops.OpOverload) -> None:
                     return _wrap_blocks(func, schema, first, args,
                                         [call(a, second) for a in first._local_tensors])
         _first_group(args, func)  # NOTE [implementations that find their own group]
+        if linear_inplace is not None:
+            served = _linear_into_partial(call, linear_inplace, args, kwargs)
+            if served is not None:
+                return served
         if linear:
             served = _linear_on_partial(func, args, kwargs)
             if served is not None:

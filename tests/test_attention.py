@@ -121,6 +121,50 @@ def test_linear_ops_keep_partial_values_partial(rank: int, world_size: int) -> N
     torch.testing.assert_close((pa + r).full_tensor(), a + r)
 
 
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("reduce_op", ["sum", "avg"])
+def test_linear_in_place_ops_into_partial_values(rank: int, world_size: int,
+                                                 reduce_op: str) -> None:
+    """``partial += residual``, ``*=``, ``-=``, ``/=``, ``neg_`` write into the summands
+    (NOTE [linear in-place ops into partial values] in ops/pointwise.py): no collective,
+    views of the partial follow, a cached reduction is dropped on every rank alike."""
+    a, b, r = _randn(4, 3, seed=4), _randn(4, 3, seed=5), _randn(4, 3, seed=6)
+    spec = _chunk(0, world_size)
+    pa, pb = (ds.ShardedTensor.from_replicated(t, spec).redistribute(ds.Partial(reduce_op))
+              for t in (a, b))
+    row = pa[1]  # a view of the partial: it aliases the summands
+    torch.testing.assert_close(pa.full_tensor(), a)  # reduced and cached
+    replicated = ds.ShardedTensor.from_replicated(r, ds.Replicate())
+    steps = [
+        (lambda: pa.add_(r), lambda d: d.add_(r)),
+        (lambda: pa.add_(1.5), lambda d: d.add_(1.5)),
+        (lambda: pa.sub_(replicated, alpha=2), lambda d: d.sub_(r, alpha=2)),
+        (lambda: pa.add_(pb), lambda d: d.add_(b)),
+        (lambda: pa.mul_(3.0), lambda d: d.mul_(3.0)),
+        (lambda: pa.div_(r[0]), lambda d: d.div_(r[0])),
+        (lambda: pa.neg_(), lambda d: d.neg_()),
+        (lambda: pa.__iadd__(pa), lambda d: d.__iadd__(d)),
+    ]
+    dense = a.clone()
+    for step, (sharded_step, dense_step) in enumerate(steps):
+        with ds.count_collectives() as counted:
+            out = sharded_step()
+        assert counted.counts == {} and out is pa, step
+        dense_step(dense)
+        assert pa.sharding_spec() == ds.Partial(reduce_op)
+        torch.testing.assert_close(pa.full_tensor(), dense, msg=f"step {step}")
+        torch.testing.assert_close(row.full_tensor(), dense[1], msg=f"view, step {step}")
+    # Not linear, or not fitting: refused on every rank, the value unchanged.
+    with pytest.raises(NotImplementedError, match="into a Partial ShardedTensor"):
+        pa.relu_()
+    integers = ds.ShardedTensor.from_replicated(torch.arange(12).reshape(4, 3), spec)
+    partial_ints = integers.redistribute(ds.Partial(reduce_op)) if reduce_op == "sum" \
+        else integers.redistribute(ds.Partial("sum"))
+    with pytest.raises(RuntimeError, match="can't be cast"):
+        partial_ints.add_(0.5)  # dense's error, on the ranks that skip the write too
+    torch.testing.assert_close(pa.full_tensor(), dense)
+
+
 @multi_rank(world_size=[2, 4])
 @pytest.mark.parametrize("fused", [True, False])
 def test_transformer_block_moves_the_minimum(rank: int, world_size: int, fused: bool) -> None:

@@ -464,7 +464,7 @@ def run_program(rank: int, world_size: int, program: dict[str, Any]) -> str | No
 # An example that hits one passes and is counted apart; any other error fails.
 KNOWN_GAPS = {
     "into a Partial ShardedTensor is not supported":
-        "in-place pointwise ops into a Partial tensor (ops/pointwise.py refuses them)",
+        "non-linear in-place ops into a Partial tensor (ops/pointwise.py refuses them)",
 }
 
 
