@@ -114,42 +114,26 @@ def _whole_sums(value: Any) -> Any:
 # activation, is then one kernel instead of a dozen dispatched ops.
 
 def _local_copies(values: tuple[Any, ...], kwargs: dict[str, Any]
-                  ) -> tuple[ShardedTensor, tuple[Any, ...], dict[str, Any]] | None:
-    """The arguments with each replicated ShardedTensor replaced by this rank's copy, and
-    one of them; None when one is not replicated, this rank holds no copy, or a plain
-    argument requires grad."""
-    anchor: ShardedTensor | None = None
+                  ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The arguments with each replicated ShardedTensor replaced by this rank's copy; None
+    when one is not replicated, this rank holds no copy, or a plain argument requires
+    grad."""
 
     def local(value: Any) -> Any:
-        nonlocal anchor
         if type(value) is ShardedTensor:
             if not value._layout.is_replicate or len(value._local_tensors) != 1:
                 raise LookupError
-            if anchor is None:
-                anchor = value
             return value._local_tensors[0]
         if type(value) is torch.Tensor and value.requires_grad:
             raise LookupError  # (the kernel would record it for autograd here)
-        if isinstance(value, list | tuple) and any(type(v) is ShardedTensor for v in value):
+        if isinstance(value, list | tuple):
             return type(value)(local(v) for v in value)
         return value
 
     try:
-        args = tuple(local(a) for a in values)
-        local_kwargs = {k: local(v) for k, v in kwargs.items()}
+        return tuple(local(a) for a in values), {k: local(v) for k, v in kwargs.items()}
     except LookupError:
         return None
-    return (anchor, args, local_kwargs) if anchor is not None else None
-
-
-def _replicated_results(out: Any, anchor: ShardedTensor, plain: set[int]) -> Any:
-    if isinstance(out, tuple | list):
-        return type(out)(_replicated_results(v, anchor, plain) for v in out)
-    if type(out) is not torch.Tensor or id(out) in plain:
-        return out
-    layout = layout_of(Replicate(), out.shape, anchor._layout.group_ranks,
-                       anchor._layout.device or str(anchor.device))
-    return anchor._like([out], layout, out.dtype)
 
 
 def _register(func: torch._ops.OpOverload, decomposition: Callable[..., Any]) -> None:
@@ -166,9 +150,7 @@ def _register(func: torch._ops.OpOverload, decomposition: Callable[..., Any]) ->
             kwargs = {k: _whole_sums(v) for k, v in kwargs.items()}
             copies = _local_copies(args, kwargs) if functional else None
             if copies is not None:  # NOTE [replicated operands skip the decomposition]
-                anchor, local_args, local_kwargs = copies
-                plain = {id(a) for a in (*args, *kwargs.values()) if type(a) is torch.Tensor}
-                return _replicated_results(func(*local_args, **local_kwargs), anchor, plain)
+                return _as_replicated(func(*copies[0], **copies[1]), args, kwargs)
             return _as_replicated(_decomposed(func, decomposition(*args, **kwargs)), args,
                                   kwargs)
 
