@@ -306,13 +306,11 @@ def _linear_into_partial(call: Any, kind: str, args: tuple[Any, ...],
                          kwargs: dict[str, Any]) -> Any:
     """NOTE [linear in-place ops into partial values]; None where it does not apply."""
     destination = args[0]
-    if type(destination) is not ShardedTensor or not destination._layout.is_partial:
-        return None
-    layout = destination._layout
-    reduce_op = layout.spec.reduce_op  # type: ignore[attr-defined]
-    if reduce_op not in ("sum", "avg") or any(
+    if not _summable(destination) or any(
             not isinstance(v, int | float | bool) for v in kwargs.values()):
         return None
+    layout = destination._layout
+    reduce_op = layout.spec.reduce_op
     summands = destination._local_tensors
     if kind == "negate":
         if len(args) != 1:
@@ -327,9 +325,8 @@ def _linear_into_partial(call: Any, kind: str, args: tuple[Any, ...],
         for summand, addend in zip(summands, other._local_tensors, strict=True):
             call(summand, addend, **kwargs)
         return _written(destination)
-    value = _replicated_value(other)
-    if value is None or (isinstance(value, torch.Tensor) and _broadcast_shapes(
-            value.shape, destination.shape) != destination.shape):
+    value = _factor(other, destination)
+    if value is None:
         return None
     if kind == "scale" or reduce_op == "avg" or destination._rank == layout.group_ranks[0]:
         for summand in summands:
@@ -349,6 +346,21 @@ def _written(destination: ShardedTensor) -> ShardedTensor:
     return destination
 
 
+def _summable(value: Any) -> bool:
+    """Whether ``value`` is a ``Partial("sum"|"avg")`` ShardedTensor (linear ops keep it)."""
+    return (type(value) is ShardedTensor and value._layout.is_partial
+            and value._layout.spec.reduce_op in ("sum", "avg"))  # type: ignore[attr-defined]
+
+
+def _factor(value: Any, partial: ShardedTensor) -> Any:
+    """``value`` as a plain replicated value that does not broadcast ``partial``; else None."""
+    value = _replicated_value(value)
+    if isinstance(value, torch.Tensor) and _broadcast_shapes(
+            value.shape, partial.shape) != partial.shape:
+        return None
+    return value
+
+
 def _replicated_value(value: Any) -> Any:
     """``value`` as a plain value, when it is replicated; else None."""
     if isinstance(value, int | float | bool):
@@ -366,13 +378,11 @@ def _linear_on_partial(func: torch._ops.OpOverload, args: tuple[Any, ...],
     """NOTE [linear ops of partial values]; None where it does not apply."""
     kind = _LINEAR[func]
     partial = args[0]
-    if type(partial) is not ShardedTensor or not partial._layout.is_partial \
-            or partial._layout.spec.reduce_op not in ("sum", "avg"):  # type: ignore[attr-defined]
+    if not _summable(partial):
         if kind != "scale" or func is aten.div.Tensor or len(args) != 2:
             return None
         partial, args = args[1], (args[1], args[0])  # r * Σa: the same as (Σa) * r
-        if type(partial) is not ShardedTensor or not partial._layout.is_partial \
-                or partial._layout.spec.reduce_op not in ("sum", "avg"):  # type: ignore[attr-defined]
+        if not _summable(partial):
             return None
     layout = partial._layout
     if kind == "negate":
@@ -387,10 +397,8 @@ def _linear_on_partial(func: torch._ops.OpOverload, args: tuple[Any, ...],
         blocks = [func(a, b, **kwargs) for a, b in
                   zip(partial._local_tensors, other._local_tensors, strict=True)]
     else:
-        factor = _replicated_value(args[1]) if len(args) == 2 and not kwargs else None
-        if factor is None or (isinstance(factor, torch.Tensor)
-                              and _broadcast_shapes(factor.shape, partial.shape)
-                              != partial.shape):
+        factor = _factor(args[1], partial) if len(args) == 2 and not kwargs else None
+        if factor is None:
             return None
         blocks = [func(t, factor) for t in partial._local_tensors]
     if blocks:
