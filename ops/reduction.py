@@ -485,12 +485,6 @@ def _sum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, A
                       dtype=dtype, stays_partial=True, commutes_with=("sum", "avg"))
 
 
-@functools.lru_cache(maxsize=1024)
-def _scalar_share(layout: Layout, device: str) -> Layout:
-    """The layout of a full reduction's per-rank shares: a 0-dim ``Partial("sum")``."""
-    return layout_of(Partial("sum"), torch.Size(()), layout.group_ranks, layout.device or device)
-
-
 def _full_sum(x: ShardedTensor) -> ShardedTensor | None:
     """``x.sum()`` of a sharded, non-empty ``x``: this rank's blocks summed, a 0-dim
     ``Partial("sum")`` (the general path's result, without its bookkeeping); else None."""
@@ -499,7 +493,10 @@ def _full_sum(x: ShardedTensor) -> ShardedTensor | None:
     if share is None:
         if not layout.is_sharded or 0 in layout.size:
             return None
-        share = layout._derived["sum"] = _scalar_share(layout, str(x.device))
+        # (the per-rank shares: a 0-dim ``Partial("sum")``, decided once per layout)
+        share = layout._derived["sum"] = layout_of(Partial("sum"), torch.Size(()),
+                                                   layout.group_ranks,
+                                                   layout.device or str(x.device))
     blocks = x._local_tensors
     if blocks:
         total = blocks[0].sum()

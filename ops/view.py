@@ -147,8 +147,8 @@ def _like_leading(layout: Layout, lead: int, size: torch.Size) -> Layout:
 
 # -- permutations ------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1024)
 def _permuted(layout: Layout, perm: tuple[int, ...]) -> Layout:
+    """``layout`` seen through ``permute(perm)`` (cached per layout by ``_permute_to``)."""
     size = [layout.size[p] for p in perm]
     chunk_dim = None
     if isinstance(layout.spec, ChunkShardingSpec):
