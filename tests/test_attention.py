@@ -213,13 +213,15 @@ def test_spelled_out_attention_trains_like_dense(rank: int, world_size: int) -> 
 
 
 @multi_rank(world_size=[2, 3])
-def test_batched_matmul_on_heads_cut_into_pieces(rank: int, world_size: int) -> None:
+@pytest.mark.parametrize("blocks", ["one", "several"])
+def test_batched_matmul_on_heads_cut_into_pieces(rank: int, world_size: int,
+                                                 blocks: str) -> None:
     """``[B, H, S, E] @ [B, H, E, S]`` with H split: the fold to ``[B * H, ...]`` cuts each
     rank's block into B pieces, ``bmm`` runs piece by piece, the result's view back keeps
     them; no collective, dense values forward and backward, uneven heads too."""
     for batch, heads, length, e in ((2, 4, 3, 2), (3, 5, 2, 3), (1, 3, 4, 2)):
         q, k, grad = (_randn(batch, heads, length, e, seed=s) for s in range(3))
-        spec = _chunk(1, world_size)
+        spec = _chunk(1, world_size) if blocks == "one" else several(world_size, 1)
         sq, sk = (ds.ShardedTensor.from_replicated(t, spec).requires_grad_() for t in (q, k))
         with ds.count_collectives() as counted:
             scores = sq @ sk.transpose(-2, -1)

@@ -155,19 +155,23 @@ def test_as_strided_that_is_a_reshape(rank: int, world_size: int) -> None:
                                torch.nn.functional.group_norm(dense, 3, weight, bias))
 
 
-def _cut_case(world_size: int) -> tuple[torch.Tensor, ds.ShardedTensor]:
+def _cut_case(world_size: int, blocks: str = "one") -> tuple[torch.Tensor, ds.ShardedTensor]:
+    """``[3, 5, 2, 4]`` split unevenly along its dim 1: one block per rank, or two (in a
+    shuffled rank order)."""
     dense = torch.randn(3, 5, 2, 4, generator=torch.Generator().manual_seed(7))
-    spec = ds.ChunkShardingSpec(1, [f"rank:{r}/cpu" for r in range(world_size)])
+    spec = ds.ChunkShardingSpec(1, [f"rank:{r}/cpu" for r in range(world_size)]) \
+        if blocks == "one" else several(world_size, 1)
     return dense, ds.ShardedTensor.from_replicated(dense, spec)
 
 
 @multi_rank(world_size=[2, 3])
-def test_views_that_cut_blocks_into_pieces(rank: int, world_size: int) -> None:
+@pytest.mark.parametrize("blocks", ["one", "several"])
+def test_views_that_cut_blocks_into_pieces(rank: int, world_size: int, blocks: str) -> None:
     """Folding a whole dim into a split inner one (``[B, H, ...] -> [B * H, ...]``, H
     split) cuts each block into one piece per B index: no collective, the pieces are
-    views of the block, and the view back keeps them (NOTE [views that cut blocks into
+    views of the blocks, and the view back keeps them (NOTE [views that cut blocks into
     pieces] in ops/view.py)."""
-    dense, x = _cut_case(world_size)
+    dense, x = _cut_case(world_size, blocks)
     with ds.count_collectives() as counted:
         folded = x.view(15, 2, 4)
         flat = x.view(3, 40)  # H and the inner dims: whole rows, one piece per block
@@ -178,10 +182,10 @@ def test_views_that_cut_blocks_into_pieces(rank: int, world_size: int) -> None:
     torch.testing.assert_close(back.full_tensor(), dense)
     held = [s for s in x.local_shards() if s.tensor.numel()]
     assert len([s for s in folded.local_shards() if s.tensor.numel()]) == 3 * len(held)
-    for piece in folded.local_shards():  # views of this rank's block: the same storage
+    storages = {s.tensor.untyped_storage().data_ptr() for s in held}
+    for piece in folded.local_shards():  # views of this rank's blocks: the same storage
         if piece.tensor.numel():
-            assert piece.tensor.untyped_storage().data_ptr() == \
-                held[0].tensor.untyped_storage().data_ptr()
+            assert piece.tensor.untyped_storage().data_ptr() in storages
     folded.mul_(2)  # in place through the pieces reaches the base
     torch.testing.assert_close(x.full_tensor(), dense * 2)
 
