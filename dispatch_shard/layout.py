@@ -2,8 +2,8 @@
 
 A :class:`Layout` is the dtype-independent part of a ShardedTensor's metadata:
 the spec, the global size and the process group's global ranks. Layouts are
-interned (built through :func:`layout_of`), so comparing two tensors' layouts
-is usually an identity check, and per-layout derived facts (which shards are
+interned (built through :func:`layout_of`; NOTE [layout interning]), so
+comparing two tensors' layouts is an identity check, and per-layout derived facts (which shards are
 local to a rank, the plan to move data to another layout) are cached.
 
 NOTE [redistribution plans]
@@ -20,6 +20,7 @@ so every rank agrees on whether to issue the collective at all.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -42,8 +43,8 @@ Box = tuple[slice, ...]
 class Layout:
     """The blocks of a ``size`` tensor laid out by ``spec`` over ``group_ranks``.
 
-    Interned by :func:`layout_of`: equal arguments give the same object, and
-    layouts compare by identity.
+    Interned by :func:`layout_of`: equal arguments give the same object while any
+    holds it (NOTE [layout interning]), and layouts compare by identity.
     """
 
     spec: ShardingSpec
@@ -112,12 +113,34 @@ def layout_of(
     return _interned_layout(spec, torch.Size(size), group_ranks, device)
 
 
-@functools.lru_cache(maxsize=4096)
+# NOTE [layout interning]
+# Equal arguments give the same Layout object for as long as anything holds that
+# object: every live layout is in ``_live``, a weak-value map, so identity is exact
+# however many other layouts were made in between (a cache with eviction would make
+# a second object for a layout still in use, and every ``is`` fast path would then
+# silently take its slow path, perhaps on some ranks only). A layout no tensor or
+# cache holds any more is dropped, and made anew if asked again. The small
+# ``lru_cache`` in front only saves the weak map's Python-level lookup on hot paths;
+# it returns the object the map holds, so it can never give a second one.
+
+_live: weakref.WeakValueDictionary[
+    tuple[ShardingSpec, torch.Size, tuple[int, ...], str], Layout
+] = weakref.WeakValueDictionary()
+
+
+@functools.lru_cache(maxsize=1024)
 def _interned_layout(
     spec: ShardingSpec, size: torch.Size, group_ranks: tuple[int, ...], device: str
 ) -> Layout:
-    metadata = spec.build_metadata(size, _DEFAULT_PROPERTIES, group_ranks, device=device or None)
-    return Layout(spec, metadata.size, group_ranks, device, tuple(metadata.shards_metadata))
+    key = (spec, size, group_ranks, device)
+    layout = _live.get(key)
+    if layout is None:
+        metadata = spec.build_metadata(size, _DEFAULT_PROPERTIES, group_ranks,
+                                       device=device or None)
+        layout = Layout(spec, metadata.size, group_ranks, device,
+                        tuple(metadata.shards_metadata))
+        _live[key] = layout
+    return layout
 
 
 _DEFAULT_PROPERTIES = TensorProperties()
