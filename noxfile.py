@@ -1,12 +1,13 @@
-"""Project sessions: ``nox -s tests properties lint typecheck docs bench coverage demo soak``.
+"""Project sessions: ``nox -s tests quick properties lint typecheck docs bench coverage demo
+soak``.
 
 NOTE [which torch the sessions use]
-Every session's virtualenv sees the interpreter's site-packages, so a torch
-that is already installed (a CPU build, or a CUDA build you installed yourself)
-is reused as is. Where none is installed, sessions install ``torch==2.13.*``,
-which on a CPU-only machine with a local CPU wheel takes that wheel and never
-pulls CUDA packages. To use another torch, set ``DISPATCH_SHARD_TORCH`` to the
-pip arguments that install it, e.g.::
+Every session runs in its own virtualenv, without the interpreter's site-packages,
+so a dependency the package forgets to declare fails here as it would for a user
+(a system numpy once hid one). Sessions install ``torch==2.13.*``, which on a
+CPU-only machine with a local CPU wheel takes that wheel and never pulls CUDA
+packages. To use another torch build (CUDA, say), set ``DISPATCH_SHARD_TORCH`` to
+the pip arguments that install it, e.g.::
 
     export DISPATCH_SHARD_TORCH="torch==2.13.* --index-url https://download.pytorch.org/whl/cu128"
     nox -s tests
@@ -22,7 +23,7 @@ import nox
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
-VENV_PARAMS = ["--system-site-packages"]
+VENV_PARAMS: list[str] = []  # no system site-packages: see the NOTE above
 TORCH = shlex.split(os.environ.get("DISPATCH_SHARD_TORCH", "torch==2.13.*"))
 
 
@@ -35,11 +36,20 @@ def install(session: nox.Session, extras: str = "") -> None:
 def tests(session: nox.Session) -> None:
     """The test suite (multi-rank tests run on a persistent gloo rank pool)."""
     install(session, "dev")
-    # ``python -m``: with system site-packages a bare ``pytest`` may be the system's
-    # executable, outside this virtualenv. Run from a scratch folder so that the
-    # installed package (with ops/ as dispatch_shard.ops) is tested, not the checkout.
+    _pytest(session, session.posargs or ["-q"])
+
+
+@nox.session(venv_params=VENV_PARAMS)
+def quick(session: nox.Session) -> None:
+    """The quick tier: every test not marked ``slow`` (about 3 minutes on 2 cores)."""
+    install(session, "dev")
+    _pytest(session, ["-q", "-m", "not slow", *session.posargs])
+
+
+def _pytest(session: nox.Session, args: list[str]) -> None:
+    # Run from a scratch folder so that the installed package (with ops/ as
+    # dispatch_shard.ops) is tested, not the checkout.
     tests_dir = os.path.join(session.invoked_from, "tests")
-    args = session.posargs or ["-q"]
     session.chdir(session.create_tmp())
     session.run("python", "-m", "pytest", tests_dir, *args,
                 env={"PYTHONDONTWRITEBYTECODE": "1"})

@@ -232,9 +232,8 @@ def _single_process(group: ProcessGroup | None) -> Iterator[None]:
 def _broadcast(value: Any, group: ProcessGroup | None, coordinator_rank: int) -> Any:
     if group is None or dist.get_world_size(group) == 1:
         return value
-    box = [value if dist.get_rank(group) == coordinator_rank else None]
-    dist.broadcast_object_list(box, group=group, group_src=coordinator_rank)
-    return box[0]
+    mine = value if dist.get_rank(group) == coordinator_rank else None
+    return collectives.all_gather_object(mine, group)[coordinator_rank]
 
 
 def _agree(error: BaseException | None, group: ProcessGroup | None,
