@@ -10,6 +10,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# NOTE [torch.distributed.nn is imported with the package]
+# torch.distributed.nn.functional binds ``group.WORLD`` as a default argument when it
+# is imported. torch imports it lazily (through torch._dynamo, which the meta runs
+# of some decompositions load): imported after init_process_group, it keeps the
+# default group, with gloo's threads, alive after destroy_process_group until the
+# interpreter tears modules down at exit, where destroying it can abort the process
+# ("terminate called without an active exception"). Imported here, before a program
+# usually initializes its process group, the default it binds is None.
+import torch.distributed.nn  # noqa: F401
+
 # The built-in op implementations register themselves on import.
 from dispatch_shard import debug, ops
 from dispatch_shard.api import (
@@ -19,7 +29,7 @@ from dispatch_shard.api import (
     shard_parameter,
     shard_tensor,
 )
-from dispatch_shard.creation import empty, full, ones, rand, randn, zeros
+from dispatch_shard.creation import empty, full, ones, rand, randn, unchecked_creation, zeros
 from dispatch_shard.metadata import (
     Placement,
     Shard,
@@ -79,6 +89,7 @@ __all__ = [
     "shard_tensor",
     "sharding_svg",
     "state_dict_hook",
+    "unchecked_creation",
     "visualize_sharding",
     "zeros",
 ]

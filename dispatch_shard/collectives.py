@@ -31,11 +31,15 @@ group's state is unknown: do not issue more collectives on it.
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import ctypes
+import hashlib
 import os
+import pickle
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,6 +48,7 @@ from dispatch_shard.layout import Layout, redistribute_plan
 
 __all__ = [
     "CollectiveError",
+    "agree",
     "all_gather_object",
     "all_reduce",
     "broadcast",
@@ -53,9 +58,11 @@ __all__ = [
     "redistribute",
     "reduce_scatter",
     "resolve_group",
+    "unchecked_creation",
 ]
 
 ProcessGroup = dist.ProcessGroup
+T = TypeVar("T")
 
 # Observers of every collective issued: called with (kind, bytes, group).
 _observers: list[Callable[[str, int, ProcessGroup], None]] = []
@@ -83,9 +90,29 @@ def resolve_group(process_group: ProcessGroup | None) -> ProcessGroup:
     return group
 
 
-@functools.lru_cache(maxsize=256)
+# NOTE [caches never keep a process group alive]
+# A cache that held a ProcessGroup would keep it (and gloo's worker threads) alive
+# after ``destroy_process_group``, until the interpreter tore the cache down at exit,
+# where destroying a backend with threads can abort the process ("terminate called
+# without an active exception", about one run in 15-20 of the demo). So per-group
+# facts are keyed by ``id(group)`` with a weak reference whose callback drops the
+# entry when the group dies: the group is released when torch releases it.
+
+_group_ranks: dict[int, tuple[weakref.ref[ProcessGroup], tuple[int, ...]]] = {}
+
+
 def _ranks_of(group: ProcessGroup) -> tuple[int, ...]:
-    return tuple(dist.get_process_group_ranks(group))
+    entry = _group_ranks.get(id(group))
+    if entry is not None and entry[0]() is group:
+        return entry[1]
+    ranks = tuple(dist.get_process_group_ranks(group))
+    key = id(group)
+
+    def forget(_: object, key: int = key) -> None:
+        _group_ranks.pop(key, None)
+
+    _group_ranks[key] = (weakref.ref(group, forget), ranks)
+    return ranks
 
 
 # NOTE [ranks outside a subgroup]
@@ -210,24 +237,77 @@ _ERROR_TYPES: dict[str, type[Exception]] = {
 }
 
 
-def all_gather_object(obj: Any, group: ProcessGroup) -> list[Any]:
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    _record("all_gather_object", 0, group)
+# NOTE [object exchange without numpy]
+# torch's ``all_gather_object`` decodes bytes through ``Tensor.numpy()``, so it fails
+# where numpy is absent, and it always issues two collectives (sizes, then data).
+# Ours pickles into a fixed-size uint8 slot: one ``all_gather`` when every rank's
+# pickle fits (the case of every check on a creation path), a second one for the
+# tails of longer pickles only. Bytes are read back with ``ctypes``, not numpy.
+
+_OBJECT_SLOT = 256  # bytes per rank in the first round, the 8-byte length included
+
+
+def _object_device(group: ProcessGroup) -> torch.device:
+    """CPU for gloo (and mixed) groups; the current CUDA device for an NCCL-only group."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to_bytes(tensor: torch.Tensor, length: int) -> bytes:
+    host = tensor.cpu().contiguous()
+    return ctypes.string_at(host.data_ptr(), length) if length else b""
+
+
+def _gather_bytes(payload: bytes, group: ProcessGroup, observed: bool) -> list[bytes]:
+    """Every rank's ``payload``, in group-rank order (one all_gather when all are short)."""
+    collective = "all_gather_object"
+    world = dist.get_world_size(group)
+    device = _object_device(group)
+    body = _OBJECT_SLOT - 8
+    slot = torch.zeros(_OBJECT_SLOT, dtype=torch.uint8)
+    slot[:8] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
+    head = payload[:body]
+    if head:
+        slot[8:8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    slot = slot.to(device)
+    slots = [slot.clone() for _ in range(world)]  # see agree(): a fake group moves nothing
+    if observed:
+        _record(collective, _OBJECT_SLOT * world, group)
     try:
-        dist.all_gather_object(gathered, obj, group=group)
+        dist.all_gather(slots, slot, group=group)
+        lengths = [int(s[:8].cpu().view(torch.int64)) for s in slots]
+        heads = [_to_bytes(s[8:], min(n, body)) for s, n in zip(slots, lengths, strict=True)]
+        longest = max(lengths)
+        if longest <= body:
+            return heads
+        # Some pickle is longer than a slot: gather the tails, padded to the longest.
+        tail_size = longest - body
+        tail = torch.zeros(tail_size, dtype=torch.uint8)
+        rest = payload[body:]
+        if rest:
+            tail[:len(rest)] = torch.frombuffer(bytearray(rest), dtype=torch.uint8)
+        tail = tail.to(device)
+        tails = [tail.clone() for _ in range(world)]
+        if observed:
+            _record(collective, tail_size * world, group)
+        dist.all_gather(tails, tail, group=group)
     except RuntimeError as error:
-        raise _failed("all_gather_object", group, error) from error
-    return gathered
+        raise _failed(collective, group, error) from error
+    return [h + _to_bytes(t, max(n - body, 0))
+            for h, t, n in zip(heads, tails, lengths, strict=True)]
+
+
+def all_gather_object(obj: Any, group: ProcessGroup) -> list[Any]:
+    """Every rank's picklable ``obj``, in group-rank order (see NOTE [object exchange
+    without numpy])."""
+    return [pickle.loads(p) for p in _gather_bytes(pickle.dumps(obj), group, observed=True)]
 
 
 def _exchange(obj: Any, group: ProcessGroup) -> list[Any]:
     """:func:`all_gather_object` unseen by observers (for dispatch_shard.debug's checks)."""
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    try:
-        dist.all_gather_object(gathered, obj, group=group)
-    except RuntimeError as error:
-        raise _failed("all_gather_object", group, error) from error
-    return gathered
+    return [pickle.loads(p) for p in _gather_bytes(pickle.dumps(obj), group, observed=False)]
 
 
 def raise_if_any(error: Exception | None, group: ProcessGroup) -> None:
@@ -251,6 +331,104 @@ def raise_if_any(error: Exception | None, group: ProcessGroup) -> None:
             if error is not None and group_rank == dist.get_rank(group):
                 raise error
             raise exc_type(f"{message} (raised on rank {rank})")
+
+
+# NOTE [rank-consistent creation]
+# Creation functions, shard_tensor, from_local_* and from_replicated build the
+# whole layout from their arguments on every rank. Arguments that differ between
+# ranks (a spec, a size, a dtype) would give each rank a different idea of the
+# tensor, and the first op would compute a wrong number without any error. So
+# each creation path calls :func:`agree`: one all_gather of 16 bytes per rank (an
+# error flag and a 64-bit digest of the arguments). When every digest matches and
+# no rank failed, that is all. Otherwise a second exchange brings every rank's
+# arguments (or error) and every rank raises the same error. Paths that have no
+# other reason to communicate (creation functions, from_replicated) skip the
+# check inside :func:`unchecked_creation`, for code that creates in a hot loop.
+
+_unchecked_depth = 0
+
+
+@contextlib.contextmanager
+def unchecked_creation() -> Iterator[None]:
+    """Inside this block, creation functions (``ds.zeros``, ``ds.rand``...) and
+    ``ShardedTensor.from_replicated`` skip the cross-rank check of their arguments and
+    communicate nothing. Every rank must then pass the same spec, size and dtype: no one
+    checks. Paths that communicate anyway (``shard_tensor``, ``from_local_*``) keep it.
+    """
+    global _unchecked_depth
+    _unchecked_depth += 1
+    try:
+        yield
+    finally:
+        _unchecked_depth -= 1
+
+
+def creation_checked() -> bool:
+    """False inside :func:`unchecked_creation`."""
+    return _unchecked_depth == 0
+
+
+def checked_creation(what: str, facts: Sequence[tuple[str, Any]], group: ProcessGroup,
+                     build: Callable[[], T]) -> T:
+    """``build()``, checked against the other ranks by :func:`agree` (its error, if any,
+    raised on every rank) unless inside :func:`unchecked_creation` or outside ``group``."""
+    if _unchecked_depth or not is_member(group, dist.get_rank()):
+        return build()
+    error: Exception | None = None
+    try:
+        result = build()
+    except Exception as exc:
+        error = exc
+    agree(what, facts, error, group)
+    return result
+
+
+def agree(what: str, facts: Sequence[tuple[str, Any]], error: Exception | None,
+          group: ProcessGroup) -> None:
+    """Raise the same error on every rank of ``group`` if any rank has ``error`` set or
+    the ranks' ``facts`` (``(name, value)`` pairs) differ (see NOTE [rank-consistent
+    creation]). A group of one communicates nothing."""
+    if dist.get_world_size(group) == 1:
+        if error is not None:
+            raise error
+        return
+    digest = hashlib.blake2b(pickle.dumps(tuple(facts), protocol=4), digest_size=8).digest()
+    word = torch.tensor([int(error is not None), int.from_bytes(digest, "little", signed=True)],
+                        dtype=torch.int64)
+    device = _object_device(group)
+    word = word.to(device)
+    # Outputs start as this rank's word: a backend that moves no data (torch's "fake"
+    # group, used to model 1024 ranks in one process) then reports agreement.
+    words = [word.clone() for _ in range(dist.get_world_size(group))]
+    _record("all_gather", 16 * len(words), group)
+    try:
+        dist.all_gather(words, word, group=group)
+    except RuntimeError as failure:
+        raise _failed("all_gather", group, failure) from failure
+    seen = torch.stack(words).cpu()
+    if not bool(seen[:, 0].any()) and bool((seen[:, 1] == seen[0, 1]).all()):
+        return
+    report = None if error is None else (type(error).__name__, str(error))
+    everyone = all_gather_object((report, tuple(facts)), group)
+    ranks = _ranks_of(group)
+    for group_rank, (theirs, _) in enumerate(everyone):
+        if theirs is not None:
+            if error is not None and group_rank == dist.get_rank(group):
+                raise error
+            kind, message = theirs
+            raise _ERROR_TYPES.get(kind, RuntimeError)(
+                f"{message} (raised on rank {ranks[group_rank]})")
+    first = everyone[0][1]
+    for group_rank, (_, theirs) in enumerate(everyone):
+        for (name, value), (_, other) in zip(first, theirs, strict=True):
+            if value != other:
+                raise ValueError(
+                    f"ShardedTensor {name} property does not match from different ranks! "
+                    f"Found {name}={value} on rank:{ranks[0]}, and {name}={other} on "
+                    f"rank:{ranks[group_rank]}. Every rank must pass the same arguments "
+                    f"to {what}."
+                )
+    # Equal values whose pickles differ (e.g. a set's order): nothing to raise.
 
 
 # -- reductions ----------------------------------------------------------------

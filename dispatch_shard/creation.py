@@ -1,7 +1,9 @@
 """Creation functions: ``empty, zeros, ones, full, rand, randn`` of a sharding spec.
 
-Creation needs no communication: every rank derives the whole layout from the
-spec, allocates its own blocks, and random blocks come from that rank's
+Every rank derives the whole layout from the spec and allocates its own blocks;
+one small all_gather checks that the ranks passed the same spec, size and dtype
+(NOTE [rank-consistent creation] in :mod:`dispatch_shard.collectives`; skipped
+inside :func:`unchecked_creation`), and random blocks come from that rank's
 default generator, in the order of the rank's blocks (so with the same seed a
 rank's first block equals ``torch.rand`` of that block's size).
 """
@@ -16,12 +18,16 @@ import torch.distributed as dist
 
 from dispatch_shard import collectives
 from dispatch_shard.collectives import ProcessGroup
-from dispatch_shard.layout import layout_of
+from dispatch_shard.layout import Layout, layout_of
 from dispatch_shard.metadata import TensorProperties
 from dispatch_shard.sharded_tensor import ShardedTensor, _placement_device
 from dispatch_shard.specs import ShardingSpec
 
-__all__ = ["empty", "full", "ones", "parse_size", "rand", "randn", "zeros"]
+__all__ = [
+    "empty", "full", "ones", "parse_size", "rand", "randn", "unchecked_creation", "zeros",
+]
+
+unchecked_creation = collectives.unchecked_creation
 
 
 def parse_size(size: Sequence[Any]) -> torch.Size:
@@ -62,13 +68,23 @@ def _create(
     memory_format: torch.memory_format,
     process_group: ProcessGroup | None,
 ) -> ShardedTensor:
-    global_size = parse_size(size)
     group = collectives.resolve_group(process_group)
     dtype = torch.get_default_dtype() if dtype is None else dtype
-    properties = TensorProperties(dtype, layout, requires_grad, memory_format, pin_memory)
-    blocks = layout_of(spec, global_size, collectives.group_ranks(group),
-                       _default_device(group), properties)
     rank = dist.get_rank()
+    try:
+        size_fact: object = tuple(parse_size(size))
+    except (TypeError, ValueError):
+        size_fact = tuple(size)  # parse_size raises again below, on the checked path
+
+    def build() -> Layout:
+        properties = TensorProperties(dtype, layout, requires_grad, memory_format, pin_memory)
+        return layout_of(spec, parse_size(size), collectives.group_ranks(group),
+                         _default_device(group), properties)
+
+    # NOTE [rank-consistent creation] in dispatch_shard.collectives
+    blocks = collectives.checked_creation(
+        "creation", (("sharding_spec", spec), ("size", size_fact), ("dtype", dtype),
+                     ("requires_grad", requires_grad)), group, build)
     local = []
     for index in blocks.local_indices(rank):
         placement = blocks.shards[index].placement

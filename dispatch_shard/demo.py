@@ -204,6 +204,10 @@ def _one_thread_per_rank() -> None:
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
+    # Before init_process_group: NOTE [torch.distributed.nn is imported with the
+    # package] in dispatch_shard/__init__.py.
+    import dispatch_shard  # noqa: F401
+
     _one_thread_per_rank()
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
     dist.init_process_group(args.backend, store=store, rank=rank, world_size=world,
@@ -224,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         import torch.distributed as dist
+
+        import dispatch_shard  # noqa: F401  (before init_process_group; see _worker)
 
         if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
             _one_thread_per_rank()

@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch.distributed as dist
+
 from dispatch_shard import collectives
 from dispatch_shard.layout import Layout
 from dispatch_shard.sharded_tensor import ShardedTensor
@@ -63,8 +65,8 @@ def _holders(layout: Layout, index: tuple[int, ...]) -> str:
 
 
 def visualize_sharding(tensor: ShardedTensor, *, show: bool = True) -> str:
-    """A table of ``tensor``'s blocks and the ranks that hold them; printed unless
-    ``show=False``, and returned.
+    """A table of ``tensor``'s blocks and the ranks that hold them; returned on every rank,
+    and printed (unless ``show=False``) once, by the first rank of the tensor's group.
 
     1-D and 2-D tensors are drawn as a grid of the blocks' boundaries (a rank with
     several blocks appears in several cells); other ranks list their blocks.
@@ -103,9 +105,16 @@ def visualize_sharding(tensor: ShardedTensor, *, show: bool = True) -> str:
             for s in layout.shards if 0 not in s.shard_sizes
         ]
         text = title + "\n" + "\n".join(entries)
-    if show:
+    if show and _prints_here(layout):
         print(text)
     return text
+
+
+def _prints_here(layout: Layout) -> bool:
+    """One rank prints: the first of the tensor's group (every rank has the same text)."""
+    if not dist.is_initialized():
+        return True
+    return dist.get_rank() == min(layout.group_ranks, default=dist.get_rank())
 
 
 # -- the picture ---------------------------------------------------------------------------
@@ -149,12 +158,14 @@ def sharding_svg(tensor: ShardedTensor, cell: int = 24) -> str:
 @dataclass(frozen=True)
 class CollectiveEvent:
     """One collective: its kind, the bytes this rank sent, and the ops that caused it
-    (``op``: the op the user called; ``primitive``: the op that issued it, inside
-    a decomposition or ``None`` outside any op)."""
+    (``op``: the op the user called or, for a collective issued outside any op, the
+    dispatch_shard function that issued it, such as ``"ShardedTensor.full_tensor"`` or
+    ``"_create"`` (``"(outside any op)"`` if none is found); ``primitive``: the op that
+    issued it inside a decomposition, or ``None`` outside any op)."""
 
     kind: str
     nbytes: int
-    op: str | None
+    op: str
     primitive: str | None
 
 
@@ -181,8 +192,11 @@ class count_collectives(contextlib.AbstractContextManager["count_collectives"]):
 
     def _observe(self, kind: str, nbytes: int, group: Any) -> None:
         stack = collectives._op_stack
-        self.events.append(CollectiveEvent(
-            kind, nbytes, str(stack[0]) if stack else None, str(stack[-1]) if stack else None))
+        if stack:
+            op, primitive = str(stack[0]), str(stack[-1])
+        else:  # walk the stack only here, outside any op
+            op, primitive = collectives._entry_point() or "(outside any op)", None
+        self.events.append(CollectiveEvent(kind, nbytes, op, primitive))
 
     @property
     def counts(self) -> Counter[str]:
@@ -194,6 +208,8 @@ class count_collectives(contextlib.AbstractContextManager["count_collectives"]):
         """Bytes this rank sent (for an all-reduce: the buffer size)."""
         return sum(event.nbytes for event in self.events)
 
-    def by_op(self) -> Counter[tuple[str | None, str]]:
-        """How many collectives of each kind each user-level op caused."""
+    def by_op(self) -> Counter[tuple[str, str]]:
+        """How many collectives of each kind each user-level op caused, keyed by
+        ``(op, kind)``; ``op`` is as in :class:`CollectiveEvent` (an aten op, or the
+        dispatch_shard function that issued a collective outside any op)."""
         return Counter((event.op, event.kind) for event in self.events)

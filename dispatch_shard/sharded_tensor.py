@@ -451,10 +451,10 @@ class ShardedTensor(torch.Tensor):
                 raise ValueError(_CONTIGUOUS_ONLY)
         except (ValueError, NotImplementedError, TypeError) as exc:
             error = exc
-        collectives.raise_if_any(error, group)
-        if dist.get_world_size(group) > 1:
-            facts = collectives.all_gather_object((tuple(size), local_tensor.dtype), group)
-            _check_same(facts, ["global_size", "dtype"], collectives.group_ranks(group))
+        # One exchange: any rank's error, or global sizes / dtypes / specs that differ.
+        collectives.agree("from_local_tensor", (
+            ("global_size", tuple(size)), ("dtype", local_tensor.dtype),
+            ("sharding_spec", spec)), error, group)
         assert layout is not None
         requires_grad = local_tensor.requires_grad
         result = cls._wrap([local_tensor.detach()], layout, group, rank, local_tensor.dtype,
@@ -474,12 +474,18 @@ class ShardedTensor(torch.Tensor):
     ) -> ShardedTensor:
         """``tensor``, which every rank already holds, laid out by ``spec``: each rank keeps
         copies of its own blocks. No communication and no check that the copies agree
-        (use :func:`dispatch_shard.shard_tensor` to scatter from one rank instead).
+        (use :func:`dispatch_shard.shard_tensor` to scatter from one rank instead)
+        beyond one small all_gather that checks that the ranks passed the same spec,
+        size and dtype (skipped inside :func:`dispatch_shard.unchecked_creation`).
         """
         group = collectives.resolve_group(process_group)
         rank = dist.get_rank()
-        layout = layout_of(spec, tensor.shape, collectives.group_ranks(group),
-                           device=str(tensor.device))
+        # NOTE [rank-consistent creation] in dispatch_shard.collectives
+        layout = collectives.checked_creation(
+            "from_replicated", (("sharding_spec", spec), ("size", tuple(tensor.shape)),
+                                ("dtype", tensor.dtype)), group,
+            lambda: layout_of(spec, tensor.shape, collectives.group_ranks(group),
+                              device=str(tensor.device)))
         source = tensor.detach()
         blocks = [source[layout.shard_box(i)].clone() for i in layout.local_indices(rank)]
         if layout.is_partial and blocks and rank != layout.group_ranks[0]:

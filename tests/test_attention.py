@@ -57,9 +57,10 @@ def test_scaled_dot_product_attention_on_split_heads(rank: int, world_size: int,
         q, k, v, grad = (_randn(batch, heads, length, e, seed=s) for s in range(4))
         sq, sk, sv = (ds.ShardedTensor.from_replicated(t, spec)
                       .requires_grad_() for t in (q, k, v))
+        sgrad = ds.ShardedTensor.from_replicated(grad, spec)
         with ds.count_collectives() as counted:
             out = F.scaled_dot_product_attention(sq, sk, sv, is_causal=causal)
-            out.backward(ds.ShardedTensor.from_replicated(grad, spec))
+            out.backward(sgrad)
         assert counted.counts == {}  # blocks of whole (batch, head) pairs: local kernels
         dq, dk, dv = (t.clone().requires_grad_() for t in (q, k, v))
         expected = F.scaled_dot_product_attention(dq, dk, dv, is_causal=causal)
@@ -223,10 +224,11 @@ def test_batched_matmul_on_heads_cut_into_pieces(rank: int, world_size: int,
         q, k, grad = (_randn(batch, heads, length, e, seed=s) for s in range(3))
         spec = _chunk(1, world_size) if blocks == "one" else several(world_size, 1)
         sq, sk = (ds.ShardedTensor.from_replicated(t, spec).requires_grad_() for t in (q, k))
+        sgrad = ds.ShardedTensor.from_replicated(grad, spec)
         with ds.count_collectives() as counted:
             scores = sq @ sk.transpose(-2, -1)
             out = scores.softmax(-1) @ sq
-            out.backward(ds.ShardedTensor.from_replicated(grad, spec))
+            out.backward(sgrad)
         assert counted.counts == {}, counted.events
         dq, dk = (t.clone().requires_grad_() for t in (q, k))
         dense_out = (dq @ dk.transpose(-2, -1)).softmax(-1) @ dq

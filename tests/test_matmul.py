@@ -345,8 +345,9 @@ def test_bmm_keeps_several_batch_blocks_per_rank(rank: int, world_size: int) -> 
     spec = ds.EnumerableShardingSpec([ds.ShardMetadata([i, 0, 0], [1, 3, 4], f"rank:{r}/cpu")
                                       for i, r in enumerate(order)])
     sa = ds.ShardedTensor.from_replicated(a, spec)
+    sb = ds.ShardedTensor.from_replicated(b, ds.Replicate())
     with _collectives() as issued:
-        replicated = torch.bmm(sa, ds.ShardedTensor.from_replicated(b, ds.Replicate()))
+        replicated = torch.bmm(sa, sb)
         plain = torch.bmm(sa, b)
     assert issued == []
     for out in (replicated, plain):

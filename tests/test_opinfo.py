@@ -102,6 +102,7 @@ def _report(results: list[OpResult]) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [2, 3], ids=["w2", "w3"])
 def test_opinfo_subset_is_never_silently_wrong(world_size: int, opinfo_pool: object) -> None:

@@ -49,6 +49,7 @@ def _returns_rank(rank: int, world_size: int) -> int:
     return rank * 10
 
 
+@pytest.mark.slow  # a pool restart
 def test_raising_rank_fails_with_its_traceback() -> None:
     pool = get_pool(4)
     with pytest.raises(RankFailure) as info:
@@ -60,6 +61,7 @@ def test_raising_rank_fails_with_its_traceback() -> None:
     assert pool.run(_returns_rank) == [0, 10, 20, 30]  # restarted, healthy
 
 
+@pytest.mark.slow  # a pool restart
 def test_hanging_rank_fails_within_timeout_and_pool_recovers() -> None:
     pool = get_pool(4)
     start = time.monotonic()
@@ -74,6 +76,7 @@ def test_hanging_rank_fails_within_timeout_and_pool_recovers() -> None:
     assert pool.run(_returns_rank) == [0, 10, 20, 30]
 
 
+@pytest.mark.slow  # a pool restart
 def test_dead_rank_fails_and_pool_recovers() -> None:
     pool = get_pool(4)
     with pytest.raises(RankFailure, match="died"):

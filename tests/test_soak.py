@@ -18,7 +18,10 @@ from dispatch_shard.testing import multi_rank
 
 SOAK = Path(__file__).resolve().parents[1] / "tools" / "soak.py"
 
-pytestmark = pytest.mark.skipif(not SOAK.exists(), reason="needs the checkout's tools/soak.py")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not SOAK.exists(), reason="needs the checkout's tools/soak.py"),
+]
 
 
 def soak_module() -> ModuleType:

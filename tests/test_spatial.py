@@ -42,8 +42,12 @@ def test_pooling_matches_dense(rank: int, world_size: int, dim: int, blocks: str
         leaf = ds.ShardedTensor.from_replicated(dense, spec).requires_grad_()
         with ds.count_collectives() as counted:
             out = pool(leaf)
-            out.backward(ds.ShardedTensor.from_replicated(_randn(*out.shape, seed=2),
-                                                          out.sharding_spec()))
+        # The upstream gradient is made outside the count (its creation checks its args).
+        upstream = ds.ShardedTensor.from_replicated(_randn(*out.shape, seed=2),
+                                                    out.sharding_spec())
+        with ds.count_collectives() as backward:
+            out.backward(upstream)
+        counted.events.extend(backward.events)
         reference = dense.clone().requires_grad_()
         expected = pool(reference)
         expected.backward(_randn(*expected.shape, seed=2))

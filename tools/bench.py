@@ -343,16 +343,45 @@ def _local_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _creation_figures(rank: int, world_size: int) -> dict[str, float]:
+    """``ds.zeros`` of a 64x64 chunk-sharded tensor with the ranks' argument check (one
+    16-byte-per-rank all_gather) and inside ``unchecked_creation`` (no communication):
+    median microseconds of alternating rounds."""
+    import time
+
+    import dispatch_shard as ds
+
+    spec = ds.ChunkShardingSpec(0, [f"rank:{r}/cpu" for r in range(world_size)])
+    number = 200
+    times: dict[str, list[float]] = {"checked": [], "unchecked": []}
+    for _ in range(ROUNDS):
+        for label in times:
+            dist.barrier()
+            start = time.perf_counter()
+            if label == "checked":
+                for _ in range(number):
+                    ds.zeros(spec, 64, 64)
+            else:
+                with ds.unchecked_creation():
+                    for _ in range(number):
+                        ds.zeros(spec, 64, 64)
+            times[label].append((time.perf_counter() - start) / number * 1e6)
+    return {f"create_{label}_us": statistics.median(v) for label, v in times.items()}
+
+
 def world4_training(steps: int) -> dict[str, float]:
     from dispatch_shard.testing import get_pool, shutdown_pools
 
     try:
         results = get_pool(4).run(_mlp_step_figures, timeout_s=600, steps=steps)
         transformer = get_pool(4).run(_transformer_figures, timeout_s=600)[0]
+        creation = get_pool(4).run(_creation_figures, timeout_s=600)
     finally:
         shutdown_pools()
     first = results[0]
     first.update({f"tb_{k}": v for k, v in transformer.items()})
+    for key in creation[0]:  # the slowest rank
+        first[key] = max(r[key] for r in creation)
     # Slowest rank for times, largest rank for memory.
     for key in first:
         if key.endswith(("_step_ms", "_cpu_ms", "_memory")):
@@ -525,6 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     ]))
     print("   minimum: 2 all-reduces of the [B, S, D] activations forward (attention and MLP "
           "outputs), 2 backward (gradients into the column-parallel inputs).")
+    print("\n   Creation, world 4: ds.zeros of a 64x64 tensor, rows split (microseconds, "
+          f"slowest rank, median of {ROUNDS} alternating rounds)")
+    print(_table(["with the ranks' argument check", "inside unchecked_creation()", "ratio"], [
+        [f"{t['create_checked_us']:.1f}", f"{t['create_unchecked_us']:.1f}",
+         f"{t['create_checked_us'] / t['create_unchecked_us']:.2f}"]]))
     print(f"\n5. Memory at scale: a Megatron MLP {SCALE_MODEL} -> {SCALE_HIDDEN} from the meta "
           f"device on {SCALE_WORLD} fake ranks, 2 AdamW steps as rank 0 in a process limited "
           f"to {SCALE_LIMIT >> 30} GiB of address space")
