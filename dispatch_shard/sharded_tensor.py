@@ -587,7 +587,8 @@ def _grad_to_leaf_layout(leaf: torch.Tensor) -> None:
     if not isinstance(grad, ShardedTensor):
         # A derivative formula built a plain tensor (torch's cat backward does, with
         # at::zeros, for an empty 1-D input): a replicated value, cut to the leaf's blocks.
-        with torch.no_grad():
+        # (the same global formula ran on every rank: no argument check needed)
+        with torch.no_grad(), collectives.unchecked_creation():
             leaf.grad = ShardedTensor.from_replicated(grad, leaf._layout.spec,
                                                       leaf._process_group)
         return
