@@ -48,7 +48,7 @@ import torch.distributed as dist
 from dispatch_shard import collectives
 from dispatch_shard.collectives import ProcessGroup
 
-__all__ = ["RankDivergenceError", "check_consistency", "enabled"]
+__all__ = ["RankDivergenceError", "check_consistency", "enabled", "where"]
 
 ENV_VAR = "DISPATCH_SHARD_DEBUG"
 
@@ -59,6 +59,37 @@ class RankDivergenceError(RuntimeError):
 
 
 _depth = 0
+
+
+def where(op: object) -> str:
+    """Which registered implementation serves ``op`` (an aten overload or packet, a
+    ``torch.library`` op of your own, or a torch-level function), and where it is
+    defined; ``"not supported for ShardedTensor"`` when none does.
+
+    >>> where(torch.ops.aten.mm.default)  # doctest: +SKIP
+    'aten.mm.default: mm at .../dispatch_shard/ops/matmul.py:312 (by its overload)'
+    """
+    from dispatch_shard import registry
+
+    name = registry._op_name(op)
+    found: tuple[Any, str] | None = None
+    if isinstance(op, torch._ops.OpOverload):
+        if op in registry.OVERLOADS:
+            found = (registry.OVERLOADS[op], "by its overload")
+        elif op.overloadpacket in registry.PACKETS:
+            found = (registry.PACKETS[op.overloadpacket], "by its overload packet")
+    elif isinstance(op, torch._ops.OpOverloadPacket):
+        if op in registry.PACKETS:
+            found = (registry.PACKETS[op], "by the packet")
+    elif op in registry.TORCH_FUNCTIONS:
+        found = (registry.TORCH_FUNCTIONS[op], "at the torch level, above autograd")
+    if found is None:
+        return f"{name}: not supported for ShardedTensor"
+    served, how = found
+    fn = registry._user_fn(served)
+    reduces = served is not fn and op not in registry.TORCH_FUNCTIONS
+    partial = "; Partial arguments are reduced before it runs" if reduces else ""
+    return f"{name}: {registry._where(fn)} ({how}{partial})"
 
 
 def enabled() -> bool:

@@ -24,6 +24,7 @@ not import the tensor class.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -130,13 +131,21 @@ def _check_signature(op: object, fn: Callable[..., Any]) -> None:
 
 
 def custom_sharded_op_impl(
-    op: object, *, override: bool = False
+    op: object, *, override: bool = False, handles_partial: bool = False
 ) -> Callable[[ShardedOpImpl], ShardedOpImpl]:
     """Register the decorated function as the sharded implementation of ``op``.
 
     The implementation is called as ``fn(types, args, kwargs, process_group)``
     with the op's arguments (ShardedTensors among them) and the process group
     of the first ShardedTensor argument; it returns what the op returns.
+
+    Safe by default (NOTE [implementations never see a pending sum unasked]):
+    unless ``handles_partial=True``, every :class:`~dispatch_shard.Partial`
+    ShardedTensor argument is reduced first, so the implementation receives the
+    value, never summands. A torch-level registration (``torch.asin``) runs above
+    autograd: where a gradient is needed and its result has no autograd history,
+    the gradient is that of the function itself, recomputed through the built-in
+    path in backward (NOTE [a torch-level registration keeps autograd]).
 
     Raises:
         TypeError: ``op`` is not an op, or the function cannot take the four
@@ -151,12 +160,18 @@ def custom_sharded_op_impl(
         existing = table.get(op)
         if existing is not None and not override:
             raise ValueError(
-                f"{_op_name(op)} already has a sharded implementation ({_where(existing)}); "
-                f"pass override=True to replace it with {_where(fn)}"
+                f"{_op_name(op)} already has a sharded implementation "
+                f"({_where(_user_fn(existing))}); pass override=True to replace it with "
+                f"{_where(fn)}"
             )
-        table[op] = fn
+        served = fn
+        if table is TORCH_FUNCTIONS:
+            served = _guarded_torch_function(op, fn, handles_partial)
+        elif not handles_partial:
+            served = _reducing_partials(op, fn)
+        table[op] = served
         if table is OVERLOADS:
-            if fn in GROUP_FREE:
+            if served in GROUP_FREE:
                 GROUP_FREE_OVERLOADS[op] = fn  # type: ignore[index]
             else:
                 GROUP_FREE_OVERLOADS.pop(op, None)  # type: ignore[call-overload]
@@ -171,12 +186,172 @@ def custom_sharded_op_impl(
 def remove_sharded_op_impl(op: object) -> ShardedOpImpl:
     """Unregister and return the implementation of ``op`` (``KeyError`` if none)."""
     table = _table_for(op)
-    fn = table.pop(op)
+    fn = _user_fn(table.pop(op))
     GROUP_FREE_OVERLOADS.pop(op, None)  # type: ignore[call-overload]
     if table is TORCH_FUNCTIONS:
         for listener in _listeners:
             listener(bool(TORCH_FUNCTIONS))
     return fn
+
+
+# NOTE [implementations never see a pending sum unasked]
+# A Partial ShardedTensor holds summands; an implementation written block by block
+# (``f(block)`` for each block) computes f of each summand, which is f of the value
+# only for linear f. So by default an implementation is handed the value: every
+# Partial argument (also inside lists) is reduced first, below autograd for aten
+# ops (a copy: the implementation may keep or change it) and differentiably above
+# it for torch-level functions. A registration that handles summands itself says
+# ``handles_partial=True`` (the built-in ops do). An op that writes into a Partial
+# argument cannot be served on a reduced copy (the write would be lost): it raises.
+#
+# A torch-level registration runs instead of the function, above autograd; NOTE [a
+# torch-level registration keeps autograd] says how its gradient is kept.
+
+def _user_fn(served: ShardedOpImpl) -> ShardedOpImpl:
+    """The function the user registered (``served`` may be a wrapper around it)."""
+    return getattr(served, "__sharded_impl__", served)
+
+
+def _is_partial(value: Any) -> bool:
+    layout = getattr(value, "_layout", None)
+    return layout is not None and layout.is_partial is True
+
+
+def _map_partials(value: Any, reduce: Callable[[Any], Any]) -> Any:
+    if _is_partial(value):
+        return reduce(value)
+    if isinstance(value, list | tuple) and any(_is_partial(v) for v in value):
+        return type(value)(reduce(v) if _is_partial(v) else v for v in value)
+    return value
+
+
+def _written_arguments(op: object) -> set[str]:
+    if not isinstance(op, torch._ops.OpOverload):
+        return set()
+    return {a.name for a in op._schema.arguments
+            if a.alias_info is not None and a.alias_info.is_write}
+
+
+def _reducing_partials(op: object, fn: ShardedOpImpl) -> ShardedOpImpl:
+    """``fn`` behind NOTE [implementations never see a pending sum unasked] (aten level)."""
+    from dispatch_shard.specs import Replicate
+
+    written = _written_arguments(op)
+    positions = (
+        {i for i, a in enumerate(op._schema.arguments) if a.name in written}
+        if isinstance(op, torch._ops.OpOverload) else set()
+    )
+
+    def reduce(value: Any) -> Any:
+        return value._redistributed(Replicate())
+
+    def served(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               process_group: Any) -> Any:
+        if any(_is_partial(args[i]) for i in positions if i < len(args)) or any(
+                _is_partial(kwargs.get(name)) for name in written):
+            raise NotImplementedError(
+                f"{_op_name(op)}: its sharded implementation ({_where(fn)}) would write "
+                "into a Partial ShardedTensor, which holds summands, not the value; "
+                "reduce it first (x.redistribute(dispatch_shard.Replicate())), or register "
+                "the implementation with handles_partial=True"
+            )
+        args = tuple(_map_partials(a, reduce) for a in args)
+        kwargs = {k: _map_partials(v, reduce) for k, v in kwargs.items()}
+        return fn(types, args, kwargs, process_group)
+
+    functools.update_wrapper(served, fn)  # name, module, docstring: the user's
+    served.__sharded_impl__ = fn  # type: ignore[attr-defined]
+    return served
+
+
+def _guarded_torch_function(op: object, fn: ShardedOpImpl,
+                            handles_partial: bool) -> ShardedOpImpl:
+    """A torch-level ``fn`` behind NOTE [implementations never see a pending sum unasked]."""
+    from dispatch_shard.specs import Replicate
+
+    def reduce(value: Any) -> Any:
+        return value.redistribute(Replicate())  # differentiable: we are above autograd
+
+    def served(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               process_group: Any) -> Any:
+        if not handles_partial:
+            args = tuple(_map_partials(a, reduce) for a in args)
+            kwargs = {k: _map_partials(v, reduce) for k, v in kwargs.items()}
+        result = fn(types, args, kwargs, process_group)
+        if not (torch.is_grad_enabled() and _needs_grad(args, kwargs)):
+            return result
+        outputs = result if isinstance(result, list | tuple) else (result,)
+        if all(out.requires_grad for out in outputs if _differentiable(out)):
+            return result  # the implementation kept autograd itself
+        return _with_dense_gradient(op, args, kwargs, result)
+
+    functools.update_wrapper(served, fn)  # name, module, docstring: the user's
+    served.__sharded_impl__ = fn  # type: ignore[attr-defined]
+    return served
+
+
+def _differentiable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+# NOTE [a torch-level registration keeps autograd]
+# A torch-level implementation that computes on blocks returns a result with no
+# autograd history. Its gradient is then the gradient of the function itself: the
+# result is attached to the inputs by an autograd Function whose backward runs the
+# function again through the built-in path (below autograd, with its own derivative
+# formula) and differentiates that: recomputation, as activation checkpointing does,
+# so gradients equal dense. Where no built-in path serves the function's ops, the
+# backward raises that op's "not supported for ShardedTensor!" error, when the
+# gradient is needed and not before.
+
+def _with_dense_gradient(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                         result: Any) -> Any:
+    flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+    positions = [i for i, v in enumerate(flat)
+                 if isinstance(v, torch.Tensor) and v.requires_grad]
+    single = not isinstance(result, list | tuple)
+    outputs = (result,) if single else tuple(result)
+
+    class _Recomputed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *inputs: torch.Tensor) -> Any:
+            ctx.save_for_backward(*inputs)
+            # Fresh aliases of the results: autograd attaches its history to them.
+            return tuple(out.detach() if isinstance(out, torch.Tensor) else out
+                         for out in outputs)
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            saved = ctx.saved_tensors
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(True) for t in saved]
+                replaced = list(flat)
+                for i, leaf in zip(positions, leaves, strict=True):
+                    replaced[i] = leaf
+                call_args, call_kwargs = torch.utils._pytree.tree_unflatten(replaced, spec)
+                with torch._C.DisableTorchFunctionSubclass():  # the built-in path
+                    again = op(*call_args, **call_kwargs)
+                again = (again,) if single else tuple(again)
+                pairs = [(out, grad) for out, grad in zip(again, grads, strict=True)
+                         if isinstance(out, torch.Tensor) and out.requires_grad
+                         and grad is not None]
+                found = torch.autograd.grad([o for o, _ in pairs], leaves,
+                                            [g for _, g in pairs], allow_unused=True)
+            return found
+
+    attached = _Recomputed.apply(*(flat[i] for i in positions))  # type: ignore[no-untyped-call]
+    return attached[0] if single else type(result)(attached)
+
+
+def _needs_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    def wants(value: Any) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.requires_grad
+        if isinstance(value, list | tuple):
+            return any(wants(v) for v in value)
+        return False
+
+    return any(wants(a) for a in args) or any(wants(v) for v in kwargs.values())
 
 
 def lookup(func: torch._ops.OpOverload) -> ShardedOpImpl:

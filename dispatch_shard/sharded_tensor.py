@@ -222,6 +222,48 @@ class ShardedTensor(torch.Tensor):
             raise NotImplementedError("Only single local shard is supported.")
         return self._local_tensors[0]
 
+    # -- the op-author API --------------------------------------------------
+    def local_blocks(self) -> list[torch.Tensor]:
+        """This rank's blocks, live (not copies), in the order of :meth:`local_shards`.
+
+        A rank outside the process group, or one the layout places no block on, gets
+        an empty list. For a :class:`~dispatch_shard.Partial` tensor the blocks are
+        summands; a registered implementation sees one only if it registered with
+        ``handles_partial=True``.
+        """
+        return list(self._local_tensors)
+
+    def with_blocks(self, blocks: Sequence[torch.Tensor], *,
+                    layout: ShardingSpec | None = None,
+                    dtype: torch.dtype | None = None) -> ShardedTensor:
+        """A ShardedTensor on this tensor's ranks whose blocks on this rank are ``blocks``.
+
+        No communication: every rank passes its own blocks, with the shapes that
+        ``layout`` (a sharding spec; default: this tensor's) places on it, in the
+        order of :meth:`local_shards`. ``dtype`` defaults to this tensor's and must
+        be the blocks' dtype (pass it when an op changes the dtype, so that ranks
+        without blocks agree).
+
+        Raises:
+            ValueError: the number, shapes or dtype of ``blocks`` do not match.
+        """
+        target = self._layout if layout is None else self._layout.with_spec(layout)
+        dtype = self._dtype if dtype is None else dtype
+        blocks = list(blocks)
+        expected = [target.shards[i].shard_sizes for i in target.local_indices(self._rank)]
+        if [list(b.shape) for b in blocks] != expected:
+            raise ValueError(
+                f"with_blocks: rank {self._rank} passed blocks of sizes "
+                f"{[list(b.shape) for b in blocks]}, but {target.spec!r} places blocks of "
+                f"sizes {expected} there"
+            )
+        if any(b.dtype != dtype for b in blocks):
+            raise ValueError(
+                f"with_blocks: the blocks' dtypes {sorted({str(b.dtype) for b in blocks})} "
+                f"differ from dtype={dtype}; pass dtype= the result's dtype"
+            )
+        return self._like(blocks, target, dtype)
+
     def sharding_spec(self) -> ShardingSpec:
         return self._layout.spec
 

@@ -97,7 +97,8 @@ def _global_size(anchor: ShardedTensor, local: torch.Tensor) -> list[int]:
     return [*anchor.shape[:2], *local.shape[2:]]
 
 
-@custom_sharded_op_impl(aten._scaled_dot_product_flash_attention_for_cpu.default)
+@custom_sharded_op_impl(aten._scaled_dot_product_flash_attention_for_cpu.default,
+                        handles_partial=True)
 def flash_attention(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``(out, logsumexp)`` of ``scaled_dot_product_attention``, per (batch, head) block of
     ``query``/``key``/``value``; no collectives (other layouts: the replicated fallback)."""
@@ -105,7 +106,8 @@ def flash_attention(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], p
                       tensors=(0, 1, 2), outputs=(0, 0))
 
 
-@custom_sharded_op_impl(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+@custom_sharded_op_impl(aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+                        handles_partial=True)
 def flash_attention_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                              pg: Any) -> Any:
     """``(grad_query, grad_key, grad_value)`` per (batch, head) block of ``grad_out``,

@@ -157,7 +157,7 @@ def _register(func: torch._ops.OpOverload, decomposition: Callable[..., Any]) ->
     impl.__name__ = impl.__qualname__ = f"decomposed_{func.name().replace('::', '_')}"
     impl.__doc__ = (f"``{func}`` through torch's decomposition; the collectives are those of "
                     "the ops it calls.")
-    custom_sharded_op_impl(func)(impl)
+    custom_sharded_op_impl(func, handles_partial=True)(impl)
     _DECOMPOSED.append(func)
 
 

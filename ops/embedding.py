@@ -169,7 +169,7 @@ def _box_ranges(layout: Layout, index: int) -> tuple[int, int, int, int]:
 
 # -- embedding ----------------------------------------------------------------------------
 
-@custom_sharded_op_impl(aten.embedding.default)
+@custom_sharded_op_impl(aten.embedding.default, handles_partial=True)
 def embedding(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``F.embedding(ids, weight)``: ``weight [V, D]``, ``ids [*]`` -> ``[*, D]``.
 
@@ -228,7 +228,7 @@ def embedding(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any
     return _partial(anchor, summand, dtype)
 
 
-@custom_sharded_op_impl(aten.embedding_dense_backward.default)
+@custom_sharded_op_impl(aten.embedding_dense_backward.default, handles_partial=True)
 def embedding_dense_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                              pg: Any) -> Any:
     """``embedding_dense_backward(grad [*, D], ids, V, padding_idx, scale_grad_by_freq)``
@@ -440,14 +440,14 @@ def _register_bag(func: torch._ops.OpOverload) -> None:
 
     impl.__name__ = impl.__qualname__ = f"sharded_{func.name().split('::')[1]}"
     impl.__doc__ = _embedding_bag.__doc__
-    custom_sharded_op_impl(func)(impl)
+    custom_sharded_op_impl(func, handles_partial=True)(impl)
 
 
 for _func in (aten._embedding_bag.default, aten._embedding_bag_forward_only.default):
     _register_bag(_func)
 
 
-@custom_sharded_op_impl(aten._embedding_bag_backward.default)
+@custom_sharded_op_impl(aten._embedding_bag_backward.default, handles_partial=True)
 def embedding_bag_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                            pg: Any) -> Any:
     """``_embedding_bag_backward(grad [B, D], ids, offsets, offset2bag, bag_size,
@@ -530,7 +530,8 @@ def embedding_bag_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, 
     return anchor._like(blocks, layout, dtype)
 
 
-@custom_sharded_op_impl(aten._embedding_bag_per_sample_weights_backward.default)
+@custom_sharded_op_impl(aten._embedding_bag_per_sample_weights_backward.default,
+                        handles_partial=True)
 def embedding_bag_per_sample_weights_backward(types: Any, args: tuple[Any, ...],
                                               kwargs: dict[str, Any], pg: Any) -> Any:
     """``_embedding_bag_per_sample_weights_backward(grad [B, D], weight [V, D], ids, offsets,

@@ -45,7 +45,7 @@ def _register(packet: Any) -> None:
     impl.__doc__ = (f"``{packet.__name__}``: per-block, same layout (a Partial input gives a "
                     "replicated result); collectives: none (a random fill of a replicated "
                     "result: one broadcast).")
-    custom_sharded_op_impl(packet)(impl)
+    custom_sharded_op_impl(packet, handles_partial=True)(impl)
 
 
 for _packet in _LIKE_OPS:
@@ -73,7 +73,7 @@ def _new_factory(packet: Any, fill: Any) -> None:
     impl.__name__ = impl.__qualname__ = f"sharded_{packet.__name__}"
     impl.__doc__ = (f"``x.{packet.__name__}(size)``: of ``x``'s size, ``x``'s layout; of another "
                     "size, replicated. Collectives: none.")
-    custom_sharded_op_impl(packet)(impl)
+    custom_sharded_op_impl(packet, handles_partial=True)(impl)
 
 
 _new_factory(aten.new_zeros, lambda block, dtype: torch.zeros_like(block, dtype=dtype))
@@ -120,7 +120,7 @@ def _random_fill(packet: Any) -> None:
     impl.__doc__ = (f"``x.{packet.__name__}(...)``: sharded blocks drawn from each rank's "
                     "generator in block order (no collectives); a replicated tensor drawn on "
                     "its first rank and broadcast (one broadcast).")
-    custom_sharded_op_impl(packet)(impl)
+    custom_sharded_op_impl(packet, handles_partial=True)(impl)
 
 
 def _piece(value: Any, tensor: ShardedTensor, position: int, box: tuple[slice, ...]) -> Any:

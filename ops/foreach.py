@@ -311,14 +311,14 @@ def _register(func: torch._ops.OpOverload) -> None:
 
     impl.__name__ = impl.__qualname__ = f"foreach_{func.name().replace('::', '_')}"
     impl.__doc__ = f"``{func}`` as one call on every local block; see the module docstring."
-    custom_sharded_op_impl(func)(impl)
+    custom_sharded_op_impl(func, handles_partial=True)(impl)
 
 
 for _func in foreach_overloads():
     _register(_func)
 
 
-@custom_sharded_op_impl(aten._foreach_norm.Scalar)
+@custom_sharded_op_impl(aten._foreach_norm.Scalar, handles_partial=True)
 def foreach_norm(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``_foreach_norm(tensors, ord, dtype)``: per-block norms combined per tensor; one
     all-reduce (sum of ``|x|^p``, or max for ``inf``) for all sharded tensors of the list.

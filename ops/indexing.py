@@ -320,7 +320,7 @@ def _normalized(index: torch.Tensor, size: int) -> torch.Tensor:
 
 # -- gather --------------------------------------------------------------------------------------
 
-@custom_sharded_op_impl(aten.gather.default)
+@custom_sharded_op_impl(aten.gather.default, handles_partial=True)
 def gather(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``torch.gather(x, dim, index)`` (use ``torch.gather``: ``ShardedTensor.gather`` is the
     legacy gather-to-one-rank).
@@ -539,7 +539,7 @@ def _register_scatter(func: torch._ops.OpOverload) -> None:
 
     impl.__name__ = impl.__qualname__ = f"sharded_{func.name().split('::')[1]}"
     impl.__doc__ = _scatter.__doc__
-    custom_sharded_op_impl(func)(impl)
+    custom_sharded_op_impl(func, handles_partial=True)(impl)
 
 
 for _func in _SCATTER:
@@ -548,7 +548,7 @@ for _func in _SCATTER:
 
 # -- index_select, index_add -----------------------------------------------------------------------
 
-@custom_sharded_op_impl(aten.index_select.default)
+@custom_sharded_op_impl(aten.index_select.default, handles_partial=True)
 def index_select(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.index_select(dim, index)``, ``index [k]`` (gathered whole when sharded).
 
@@ -663,12 +663,12 @@ def _index_add(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     return _replicated(anchor, result, size, dtype)
 
 
-@custom_sharded_op_impl(aten.index_add.default)
+@custom_sharded_op_impl(aten.index_add.default, handles_partial=True)
 def index_add(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     return _index_add(aten.index_add.default, args, kwargs, inplace=False)
 
 
-@custom_sharded_op_impl(aten.index_add_.default)
+@custom_sharded_op_impl(aten.index_add_.default, handles_partial=True)
 def index_add_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     return _index_add(aten.index_add_.default, args, kwargs, inplace=True)
 
@@ -747,7 +747,7 @@ class _Indexing:
                               tuple(range(self.position, self.position + count))).contiguous()
 
 
-@custom_sharded_op_impl(aten.index.Tensor)
+@custom_sharded_op_impl(aten.index.Tensor, handles_partial=True)
 def index(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x[indices]``: advanced indexing; boolean masks become long indices (a sharded mask
     or index is gathered whole: one all-to-all).
@@ -891,12 +891,12 @@ def _is_full_mask(x: ShardedTensor, indices: Sequence[Any]) -> bool:
             and indices[0].dtype == torch.bool and indices[0].shape == x.shape)
 
 
-@custom_sharded_op_impl(aten.index_put_.default)
+@custom_sharded_op_impl(aten.index_put_.default, handles_partial=True)
 def index_put_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     return _index_put(aten.index_put_.default, args, kwargs, inplace=True)
 
 
-@custom_sharded_op_impl(aten.index_put.default)
+@custom_sharded_op_impl(aten.index_put.default, handles_partial=True)
 def index_put(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     return _index_put(aten.index_put.default, args, kwargs, inplace=False)
 
@@ -942,7 +942,7 @@ def _rows_and_columns(box: Box) -> tuple[slice, slice]:
     return (box[0], box[1]) if len(box) == 2 else (slice(0, 1), box[0])
 
 
-@custom_sharded_op_impl(aten.nll_loss_forward.default)
+@custom_sharded_op_impl(aten.nll_loss_forward.default, handles_partial=True)
 def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``nll_loss_forward(x, target, weight, reduction, ignore_index) -> (loss, total_weight)``
     for ``x [N, C]`` (or ``[C]``); ``target [N]`` and ``weight [C]`` whole (gathered when
@@ -997,7 +997,7 @@ def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], 
     return _replicated(anchor, loss.to(dtype), size, dtype), total_weight
 
 
-@custom_sharded_op_impl(aten.nll_loss_backward.default)
+@custom_sharded_op_impl(aten.nll_loss_backward.default, handles_partial=True)
 def nll_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``nll_loss_backward(grad, x, target, weight, reduction, ignore_index, total_weight)``
     -> ``grad_input`` in ``x``'s layout: each block holds ``-weight[t_n] * grad_n`` (divided

@@ -372,7 +372,7 @@ def _unsqueezed(value: Any, dim: int) -> Any:
 
 # -- the ops ---------------------------------------------------------------------------------
 
-@custom_sharded_op_impl(aten.mm.default)
+@custom_sharded_op_impl(aten.mm.default, handles_partial=True)
 def mm(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``a [M, K] @ b [K, N]``: rows ``[M/R, N]``, cols ``[M, N/R]``, partial ``[M, N]``
     (K split alike) or replicated, by the operands' layouts; fwd: none in those cases, else
@@ -382,7 +382,7 @@ def mm(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> An
     return _product(a, b, 1, dtype)
 
 
-@custom_sharded_op_impl(aten.bmm.default)
+@custom_sharded_op_impl(aten.bmm.default, handles_partial=True)
 def bmm(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``a [B, M, K] @ b [B, K, N]``: the ``mm`` rules on the last two dims, plus batch-sharded
     ``[B/R, M, N]`` when dim 0 is split alike (or one operand is replicated); collectives as
@@ -407,7 +407,7 @@ def _add_product(func: torch._ops.OpOverload, args: tuple[Any, ...],
     return _add_bias(product, bias, beta)
 
 
-@custom_sharded_op_impl(aten.addmm.default)
+@custom_sharded_op_impl(aten.addmm.default, handles_partial=True)
 def addmm(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``beta * bias + alpha * (a [M, K] @ b [K, N])``: the ``mm`` result, then the bias
     (NOTE [bias of a partial product]); fwd: ``mm``'s, plus a gather of a sharded bias that
@@ -415,14 +415,14 @@ def addmm(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     return _add_product(aten.addmm.default, args, kwargs)
 
 
-@custom_sharded_op_impl(aten.baddbmm.default)
+@custom_sharded_op_impl(aten.baddbmm.default, handles_partial=True)
 def baddbmm(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``beta * bias + alpha * (a [B, M, K] @ b [B, K, N])``: ``bmm``, then the bias as
     ``addmm``."""
     return _add_product(aten.baddbmm.default, args, kwargs)
 
 
-@custom_sharded_op_impl(aten.mv.default)
+@custom_sharded_op_impl(aten.mv.default, handles_partial=True)
 def mv(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``a [M, K] @ v [K]``: ``mm`` of ``a`` and ``v`` as a ``[K, 1]`` column (a view), then the
     column dropped; collectives as ``mm``."""
@@ -431,13 +431,13 @@ def mv(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> An
     return aten.squeeze.dim(_product(a, _unsqueezed(v, 1), 1, dtype), 1)
 
 
-@custom_sharded_op_impl(aten.addmv.default)
+@custom_sharded_op_impl(aten.addmv.default, handles_partial=True)
 def addmv(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``beta * bias + alpha * (a [M, K] @ v [K])``: ``mv``, then the bias as ``addmm``."""
     return _add_product(aten.addmv.default, args, kwargs)
 
 
-@custom_sharded_op_impl(aten.dot.default)
+@custom_sharded_op_impl(aten.dot.default, handles_partial=True)
 def dot(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``a [K] . b [K]``: ``mm`` of ``[1, K]`` and ``[K, 1]`` views, then both dims dropped;
     K split alike on both -> a partial scalar; collectives as ``mm``."""

@@ -475,7 +475,7 @@ def _register(func: torch._ops.OpOverload) -> None:
 
     impl.__name__ = impl.__qualname__ = f"pointwise_{func.name().replace('::', '_')}"
     impl.__doc__ = f"``{func}`` per block of the result's layout; see the module docstring."
-    custom_sharded_op_impl(func)(impl)
+    custom_sharded_op_impl(func, handles_partial=True)(impl)
 
 
 for _func in pointwise_overloads():

@@ -80,7 +80,7 @@ def _implements(*overloads: torch._ops.OpOverload, **fixed: Any) -> Callable[[Op
 
     def decorate(fn: OpImpl) -> OpImpl:
         for overload in overloads:
-            custom_sharded_op_impl(overload)(_serving(fn, overload, fixed))
+            custom_sharded_op_impl(overload, handles_partial=True)(_serving(fn, overload, fixed))
         return fn
 
     return decorate

@@ -104,9 +104,9 @@ def _register(name: str) -> None:
     out_of_place.__name__ = out_of_place.__qualname__ = f"sharded_{name}"
     in_place.__name__ = in_place.__qualname__ = f"sharded_{name}_"
     out_of_place.__doc__ = in_place.__doc__ = f"``{name}`` along a dim; see the module docstring."
-    custom_sharded_op_impl(getattr(aten, name).default)(out_of_place)
+    custom_sharded_op_impl(getattr(aten, name).default, handles_partial=True)(out_of_place)
     if hasattr(aten, f"{name}_"):
-        custom_sharded_op_impl(getattr(aten, f"{name}_").default)(in_place)
+        custom_sharded_op_impl(getattr(aten, f"{name}_").default, handles_partial=True)(in_place)
 
 
 for _name in _SCANS:

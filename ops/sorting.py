@@ -97,7 +97,7 @@ def _register(func: torch._ops.OpOverload, dim_position: int, dim_default: int |
     impl.__name__ = impl.__qualname__ = f"along_dim_{func.name().split('::')[1]}"
     impl.__doc__ = (f"``{func}`` per block when no block splits its dim (collectives: none), "
                     "else on the whole value (replicated); see the module docstring.")
-    custom_sharded_op_impl(func)(impl)
+    custom_sharded_op_impl(func, handles_partial=True)(impl)
 
 
 for _func, _position, _default in (

@@ -133,7 +133,7 @@ def _pool(func: torch._ops.OpOverload, spatial: int, backward: bool, indices: bo
     impl.__name__ = impl.__qualname__ = f"pool_{func.name().split('::')[1]}"
     impl.__doc__ = (f"``{func}`` per block when no block splits the pooled dims (collectives: "
                     "none), else on the whole value; see the module docstring.")
-    custom_sharded_op_impl(func)(impl)
+    custom_sharded_op_impl(func, handles_partial=True)(impl)
 
 
 for _func, _spatial, _backward, _indices in (
@@ -149,7 +149,7 @@ for _func, _spatial, _backward, _indices in (
     _pool(_func, _spatial, _backward, _indices)
 
 
-@custom_sharded_op_impl(aten.convolution.default)
+@custom_sharded_op_impl(aten.convolution.default, handles_partial=True)
 def convolution(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``convolution(input, weight, bias, ...)`` per batch block of ``input`` with the weight
     and bias whole (collectives: none; a sharded weight: the fallback)."""
@@ -158,7 +158,7 @@ def convolution(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: A
     return _blockwise(aten.convolution.default, args, kwargs, (0,), 1, (1, 2), (0,))
 
 
-@custom_sharded_op_impl(aten.convolution_backward.default)
+@custom_sharded_op_impl(aten.convolution_backward.default, handles_partial=True)
 def convolution_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                          pg: Any) -> Any:
     """``(grad_input, grad_weight, grad_bias)`` per batch block of ``grad_output`` and

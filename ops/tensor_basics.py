@@ -20,23 +20,23 @@ from dispatch_shard.sharded_tensor import ShardedTensor
 aten = torch.ops.aten
 
 
-@custom_sharded_op_impl(aten.detach.default)
+@custom_sharded_op_impl(aten.detach.default, handles_partial=True)
 def detach(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> Any:
     """``x -> x``: a new ShardedTensor on the same blocks (detached); no collectives."""
     tensor: ShardedTensor = args[0]
     return tensor._like(list(tensor._local_tensors))
 
 
-custom_sharded_op_impl(aten.alias.default)(detach)
+custom_sharded_op_impl(aten.alias.default, handles_partial=True)(detach)
 
 
-@custom_sharded_op_impl(aten.clone.default)
+@custom_sharded_op_impl(aten.clone.default, handles_partial=True)
 def clone(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> Any:
     """``x -> copy of x``, each block cloned contiguous; no collectives."""
     return map_blocks(args[0], lambda block: block.clone())
 
 
-@custom_sharded_op_impl(aten.is_pinned.default)
+@custom_sharded_op_impl(aten.is_pinned.default, handles_partial=True)
 def is_pinned(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               process_group: Any) -> bool:
     """True when this rank holds blocks and all are pinned; no collectives."""
@@ -44,7 +44,7 @@ def is_pinned(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     return bool(blocks) and all(b.is_pinned() for b in blocks)
 
 
-@custom_sharded_op_impl(aten.equal.default)
+@custom_sharded_op_impl(aten.equal.default, handles_partial=True)
 def equal(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> bool:
     """Same size and values on every rank; one all-reduce(min) of the local verdict.
 
@@ -76,7 +76,7 @@ def equal(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_gro
     return bool(collectives.all_reduce(flag, "min", group).item())
 
 
-@custom_sharded_op_impl(aten._local_scalar_dense.default)
+@custom_sharded_op_impl(aten._local_scalar_dense.default, handles_partial=True)
 def local_scalar_dense(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                        process_group: Any) -> Any:
     """``x.item()`` of a one-element tensor: the Python number on every rank. Replicated:
@@ -91,7 +91,7 @@ def local_scalar_dense(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     return tensor.full_tensor().item()
 
 
-@custom_sharded_op_impl(aten.allclose.default)
+@custom_sharded_op_impl(aten.allclose.default, handles_partial=True)
 def allclose(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
              process_group: Any) -> bool:
     """``torch.allclose(a, b, rtol, atol, equal_nan)``: ``isclose`` (pointwise, operands

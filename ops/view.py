@@ -167,7 +167,7 @@ def _permute_to(x: ShardedTensor, perm: tuple[int, ...]) -> ShardedTensor:
     return x._like([t.permute(perm) for t in x._local_tensors], layout)
 
 
-@custom_sharded_op_impl(aten.permute.default)
+@custom_sharded_op_impl(aten.permute.default, handles_partial=True)
 @_group_free  # one operand: NOTE [implementations that find their own group]
 def permute(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.permute(dims)``: each block permuted; the layout's dims follow; no collectives."""
@@ -175,7 +175,7 @@ def permute(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) 
     return _permute_to(x, tuple(d % max(x.dim(), 1) for d in dims))
 
 
-@custom_sharded_op_impl(aten.transpose.int)
+@custom_sharded_op_impl(aten.transpose.int, handles_partial=True)
 @_group_free  # one operand: NOTE [implementations that find their own group]
 def transpose(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.transpose(a, b)``: each block transposed; no collectives."""
@@ -187,7 +187,7 @@ def transpose(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any
     return _permute_to(x, tuple(perm))
 
 
-@custom_sharded_op_impl(aten.t.default)
+@custom_sharded_op_impl(aten.t.default, handles_partial=True)
 @_group_free  # one operand: NOTE [implementations that find their own group]
 def t(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.t()`` of a matrix: each block transposed; no collectives."""
@@ -197,7 +197,7 @@ def t(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any
 
 # -- adding and removing size-1 dims -------------------------------------------------
 
-@custom_sharded_op_impl(aten.unsqueeze.default)
+@custom_sharded_op_impl(aten.unsqueeze.default, handles_partial=True)
 def unsqueeze(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.unsqueeze(dim)``: each block unsqueezed; no collectives."""
     x, dim = args
@@ -243,7 +243,7 @@ def _squeeze(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any)
 
 
 for _overload in (aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims):
-    custom_sharded_op_impl(_overload)(_squeeze)
+    custom_sharded_op_impl(_overload, handles_partial=True)(_squeeze)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -305,7 +305,7 @@ def _register_inplace_view(func: torch._ops.OpOverload, view: torch._ops.OpOverl
     impl.__name__ = impl.__qualname__ = f"inplace_view_{func.name().split('::')[1]}"
     impl.__doc__ = (f"``{func}``: ``x`` becomes its ``{view}`` (blocks and layout), see NOTE "
                     "[in-place views]; no collectives.")
-    custom_sharded_op_impl(func)(impl)
+    custom_sharded_op_impl(func, handles_partial=True)(impl)
 
 
 for _func, _view_op in _INPLACE_VIEWS.items():
@@ -554,10 +554,10 @@ def _view(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
 
 _group_free(_view)  # one operand: NOTE [implementations that find their own group]
 for _overload in (aten.view.default, aten._unsafe_view.default):
-    custom_sharded_op_impl(_overload)(_view)
+    custom_sharded_op_impl(_overload, handles_partial=True)(_view)
 
 
-@custom_sharded_op_impl(aten.expand.default)
+@custom_sharded_op_impl(aten.expand.default, handles_partial=True)
 def expand(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.expand(size)``: expands unsplit size-1 dims of each block; no collectives."""
     x, size = args[0], list(args[1])
@@ -636,7 +636,7 @@ def _normalize_slice(length: int, start: int | None, stop: int | None) -> tuple[
     return start, max(start, stop)
 
 
-@custom_sharded_op_impl(aten.slice.Tensor)
+@custom_sharded_op_impl(aten.slice.Tensor, handles_partial=True)
 def slice_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x[start:stop:step]`` along ``dim``: each block sliced by its own part of the range
     (a view); a step > 1 along a split dim falls back (NOTE [replicated fallback])."""
@@ -662,7 +662,7 @@ def slice_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     return _view_blocks(x, new_layout, view)
 
 
-@custom_sharded_op_impl(aten.select.int)
+@custom_sharded_op_impl(aten.select.int, handles_partial=True)
 def select(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.select(dim, i)``: the slice ``i:i+1``, then the dim dropped; blocks that miss ``i``
     become empty; no collectives."""
@@ -727,7 +727,7 @@ def _selected(layout: Layout, dim: int) -> Layout:
     return _relayout(layout, [layout.size[d] for d in keep], chunk_dim, block_map)
 
 
-@custom_sharded_op_impl(aten.split.Tensor)
+@custom_sharded_op_impl(aten.split.Tensor, handles_partial=True)
 def split(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.split(size, dim)``: one slice per piece (views); no collectives."""
     x, size = args[0], args[1]
@@ -737,7 +737,7 @@ def split(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     return [slice_(types, (x, dim, s, min(s + size, length), 1), {}, pg) for s in starts]
 
 
-@custom_sharded_op_impl(aten.split_with_sizes.default)
+@custom_sharded_op_impl(aten.split_with_sizes.default, handles_partial=True)
 def split_with_sizes(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      pg: Any) -> Any:
     """``x.split([sizes], dim)``: one slice per piece (views); no collectives."""
@@ -750,7 +750,7 @@ def split_with_sizes(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     return pieces
 
 
-@custom_sharded_op_impl(aten.unbind.int)
+@custom_sharded_op_impl(aten.unbind.int, handles_partial=True)
 def unbind(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.unbind(dim)``: one ``select`` per index (views); no collectives."""
     x = args[0]
@@ -760,7 +760,7 @@ def unbind(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
 
 # -- joining, conversion, copy -------------------------------------------------------------
 
-@custom_sharded_op_impl(aten.cat.default)
+@custom_sharded_op_impl(aten.cat.default, handles_partial=True)
 def cat(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``torch.cat(tensors, dim)``: blockwise when all operands are chunk-sharded along another
     dim (operands are moved to the first one's spec); else NOTE [replicated fallback]."""
@@ -783,7 +783,7 @@ def cat(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> A
     return replicated_fallback(aten.cat.default, (tensors, dim), {})
 
 
-@custom_sharded_op_impl(aten._to_copy.default)
+@custom_sharded_op_impl(aten._to_copy.default, handles_partial=True)
 def to_copy(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.to(dtype)`` and friends: each block converted (a copy); same layout; no collectives.
     Moving to another device would leave the placements behind: not supported."""
@@ -796,7 +796,7 @@ def to_copy(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) 
     return x._like(blocks, dtype=options.get("dtype") or x.dtype)
 
 
-@custom_sharded_op_impl(aten.copy_.default)
+@custom_sharded_op_impl(aten.copy_.default, handles_partial=True)
 def copy_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.copy_(src)``: ``src`` moved to ``x``'s layout (one all-to-all when they differ; a
     plain or broadcasting ``src`` is sliced per block), then copied block by block."""
@@ -822,14 +822,14 @@ def copy_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     return x
 
 
-@custom_sharded_op_impl(torch.ops.prims.copy_to.default)
+@custom_sharded_op_impl(torch.ops.prims.copy_to.default, handles_partial=True)
 def prims_copy_to(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``prims.copy_to(a, b)``, the copy into ``a`` of torch's references (``constant_pad_nd``
     writes its input into a slice of a new plain tensor): ``a.copy_(b)``, see ``copy_``."""
     return copy_(types, args, {}, pg)
 
 
-@custom_sharded_op_impl(aten.stack.default)
+@custom_sharded_op_impl(aten.stack.default, handles_partial=True)
 def stack(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``torch.stack(tensors, dim)``: ``unsqueeze`` each (a view) then ``cat``; collectives as
     ``cat``."""
@@ -839,7 +839,7 @@ def stack(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     return cat(types, ([t.unsqueeze(dim) for t in tensors], dim), {}, pg)
 
 
-@custom_sharded_op_impl(aten.flip.default)
+@custom_sharded_op_impl(aten.flip.default, handles_partial=True)
 def flip(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.flip(dims)``: each block flipped (a copy, as dense), and mirrored to the other end
     of each flipped dim (``offset -> length - offset - size``); no collectives. A chunk spec
@@ -867,7 +867,7 @@ def _flipped(layout: Layout, dims: tuple[int, ...]) -> Layout:
     return _relayout(layout, layout.size, chunk_dim, block_map)
 
 
-@custom_sharded_op_impl(aten.repeat.default)
+@custom_sharded_op_impl(aten.repeat.default, handles_partial=True)
 def repeat(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.repeat(counts)``: NOTE [replicated fallback] (its decomposition returned a plain
     tensor for zero counts: a result must always be a ShardedTensor)."""
@@ -914,7 +914,7 @@ def _diagonal_layout(layout: Layout, offset: int, dim1: int, dim2: int
     return new_layout, tuple((start, stop) for _, _, start, stop in parts)
 
 
-@custom_sharded_op_impl(aten.diagonal.default)
+@custom_sharded_op_impl(aten.diagonal.default, handles_partial=True)
 def diagonal(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.diagonal(offset, dim1, dim2)``: a view. Each block's share of the diagonal is a
     piece of its own diagonal, so the result has one block per input block (most of them
@@ -947,7 +947,7 @@ def diagonal(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any)
     return x._like(blocks, new_layout)
 
 
-@custom_sharded_op_impl(aten.diagonal_scatter.default)
+@custom_sharded_op_impl(aten.diagonal_scatter.default, handles_partial=True)
 def diagonal_scatter(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      pg: Any) -> Any:
     """``x`` with ``src`` written on its diagonal: a clone, then ``copy_`` into the clone's
@@ -971,7 +971,7 @@ def _contiguous_strides(size: Sequence[int]) -> list[int]:
     return strides[::-1]
 
 
-@custom_sharded_op_impl(aten.as_strided.default)
+@custom_sharded_op_impl(aten.as_strided.default, handles_partial=True)
 def as_strided(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.as_strided(size, stride, storage_offset)`` where it is a reshape: every
     ShardedTensor has contiguous strides, so contiguous ``stride`` for ``size``, offset 0

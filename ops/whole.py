@@ -71,7 +71,7 @@ def _register(func: torch._ops.OpOverload) -> None:
     impl.__name__ = impl.__qualname__ = f"whole_{func.name().split('::')[1]}"
     impl.__doc__ = (f"``{func}`` on the whole values: gathered operands, a replicated "
                     "result (see the module docstring).")
-    custom_sharded_op_impl(func)(impl)
+    custom_sharded_op_impl(func, handles_partial=True)(impl)
     _REGISTERED.append(func)
 
 

@@ -242,7 +242,7 @@ def test_torch_function_is_off_until_a_torch_level_registration() -> None:
 
     try:
         assert ShardedTensor.__torch_function__ is not disabled
-        assert registry.TORCH_FUNCTIONS[torch.asin] is sharded_asin
+        assert registry._user_fn(registry.TORCH_FUNCTIONS[torch.asin]) is sharded_asin
     finally:
         assert ds.remove_sharded_op_impl(torch.asin) is sharded_asin
     assert ShardedTensor.__torch_function__ is disabled
@@ -292,10 +292,10 @@ def test_registering_twice_needs_override(op: Any) -> None:
                                              r"pass override=True to replace it with "
                                              r"_another_four_arguments"):
             ds.custom_sharded_op_impl(op)(_another_four_arguments)
-        assert table[op] is _four_arguments
+        assert registry._user_fn(table[op]) is _four_arguments
         registered = ds.custom_sharded_op_impl(op, override=True)(_another_four_arguments)
         assert registered is _another_four_arguments
-        assert table[op] is _another_four_arguments
+        assert registry._user_fn(table[op]) is _another_four_arguments
     finally:
         ds.remove_sharded_op_impl(op)
     assert op not in table
@@ -1174,7 +1174,7 @@ def test_custom_aten_op(rank: int, world_size: int) -> None:
         assert torch.allclose((st @ st).full_tensor(), dense @ dense)  # matmul reaches aten.mm
     finally:
         ds.remove_sharded_op_impl(mm)
-        ds.custom_sharded_op_impl(mm)(existing)
+        ds.custom_sharded_op_impl(mm, handles_partial=True)(existing)
     assert registry.OVERLOADS[mm] is existing  # the built-in is back
     assert torch.allclose(torch.mm(st, st).full_tensor(), dense @ dense)
 
@@ -1203,7 +1203,7 @@ def test_override_of_a_group_free_builtin_gets_the_group(rank: int, world_size: 
         assert seen == [st.process_group]
     finally:
         ds.remove_sharded_op_impl(add)
-        ds.custom_sharded_op_impl(add)(existing)
+        ds.custom_sharded_op_impl(add, handles_partial=True)(existing)
     assert registry.GROUP_FREE_OVERLOADS[add] is existing
     assert torch.equal((st + st).full_tensor(), dense + dense)
     assert len(seen) == 1

@@ -153,7 +153,7 @@ def test_the_harness_flags_wrong_values_and_plain_tensors(rank: int, world_size:
         if original is None:
             ds.remove_sharded_op_impl(neg)
         else:
-            ds.custom_sharded_op_impl(neg, override=True)(original)
+            ds.custom_sharded_op_impl(neg, override=True, handles_partial=True)(original)
 
 
 def test_op_outcomes_are_the_worst_of_their_samples() -> None:

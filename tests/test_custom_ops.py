@@ -1,0 +1,220 @@
+"""Registering ops safely: Partial arguments reduced unless asked, torch-level
+registrations keep autograd, torch.library ops of the user's own, the op-author API.
+
+NOTE [implementations never see a pending sum unasked] and NOTE [a torch-level
+registration keeps autograd] in dispatch_shard/registry.py are what is checked here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from layouts import cols, grid, rows, several
+
+import dispatch_shard as ds
+from dispatch_shard import ShardedTensor
+from dispatch_shard.testing import multi_rank
+
+
+# A user's own torch.library op with its autograd formula: 2 * sin(x).
+@torch.library.custom_op("dstest::twice_sin", mutates_args=())
+def twice_sin(x: torch.Tensor) -> torch.Tensor:
+    return 2 * torch.sin(x)
+
+
+def _twice_sin_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _twice_sin_backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    (x,) = ctx.saved_tensors
+    return grad * 2 * torch.cos(x)
+
+
+torch.library.register_autograd("dstest::twice_sin", _twice_sin_backward,
+                                setup_context=_twice_sin_setup)
+
+
+def per_block_twice_sin(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                        process_group: Any) -> ShardedTensor:
+    """The documented per-block pattern: right for values, summands never arrive."""
+    x = args[0]
+    return x.with_blocks([twice_sin(block) for block in x.local_blocks()])
+
+
+def per_block_asin(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   process_group: Any) -> ShardedTensor:
+    x = args[0]
+    return x.with_blocks([torch.asin(block) for block in x.local_blocks()])
+
+
+def _dense(*size: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*size, generator=torch.Generator().manual_seed(seed),
+                      dtype=torch.float64) * 1.6 - 0.8  # inside asin's domain
+
+
+def _partial(dense: torch.Tensor, world_size: int) -> ShardedTensor:
+    """``dense`` as a pending sum: a row-parallel product's output, summands on every rank."""
+    eye = torch.eye(dense.shape[1], dtype=dense.dtype)
+    a = ShardedTensor.from_replicated(dense, cols(world_size))
+    b = ShardedTensor.from_replicated(eye, rows(world_size))
+    product = a @ b
+    assert product.sharding_spec() == ds.Partial(), product.sharding_spec()
+    return product
+
+
+LAYOUTS = ["partial", "rows", "cols", "grid", "several", "replicate"]
+
+
+def _input(name: str, dense: torch.Tensor, world_size: int) -> ShardedTensor:
+    if name == "partial":
+        return _partial(dense, world_size)
+    spec = {"rows": rows(world_size), "cols": cols(world_size), "several": several(world_size),
+            "grid": grid(tuple(dense.shape), world_size), "replicate": ds.Replicate()}[name]
+    return ShardedTensor.from_replicated(dense, spec)
+
+
+@multi_rank(world_size=[1, 2, 3])
+def test_user_custom_op_forward_and_backward_on_every_layout(rank: int,
+                                                             world_size: int) -> None:
+    ds.custom_sharded_op_impl(torch.ops.dstest.twice_sin.default)(per_block_twice_sin)
+    try:
+        for name in LAYOUTS:
+            dense = _dense(5, 4, seed=len(name))
+            if name == "partial":  # a leaf, then a row-parallel product of it
+                leaf = ShardedTensor.from_replicated(dense, cols(world_size)).requires_grad_()
+                eye = ShardedTensor.from_replicated(torch.eye(4, dtype=dense.dtype),
+                                                    rows(world_size))
+                x = leaf @ eye
+                assert x.sharding_spec() == ds.Partial()
+            else:
+                leaf = x = _input(name, dense, world_size).requires_grad_()
+            out = twice_sin(x)
+            torch.testing.assert_close(out.full_tensor(), 2 * torch.sin(dense), msg=name)
+            out.sum().backward()
+            torch.testing.assert_close(leaf.grad.full_tensor(), 2 * torch.cos(dense), msg=name)
+    finally:
+        ds.remove_sharded_op_impl(torch.ops.dstest.twice_sin.default)
+
+
+@multi_rank(world_size=[2, 3])
+def test_user_custom_op_on_a_partial_gets_the_value(rank: int, world_size: int) -> None:
+    ds.custom_sharded_op_impl(torch.ops.dstest.twice_sin.default)(per_block_twice_sin)
+    try:
+        dense, weight = _dense(4, 6, seed=1), _dense(6, 3, seed=2)
+        x = ShardedTensor.from_replicated(dense, cols(world_size)).requires_grad_()
+        w = ShardedTensor.from_replicated(weight, rows(world_size)).requires_grad_()
+        product = x @ w  # a row-parallel linear: Partial
+        assert product.sharding_spec() == ds.Partial()
+        out = twice_sin(product)
+        dx, dw = dense.clone().requires_grad_(), weight.clone().requires_grad_()
+        expected = twice_sin(dx @ dw)
+        torch.testing.assert_close(out.full_tensor(), expected.detach())
+        out.sum().backward()
+        expected.sum().backward()
+        torch.testing.assert_close(x.grad.full_tensor(), dx.grad)
+        torch.testing.assert_close(w.grad.full_tensor(), dw.grad)
+    finally:
+        ds.remove_sharded_op_impl(torch.ops.dstest.twice_sin.default)
+
+
+@multi_rank(world_size=[1, 2, 3])
+def test_torch_level_registration_keeps_autograd(rank: int, world_size: int) -> None:
+    """The documented example: ``(torch.asin(x) + 2 * x).sum().backward()`` gave a
+    gradient of 2 everywhere (asin's part lost); now it is dense's."""
+    ds.custom_sharded_op_impl(torch.asin)(per_block_asin)
+    try:
+        for spec in (rows(world_size), cols(world_size), several(world_size)):
+            dense = _dense(6, 5, seed=3)
+            x = ShardedTensor.from_replicated(dense, spec).requires_grad_()
+            out = torch.asin(x) + 2 * x
+            out.sum().backward()
+            reference = dense.clone().requires_grad_()
+            expected = torch.asin(reference) + 2 * reference
+            expected.sum().backward()
+            torch.testing.assert_close(out.full_tensor(), expected.detach())
+            torch.testing.assert_close(x.grad.full_tensor(), reference.grad)
+            # Without a gradient to keep, the registration's result is returned as is.
+            with torch.no_grad():
+                plain = torch.asin(x)
+            assert not plain.requires_grad and plain.grad_fn is None
+        # On a Partial input: the value, not asin of each summand.
+        partial = _partial(_dense(4, 4, seed=4), world_size)
+        torch.testing.assert_close(torch.asin(partial).full_tensor(),
+                                   torch.asin(_dense(4, 4, seed=4)))
+    finally:
+        ds.remove_sharded_op_impl(torch.asin)
+
+
+@torch.library.custom_op("dstest::sin_in_place", mutates_args=("x",))
+def sin_in_place(x: torch.Tensor) -> None:
+    x.sin_()
+
+
+@multi_rank(world_size=[2])
+def test_writing_into_a_partial_argument_raises(rank: int, world_size: int) -> None:
+    def per_block(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  process_group: Any) -> None:
+        for block in args[0].local_blocks():
+            sin_in_place(block)
+
+    op = torch.ops.dstest.sin_in_place.default
+    ds.custom_sharded_op_impl(op)(per_block)
+    try:
+        partial = _partial(_dense(3, 4, seed=5), world_size)
+        with pytest.raises(NotImplementedError, match=r"dstest.sin_in_place.default: .* would "
+                                                      r"write into a Partial ShardedTensor"):
+            sin_in_place(partial)
+        replicated = ShardedTensor.from_replicated(_dense(3, 4, seed=5), rows(world_size))
+        sin_in_place(replicated)  # not partial: served by the implementation
+        torch.testing.assert_close(replicated.full_tensor(), torch.sin(_dense(3, 4, seed=5)))
+    finally:
+        ds.remove_sharded_op_impl(op)
+
+
+def test_where_names_the_serving_implementation() -> None:
+    assert ds.debug.where(torch.ops.aten.mm.default).startswith("aten.mm.default: ")
+    assert "ops/matmul.py" in ds.debug.where(torch.ops.aten.mm.default)
+    assert ds.debug.where(torch.ops.dstest.twice_sin.default) == (
+        "dstest.twice_sin.default: not supported for ShardedTensor")
+    ds.custom_sharded_op_impl(torch.ops.dstest.twice_sin.default)(per_block_twice_sin)
+    try:
+        text = ds.debug.where(torch.ops.dstest.twice_sin.default)
+        assert "per_block_twice_sin" in text and "Partial arguments are reduced" in text
+    finally:
+        ds.remove_sharded_op_impl(torch.ops.dstest.twice_sin.default)
+
+
+@multi_rank(world_size=[2])
+def test_with_blocks_checks_shapes_and_dtypes(rank: int, world_size: int) -> None:
+    x = ShardedTensor.from_replicated(_dense(4, 3), rows(world_size))
+    doubled = x.with_blocks([b * 2 for b in x.local_blocks()])
+    torch.testing.assert_close(doubled.full_tensor(), _dense(4, 3) * 2)
+    assert x.local_blocks()[0].data_ptr() == x.local_shards()[0].tensor.data_ptr()  # live
+    with pytest.raises(ValueError, match="places blocks of sizes"):
+        x.with_blocks([torch.zeros(1, 3, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="pass dtype="):
+        x.with_blocks([b.float() for b in x.local_blocks()])
+    as_float = x.with_blocks([b.float() for b in x.local_blocks()], dtype=torch.float32)
+    assert as_float.dtype == torch.float32
+    moved = x.with_blocks([torch.zeros(4, 2 if rank == 0 else 1, dtype=torch.float64)],
+                          layout=cols(world_size))
+    assert moved.sharding_spec() == cols(world_size) and moved.shape == x.shape
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "custom_op.py"
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="needs the checkout's docs/examples")
+def test_the_docs_example_runs_under_torchrun() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(EXAMPLE)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "soft_clip: sharded value and gradient equal dense" in done.stdout
+    assert "demo.soft_clip.default: sharded_soft_clip" in done.stdout
