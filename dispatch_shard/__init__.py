@@ -40,6 +40,7 @@ from dispatch_shard.metadata import (
 from dispatch_shard.named_optimizer import NamedOptimizer
 from dispatch_shard.observe import count_collectives, sharding_svg, visualize_sharding
 from dispatch_shard.registry import custom_sharded_op_impl, remove_sharded_op_impl
+from dispatch_shard.rules import ShardingRule, register_sharding_rule
 from dispatch_shard.sharded_tensor import ShardedTensor, load_with_process_group
 from dispatch_shard.sharder import Sharder, ShardingPlan
 from dispatch_shard.specs import (
@@ -67,6 +68,7 @@ __all__ = [
     "ShardedTensorMetadata",
     "Sharder",
     "ShardingPlan",
+    "ShardingRule",
     "ShardingSpec",
     "TensorProperties",
     "checkpoint",
@@ -82,6 +84,7 @@ __all__ = [
     "pre_load_state_dict_hook",
     "rand",
     "randn",
+    "register_sharding_rule",
     "remove_sharded_op_impl",
     "reshard_output",
     "shard_module",

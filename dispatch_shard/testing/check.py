@@ -1,0 +1,216 @@
+"""Check a sharded op registration against the dense op, on many layouts and world sizes.
+
+:func:`check_sharded_op` runs the op on ShardedTensor copies of a dense sample, laid
+out every way below, on the persistent rank pool (world sizes 1-4 by default), and
+compares the value and the gradient of every floating argument with the dense op's:
+
+========== ===========================================================================
+layout     what it is (applied to every floating tensor argument it fits)
+========== ===========================================================================
+rows       ``torch.chunk`` of dim 0 over the ranks (uneven where sizes don't divide)
+cols       the same along the last dim (arguments of 2+ dims)
+several    two blocks per rank along dim 0, in a shuffled rank order
+empty      more blocks than rows: trailing blocks are empty
+grid       a 2x2 grid of uneven blocks (an enumerable spec; arguments of 2+ dims)
+replicate  every rank holds the whole value
+partial    every rank holds a different summand; the value is their sum
+========== ===========================================================================
+
+Integer and bool arguments (indices, masks) are replicated. Use it in your tests::
+
+    def sample():  # module level: the ranks import it by name
+        return (torch.randn(5, 4, dtype=torch.float64),), {}
+
+    def test_my_op():
+        check_sharded_op(torch.ops.mylib.my_op.default, sample)
+
+The module defining ``sample`` is imported on every rank, so the op's
+``torch.library`` definition and its sharded registration, if they live there, are
+made on every rank too.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["LAYOUTS", "check_sharded_op"]
+
+LAYOUTS = ("rows", "cols", "several", "empty", "grid", "replicate", "partial")
+
+
+def check_sharded_op(op: Any, sample: Callable[[], tuple[tuple[Any, ...], dict[str, Any]]],
+                     *, world_sizes: Sequence[int] = (1, 2, 3, 4),
+                     layouts: Sequence[str] = LAYOUTS, backward: bool = True,
+                     timeout_s: float = 120.0) -> dict[tuple[int, str], str]:
+    """Run ``op`` on every layout of ``sample()``'s tensors at every world size and compare
+    with the dense op, forward and (``backward=True``) backward.
+
+    ``op`` is an op overload or a torch-level function; ``sample`` a module-level
+    function returning ``(args, kwargs)`` of dense tensors (the same on every call).
+    Returns ``{(world_size, layout): "ok" | "skipped: why"}``.
+
+    Raises:
+        AssertionError: listing every (world size, layout) whose value or gradient
+            differs from dense, or that raised, with the error.
+    """
+    from dispatch_shard.testing.pool import get_pool
+
+    unknown = sorted(set(layouts) - set(LAYOUTS))
+    if unknown:
+        raise ValueError(f"check_sharded_op: unknown layouts {unknown}; known: {LAYOUTS}")
+    summary: dict[tuple[int, str], str] = {}
+    failures: list[str] = []
+    for world_size in world_sizes:
+        outcomes = get_pool(world_size).run(
+            _check_on_rank, timeout_s=timeout_s, op=_op_ref(op),
+            sample=(sample.__module__, sample.__qualname__), layouts=list(layouts),
+            backward=backward)
+        for layout, outcome in outcomes[0]:  # every rank compares the same whole values
+            summary[(world_size, layout)] = outcome
+            if outcome not in ("ok",) and not outcome.startswith("skipped"):
+                failures.append(f"world {world_size}, layout {layout}: {outcome}")
+    if failures:
+        raise AssertionError(f"{_op_ref(op)}: the sharded op differs from dense:\n  "
+                             + "\n  ".join(failures))
+    return summary
+
+
+def _op_ref(op: Any) -> str:
+    if isinstance(op, torch._ops.OpOverload):
+        return f"overload:{op._schema.name}.{op._overloadname or 'default'}"
+    return f"function:{op.__module__}.{op.__qualname__}"
+
+
+def _resolve_op(ref: str) -> Any:
+    kind, name = ref.split(":", 1)
+    if kind == "overload":
+        qualified, overload = name.rsplit(".", 1)
+        namespace, op_name = qualified.split("::")
+        return getattr(getattr(getattr(torch.ops, namespace), op_name), overload)
+    module, _, qualname = name.rpartition(".")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _spec_for(layout: str, value: torch.Tensor, world_size: int) -> Any:
+    """The sharding spec of ``layout`` for ``value``, or None where it does not fit."""
+    import dispatch_shard as ds
+
+    ranks = list(range(world_size))
+
+    def chunk(dim: int, order: list[int]) -> Any:
+        return ds.ChunkShardingSpec(dim, [f"rank:{r}/cpu" for r in order])
+
+    if layout == "replicate":
+        return ds.Replicate()
+    if layout == "partial":
+        return ds.Partial()
+    if value.dim() == 0:
+        return None
+    if layout == "rows":
+        return chunk(0, ranks)
+    if layout == "cols":
+        return chunk(value.dim() - 1, ranks) if value.dim() >= 2 else None
+    if layout == "several":
+        return chunk(0, [(3 * i + 1) % world_size for i in range(2 * world_size)])
+    if layout == "empty":
+        return chunk(0, [i % world_size for i in range(value.shape[0] + 2)])
+    if layout == "grid":
+        if value.dim() < 2 or value.shape[0] < 2 or value.shape[1] < 2:
+            return None
+        top, left = value.shape[0] // 2 + value.shape[0] % 2, value.shape[1] // 3 + 1
+        rest = list(value.shape[2:])
+        boxes = [((0, 0), (top, left)), ((0, left), (top, value.shape[1] - left)),
+                 ((top, 0), (value.shape[0] - top, left)),
+                 ((top, left), (value.shape[0] - top, value.shape[1] - left))]
+        return ds.EnumerableShardingSpec([
+            ds.ShardMetadata([*offsets, *[0] * len(rest)], [*sizes, *rest],
+                             f"rank:{i % world_size}/cpu")
+            for i, (offsets, sizes) in enumerate(boxes)])
+    raise AssertionError(layout)
+
+
+def _sharded(value: torch.Tensor, spec: Any, rank: int, world_size: int) -> Any:
+    import dispatch_shard as ds
+
+    if isinstance(spec, ds.Partial):  # unequal summands that add up to the value
+        weight = (rank + 1) / (world_size * (world_size + 1) / 2)
+        return ds.ShardedTensor.from_local_tensor(value * weight, spec, *value.shape)
+    return ds.ShardedTensor.from_replicated(value, spec)
+
+
+def _check_on_rank(rank: int, world_size: int, op: str, sample: tuple[str, str],
+                   layouts: list[str], backward: bool) -> list[tuple[str, str]]:
+    module, qualname = sample
+    make: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        make = getattr(make, part)
+    func = _resolve_op(op)
+    import dispatch_shard as ds
+
+    outcomes = []
+    for layout in layouts:
+        args, kwargs = make()
+        try:
+            outcomes.append((layout, _check_one(func, args, kwargs, layout, rank, world_size,
+                                                backward, ds)))
+        except Exception as error:  # reported, not raised: the other layouts still run
+            outcomes.append((layout, f"raised {type(error).__name__}: {error}"))
+    return outcomes
+
+
+def _check_one(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], layout: str,
+               rank: int, world_size: int, backward: bool, ds: Any) -> str:
+    floating = [i for i, a in enumerate(args)
+                if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex())]
+    specs = {i: _spec_for(layout, args[i], world_size) for i in floating}
+    if not floating or all(s is None for s in specs.values()):
+        return "skipped: no floating argument fits this layout"
+    dense_args = [a.clone().requires_grad_(backward) if i in floating else a
+                  for i, a in enumerate(args)]
+    expected = func(*dense_args, **kwargs)
+    leaves: dict[int, Any] = {}
+    sharded_args = list(args)
+    for i in floating:
+        spec = specs[i] if specs[i] is not None else ds.Replicate()
+        leaf = _sharded(args[i], spec, rank, world_size)
+        if backward and not isinstance(spec, ds.Partial):
+            leaf.requires_grad_(True)
+            leaves[i] = leaf
+        elif backward:
+            # Summands are made below autograd: the gradient reaches a replicated leaf
+            # through (source - source.detach()) as a Partial, which adds zero to the
+            # summands (Partial + Partial of one layout stays Partial).
+            source = ds.ShardedTensor.from_replicated(args[i], ds.Replicate()).requires_grad_()
+            leaves[i] = source
+            leaf = leaf + (source - source.detach()).redistribute(ds.Partial())
+            assert isinstance(leaf.sharding_spec(), ds.Partial), leaf.sharding_spec()
+        sharded_args[i] = leaf
+    result = func(*sharded_args, **kwargs)
+    value = result.full_tensor() if isinstance(result, ds.ShardedTensor) else result
+    try:
+        torch.testing.assert_close(value, expected.detach())
+    except AssertionError as error:
+        return f"forward differs: {error}"
+    if not backward or not (expected.is_floating_point() and expected.requires_grad):
+        return "ok"
+    weight = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7),
+                         dtype=expected.dtype)
+    grads = torch.autograd.grad((expected * weight).sum(), [dense_args[i] for i in leaves],
+                                allow_unused=True)
+    (result * weight).sum().backward()
+    for (i, leaf), grad in zip(leaves.items(), grads, strict=True):
+        got = None if leaf.grad is None else leaf.grad.full_tensor()
+        if grad is None and got is None:
+            continue
+        try:
+            torch.testing.assert_close(got, grad)
+        except AssertionError as error:
+            return f"gradient of argument {i} differs: {error}"
+    return "ok"
