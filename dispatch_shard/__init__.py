@@ -30,6 +30,7 @@ from dispatch_shard.api import (
     shard_tensor,
 )
 from dispatch_shard.creation import empty, full, ones, rand, randn, unchecked_creation, zeros
+from dispatch_shard.mesh import distribute_tensor, from_dtensor, to_dtensor
 from dispatch_shard.metadata import (
     Placement,
     Shard,
@@ -76,7 +77,9 @@ __all__ = [
     "count_collectives",
     "custom_sharded_op_impl",
     "debug",
+    "distribute_tensor",
     "empty",
+    "from_dtensor",
     "full",
     "load_with_process_group",
     "ones",
@@ -92,6 +95,7 @@ __all__ = [
     "shard_tensor",
     "sharding_svg",
     "state_dict_hook",
+    "to_dtensor",
     "unchecked_creation",
     "visualize_sharding",
     "zeros",

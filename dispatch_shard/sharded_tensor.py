@@ -391,9 +391,44 @@ class ShardedTensor(torch.Tensor):
             return value._like([t.clone() for t in value._local_tensors])
         return self._like(value._moved_to(dst), dst)
 
-    def redistribute(self, spec: ShardingSpec) -> ShardedTensor:
-        """A new ShardedTensor with the same value laid out by ``spec`` (differentiable)."""
+    def redistribute(self, spec: Any = None, placements: Any = None) -> ShardedTensor:
+        """A new ShardedTensor with the same value laid out by ``spec`` (differentiable).
+
+        Also DTensor's form, ``redistribute(device_mesh, placements)`` (the mesh may be
+        None: this tensor's), with one placement per mesh dim (see
+        :mod:`dispatch_shard.mesh`).
+        """
+        if placements is not None:
+            from dispatch_shard.mesh import redistribute_to_mesh
+
+            return redistribute_to_mesh(self, spec, placements)
         return cast(ShardedTensor, _Redistribute.apply(self, spec))  # type: ignore[no-untyped-call]
+
+    @property
+    def device_mesh(self) -> Any:
+        """The ``DeviceMesh`` this tensor was laid out over (by
+        :func:`dispatch_shard.distribute_tensor`, ``redistribute(mesh, placements)``,
+        ``from_local``), or a 1-D mesh of its group's ranks."""
+        from dispatch_shard.mesh import mesh_view
+
+        return mesh_view(self)[0]
+
+    @property
+    def placements(self) -> tuple[Any, ...]:
+        """One placement per dim of :attr:`device_mesh` (``Shard(d)``, ``Replicate()``,
+        ``Partial(op)``; a 1-D spec with no such placement stands for itself)."""
+        from dispatch_shard.mesh import mesh_view
+
+        return mesh_view(self)[1]
+
+    @classmethod
+    def from_local(cls, local_tensor: torch.Tensor, device_mesh: Any, placements: Any, *,
+                   shape: Sequence[int] | None = None) -> ShardedTensor:
+        """A ShardedTensor from each rank's block, like ``DTensor.from_local``; see
+        :func:`dispatch_shard.mesh.from_local`."""
+        from dispatch_shard.mesh import from_local
+
+        return from_local(local_tensor, device_mesh, placements, shape=shape)
 
     def reshard(self, spec: ShardingSpec) -> ShardedTensor:
         """Lay this tensor out by ``spec``, in place; returns ``self`` (legacy semantics)."""
