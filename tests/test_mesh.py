@@ -159,3 +159,32 @@ def test_bad_mesh_input_raises_alike_on_every_rank(case: str, kind: str, pattern
     outcomes = get_pool(4).run(_bad, timeout_s=60, case=case)
     for rank, (got, message) in enumerate(outcomes):
         assert got == kind and re.search(pattern, message), (rank, got, message)
+
+
+@multi_rank(world_size=[4])
+def test_state_across_meshes(rank: int, world_size: int, tmp_path: Any) -> None:
+    """DCP: save on a 2x2 mesh, load on 4x1, 1x4 and a 2-rank sub-mesh; torch.save."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dense = _dense(7, 6, seed=6)
+    saved = ds.distribute_tensor(dense, mesh, [Shard(0), Shard(1)])
+    dcp.save({"w": saved}, checkpoint_id=str(tmp_path / "ckpt"))
+    targets = [
+        ds.distribute_tensor(torch.zeros_like(dense), init_device_mesh("cpu", (4, 1)),
+                             [Shard(0), Shard(1)]),
+        ds.distribute_tensor(torch.zeros_like(dense), init_device_mesh("cpu", (1, 4)),
+                             [Shard(1), Shard(0)]),
+        ds.distribute_tensor(torch.zeros_like(dense), mesh["dp"], [Shard(0)]),  # 2 ranks
+    ]
+    for target in targets:
+        dcp.load({"w": target}, checkpoint_id=str(tmp_path / "ckpt"))
+        torch.testing.assert_close(target.full_tensor(), dense)
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded.full_tensor(), dense)
+    assert list(loaded.placements) == [Shard(0), Shard(1)]
