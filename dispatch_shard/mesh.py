@@ -167,13 +167,18 @@ def _remember(layout: Layout, mesh: DeviceMesh, placements: MeshPlacements) -> N
     layout._derived[_MESH_KEY] = (mesh, tuple(placements))  # type: ignore[assignment]
 
 
+def remembered_mesh(layout: Layout) -> tuple[DeviceMesh, tuple[Any, ...]] | None:
+    """The mesh and placements ``layout`` was made with, if it was made over a mesh."""
+    return layout._derived.get(_MESH_KEY)  # type: ignore[return-value]
+
+
 def mesh_view(tensor: ShardedTensor) -> tuple[DeviceMesh, tuple[Any, ...]]:
     """The mesh and placements ``tensor``'s layout was made with, or its 1-D equivalent:
     a 1-D mesh of its group's ranks (in the chunk order for a chunk spec)."""
     layout = tensor._layout
-    found = layout._derived.get(_MESH_KEY)
+    found = remembered_mesh(layout)
     if found is not None:
-        return found  # type: ignore[return-value]
+        return found
     spec = layout.spec
     ranks = list(layout.group_ranks)
     device = layout.device or (str(layout.shards[0].placement.device())  # type: ignore[union-attr]

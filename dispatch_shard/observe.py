@@ -36,6 +36,14 @@ def _describe(layout: Layout) -> str:
 
 
 def _spec_text(layout: Layout) -> str:
+    from dispatch_shard.mesh import remembered_mesh
+
+    found = remembered_mesh(layout)
+    if found is not None:  # made over a device mesh: say so in its own words
+        mesh, placements = found
+        names = f" {mesh.mesh_dim_names}" if mesh.mesh_dim_names else ""
+        shown = ", ".join(str(p) for p in placements)
+        return f"mesh {tuple(mesh.shape)}{names} placements [{shown}]"
     spec = layout.spec
     if isinstance(spec, ChunkShardingSpec):
         ranks = [p.rank() for p in spec.placements]

@@ -188,3 +188,13 @@ def test_state_across_meshes(rank: int, world_size: int, tmp_path: Any) -> None:
     loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(loaded.full_tensor(), dense)
     assert list(loaded.placements) == [Shard(0), Shard(1)]
+
+
+@multi_rank(world_size=[4])
+def test_visualize_sharding_names_the_mesh(rank: int, world_size: int) -> None:
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    x = ds.distribute_tensor(_dense(4, 4), mesh, [Shard(0), Shard(1)])
+    text = ds.visualize_sharding(x, show=False)
+    assert "mesh (2, 2) ('dp', 'tp') placements [S(0), S(1)]" in text, text
+    for holder in ("rank 0", "rank 1", "rank 2", "rank 3"):
+        assert holder in text, text
