@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed.nn  # noqa: F401
 
 # The built-in op implementations register themselves on import.
-from dispatch_shard import debug, ops
+from dispatch_shard import debug, ops, random
 from dispatch_shard.api import (
     collect_local_shard,
     reshard_output,
@@ -87,6 +87,7 @@ __all__ = [
     "pre_load_state_dict_hook",
     "rand",
     "randn",
+    "random",
     "register_sharding_rule",
     "remove_sharded_op_impl",
     "reshard_output",

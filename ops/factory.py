@@ -1,7 +1,9 @@
 """``*_like`` factories: the result keeps the input's layout.
 
 Per rank: each block ``[b_i]`` -> ``like(block)``; collectives: none. Random
-blocks come from the rank's generator, in block order.
+blocks come from the rank's generator, in block order; inside
+``dispatch_shard.random.dense_equivalent()`` every rank draws the whole tensor as
+the dense op does and keeps its blocks (a probability tensor argument is gathered).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from dispatch_shard import collectives
 from dispatch_shard.layout import layout_of
 from dispatch_shard.ops._common import map_blocks
+from dispatch_shard.random import is_dense_equivalent
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import Replicate
@@ -31,6 +34,13 @@ def _register(packet: Any) -> None:
              process_group: Any) -> ShardedTensor:
         tensor: ShardedTensor = args[0]
         kwargs = {k: v for k, v in kwargs.items() if k != "memory_format"}
+        if packet in _RANDOM_LIKE and is_dense_equivalent():
+            # The dense op's draw: an empty tensor of the same layout, filled in place.
+            result = map_blocks(tensor, lambda b: torch.empty_like(b, **kwargs))
+            if tensor._layout.is_partial:
+                result = result._like(list(result._local_tensors),
+                                      result._layout.with_spec(Replicate()))
+            return _RANDOM_LIKE[packet](result)  # type: ignore[no-any-return]
         if tensor._layout.is_partial:
             # A new value, not a summand: the result is replicated (ones_like of a
             # Partial kept as Partial would sum to world_size ones).
@@ -93,6 +103,8 @@ def _random_fill(packet: Any) -> None:
              process_group: Any) -> ShardedTensor:
         tensor: ShardedTensor = args[0]
         layout = tensor._layout
+        if is_dense_equivalent():
+            return _dense_fill(packet, tensor, args, kwargs)
         if tensor._layout.is_sharded:
             indices = layout.local_indices(tensor._rank)
             for position, block in enumerate(tensor._local_tensors):  # the rank's generator
@@ -121,6 +133,28 @@ def _random_fill(packet: Any) -> None:
                     "generator in block order (no collectives); a replicated tensor drawn on "
                     "its first rank and broadcast (one broadcast).")
     custom_sharded_op_impl(packet, handles_partial=True)(impl)
+
+
+def _dense_fill(packet: Any, tensor: ShardedTensor, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> ShardedTensor:
+    """NOTE in dispatch_shard.random: the whole tensor drawn on every rank, blocks kept."""
+    extra = [a._redistributed(Replicate())._local_tensors[0]
+             if isinstance(a, ShardedTensor) else a for a in args[1:]]
+    whole = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    packet(whole, *extra, **kwargs)  # every rank: the dense op's draw, the same stream
+    layout = tensor._layout
+    if layout.is_partial:
+        keep = tensor._rank == layout.group_ranks[0]
+        for block in tensor._local_tensors:
+            if keep:
+                block.copy_(whole)
+            else:
+                block.zero_()
+        return tensor
+    for index, block in zip(layout.local_indices(tensor._rank), tensor._local_tensors,
+                            strict=True):
+        block.copy_(whole[layout.shard_box(index)])
+    return tensor
 
 
 def _piece(value: Any, tensor: ShardedTensor, position: int, box: tuple[slice, ...]) -> Any:

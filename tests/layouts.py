@@ -62,3 +62,22 @@ def whole(value: Any) -> Any:
         return tuple(whole(v) for v in value)
     assert isinstance(value, ds.ShardedTensor), type(value)
     return value.full_tensor()
+
+
+def train_side_by_side(dense: Any, sharded: Any, steps: int, shape: tuple[int, int],
+                       seed: int, around_loss: Any = None) -> None:
+    """``steps`` AdamW steps of an MSE loss on the same float64 batches for both models;
+    ``around_loss(step)`` (a context manager factory) wraps each loss and backward."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (dense, sharded)]
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x, y = (torch.randn(*shape, generator=generator, dtype=torch.float64) for _ in range(2))
+        for model, optimizer in zip((dense, sharded), optimizers, strict=True):
+            optimizer.zero_grad()
+            with around_loss(step) if around_loss else contextlib.nullcontext():
+                F.mse_loss(model(x), y).backward()
+            optimizer.step()

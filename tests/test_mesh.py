@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
+from layouts import train_side_by_side
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Partial, Replicate, Shard
@@ -99,14 +99,7 @@ def test_parameters_on_a_mesh_train_like_dense(rank: int, world_size: int) -> No
         module, attr = sharded.get_submodule(name.split(".")[0]), name.split(".")[1]
         setattr(module, attr, nn.Parameter(ds.distribute_tensor(
             getattr(module, attr).detach(), mesh, placements)))
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (dense, sharded)]
-    generator = torch.Generator().manual_seed(4)
-    for _ in range(3):
-        x, y = (torch.randn(5, 6, generator=generator, dtype=torch.float64) for _ in range(2))
-        for model, optimizer in zip((dense, sharded), optimizers, strict=True):
-            optimizer.zero_grad()
-            F.mse_loss(model(x), y).backward()
-            optimizer.step()
+    train_side_by_side(dense, sharded, steps=3, shape=(5, 6), seed=4)
     for (name, p), (_, q) in zip(sharded.named_parameters(), dense.named_parameters(),
                                  strict=True):
         assert isinstance(p, ShardedTensor) and list(p.placements) == layouts[name]
