@@ -67,10 +67,12 @@ torch.library.register_autograd("dsrules::row_sum", _row_sum_backward,
                                 setup_context=_row_sum_setup)
 
 # The rules: one line each.
+# [docs: rules]
 ds.register_sharding_rule(torch.ops.dsrules.scaled_mm.default, "m k, k n -> m n",
-                          contract="sum")
+                          contract="sum")  # a split k gives a Partial result
 ds.register_sharding_rule(torch.ops.dsrules.softsign.default, "pointwise")
 ds.register_sharding_rule(torch.ops.dsrules.row_sum.default, "m n -> m", contract="sum")
+# [docs: rules end]
 
 
 def _randn(*size: int, seed: int) -> torch.Tensor:
@@ -78,6 +80,7 @@ def _randn(*size: int, seed: int) -> torch.Tensor:
                        dtype=torch.float64)
 
 
+# [docs: check]
 def mm_sample() -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (_randn(7, 5, seed=1), _randn(5, 6, seed=2)), {}
 
@@ -100,6 +103,7 @@ def test_rules_match_dense_on_every_layout(op: Any, sample: Any) -> None:
     checked = [key for key, outcome in summary.items() if outcome == "ok"]
     # Every layout ran at every world size (none of these skips).
     assert len(checked) == 4 * 7, summary
+# [docs: check end]
 
 
 def wrong_rule_sample() -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -154,3 +158,29 @@ def test_rule_syntax_errors() -> None:
         ds.register_sharding_rule(torch.sin, "pointwise")
     assert ds.ShardingRule.parse("m k, k n -> m n", "sum") == ds.ShardingRule(
         (("m", "k"), ("k", "n")), ("m", "n"), "sum")
+
+
+# -- the built-ins, checked by the same helper ----------------------------------------------
+
+def mul_sample() -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (_randn(6, 5, seed=6), _randn(6, 5, seed=7)), {}
+
+
+def sum_sample() -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (_randn(6, 5, seed=8), [1]), {}
+
+
+def softmax_sample() -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (_randn(6, 5, seed=9), 1, False), {}
+
+
+@pytest.mark.parametrize(("op", "sample"), [
+    (torch.ops.aten.mm.default, mm_sample),
+    (torch.ops.aten.mul.Tensor, mul_sample),
+    (torch.ops.aten.sum.dim_IntList, sum_sample),
+    (torch.ops.aten._softmax.default, softmax_sample),
+], ids=["mm", "mul", "sum", "softmax"])
+@pytest.mark.slow  # 28 layouts x world sizes each; the op families' own tests are quick
+def test_builtins_pass_the_helper(op: Any, sample: Any) -> None:
+    summary = check_sharded_op(op, sample, world_sizes=(1, 2, 3, 4))
+    assert all(outcome == "ok" for outcome in summary.values()), summary
