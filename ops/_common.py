@@ -1,15 +1,35 @@
-"""Helpers shared by the op families."""
+"""Helpers shared by the op families: operands and results.
+
+- Operands: :func:`whole` and :func:`dense_value` (the whole value of a ShardedTensor
+  as a plain tensor: one all-gather, or all-reduce for a Partial),
+  :func:`pieces_of` (an operand cut into a layout's local blocks),
+  :func:`bind_arguments` (an op's arguments by name), :func:`first_sharded`,
+  :func:`in_group`, :func:`is_block_sharded`.
+- Results: :func:`replicated_result`, :func:`partial_result`, :func:`outside_result`
+  (what a rank outside the group returns), :func:`meta_results` (sizes and dtypes
+  from a meta run: dense's errors, on every rank alike), :func:`map_blocks`.
+- :func:`replicated_fallback`: an op on the whole values (NOTE [replicated fallback]).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from dispatch_shard import collectives
+from dispatch_shard.layout import Layout, layout_of
 from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.specs import Partial, Replicate
 
-__all__ = ["map_blocks"]
+__all__ = [
+    "bind_arguments", "dense_value", "first_sharded", "in_group", "is_block_sharded",
+    "map_blocks", "meta_results", "outside_result", "partial_result", "pieces_of",
+    "reduction_identity", "replicated_fallback", "replicated_result", "whole",
+]
 
 
 def map_blocks(
@@ -20,3 +40,160 @@ def map_blocks(
     if dtype is None:
         dtype = blocks[0].dtype if blocks else tensor.dtype
     return tensor._like(blocks, dtype=dtype)
+
+
+def whole(value: Any) -> Any:
+    if isinstance(value, ShardedTensor):
+        moved = value._redistributed(Replicate())
+        return moved._local_tensors[0] if moved._local_tensors else torch.empty(
+            value.shape, dtype=value.dtype)
+    if isinstance(value, list | tuple):
+        return type(value)(whole(v) for v in value)
+    return value
+
+
+def first_sharded(args: Sequence[Any], kwargs: dict[str, Any]) -> ShardedTensor:
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, ShardedTensor):
+            return value
+        if isinstance(value, list | tuple):
+            for item in value:
+                if isinstance(item, ShardedTensor):
+                    return item
+    raise TypeError("no ShardedTensor among the arguments")
+
+
+def replicated_fallback(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run ``func`` on whole (replicated) operands; tensor results come back replicated.
+
+    See NOTE [replicated fallback].
+    """
+    anchor = first_sharded(args, kwargs)
+    result = func(*whole(args), **{k: whole(v) for k, v in kwargs.items()})
+
+    def wrap(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            layout = layout_of(Replicate(), value.shape, anchor._layout.group_ranks,
+                               anchor._layout.device or str(anchor.device))
+            member = bool(layout.local_indices(anchor._rank))
+            return anchor._like([value] if member else [], layout, value.dtype)
+        if isinstance(value, list | tuple):
+            return type(value)(wrap(v) for v in value)
+        return value
+
+    return wrap(result)
+
+
+_REQUIRED = object()
+
+
+@functools.cache
+def _parameters(func: torch._ops.OpOverload) -> tuple[tuple[str, Any], ...]:
+    return tuple((a.name, a.default_value if a.has_default_value() else _REQUIRED)
+                 for a in func._schema.arguments)
+
+
+def bind_arguments(func: torch._ops.OpOverload, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The op's arguments by name, defaults filled in."""
+    bound = {}
+    for position, (name, default) in enumerate(_parameters(func)):
+        if position < len(args):
+            bound[name] = args[position]
+        elif name in kwargs:
+            bound[name] = kwargs[name]
+        else:
+            bound[name] = default
+    return bound
+
+
+def reduction_identity(op: str, dtype: torch.dtype) -> bool | int | float:
+    if op == "sum":
+        return 0
+    if op == "product":
+        return 1
+    if dtype == torch.bool:
+        return op == "min"
+    if dtype.is_floating_point:
+        return -math.inf if op == "max" else math.inf
+    info = torch.iinfo(dtype)
+    return info.min if op == "max" else info.max
+
+
+def in_group(tensor: ShardedTensor) -> bool:
+    return collectives.is_member(tensor._process_group, tensor._rank)
+
+
+def dense_value(value: Any) -> Any:
+    """A ShardedTensor's whole value (a partial one reduced); anything else as it is.
+
+    Ranks outside the group get zeros of the right size (they compute nothing with it).
+    """
+    if isinstance(value, ShardedTensor):
+        whole = value._redistributed(Replicate())
+        if whole._local_tensors:
+            return whole._local_tensors[0]
+        return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+    return value
+
+
+def is_block_sharded(value: Any) -> bool:
+    """Whether ``value`` is a ShardedTensor laid out in blocks (not replicated or partial)."""
+    return isinstance(value, ShardedTensor) and value._layout.is_sharded
+
+
+def pieces_of(value: Any, layout: Layout, rank: int) -> list[torch.Tensor]:
+    """``value``'s part for each of this rank's blocks of ``layout`` (``value.shape`` is
+    ``layout.size``): its own blocks, moved there (one all-to-all) when sharded otherwise,
+    or sliced locally from a replicated or plain value."""
+    if isinstance(value, ShardedTensor):
+        if value._layout is layout:
+            return list(value._local_tensors)
+        if value._layout.is_sharded and layout.is_sharded:
+            return list(value._redistributed(layout.spec)._local_tensors)
+        value = dense_value(value)
+    return [value[layout.shard_box(i)] for i in layout.local_indices(rank)]
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, list | tuple):
+        return type(value)(_to_meta(v) for v in value)
+    return value
+
+
+def meta_results(func: torch._ops.OpOverload, args: Sequence[Any],
+                 kwargs: dict[str, Any]) -> list[tuple[torch.Size, torch.dtype]]:
+    """Sizes and dtypes of ``func``'s results from meta tensors of the global sizes: dense's
+    shape and dtype errors, raised on every rank alike."""
+    result = func(*_to_meta(list(args)), **{k: _to_meta(v) for k, v in kwargs.items()})
+    results = result if isinstance(result, tuple | list) else (result,)
+    return [(r.shape, r.dtype) for r in results]
+
+
+def _whole_layout(anchor: ShardedTensor, spec: Replicate | Partial, size: Sequence[int]
+                  ) -> Layout:
+    return layout_of(spec, torch.Size(size), anchor._layout.group_ranks,
+                     anchor._layout.device or str(anchor.device))
+
+
+def replicated_result(anchor: ShardedTensor, value: torch.Tensor | None, size: Sequence[int],
+                      dtype: torch.dtype) -> ShardedTensor:
+    """A replicated result (``value`` is ignored on ranks outside the group)."""
+    layout = _whole_layout(anchor, Replicate(), size)
+    blocks = [value] if value is not None and layout.local_indices(anchor._rank) else []
+    return anchor._like(blocks, layout, dtype)
+
+
+def partial_result(anchor: ShardedTensor, summand: torch.Tensor, dtype: torch.dtype,
+                   op: str = "sum") -> ShardedTensor:
+    """This rank's ``summand`` of a ``Partial(op)`` result; no collective."""
+    layout = _whole_layout(anchor, Partial(op), summand.shape)
+    return anchor._like([summand] if layout.local_indices(anchor._rank) else [], layout, dtype)
+
+
+def outside_result(anchor: ShardedTensor, results: list[tuple[torch.Size, torch.dtype]]) -> Any:
+    """What a rank outside the group returns: the sizes, no blocks."""
+    outs = [replicated_result(anchor, None, size, dtype) for size, dtype in results]
+    return tuple(outs) if len(outs) > 1 else outs[0]

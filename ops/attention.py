@@ -21,12 +21,8 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout
-from dispatch_shard.ops.view import (
-    _leading_boxes,
-    _like_leading,
-    _split_dims,
-    replicated_fallback,
-)
+from dispatch_shard.ops._common import replicated_fallback
+from dispatch_shard.ops.layouts import leading_boxes, like_leading, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 
@@ -37,9 +33,9 @@ __all__: list[str] = []
 
 def _heads(layout: Layout) -> tuple[Any, ...] | None:
     """The blocks' (batch, head) extents and placements, when nothing else is split."""
-    if layout.is_partial or len(layout.size) < 3 or _split_dims(layout) - {0, 1}:
+    if layout.is_partial or len(layout.size) < 3 or split_dims(layout) - {0, 1}:
         return None
-    return _leading_boxes(layout, 2)
+    return leading_boxes(layout, 2)
 
 
 def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -78,7 +74,7 @@ def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     for k, source in enumerate(outputs):
         anchor: ShardedTensor = args[source]
         size = torch.Size(_global_size(anchor, shapes[k]))
-        layout = _like_leading(anchor._layout, 2, size)
+        layout = like_leading(anchor._layout, 2, size)
         outs.append(anchor._like([r[k] for r in results], layout, shapes[k].dtype))
     return tuple(outs)
 

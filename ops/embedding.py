@@ -59,20 +59,20 @@ import torch
 
 from dispatch_shard import collectives
 from dispatch_shard.layout import Layout
-from dispatch_shard.ops.indexing import (
-    _chunk_dim,
-    _dense,
-    _derived,
-    _member,
-    _meta_call,
-    _outside,
-    _partial,
-    _pieces,
-    _replicated,
-    _sharded,
+from dispatch_shard.ops._common import (
+    bind_arguments,
+    dense_value,
+    first_sharded,
+    in_group,
+    is_block_sharded,
+    meta_results,
+    outside_result,
+    partial_result,
+    pieces_of,
+    reduction_identity,
+    replicated_result,
 )
-from dispatch_shard.ops.reduction import _bind, _identity
-from dispatch_shard.ops.view import _first_sharded, _split_dims
+from dispatch_shard.ops.layouts import chunk_dim_of, derived_layout, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 
@@ -116,7 +116,7 @@ def _table_layout(ids: Any, anchor: ShardedTensor, size: torch.Size) -> Layout |
 # -- layouts ------------------------------------------------------------------------------
 
 def _chunk_on(layout: Layout, dim: int) -> bool:
-    return _chunk_dim(layout) == dim
+    return chunk_dim_of(layout) == dim
 
 
 @functools.lru_cache(maxsize=1024)
@@ -127,7 +127,7 @@ def _looked_up_layout(layout: Layout, lead: tuple[int, ...]) -> Layout:
     def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
         return [0] * len(lead) + [offsets[1]], [*lead, sizes[1]]
 
-    return _derived(layout, size, len(lead) if _chunk_on(layout, 1) else None, block_map)
+    return derived_layout(layout, size, len(lead) if _chunk_on(layout, 1) else None, block_map)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -140,12 +140,12 @@ def _table_from_columns(layout: Layout, rows: int) -> Layout:
     def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
         return [0, offsets[last]], [rows, sizes[last]]
 
-    return _derived(layout, size, 1 if _chunk_on(layout, last) else None, block_map)
+    return derived_layout(layout, size, 1 if _chunk_on(layout, last) else None, block_map)
 
 
 def _columns_only(layout: Layout) -> bool:
     """Whether no block splits a dim other than the last."""
-    return not _split_dims(layout) - {len(layout.size) - 1}
+    return not split_dims(layout) - {len(layout.size) - 1}
 
 
 def _check_ids(ids: torch.Tensor, rows: int, bag: bool = False) -> None:
@@ -180,18 +180,18 @@ def embedding(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any
       ``Partial`` ``weight`` -> the same Partial; none.
     """
     func = aten.embedding.default
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     weight, ids_arg = bound["weight"], bound["indices"]
-    results = _meta_call(func, args, kwargs)
+    results = meta_results(func, args, kwargs)
     ((size, dtype),) = results
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return _outside(anchor, results)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return outside_result(anchor, results)
     rows = weight.shape[0]
-    if not _sharded(weight) and _sharded(ids_arg):
+    if not is_block_sharded(weight) and is_block_sharded(ids_arg):
         if isinstance(weight, ShardedTensor) and weight._layout.is_partial:
             weight = weight._reduced()
-        table = _dense(weight)
+        table = dense_value(weight)
         error: Exception | None = None
         try:
             for block in ids_arg._local_tensors:
@@ -199,20 +199,20 @@ def embedding(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any
         except IndexError as exc:
             error = exc
         collectives.raise_if_any(error, anchor._process_group)
-        layout = _derived(ids_arg._layout, size, _chunk_dim(ids_arg._layout),
+        layout = derived_layout(ids_arg._layout, size, chunk_dim_of(ids_arg._layout),
                           lambda offsets, sizes: ([*offsets, 0], [*sizes, size[-1]]))
         blocks = [torch.nn.functional.embedding(block, table) for block in ids_arg._local_tensors]
         return ids_arg._like(blocks, layout, dtype)
-    ids = _dense(ids_arg)
+    ids = dense_value(ids_arg)
     _check_ids(ids, rows)
     _remember(ids_arg, weight)
     if not isinstance(weight, ShardedTensor) or weight._layout.is_replicate:
-        return _replicated(anchor, func(_dense(weight), ids), size, dtype)
+        return replicated_result(anchor, func(dense_value(weight), ids), size, dtype)
     if weight._layout.is_partial:
-        return _partial(anchor, func(weight._local_tensors[0], ids), dtype,
+        return partial_result(anchor, func(weight._local_tensors[0], ids), dtype,
                         weight._layout.spec.reduce_op)  # type: ignore[attr-defined]
     layout, rank = weight._layout, weight._rank
-    if 0 not in _split_dims(layout):
+    if 0 not in split_dims(layout):
         out_layout = _looked_up_layout(layout, tuple(ids.shape))
         blocks = [func(block, ids) if block.numel()
                   else block.new_empty(out_layout.shards[j].shard_sizes)
@@ -225,7 +225,7 @@ def embedding(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any
         hit = (ids >= first) & (ids < stop)
         if block.numel() and bool(hit.any()):
             summand[..., left:right][hit] = block[ids[hit] - first]
-    return _partial(anchor, summand, dtype)
+    return partial_result(anchor, summand, dtype)
 
 
 @custom_sharded_op_impl(aten.embedding_dense_backward.default, handles_partial=True)
@@ -241,27 +241,27 @@ def embedding_dense_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str
     * otherwise dense on whole operands -> replicated.
     """
     func = aten.embedding_dense_backward.default
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     grad, ids_arg = bound["grad_output"], bound["indices"]
     rows, padding, by_freq = bound["num_weights"], bound["padding_idx"], bound["scale_grad_by_freq"]
-    results = _meta_call(func, args, kwargs)
+    results = meta_results(func, args, kwargs)
     ((size, dtype),) = results
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return _outside(anchor, results)
-    ids = _dense(ids_arg)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return outside_result(anchor, results)
+    ids = dense_value(ids_arg)
     rank = anchor._rank
-    if _sharded(grad) and _columns_only(grad._layout) and not _sharded(ids_arg):
+    if is_block_sharded(grad) and _columns_only(grad._layout) and not is_block_sharded(ids_arg):
         out_layout = _table_from_columns(grad._layout, rows)
         blocks = [func(block, ids, rows, padding, by_freq) if block.numel()
                   else block.new_zeros(out_layout.shards[j].shard_sizes)
                   for block, j in zip(grad._local_tensors, out_layout.local_indices(rank),
                                       strict=True)]
         return grad._like(blocks, out_layout, dtype)
-    whole = _dense(grad)
+    whole = dense_value(grad)
     layout = _table_layout(ids_arg, anchor, size)
     if layout is None:
-        return _replicated(anchor, func(whole, ids, rows, padding, by_freq), size, dtype)
+        return replicated_result(anchor, func(whole, ids, rows, padding, by_freq), size, dtype)
     flat_ids, flat_grad = ids.reshape(-1), whole.reshape(-1, size[1])
     blocks = []
     for i in layout.local_indices(rank):
@@ -329,14 +329,14 @@ def _embedding_bag(func: torch._ops.OpOverload, args: tuple[Any, ...],
       summand -> the same Partial; none.
     ``offset2bag``, ``bag_size`` (and ``max_indices`` of sum / mean) are replicated.
     """
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     weight = bound["weight"]
-    results = _meta_call(func, args, kwargs)
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return _outside(anchor, results)
-    ids, offsets = _dense(bound["indices"]), _dense(bound["offsets"])
-    weights = _dense(bound["per_sample_weights"])
+    results = meta_results(func, args, kwargs)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return outside_result(anchor, results)
+    ids, offsets = dense_value(bound["indices"]), dense_value(bound["offsets"])
+    weights = dense_value(bound["per_sample_weights"])
     mode, padding = bound["mode"], bound["padding_idx"]
     dtype = results[0][1]
     facts = _bag_facts(bound, weight, ids, offsets, weights)
@@ -347,7 +347,7 @@ def _embedding_bag(func: torch._ops.OpOverload, args: tuple[Any, ...],
             bound["include_last_offset"], padding)
 
     def replicated_facts(*values: torch.Tensor) -> list[ShardedTensor]:
-        return [_replicated(anchor, v, v.shape, v.dtype) for v in values]
+        return [replicated_result(anchor, v, v.shape, v.dtype) for v in values]
 
     _remember(bound["indices"], weight)
 
@@ -355,13 +355,13 @@ def _embedding_bag(func: torch._ops.OpOverload, args: tuple[Any, ...],
         op = weight._layout.spec.reduce_op  # type: ignore[attr-defined]
         if mode != _MAX and op in ("sum", "avg"):
             out = func(weight._local_tensors[0], ids, offsets, *rest)[0]
-            return (_partial(anchor, out, dtype, op), *replicated_facts(*facts))
+            return (partial_result(anchor, out, dtype, op), *replicated_facts(*facts))
         weight = weight._reduced()
     if not isinstance(weight, ShardedTensor) or weight._layout.is_replicate:
-        out, *others = func(_dense(weight), ids, offsets, *rest)
-        return (_replicated(anchor, out, out.shape, dtype), *replicated_facts(*others))
+        out, *others = func(dense_value(weight), ids, offsets, *rest)
+        return (replicated_result(anchor, out, out.shape, dtype), *replicated_facts(*others))
     layout, rank = weight._layout, weight._rank
-    if 0 not in _split_dims(layout):
+    if 0 not in split_dims(layout):
         out_layout = _looked_up_layout(layout, (bags,))
         outs, maxima = [], []
         for block, j in zip(weight._local_tensors, out_layout.local_indices(rank), strict=True):
@@ -396,7 +396,7 @@ def _embedding_bag(func: torch._ops.OpOverload, args: tuple[Any, ...],
         summand[:, left:right].index_add_(0, plan.bag_of[owned], rows)
     if mode == _MEAN:
         summand /= plan.counts.clamp(min=1).unsqueeze(1).to(dtype)
-    return (_partial(anchor, summand, dtype), *replicated_facts(*facts))
+    return (partial_result(anchor, summand, dtype), *replicated_facts(*facts))
 
 
 def _max_bags(weight: ShardedTensor, plan: _Bags, facts: tuple[torch.Tensor, ...],
@@ -405,7 +405,7 @@ def _max_bags(weight: ShardedTensor, plan: _Bags, facts: tuple[torch.Tensor, ...
     """NOTE [max bags across ranks]: two all-reduces of ``[B, D]``."""
     layout, rank, group = weight._layout, weight._rank, weight._process_group
     found: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
-    best = torch.full(size, _identity("max", dtype), dtype=dtype, device=weight.device)
+    best = torch.full(size, reduction_identity("max", dtype), dtype=dtype, device=weight.device)
     for block, i in zip(weight._local_tensors, layout.local_indices(rank), strict=True):
         first, stop, left, right = _box_ranges(layout, i)
         owned = plan.owned(first, stop)
@@ -430,8 +430,8 @@ def _max_bags(weight: ShardedTensor, plan: _Bags, facts: tuple[torch.Tensor, ...
     offset2bag, bag_size, stand_in_max = facts
     winners = plan.ids[first_hit.clamp(max=max(count - 1, 0))] if count else first_hit
     max_indices = torch.where(empty, stand_in_max.reshape(-1, 1)[:, :1].expand(size), winners)
-    return (_replicated(weight, best, size, dtype), *replicated_facts(offset2bag, bag_size),
-            _replicated(weight, max_indices, size, max_indices.dtype))
+    return (replicated_result(weight, best, size, dtype), *replicated_facts(offset2bag, bag_size),
+            replicated_result(weight, max_indices, size, max_indices.dtype))
 
 
 def _register_bag(func: torch._ops.OpOverload) -> None:
@@ -463,18 +463,18 @@ def embedding_bag_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, 
       whole operands -> replicated.
     """
     func = aten._embedding_bag_backward.default
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     if bound["sparse"]:
         raise NotImplementedError(f"{func} with sparse=True not supported for ShardedTensor!")
-    results = _meta_call(func, args, kwargs)
+    results = meta_results(func, args, kwargs)
     ((size, dtype),) = results
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return _outside(anchor, results)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return outside_result(anchor, results)
     grad, ids_arg = bound["grad"], bound["indices"]
     names = ("indices", "offsets", "offset2bag", "bag_size")
-    ids, offsets, offset2bag, bag_size = (_dense(bound[n]) for n in names)
-    weights = _dense(bound["per_sample_weights"])
+    ids, offsets, offset2bag, bag_size = (dense_value(bound[n]) for n in names)
+    weights = dense_value(bound["per_sample_weights"])
     rows, mode, padding = bound["num_weights"], bound["mode"], bound["padding_idx"]
     by_freq = bound["scale_grad_by_freq"]
     rank = anchor._rank
@@ -483,27 +483,28 @@ def embedding_bag_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, 
         return func(grad_piece, ids, offsets, offset2bag, bag_size, max_piece, rows, by_freq,
                     mode, False, weights, padding)
 
-    if _sharded(grad) and _columns_only(grad._layout):
+    if is_block_sharded(grad) and _columns_only(grad._layout):
         out_layout = _table_from_columns(grad._layout, rows)
         count = len(grad._local_tensors)
-        maxima = (_pieces(bound["maximum_indices"], grad._layout, rank) if mode == _MAX
-                  else [_dense(bound["maximum_indices"])] * count)
+        maxima = (pieces_of(bound["maximum_indices"], grad._layout, rank) if mode == _MAX
+                  else [dense_value(bound["maximum_indices"])] * count)
         blocks = [dense(block, piece) if block.numel()
                   else block.new_zeros(out_layout.shards[j].shard_sizes)
                   for block, piece, j in zip(grad._local_tensors, maxima,
                                              out_layout.local_indices(rank), strict=True)]
         return grad._like(blocks, out_layout, dtype)
-    whole = _dense(grad)
+    whole = dense_value(grad)
     layout = None if by_freq else _table_layout(ids_arg, anchor, size)
     if layout is None:
-        return _replicated(anchor, dense(whole, _dense(bound["maximum_indices"])), size, dtype)
+        return replicated_result(anchor, dense(whole, dense_value(bound["maximum_indices"])),
+                                 size, dtype)
     plan = _Bags(ids, offsets, whole.shape[0], padding)
-    if mode == _MAX and 0 not in _split_dims(layout):
+    if mode == _MAX and 0 not in split_dims(layout):
         # Column blocks: the forward's max_indices is laid out like them.
-        maxima = _pieces(bound["maximum_indices"], _looked_up_layout(layout, (plan.bags,)),
+        maxima = pieces_of(bound["maximum_indices"], _looked_up_layout(layout, (plan.bags,)),
                          rank)
     elif mode == _MAX:
-        max_indices = _dense(bound["maximum_indices"])
+        max_indices = dense_value(bound["maximum_indices"])
         maxima = [max_indices[:, layout.shard_box(i)[1]] for i in layout.local_indices(rank)]
     blocks = []
     for position, i in enumerate(layout.local_indices(rank)):
@@ -543,24 +544,24 @@ def embedding_bag_per_sample_weights_backward(types: Any, args: tuple[Any, ...],
     * replicated ``weight``: dense -> replicated; none.
     """
     func = aten._embedding_bag_per_sample_weights_backward.default
-    bound = _bind(func, args, kwargs)
-    results = _meta_call(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
+    results = meta_results(func, args, kwargs)
     ((size, dtype),) = results
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return _outside(anchor, results)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return outside_result(anchor, results)
     grad, weight = bound["grad"], bound["weight"]
-    ids, offsets = _dense(bound["indices"]), _dense(bound["offsets"])
-    if not _sharded(weight):
-        value = func(_dense(grad), _dense(weight), ids, offsets, _dense(bound["offset2bag"]),
-                     bound["mode"], bound["padding_idx"])
-        return _replicated(anchor, value, size, dtype)
+    ids, offsets = dense_value(bound["indices"]), dense_value(bound["offsets"])
+    if not is_block_sharded(weight):
+        value = func(dense_value(grad), dense_value(weight), ids, offsets,
+                     dense_value(bound["offset2bag"]), bound["mode"], bound["padding_idx"])
+        return replicated_result(anchor, value, size, dtype)
     layout, rank = weight._layout, weight._rank
     bags = grad.shape[0]
-    if 0 not in _split_dims(layout):
-        grads = _pieces(grad, _looked_up_layout(layout, (bags,)), rank)
+    if 0 not in split_dims(layout):
+        grads = pieces_of(grad, _looked_up_layout(layout, (bags,)), rank)
     else:
-        whole = _dense(grad)
+        whole = dense_value(grad)
         grads = [whole[:, layout.shard_box(i)[1]] for i in layout.local_indices(rank)]
     plan = _Bags(ids, offsets, bags, bound["padding_idx"])
     summand = torch.zeros(size, dtype=dtype, device=weight.device)
@@ -571,4 +572,4 @@ def embedding_bag_per_sample_weights_backward(types: Any, args: tuple[Any, ...],
         if owned.numel() and block.numel():
             products = piece[plan.bag_of[owned]] * block[ids[owned] - first]
             summand.index_add_(0, owned, products.sum(1).to(dtype))
-    return _partial(anchor, summand, dtype)
+    return partial_result(anchor, summand, dtype)

@@ -57,71 +57,54 @@ from typing import Any
 import torch
 
 from dispatch_shard import collectives
-from dispatch_shard.layout import Box, Layout, layout_of
-from dispatch_shard.ops.reduction import _bind, _reduced_layout
-from dispatch_shard.ops.view import (
-    _first_sharded,
-    _relayout,
-    _sliced,
-    _split_dims,
+from dispatch_shard.layout import Box, Layout
+from dispatch_shard.ops._common import (
+    bind_arguments,
+    dense_value,
+    first_sharded,
+    in_group,
+    is_block_sharded,
+    meta_results,
+    outside_result,
+    partial_result,
+    pieces_of,
     replicated_fallback,
+    replicated_result,
+)
+from dispatch_shard.ops.layouts import (
+    chunk_dim_of,
+    derived_layout,
+    reduced_layout,
+    sliced_layout,
+    split_dims,
 )
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
-from dispatch_shard.specs import ChunkShardingSpec, Partial, Replicate
 
 __all__: list[str] = []
 
 aten = torch.ops.aten
 
-BlockMap = Callable[[list[int], list[int]], tuple[list[int], list[int]]]
 Check = Callable[[torch.Tensor], None]
 
 
 # -- operands ------------------------------------------------------------------------------
 
-def _member(tensor: ShardedTensor) -> bool:
-    return collectives.is_member(tensor._process_group, tensor._rank)
 
 
-def _dense(value: Any) -> Any:
-    """A ShardedTensor's whole value (a partial one reduced); anything else as it is.
-
-    Ranks outside the group get zeros of the right size (they compute nothing with it).
-    """
-    if isinstance(value, ShardedTensor):
-        whole = value._redistributed(Replicate())
-        if whole._local_tensors:
-            return whole._local_tensors[0]
-        return torch.zeros(value.shape, dtype=value.dtype, device=value.device)
-    return value
 
 
-def _sharded(value: Any) -> bool:
-    """Whether ``value`` is a ShardedTensor laid out in blocks (not replicated or partial)."""
-    return isinstance(value, ShardedTensor) and value._layout.is_sharded
 
 
-def _pieces(value: Any, layout: Layout, rank: int) -> list[torch.Tensor]:
-    """``value``'s part for each of this rank's blocks of ``layout`` (``value.shape`` is
-    ``layout.size``): its own blocks, moved there (one all-to-all) when sharded otherwise,
-    or sliced locally from a replicated or plain value."""
-    if isinstance(value, ShardedTensor):
-        if value._layout is layout:
-            return list(value._local_tensors)
-        if value._layout.is_sharded and layout.is_sharded:
-            return list(value._redistributed(layout.spec)._local_tensors)
-        value = _dense(value)
-    return [value[layout.shard_box(i)] for i in layout.local_indices(rank)]
 
 
 def _index_pieces(index: Any, layout: Layout, rank: int, check: Check,
                   anchor: ShardedTensor) -> list[torch.Tensor]:
-    """:func:`_pieces` of an index tensor, bounds-checked alike on every rank: a whole
+    """:func:`pieces_of` of an index tensor, bounds-checked alike on every rank: a whole
     index is checked locally (every rank holds the same one); a sharded index is checked
     block by block and the verdict exchanged."""
-    if _sharded(index):
-        pieces = _pieces(index, layout, rank)
+    if is_block_sharded(index):
+        pieces = pieces_of(index, layout, rank)
         error: Exception | None = None
         try:
             for piece in pieces:
@@ -130,78 +113,29 @@ def _index_pieces(index: Any, layout: Layout, rank: int, check: Check,
             error = exc
         collectives.raise_if_any(error, anchor._process_group)
         return pieces
-    whole = _dense(index)
+    whole = dense_value(index)
     check(whole)
     return [whole[layout.shard_box(i)] for i in layout.local_indices(rank)]
 
 
-def _to_meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
-    if isinstance(value, list | tuple):
-        return type(value)(_to_meta(v) for v in value)
-    return value
 
 
-def _meta_call(func: torch._ops.OpOverload, args: Sequence[Any],
-               kwargs: dict[str, Any]) -> list[tuple[torch.Size, torch.dtype]]:
-    """Sizes and dtypes of ``func``'s results from meta tensors of the global sizes: dense's
-    shape and dtype errors, raised on every rank alike."""
-    result = func(*_to_meta(list(args)), **{k: _to_meta(v) for k, v in kwargs.items()})
-    results = result if isinstance(result, tuple | list) else (result,)
-    return [(r.shape, r.dtype) for r in results]
 
 
 # -- results ----------------------------------------------------------------------------------
 
-def _whole_layout(anchor: ShardedTensor, spec: Replicate | Partial, size: Sequence[int]
-                  ) -> Layout:
-    return layout_of(spec, torch.Size(size), anchor._layout.group_ranks,
-                     anchor._layout.device or str(anchor.device))
 
 
-def _replicated(anchor: ShardedTensor, value: torch.Tensor | None, size: Sequence[int],
-                dtype: torch.dtype) -> ShardedTensor:
-    """A replicated result (``value`` is ignored on ranks outside the group)."""
-    layout = _whole_layout(anchor, Replicate(), size)
-    blocks = [value] if value is not None and layout.local_indices(anchor._rank) else []
-    return anchor._like(blocks, layout, dtype)
 
 
-def _partial(anchor: ShardedTensor, summand: torch.Tensor, dtype: torch.dtype,
-             op: str = "sum") -> ShardedTensor:
-    """This rank's ``summand`` of a ``Partial(op)`` result; no collective."""
-    layout = _whole_layout(anchor, Partial(op), summand.shape)
-    return anchor._like([summand] if layout.local_indices(anchor._rank) else [], layout, dtype)
 
 
-def _outside(anchor: ShardedTensor, results: list[tuple[torch.Size, torch.dtype]]) -> Any:
-    """What a rank outside the group returns: the sizes, no blocks."""
-    outs = [_replicated(anchor, None, size, dtype) for size, dtype in results]
-    return tuple(outs) if len(outs) > 1 else outs[0]
 
 
 # -- layouts ----------------------------------------------------------------------------------
 
-def _derived(layout: Layout, size: Sequence[int], chunk_dim: int | None,
-             block_map: BlockMap) -> Layout:
-    """``view._relayout`` whose empty blocks stay empty when ``block_map`` drops the dim that
-    made them empty."""
-
-    def keep_empty(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        new_offsets, new_sizes = block_map(offsets, sizes)
-        if 0 in sizes and new_sizes and 0 not in new_sizes:
-            new_sizes[0] = 0
-        return new_offsets, new_sizes
-
-    return _relayout(layout, size, chunk_dim, keep_empty)
 
 
-def _chunk_dim(layout: Layout) -> int | None:
-    spec = layout.spec
-    if isinstance(spec, ChunkShardingSpec):
-        return spec.dim % len(layout.size)
-    return None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -209,7 +143,7 @@ def _with_dim_length(layout: Layout, dim: int, length: int) -> Layout:
     """``layout`` with ``dim`` (which no block splits) now of ``length``: blocks that span
     ``dim`` span the new length, empty blocks stay empty."""
     size = [length if d == dim else n for d, n in enumerate(layout.size)]
-    chunk = _chunk_dim(layout)
+    chunk = chunk_dim_of(layout)
 
     def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
         new_offsets = [0 if d == dim else o for d, o in enumerate(offsets)]
@@ -217,7 +151,7 @@ def _with_dim_length(layout: Layout, dim: int, length: int) -> Layout:
                      for d, n in enumerate(sizes)]
         return new_offsets, new_sizes
 
-    return _derived(layout, size, chunk if chunk != dim else None, block_map)
+    return derived_layout(layout, size, chunk if chunk != dim else None, block_map)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -227,7 +161,7 @@ def _gathered_layout(layout: Layout, dim: int, shape: tuple[int, ...]) -> Layout
     ``shape[dim]``."""
     for d, n in enumerate(shape):
         if d != dim and n != layout.size[d]:
-            layout = _sliced(layout, d, 0, n)
+            layout = sliced_layout(layout, d, 0, n)
     return _with_dim_length(layout, dim, shape[dim])
 
 
@@ -239,7 +173,7 @@ def _indexed_layout(layout: Layout, indexed: tuple[int, ...], broadcast: tuple[i
     (at ``position`` of the result) are whole."""
     ndim = len(layout.size)
     others = [d for d in range(ndim) if d not in indexed]
-    chunk = _chunk_dim(layout)
+    chunk = chunk_dim_of(layout)
     chunk_dim = None
     if chunk is not None and chunk not in indexed:
         at = others.index(chunk)
@@ -252,7 +186,7 @@ def _indexed_layout(layout: Layout, indexed: tuple[int, ...], broadcast: tuple[i
         new_sizes[position:position] = list(broadcast)
         return new_offsets, new_sizes
 
-    return _derived(layout, size, chunk_dim, block_map)
+    return derived_layout(layout, size, chunk_dim, block_map)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -262,7 +196,7 @@ def _unindexed_layout(layout: Layout, indexed: tuple[int, ...], broadcast: int, 
     of ``x[indices]`` whose ``broadcast`` index dims (at ``position``) no block splits."""
     ndim = len(size)
     others = [d for d in range(ndim) if d not in indexed]
-    chunk = _chunk_dim(layout)
+    chunk = chunk_dim_of(layout)
     chunk_dim = None
     if chunk is not None and not position <= chunk < position + broadcast:
         at = chunk - broadcast if chunk >= position + broadcast else chunk
@@ -276,7 +210,7 @@ def _unindexed_layout(layout: Layout, indexed: tuple[int, ...], broadcast: int, 
             new_offsets[d], new_sizes[d] = kept_offsets[at], kept_sizes[at]
         return new_offsets, new_sizes
 
-    return _derived(layout, size, chunk_dim, block_map)
+    return derived_layout(layout, size, chunk_dim, block_map)
 
 
 def _region(box: Box, dim: int, shape: Sequence[int]) -> tuple[Box, Box]:
@@ -335,32 +269,32 @@ def gather(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     A sharded index not lined up with the result is gathered whole (one all-to-all).
     """
     func = aten.gather.default
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     x, index = bound["self"], bound["index"]
-    results = _meta_call(func, args, kwargs)
+    results = meta_results(func, args, kwargs)
     ((size, dtype),) = results
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return _outside(anchor, results)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return outside_result(anchor, results)
     dim = bound["dim"] % max(x.dim(), 1)
     check = _bounds_check(x.shape[dim] if x.dim() else 1, dim)
     rank = anchor._rank
     if 0 in size:
         # An empty index picks nothing (dense allows any dims and integer dtype then).
-        return _replicated(anchor, torch.empty(size, dtype=dtype, device=anchor.device), size,
+        return replicated_result(anchor, torch.empty(size, dtype=dtype, device=anchor.device), size,
                            dtype)
 
     def local(block: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return torch.gather(block, dim, idx)
 
-    if isinstance(x, ShardedTensor) and x._layout.is_partial and not _sharded(index):
-        idx = _dense(index)
+    if isinstance(x, ShardedTensor) and x._layout.is_partial and not is_block_sharded(index):
+        idx = dense_value(index)
         check(idx)
         summand = local(x._local_tensors[0], idx)
-        return _partial(anchor, summand, dtype, x._layout.spec.reduce_op)  # type: ignore[attr-defined]
-    if _sharded(x):
+        return partial_result(anchor, summand, dtype, x._layout.spec.reduce_op)  # type: ignore[attr-defined]
+    if is_block_sharded(x):
         layout = x._layout
-        if dim not in _split_dims(layout):
+        if dim not in split_dims(layout):
             out_layout = _gathered_layout(layout, dim, tuple(size))
             pieces = _index_pieces(index, out_layout, rank, check, anchor)
             blocks = []
@@ -372,7 +306,7 @@ def gather(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
                 else:
                     blocks.append(local(block[_region(layout.shard_box(i), dim, size)[1]], idx))
             return x._like(blocks, out_layout, dtype)
-        idx = _dense(index)
+        idx = dense_value(index)
         check(idx)
         summand = torch.zeros(size, dtype=dtype, device=x.device)
         for block, i in zip(x._local_tensors, layout.local_indices(rank), strict=True):
@@ -386,9 +320,9 @@ def gather(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
             picked = local(block[in_block], (piece - low).clamp_(0, high - low - 1))
             target = summand[in_index]
             target.copy_(torch.where(hit, picked, target))
-        return _partial(anchor, summand, dtype)
-    whole_x = _dense(x)
-    if _sharded(index):
+        return partial_result(anchor, summand, dtype)
+    whole_x = dense_value(x)
+    if is_block_sharded(index):
         out_layout = index._layout
         pieces = _index_pieces(index, out_layout, rank, check, anchor)
         blocks = [local(whole_x[_region(out_layout.shard_box(j), dim, whole_x.shape)[0]]
@@ -396,9 +330,9 @@ def gather(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
                   if idx.numel() else idx.new_empty(idx.shape, dtype=dtype)
                   for idx, j in zip(pieces, out_layout.local_indices(rank), strict=True)]
         return index._like(blocks, out_layout, dtype)
-    idx = _dense(index)
+    idx = dense_value(index)
     check(idx)
-    return _replicated(anchor, local(whole_x, idx), size, dtype)
+    return replicated_result(anchor, local(whole_x, idx), size, dtype)
 
 
 # -- scatter, scatter_add, scatter_reduce --------------------------------------------------------
@@ -435,16 +369,16 @@ def _scatter(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
     A ``Partial`` ``x`` is reduced first (out of place) or refused (in place).
     """
     inplace_op, inplace = _SCATTER[func]
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     x, index = bound["self"], bound["index"]
     src_name = "src" if "src" in bound else "value"
     src = bound[src_name]
     extra = {k: v for k, v in bound.items() if k not in ("self", "dim", "index", src_name)}
-    results = _meta_call(func, args, kwargs)
+    results = meta_results(func, args, kwargs)
     ((size, dtype),) = results
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return x if inplace else _outside(anchor, results)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return x if inplace else outside_result(anchor, results)
     dim = bound["dim"] % max(x.dim(), 1)
     check = _bounds_check(x.shape[dim] if x.dim() else 1, dim)
     rank = anchor._rank
@@ -460,18 +394,18 @@ def _scatter(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
         if not tensor_src:
             return [src] * count
         if isinstance(src, ShardedTensor) and src.shape == index.shape:
-            return _pieces(src, layout, rank)
-        whole = _dense(src)[tuple(slice(0, n) for n in index_size)]
-        return _pieces(whole, layout, rank)
+            return pieces_of(src, layout, rank)
+        whole = dense_value(src)[tuple(slice(0, n) for n in index_size)]
+        return pieces_of(whole, layout, rank)
 
     if isinstance(x, ShardedTensor) and x._layout.is_partial:
         if inplace:
             raise _into_partial(func)
         x = x._reduced()
-    if _sharded(x):
+    if is_block_sharded(x):
         layout = x._layout
         targets = x._local_tensors if inplace else [b.clone() for b in x._local_tensors]
-        if dim not in _split_dims(layout):
+        if dim not in split_dims(layout):
             like = _gathered_layout(layout, dim, index_size)
             pieces = _index_pieces(index, like, rank, check, anchor)
             for target, idx, piece, i in zip(targets, pieces, src_pieces(like),
@@ -479,9 +413,9 @@ def _scatter(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
                 if idx.numel() and target.numel():
                     apply(target[_region(layout.shard_box(i), dim, index_size)[1]], idx, piece)
         else:
-            idx = _dense(index)
+            idx = dense_value(index)
             check(idx)
-            whole_src = (_dense(src)[tuple(slice(0, n) for n in index_size)] if tensor_src
+            whole_src = (dense_value(src)[tuple(slice(0, n) for n in index_size)] if tensor_src
                          else src)
             for target, i in zip(targets, layout.local_indices(rank), strict=True):
                 box = layout.shard_box(i)
@@ -503,15 +437,15 @@ def _scatter(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
         return x if inplace else x._like(targets, dtype=dtype)
     if not inplace:
         # (An empty index writes nothing: the whole path below serves it.)
-        lined_up = [t for t in (index, src) if _sharded(t) and t.shape == index.shape
-                    and dim not in _split_dims(t._layout) and index.numel()
+        lined_up = [t for t in (index, src) if is_block_sharded(t) and t.shape == index.shape
+                    and dim not in split_dims(t._layout) and index.numel()
                     and index.dim() == x.dim()]
         if (lined_up and (not tensor_src or src.shape == index.shape)
                 and all(n == x.shape[d] for d, n in enumerate(index_size) if d != dim)):
             layout = lined_up[0]._layout
             out_layout = _with_dim_length(layout, dim, x.shape[dim])
             pieces = _index_pieces(index, layout, rank, check, anchor)
-            whole_x = _dense(x)
+            whole_x = dense_value(x)
             blocks = []
             for idx, piece, j in zip(pieces, src_pieces(layout), out_layout.local_indices(rank),
                                      strict=True):
@@ -520,17 +454,17 @@ def _scatter(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
                     apply(block, idx, piece)
                 blocks.append(block)
             return lined_up[0]._like(blocks, out_layout, dtype)
-    idx = _dense(index)
+    idx = dense_value(index)
     check(idx)
-    whole_src = _dense(src)
+    whole_src = dense_value(src)
     if inplace:
         targets = x._local_tensors if isinstance(x, ShardedTensor) else [x]
         for target in targets:
             apply(target, idx, whole_src)
         return x
-    result = _dense(x).clone()
+    result = dense_value(x).clone()
     apply(result, idx, whole_src)
-    return _replicated(anchor, result, size, dtype)
+    return replicated_result(anchor, result, size, dtype)
 
 
 def _register_scatter(func: torch._ops.OpOverload) -> None:
@@ -558,23 +492,23 @@ def index_select(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: 
     * ``Partial`` ``x`` -> ``Partial`` of the same op; replicated ``x`` -> replicated; none.
     """
     func = aten.index_select.default
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     x = bound["self"]
-    results = _meta_call(func, args, kwargs)
+    results = meta_results(func, args, kwargs)
     ((size, dtype),) = results
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return _outside(anchor, results)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return outside_result(anchor, results)
     dim = bound["dim"] % max(x.dim(), 1)
-    idx = _dense(bound["index"])
+    idx = dense_value(bound["index"])
     _bounds_check(x.shape[dim] if x.dim() else 1, dim)(idx)
     if not isinstance(x, ShardedTensor) or x._layout.is_replicate:
-        return _replicated(anchor, _dense(x).index_select(dim, idx), size, dtype)
+        return replicated_result(anchor, dense_value(x).index_select(dim, idx), size, dtype)
     if x._layout.is_partial:
-        return _partial(anchor, x._local_tensors[0].index_select(dim, idx), dtype,
+        return partial_result(anchor, x._local_tensors[0].index_select(dim, idx), dtype,
                         x._layout.spec.reduce_op)  # type: ignore[attr-defined]
     layout, rank = x._layout, x._rank
-    if dim not in _split_dims(layout):
+    if dim not in split_dims(layout):
         out_layout = _with_dim_length(layout, dim, size[dim] if size else 1)
         blocks = [block.index_select(dim, idx) if block.numel()
                   else block.new_empty(out_layout.shards[j].shard_sizes)
@@ -591,7 +525,7 @@ def index_select(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: 
             continue
         region = tuple(slice(None) if d == dim else s for d, s in enumerate(box))
         summand[region].index_copy_(dim, where, block.index_select(dim, flat[where] - low))
-    return _partial(anchor, summand, dtype)
+    return partial_result(anchor, summand, dtype)
 
 
 def _index_add(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -608,31 +542,31 @@ def _index_add(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
       backward is ``new_zeros(x.shape).index_add_(...)``, in place into a replicated
       tensor: a gradient sharded like the output is gathered there, one all-to-all.)
     """
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     x, source, alpha = bound["self"], bound["source"], bound["alpha"]
-    results = _meta_call(func, args, kwargs)
+    results = meta_results(func, args, kwargs)
     ((size, dtype),) = results
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return x if inplace else _outside(anchor, results)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return x if inplace else outside_result(anchor, results)
     dim = bound["dim"] % max(x.dim(), 1)
-    idx = _dense(bound["index"])
+    idx = dense_value(bound["index"])
     _bounds_check(x.shape[dim] if x.dim() else 1, dim)(idx)
     rank = anchor._rank
     if isinstance(x, ShardedTensor) and x._layout.is_partial:
         if inplace:
             raise _into_partial(func)
         x = x._reduced()
-    if _sharded(x):
+    if is_block_sharded(x):
         layout = x._layout
         targets = x._local_tensors if inplace else [b.clone() for b in x._local_tensors]
-        if dim not in _split_dims(layout):
+        if dim not in split_dims(layout):
             like = _with_dim_length(layout, dim, source.shape[dim] if source.dim() else 1)
-            for target, piece in zip(targets, _pieces(source, like, rank), strict=True):
+            for target, piece in zip(targets, pieces_of(source, like, rank), strict=True):
                 if target.numel():
                     target.index_add_(dim, idx, piece, alpha=alpha)
         else:
-            whole = _dense(source)
+            whole = dense_value(source)
             flat = idx.reshape(-1)
             for target, i in zip(targets, layout.local_indices(rank), strict=True):
                 box = layout.shard_box(i)
@@ -644,9 +578,9 @@ def _index_add(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
                 target.index_add_(dim, flat[where] - low,
                                   whole[region].index_select(dim, where), alpha=alpha)
         return x if inplace else x._like(targets, dtype=dtype)
-    if not inplace and _sharded(source) and dim not in _split_dims(source._layout):
+    if not inplace and is_block_sharded(source) and dim not in split_dims(source._layout):
         out_layout = _with_dim_length(source._layout, dim, x.shape[dim])
-        whole_x = _dense(x)
+        whole_x = dense_value(x)
         blocks = []
         for piece, j in zip(source._local_tensors, out_layout.local_indices(rank), strict=True):
             block = whole_x[out_layout.shard_box(j)].clone()
@@ -654,13 +588,13 @@ def _index_add(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
                 block.index_add_(dim, idx, piece, alpha=alpha)
             blocks.append(block)
         return source._like(blocks, out_layout, dtype)
-    whole_source = _dense(source)
+    whole_source = dense_value(source)
     if inplace:
         for target in (x._local_tensors if isinstance(x, ShardedTensor) else [x]):
             target.index_add_(dim, idx, whole_source, alpha=alpha)
         return x
-    result = _dense(x).index_add(dim, idx, whole_source, alpha=alpha)
-    return _replicated(anchor, result, size, dtype)
+    result = dense_value(x).index_add(dim, idx, whole_source, alpha=alpha)
+    return replicated_result(anchor, result, size, dtype)
 
 
 @custom_sharded_op_impl(aten.index_add.default, handles_partial=True)
@@ -687,7 +621,7 @@ def _long_indices(x: Any, indices: Sequence[Any]) -> list[torch.Tensor | None] |
         if index is None:
             result.append(None)
             continue
-        whole = _dense(index)
+        whole = dense_value(index)
         if whole.dtype in (torch.bool, torch.uint8):
             if whole.dim() == 0:
                 return None
@@ -759,24 +693,24 @@ def index(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     * ``Partial`` ``x`` -> ``Partial`` of the same op; replicated ``x`` -> replicated; none.
     """
     func = aten.index.Tensor
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     x = bound["self"]
-    anchor = _first_sharded(args, kwargs)
+    anchor = first_sharded(args, kwargs)
     indices = _long_indices(x, bound["indices"])
     if indices is None or not any(i is not None for i in indices):
         return replicated_fallback(func, args, kwargs)
-    results = _meta_call(func, (x, indices), {})
+    results = meta_results(func, (x, indices), {})
     ((size, dtype),) = results
-    if not _member(anchor):
-        return _outside(anchor, results)
+    if not in_group(anchor):
+        return outside_result(anchor, results)
     plan = _Indexing(x, indices)
     if not isinstance(x, ShardedTensor) or x._layout.is_replicate:
-        return _replicated(anchor, aten.index.Tensor(_dense(x), indices), size, dtype)
+        return replicated_result(anchor, aten.index.Tensor(dense_value(x), indices), size, dtype)
     if x._layout.is_partial:
-        return _partial(anchor, aten.index.Tensor(x._local_tensors[0], indices), dtype,
+        return partial_result(anchor, aten.index.Tensor(x._local_tensors[0], indices), dtype,
                         x._layout.spec.reduce_op)  # type: ignore[attr-defined]
     layout, rank = x._layout, x._rank
-    if size and not set(plan.indexed) & _split_dims(layout):
+    if size and not set(plan.indexed) & split_dims(layout):
         out_layout = _indexed_layout(layout, plan.indexed, plan.broadcast, plan.position,
                                      tuple(size))
         blocks = [aten.index.Tensor(block, indices) if block.numel()
@@ -796,7 +730,7 @@ def index(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
             continue
         region = (slice(None), *(box[d] for d in plan.others))
         summand[region][where] = block.permute(order)[coordinates]
-    return _partial(anchor, plan.unflatten(summand), dtype)
+    return partial_result(anchor, plan.unflatten(summand), dtype)
 
 
 def _index_put(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -813,24 +747,24 @@ def _index_put(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
       ``x`` was; collectives: none.
     * otherwise: whole operands -> replicated (in place: written into ``x`` as it is).
     """
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     x, values, accumulate = bound["self"], bound["values"], bound["accumulate"]
-    anchor = _first_sharded(args, kwargs)
+    anchor = first_sharded(args, kwargs)
     raw = list(bound["indices"])
     if isinstance(x, ShardedTensor) and x._layout.is_partial:
         if inplace:
             raise _into_partial(func)
         x = x._reduced()
-    if _sharded(x) and _is_full_mask(x, raw) and values.numel() == 1:
+    if is_block_sharded(x) and _is_full_mask(x, raw) and values.numel() == 1:
         if values.dtype != x.dtype:
             raise RuntimeError("Index put requires the source and destination dtypes match, got "
                                f"{x.dtype} for the destination and {values.dtype} for the source.")
-        if not _member(anchor):
+        if not in_group(anchor):
             return x
         rank = x._rank
-        value = _dense(values)
+        value = dense_value(values)
         targets = x._local_tensors if inplace else [b.clone() for b in x._local_tensors]
-        for target, mask in zip(targets, _pieces(raw[0], x._layout, rank), strict=True):
+        for target, mask in zip(targets, pieces_of(raw[0], x._layout, rank), strict=True):
             aten.index_put_.default(target, [mask], value, accumulate)
         return x if inplace else x._like(targets)
     indices = _long_indices(x, raw)
@@ -839,16 +773,16 @@ def _index_put(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
             raise NotImplementedError(f"{func} with a 0-dim boolean index not supported for "
                                       "ShardedTensor!")
         return replicated_fallback(func, (x, raw, values, accumulate), {})
-    results = _meta_call(aten.index_put.default, (x, indices, values, accumulate), {})
+    results = meta_results(aten.index_put.default, (x, indices, values, accumulate), {})
     ((size, dtype),) = results
-    if not _member(anchor):
-        return x if inplace else _outside(anchor, results)
+    if not in_group(anchor):
+        return x if inplace else outside_result(anchor, results)
     plan = _Indexing(x, indices)
     rank = anchor._rank
-    if _sharded(x):
+    if is_block_sharded(x):
         layout = x._layout
-        (indexed_size, _), = _meta_call(aten.index.Tensor, (x, indices), {})
-        flat = plan.flat_first(_dense(values).expand(indexed_size))
+        (indexed_size, _), = meta_results(aten.index.Tensor, (x, indices), {})
+        flat = plan.flat_first(dense_value(values).expand(indexed_size))
         order = plan.indexed + plan.others
         targets = x._local_tensors if inplace else [b.clone() for b in x._local_tensors]
         for target, i in zip(targets, layout.local_indices(rank), strict=True):
@@ -862,13 +796,13 @@ def _index_put(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
             target.permute(order).index_put_(coordinates, piece, accumulate)
         return x if inplace else x._like(targets, dtype=dtype)
     count = len(plan.broadcast)
-    if not inplace and _sharded(values) and count:
-        (indexed_size, _), = _meta_call(aten.index.Tensor, (x, indices), {})
+    if not inplace and is_block_sharded(values) and count:
+        (indexed_size, _), = meta_results(aten.index.Tensor, (x, indices), {})
         index_dims = set(range(plan.position, plan.position + count))
-        if values.shape == indexed_size and not index_dims & _split_dims(values._layout):
+        if values.shape == indexed_size and not index_dims & split_dims(values._layout):
             out_layout = _unindexed_layout(values._layout, plan.indexed, count, plan.position,
                                            tuple(x.shape))
-            whole_x = _dense(x)
+            whole_x = dense_value(x)
             blocks = []
             for piece, j in zip(values._local_tensors, out_layout.local_indices(rank),
                                 strict=True):
@@ -877,13 +811,13 @@ def _index_put(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
                     aten.index_put_.default(block, indices, piece, accumulate)
                 blocks.append(block)
             return values._like(blocks, out_layout, dtype)
-    whole_values = _dense(values)
+    whole_values = dense_value(values)
     if inplace:
         for target in (x._local_tensors if isinstance(x, ShardedTensor) else [x]):
             aten.index_put_.default(target, indices, whole_values, accumulate)
         return x
-    result = aten.index_put.default(_dense(x), indices, whole_values, accumulate)
-    return _replicated(anchor, result, size, dtype)
+    result = aten.index_put.default(dense_value(x), indices, whole_values, accumulate)
+    return replicated_result(anchor, result, size, dtype)
 
 
 def _is_full_mask(x: ShardedTensor, indices: Sequence[Any]) -> bool:
@@ -915,14 +849,14 @@ class _Targets:
 
     def __init__(self, target: Any, weight: Any, classes: int, ignore_index: int,
                  dtype: torch.dtype, check: bool) -> None:
-        target = _dense(target).reshape(-1)
+        target = dense_value(target).reshape(-1)
         valid = target != ignore_index
         if check:
             bad = valid & ((target < 0) | (target >= classes))
             if bool(bad.any()):
                 raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
         self.classes = torch.where(valid, target, 0).clamp_(0, max(classes - 1, 0))
-        weight = _dense(weight)
+        weight = dense_value(weight)
         if weight is None:
             self.weights = valid.to(dtype)
         else:
@@ -957,26 +891,26 @@ def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], 
     A ``Partial`` ``x`` is reduced first.
     """
     func = aten.nll_loss_forward.default
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     x = bound["self"]
-    results = _meta_call(func, args, kwargs)
+    results = meta_results(func, args, kwargs)
     (size, dtype), (_, weight_dtype) = results
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return _outside(anchor, results)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return outside_result(anchor, results)
     reduction = bound["reduction"]
     classes = x.shape[-1]
     targets = _Targets(bound["target"], bound["weight"], classes, bound["ignore_index"],
                        x.dtype, check=True)
     total = (targets.weights.sum() if reduction != _NONE
              else torch.zeros((), dtype=weight_dtype, device=x.device))
-    total_weight = _replicated(anchor, total.to(weight_dtype), (), weight_dtype)
+    total_weight = replicated_result(anchor, total.to(weight_dtype), (), weight_dtype)
     if isinstance(x, ShardedTensor) and x._layout.is_partial:
         x = x._reduced()
     if not isinstance(x, ShardedTensor) or x._layout.is_replicate:
-        loss, _ = func(_dense(x), _dense(bound["target"]), _dense(bound["weight"]), reduction,
-                       bound["ignore_index"])
-        return _replicated(anchor, loss, size, dtype), total_weight
+        loss, _ = func(dense_value(x), dense_value(bound["target"]),
+                       dense_value(bound["weight"]), reduction, bound["ignore_index"])
+        return replicated_result(anchor, loss, size, dtype), total_weight
     layout, rank = x._layout, x._rank
     picked = torch.zeros(targets.weights.shape, dtype=x.dtype, device=x.device)
     for block, i in zip(x._local_tensors, layout.local_indices(rank), strict=True):
@@ -986,15 +920,15 @@ def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], 
             picked[rows][where] = block.reshape(-1, block.shape[-1])[where, local]
     losses = -(targets.weights * picked)
     if reduction == _NONE and x.dim() == 2:
-        if 1 in _split_dims(layout):
-            return _partial(anchor, losses, dtype), total_weight
-        out_layout = _reduced_layout(layout, (1,), False)
+        if 1 in split_dims(layout):
+            return partial_result(anchor, losses, dtype), total_weight
+        out_layout = reduced_layout(layout, (1,), False)
         blocks = [losses[out_layout.shard_box(j)] for j in out_layout.local_indices(rank)]
         return x._like(blocks, out_layout, dtype), total_weight
     loss = collectives.all_reduce(losses.sum(), "sum", x._process_group)
     if reduction == _MEAN:
         loss = loss / total
-    return _replicated(anchor, loss.to(dtype), size, dtype), total_weight
+    return replicated_result(anchor, loss.to(dtype), size, dtype), total_weight
 
 
 @custom_sharded_op_impl(aten.nll_loss_backward.default, handles_partial=True)
@@ -1008,31 +942,31 @@ def nll_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     (one all-to-all, or one all-reduce when partial).
     """
     func = aten.nll_loss_backward.default
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     x, grad = bound["self"], bound["grad_output"]
-    results = _meta_call(func, args, kwargs)
+    results = meta_results(func, args, kwargs)
     ((size, dtype),) = results
-    anchor = _first_sharded(args, kwargs)
-    if not _member(anchor):
-        return _outside(anchor, results)
+    anchor = first_sharded(args, kwargs)
+    if not in_group(anchor):
+        return outside_result(anchor, results)
     reduction = bound["reduction"]
     targets = _Targets(bound["target"], bound["weight"], x.shape[-1], bound["ignore_index"],
                        dtype, check=False)
     scale = -targets.weights
     if reduction == _MEAN:
-        scale = scale / _dense(bound["total_weight"]).to(dtype)
-    if not _sharded(x):
-        whole = func(_dense(grad), torch.zeros((), dtype=x.dtype).expand(x.shape),
-                     _dense(bound["target"]), _dense(bound["weight"]), reduction,
-                     bound["ignore_index"], _dense(bound["total_weight"]))
-        return _replicated(anchor, whole, size, dtype)
+        scale = scale / dense_value(bound["total_weight"]).to(dtype)
+    if not is_block_sharded(x):
+        whole = func(dense_value(grad), torch.zeros((), dtype=x.dtype).expand(x.shape),
+                     dense_value(bound["target"]), dense_value(bound["weight"]), reduction,
+                     bound["ignore_index"], dense_value(bound["total_weight"]))
+        return replicated_result(anchor, whole, size, dtype)
     layout, rank = x._layout, x._rank
-    by_rows = reduction == _NONE and x.dim() == 2 and 1 not in _split_dims(layout)
+    by_rows = reduction == _NONE and x.dim() == 2 and 1 not in split_dims(layout)
     if by_rows:
-        row_layout = _reduced_layout(layout, (1,), False)
-        grads = _pieces(grad, row_layout, rank)
+        row_layout = reduced_layout(layout, (1,), False)
+        grads = pieces_of(grad, row_layout, rank)
     else:
-        whole_grad = _dense(grad).to(dtype)
+        whole_grad = dense_value(grad).to(dtype)
         coefficients = scale * (whole_grad.reshape(-1) if reduction == _NONE else whole_grad)
     blocks = []
     for position, i in enumerate(layout.local_indices(rank)):

@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout, layout_of
-from dispatch_shard.ops.view import _like_leading, _split_dims
+from dispatch_shard.ops.layouts import like_leading, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import ChunkShardingSpec, Partial, Replicate, ShardingSpec
@@ -224,11 +224,11 @@ def choose_strategy(a: Layout, b: Layout, a_itemsize: int, b_itemsize: int,
         for position, layout in enumerate((a, b)):
             # (An empty block must be empty along the batch dim: the other operand's
             # block on it is then empty too, never overlapping a real one.)
-            if layout.is_sharded and _split_dims(layout) <= {0} and all(
+            if layout.is_sharded and split_dims(layout) <= {0} and all(
                     s.shard_sizes[0] == 0 or 0 not in s.shard_sizes for s in layout.shards):
                 other = b if position == 0 else a
-                other_spec = _like_leading(layout, 1, other.size).spec
-                out_spec = _like_leading(layout, 1, out_size).spec
+                other_spec = like_leading(layout, 1, other.size).spec
+                out_spec = like_leading(layout, 1, out_size).spec
                 candidates.append(("batch", None, other_spec, out_spec) if position == 0
                                   else ("batch", other_spec, None, out_spec))
     for position, layout in enumerate((a, b)):

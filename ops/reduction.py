@@ -59,10 +59,11 @@ import torch
 from dispatch_shard import collectives
 from dispatch_shard.layout import Box, Layout, layout_of
 from dispatch_shard.metadata import ShardMetadata
-from dispatch_shard.ops.view import _relayout, _split_dims
+from dispatch_shard.ops._common import bind_arguments, reduction_identity
+from dispatch_shard.ops.layouts import reduced_layout, split_dims
 from dispatch_shard.registry import _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, _first_group
-from dispatch_shard.specs import ChunkShardingSpec, EnumerableShardingSpec, Partial, Replicate
+from dispatch_shard.specs import EnumerableShardingSpec, Partial, Replicate
 
 __all__: list[str] = []
 
@@ -103,27 +104,10 @@ def _serving(fn: OpImpl, func: torch._ops.OpOverload, fixed: dict[str, Any]) -> 
 
 # -- arguments ------------------------------------------------------------------------
 
-_REQUIRED = object()
 
 
-@functools.cache
-def _parameters(func: torch._ops.OpOverload) -> tuple[tuple[str, Any], ...]:
-    return tuple((a.name, a.default_value if a.has_default_value() else _REQUIRED)
-                 for a in func._schema.arguments)
 
 
-def _bind(func: torch._ops.OpOverload, args: tuple[Any, ...],
-          kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The op's arguments by name, defaults filled in."""
-    bound = {}
-    for position, (name, default) in enumerate(_parameters(func)):
-        if position < len(args):
-            bound[name] = args[position]
-        elif name in kwargs:
-            bound[name] = kwargs[name]
-        else:
-            bound[name] = default
-    return bound
 
 
 def _dims(ndim: int, dim: Any, empty_means_all: bool = True) -> tuple[int, ...]:
@@ -212,32 +196,13 @@ def _replicated(x: ShardedTensor, value: torch.Tensor | None, size: torch.Size,
     return x._like([] if value is None else [value.reshape(size)], layout, dtype)
 
 
-@functools.lru_cache(maxsize=1024)
-def _reduced_layout(layout: Layout, dims: tuple[int, ...], keepdim: bool) -> Layout:
-    """``layout`` after reducing ``dims``, which no block splits (size 1 with ``keepdim``)."""
-    ndim = len(layout.size)
-    keep = [d for d in range(ndim) if keepdim or d not in dims]
-    size = [1 if d in dims else layout.size[d] for d in keep]
-    spec = layout.spec
-    chunk_dim = None
-    if isinstance(spec, ChunkShardingSpec) and spec.dim % ndim not in dims:
-        chunk_dim = keep.index(spec.dim % ndim)
-
-    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        new_offsets = [0 if d in dims else offsets[d] for d in keep]
-        new_sizes = [1 if d in dims else sizes[d] for d in keep]
-        if 0 in sizes and new_sizes and 0 not in new_sizes:
-            new_sizes[0] = 0  # an empty block stays empty
-        return new_offsets, new_sizes
-
-    return _relayout(layout, size, chunk_dim, block_map)
 
 
 def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
                x: ShardedTensor, dims: tuple[int, ...], keepdim: bool,
                dtypes: tuple[torch.dtype, ...]) -> Any:
     """``func`` on each block of a sharded ``x`` whose reduced ``dims`` no block splits."""
-    layout = _reduced_layout(x._layout, dims, keepdim)
+    layout = reduced_layout(x._layout, dims, keepdim)
     results: list[tuple[torch.Tensor, ...]] = []
     for block, j in zip(x._local_tensors, layout.local_indices(x._rank), strict=True):
         if block.numel() == 0:
@@ -278,7 +243,7 @@ def _served_without_communication(
         return _on_replicated(func, args, kwargs, x, size, dtypes, empty)
     if x._layout.is_replicate:
         return _on_replicated(func, args, kwargs, x, size, dtypes)
-    if size and not set(dims) & _split_dims(x._layout):
+    if size and not set(dims) & split_dims(x._layout):
         return _blockwise(func, args, kwargs, x, dims, keepdim, dtypes)
     if not _is_member(x):
         return _pack([_replicated(x, None, size, dtype) for dtype in dtypes])
@@ -287,17 +252,6 @@ def _served_without_communication(
 
 # -- summands -------------------------------------------------------------------------------
 
-def _identity(op: str, dtype: torch.dtype) -> bool | int | float:
-    if op == "sum":
-        return 0
-    if op == "product":
-        return 1
-    if dtype == torch.bool:
-        return op == "min"
-    if dtype.is_floating_point:
-        return -math.inf if op == "max" else math.inf
-    info = torch.iinfo(dtype)
-    return info.min if op == "max" else info.max
 
 
 def _combine(target: torch.Tensor, value: torch.Tensor, op: str) -> None:
@@ -321,7 +275,7 @@ def _summand(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype, op: st
     """
     layout = x._layout
     size = [1 if d in dims else n for d, n in enumerate(x.shape)]
-    summand = torch.full(size, _identity(op, dtype), dtype=dtype, device=x.device)
+    summand = torch.full(size, reduction_identity(op, dtype), dtype=dtype, device=x.device)
     blocks = x._local_tensors if blocks is None else blocks
     for block, index in zip(blocks, layout.local_indices(x._rank), strict=True):
         if block.numel() == 0:
@@ -477,7 +431,7 @@ def _sum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, A
         served = _full_sum(args[0])
         if served is not None:
             return served
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     dims = _dims(args[0].dim(), bound.get("dim"))
     (dtype,) = _probe(func, args, kwargs)
     return _reduction(func, args, kwargs, dims, bound.get("keepdim", False), "sum",
@@ -515,7 +469,7 @@ def _mean(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, 
     (collectives: none); else each rank's ``sum(blocks) / N``, ``N`` the global count (NOTE
     [means weight by element counts]) -> ``Partial("sum")`` (collectives: none, 0-dim results
     too). ``Partial("sum"|"avg")`` inputs stay partial."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     x = args[0]
     dims = _dims(x.dim(), bound.get("dim"))
     (dtype,) = _probe(func, args, kwargs)
@@ -529,7 +483,7 @@ def _mean(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, 
 def _nansum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``x.nansum(dims, keepdim, dtype)``: as ``sum`` (blockwise, or ``Partial("sum")`` across
     ranks; collectives: none); a partial input is reduced first (its summands may be NaN)."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     dims = _dims(args[0].dim(), bound["dim"])
     (dtype,) = _probe(func, args, kwargs)
     return _reduction(func, args, kwargs, dims, bound["keepdim"], "sum",
@@ -542,7 +496,7 @@ def _count_nonzero(func: torch._ops.OpOverload, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
     """``torch.count_nonzero(x, dims)``: blockwise when no block splits a reduced dim; else
     per-rank counts -> ``Partial("sum")`` int64 (collectives: none, 0-dim results too)."""
-    dims = _dims(args[0].dim(), _bind(func, args, kwargs)["dim"])
+    dims = _dims(args[0].dim(), bind_arguments(func, args, kwargs)["dim"])
     (dtype,) = _probe(func, args, kwargs)
 
     def local(block: torch.Tensor, _: Box) -> torch.Tensor:
@@ -558,7 +512,7 @@ def _prod(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, 
     """``x.prod(dim, keepdim, dtype)``: blockwise when no block splits ``dim`` (collectives:
     none); else per-rank products (identity 1) and one product all-reduce -> replicated
     (complex: one sum all-reduce gathering the ``R`` per-rank products)."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     dims = _dims(args[0].dim(), bound.get("dim"))
     (dtype,) = _probe(func, args, kwargs)
 
@@ -585,7 +539,7 @@ def _amax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, 
     (collectives: none); else per-rank extremes in a full-size summand (the identity, -inf or
     +inf, where the rank holds nothing) -> ``Partial("max"|"min")`` (collectives: none, 0-dim
     results too; reducing it is NaN-aware). A partial input of the same op stays partial."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     dims = _dims(args[0].dim(), bound["dim"])
     (dtype,) = _probe(func, args, kwargs)
     return _reduction(func, args, kwargs, dims, bound["keepdim"], op,
@@ -613,7 +567,7 @@ def _all(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, A
     """``x.all(dims, keepdim)`` / ``any``: blockwise when no block splits a reduced dim
     (collectives: none); else per-rank verdicts and one min (all) / max (any) all-reduce ->
     replicated bool (uint8 for uint8 input)."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     dims = _dims(args[0].dim(), bound.get("dim"), empty_means_all=False)  # default: all
     (dtype,) = _probe(func, args, kwargs)
     reduce = torch.all if op == "all" else torch.any
@@ -668,7 +622,7 @@ def _max_dim(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
     ``dim`` (a block spans it, so its indices are global; collectives: none); else two
     all-reduces (NaN-aware extreme of the values, then min of the first global index that
     holds it) -> both replicated."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     dtypes = _probe(func, args, kwargs)
     x: ShardedTensor = args[0]._reduced()
     args = (x, *args[1:])
@@ -689,7 +643,7 @@ def _argmax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str
     splits it (collectives: none); else two all-reduces (the NaN-aware extreme, then min of
     the first global index holding it; row-major over all dims without ``dim``) ->
     replicated int64."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     dtypes = _probe(func, args, kwargs)
     x: ShardedTensor = args[0]._reduced()
     args = (x, *args[1:])
@@ -735,7 +689,7 @@ def _var(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, A
     when no block splits a reduced dim (collectives: none); else two passes with the global
     mean (NOTE [means weight by element counts]): one sum all-reduce for the mean, one for
     the squared deviations -> replicated."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     dtypes = _probe(func, args, kwargs)
     x: ShardedTensor = args[0]._reduced()
     args = (x, *args[1:])
@@ -757,7 +711,7 @@ def _vector_norm(func: torch._ops.OpOverload, args: tuple[Any, ...],
     splits a reduced dim (collectives: none); else per-rank ``sum |x|^ord``, one sum
     all-reduce and the ``1/ord`` power (``ord`` = +-inf: one NaN-aware max/min all-reduce;
     0: a count) -> replicated."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     dtypes = _probe(func, args, kwargs)
     x: ShardedTensor = args[0]._reduced()
     args = (x, *args[1:])
@@ -801,7 +755,7 @@ def _logsumexp(func: torch._ops.OpOverload, args: tuple[Any, ...],
     """``x.logsumexp(dims, keepdim)``: blockwise when no block splits a reduced dim
     (collectives: none); else two all-reduces (a NaN-aware max for the shift, then the sum of
     ``exp(x - shift)``) -> replicated."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     dtypes = _probe(func, args, kwargs)
     x: ShardedTensor = args[0]._reduced()
     args = (x, *args[1:])
@@ -827,11 +781,11 @@ def _softmax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
     """``x.softmax(dim)`` / ``log_softmax``, in ``x``'s layout: blockwise when no block splits
     ``dim`` (collectives: none); else two all-reduces of the ``dim``-reduced size (a
     NaN-aware max, then the sum of ``exp(x - max)``), then each block normalized locally."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     (dtype,) = _probe(func, args, kwargs)
     x: ShardedTensor = args[0]._reduced()
     dims = _dims(x.dim(), bound["dim"])
-    if x._layout.is_replicate or not set(dims) & _split_dims(x._layout):
+    if x._layout.is_replicate or not set(dims) & split_dims(x._layout):
         return x._like([func(block, *args[1:], **kwargs) for block in x._local_tensors],
                        dtype=dtype)
     if not _is_member(x):
@@ -865,7 +819,7 @@ def _softmax_backward(func: torch._ops.OpOverload, args: tuple[Any, ...],
     all-to-all when sharded differently): blockwise when no block splits ``dim``
     (collectives: none); else one sum all-reduce of the ``dim``-reduced size of
     ``grad_output * output`` (log: of ``grad_output``), then locally per block."""
-    bound = _bind(func, args, kwargs)
+    bound = bind_arguments(func, args, kwargs)
     (dtype,) = _probe(func, args, kwargs)
     anchor = next(a for a in args if isinstance(a, ShardedTensor))
     grad, output = _operand(bound["grad_output"], anchor), _operand(bound["output"], anchor)
@@ -874,7 +828,7 @@ def _softmax_backward(func: torch._ops.OpOverload, args: tuple[Any, ...],
                     for t in (grad, output))
     dims = _dims(base.dim(), bound["dim"])
     pairs = list(zip(grad._local_tensors, output._local_tensors, strict=True))
-    if base._layout.is_replicate or not set(dims) & _split_dims(base._layout):
+    if base._layout.is_replicate or not set(dims) & split_dims(base._layout):
         rest = (bound["dim"], bound["input_dtype"])
         return base._like([func(g, o, *rest) for g, o in pairs], dtype=dtype)
     if not _is_member(base):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from dispatch_shard import collectives
-from dispatch_shard.ops.view import _split_dims
+from dispatch_shard.ops.layouts import split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 
@@ -57,7 +57,7 @@ def _scan(name: str, x: ShardedTensor, dim: int, dtype: torch.dtype | None) -> S
     blocks = [local_scan(block, dim, dtype=dtype) for block in x._local_tensors]
     result_dtype = blocks[0].dtype if blocks else local_scan(
         torch.empty((0,) * x.dim(), dtype=x.dtype), dim, dtype=dtype).dtype
-    if dim not in _split_dims(layout):
+    if dim not in split_dims(layout):
         return x._like(blocks, layout, result_dtype)
     if not collectives.is_member(x._process_group, x._rank):
         return x._like(blocks, layout, result_dtype)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout
-from dispatch_shard.ops.reduction import _reduced_layout
-from dispatch_shard.ops.view import _resized, _split_dims, replicated_fallback
+from dispatch_shard.ops._common import replicated_fallback
+from dispatch_shard.ops.layouts import reduced_layout, resized_layout, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 
@@ -49,9 +49,9 @@ def _check_like_dense(func: torch._ops.OpOverload, x: ShardedTensor, dim: Any,
 
 def _out_layout(layout: Layout, dim: int, size: torch.Size) -> Layout:
     if len(size) < len(layout.size):
-        return _reduced_layout(layout, (dim,), False)
+        return reduced_layout(layout, (dim,), False)
     if size[dim] != layout.size[dim]:
-        return _resized(layout, dim, size[dim])
+        return resized_layout(layout, dim, size[dim])
     return layout
 
 
@@ -67,7 +67,7 @@ def _along_dim(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     if x.dim() == 0 or not layout.is_sharded:
         return replicated_fallback(func, args, kwargs)
     d = dim % x.dim()
-    if d in _split_dims(layout):
+    if d in split_dims(layout):
         return replicated_fallback(func, args, kwargs)
     results = []
     for block in x._local_tensors:

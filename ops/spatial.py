@@ -23,12 +23,8 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import layout_of
-from dispatch_shard.ops.view import (
-    _leading_boxes,
-    _like_leading,
-    _split_dims,
-    replicated_fallback,
-)
+from dispatch_shard.ops._common import replicated_fallback
+from dispatch_shard.ops.layouts import leading_boxes, like_leading, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import Partial
@@ -60,8 +56,8 @@ def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     if not all(type(t) is ShardedTensor and not t._layout.is_partial for t in operands) \
             or not first._layout.is_sharded or first.dim() <= lead:
         return replicated_fallback(func, args, kwargs)
-    boxes = _leading_boxes(first._layout, lead)
-    if any(_split_dims(t._layout) - set(range(lead)) or _leading_boxes(t._layout, lead) != boxes
+    boxes = leading_boxes(first._layout, lead)
+    if any(split_dims(t._layout) - set(range(lead)) or leading_boxes(t._layout, lead) != boxes
            or t._layout.group_ranks != first._layout.group_ranks for t in operands):
         return replicated_fallback(func, args, kwargs)
     plain = list(args)
@@ -107,7 +103,7 @@ def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
             continue
         anchor: ShardedTensor = args[source]  # type: ignore[index]
         size = torch.Size([*anchor.shape[:lead], *p.shape[lead:]])
-        layout = _like_leading(anchor._layout, lead, size)
+        layout = like_leading(anchor._layout, lead, size)
         blocks = []
         for r, j in zip(results, layout.local_indices(first._rank), strict=True):
             if r is None:

@@ -28,85 +28,26 @@ from torch.utils._mode_utils import no_dispatch
 
 from dispatch_shard.layout import Layout, layout_of
 from dispatch_shard.metadata import ShardMetadata
+from dispatch_shard.ops._common import replicated_fallback, whole
+from dispatch_shard.ops.layouts import relayout, resized_layout, sliced_layout, split_dims
 from dispatch_shard.registry import _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
-from dispatch_shard.specs import ChunkShardingSpec, EnumerableShardingSpec, Replicate
+from dispatch_shard.specs import ChunkShardingSpec, EnumerableShardingSpec
 
 aten = torch.ops.aten
 
 __all__ = ["replicated_fallback"]
 
-BlockMap = Callable[[list[int], list[int]], tuple[list[int], list[int]]]
 
 
-def _relayout(layout: Layout, size: Sequence[int], chunk_dim: int | None,
-              block_map: BlockMap) -> Layout:
-    """``layout`` seen through a view to ``size``: chunk specs move to ``chunk_dim`` (None:
-    not expressible as a chunk spec), other blocks go through ``block_map``."""
-    spec = layout.spec
-    size = torch.Size(size)
-    if not layout.is_sharded:
-        return layout_of(spec, size, layout.group_ranks, layout.device)
-    if isinstance(spec, ChunkShardingSpec) and chunk_dim is not None:
-        return layout_of(ChunkShardingSpec(chunk_dim, spec.placements), size,
-                         layout.group_ranks)
-    blocks = []
-    for shard in layout.shards:
-        offsets, sizes = block_map(list(shard.shard_offsets), list(shard.shard_sizes))
-        blocks.append(ShardMetadata(offsets, sizes, shard.placement))
-    return layout_of(EnumerableShardingSpec(blocks), size, layout.group_ranks)
 
 
-def _whole(value: Any) -> Any:
-    if isinstance(value, ShardedTensor):
-        moved = value._redistributed(Replicate())
-        return moved._local_tensors[0] if moved._local_tensors else torch.empty(
-            value.shape, dtype=value.dtype)
-    if isinstance(value, list | tuple):
-        return type(value)(_whole(v) for v in value)
-    return value
 
 
-def replicated_fallback(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run ``func`` on whole (replicated) operands; tensor results come back replicated.
-
-    See NOTE [replicated fallback].
-    """
-    anchor = _first_sharded(args, kwargs)
-    result = func(*_whole(args), **{k: _whole(v) for k, v in kwargs.items()})
-
-    def wrap(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            layout = layout_of(Replicate(), value.shape, anchor._layout.group_ranks,
-                               anchor._layout.device or str(anchor.device))
-            member = bool(layout.local_indices(anchor._rank))
-            return anchor._like([value] if member else [], layout, value.dtype)
-        if isinstance(value, list | tuple):
-            return type(value)(wrap(v) for v in value)
-        return value
-
-    return wrap(result)
 
 
-def _first_sharded(args: Sequence[Any], kwargs: dict[str, Any]) -> ShardedTensor:
-    for value in [*args, *kwargs.values()]:
-        if isinstance(value, ShardedTensor):
-            return value
-        if isinstance(value, list | tuple):
-            for item in value:
-                if isinstance(item, ShardedTensor):
-                    return item
-    raise TypeError("no ShardedTensor among the arguments")
 
 
-def _split_dims(layout: Layout) -> frozenset[int]:
-    """Dims along which some block covers less than the whole dim."""
-    if not layout.is_sharded:
-        return frozenset()
-    return frozenset(
-        d for d, n in enumerate(layout.size)
-        if any(s.shard_sizes[d] != n and 0 not in s.shard_sizes for s in layout.shards)
-    )
 
 
 def _view_blocks(x: ShardedTensor, layout: Layout, view: Callable[..., torch.Tensor]) -> Any:
@@ -121,28 +62,8 @@ def _view_blocks(x: ShardedTensor, layout: Layout, view: Callable[..., torch.Ten
 
 # -- blocks along leading dims (ops/attention.py, ops/spatial.py) ------------------
 
-def _leading_boxes(layout: Layout, lead: int) -> tuple[Any, ...]:
-    """Every block's extent along the first ``lead`` dims, and its placement."""
-    return tuple((tuple(s.shard_offsets[:lead]), tuple(s.shard_sizes[:lead]), s.placement)
-                 for s in layout.shards)
 
 
-@functools.lru_cache(maxsize=256)
-def _like_leading(layout: Layout, lead: int, size: torch.Size) -> Layout:
-    """``layout``'s blocks along its ``lead`` leading dims, whole along the rest of
-    ``size`` (whose leading dims are ``layout``'s)."""
-    spec = layout.spec
-    chunk_dim = spec.dim % len(layout.size) if isinstance(spec, ChunkShardingSpec) else None
-    if chunk_dim is not None and chunk_dim >= lead:
-        chunk_dim = None
-
-    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        new_sizes = list(sizes[:lead]) + list(size[lead:])
-        if 0 in sizes[:lead] and 0 not in new_sizes and new_sizes:
-            new_sizes[0] = 0
-        return list(offsets[:lead]) + [0] * (len(size) - lead), new_sizes
-
-    return _relayout(layout, size, chunk_dim, block_map)
 
 
 # -- permutations ------------------------------------------------------------------
@@ -153,7 +74,7 @@ def _permuted(layout: Layout, perm: tuple[int, ...]) -> Layout:
     chunk_dim = None
     if isinstance(layout.spec, ChunkShardingSpec):
         chunk_dim = perm.index(layout.spec.dim % len(layout.size))
-    return _relayout(layout, size, chunk_dim,
+    return relayout(layout, size, chunk_dim,
                      lambda o, s: ([o[p] for p in perm], [s[p] for p in perm]))
 
 
@@ -218,7 +139,7 @@ def _unsqueezed(layout: Layout, dim: int) -> Layout:
     def block_map(o: list[int], s: list[int]) -> tuple[list[int], list[int]]:
         return [*o[:dim], 0, *o[dim:]], [*s[:dim], 1, *s[dim:]]
 
-    return _relayout(layout, size, chunk_dim, block_map)
+    return relayout(layout, size, chunk_dim, block_map)
 
 
 def _squeeze(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
@@ -253,7 +174,7 @@ def _squeezed(layout: Layout, dims: tuple[int, ...]) -> Layout:
     if isinstance(layout.spec, ChunkShardingSpec):
         old = layout.spec.dim % len(layout.size)
         chunk_dim = keep.index(old) if old in keep else None
-    return _relayout(layout, [layout.size[d] for d in keep], chunk_dim,
+    return relayout(layout, [layout.size[d] for d in keep], chunk_dim,
                      lambda o, s: ([o[d] for d in keep], [s[d] for d in keep]))
 
 
@@ -359,7 +280,7 @@ def _viewed(layout: Layout, size: tuple[int, ...]) -> Layout | None:
     groups = _dim_groups(list(layout.size), list(size))
     if groups is None:
         return None
-    split = _split_dims(layout)
+    split = split_dims(layout)
     chunk_dim = None
     spec_dim = layout.spec.dim % len(layout.size) \
         if isinstance(layout.spec, ChunkShardingSpec) else None
@@ -408,9 +329,9 @@ def _viewed(layout: Layout, size: tuple[int, ...]) -> Layout | None:
             new_sizes[0] = 0  # an empty block stays empty
         return new_offsets, new_sizes
 
-    enumerated = _relayout(layout, size, None, block_map)
+    enumerated = relayout(layout, size, None, block_map)
     if chunk_dim is not None and enumerated.is_sharded:
-        chunked = _relayout(layout, size, chunk_dim, block_map)
+        chunked = relayout(layout, size, chunk_dim, block_map)
         if [(s.shard_offsets, s.shard_sizes, s.placement) for s in chunked.shards] == [
                 (s.shard_offsets, s.shard_sizes, s.placement) for s in enumerated.shards]:
             return chunked
@@ -563,7 +484,7 @@ def expand(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     x, size = args[0], list(args[1])
     lead = len(size) - x.dim()
     full = [x.shape[d - lead] if s == -1 else s for d, s in enumerate(size)]
-    split = _split_dims(x._layout)
+    split = split_dims(x._layout)
     if any(full[d + lead] != x.shape[d] for d in split):
         return replicated_fallback(aten.expand.default, (x, full), {})
     layout = _expanded(x._layout, tuple(full))
@@ -590,42 +511,13 @@ def _expanded(layout: Layout, size: tuple[int, ...]) -> Layout:
                      and layout.size[d - lead] == 1) else s[d - lead] for d in range(len(size))]
         return [0] * lead + o, new_sizes
 
-    return _relayout(layout, size, chunk_dim, block_map)
+    return relayout(layout, size, chunk_dim, block_map)
 
 
 # -- slicing ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1024)
-def _sliced(layout: Layout, dim: int, start: int, stop: int) -> Layout:
-    """Blocks of ``x[..., start:stop, ...]`` (step 1) along ``dim``: clipped and shifted."""
-    size = list(layout.size)
-    size[dim] = stop - start
-
-    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        lo = min(max(offsets[dim], start), stop)
-        hi = max(min(offsets[dim] + sizes[dim], stop), lo)
-        offsets, sizes = list(offsets), list(sizes)
-        offsets[dim], sizes[dim] = lo - start, hi - lo
-        return offsets, sizes
-
-    return _relayout(layout, size, None, block_map)
 
 
-@functools.lru_cache(maxsize=1024)
-def _resized(layout: Layout, dim: int, length: int) -> Layout:
-    """``layout`` with the unsplit ``dim`` now of ``length`` (blocks that span it still do)."""
-    size = [length if d == dim else n for d, n in enumerate(layout.size)]
-    chunk_dim = layout.spec.dim % len(layout.size) \
-        if isinstance(layout.spec, ChunkShardingSpec) else None
-
-    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        # A block spans the unsplit dim (offset 0) or is empty along it (any offset up to
-        # the old length): the spanning ones take the new length, the empty ones stay
-        # empty, at an offset inside the new length.
-        return ([min(o, length) if d == dim else o for d, o in enumerate(offsets)],
-                [length if d == dim and n else n for d, n in enumerate(sizes)])
-
-    return _relayout(layout, size, chunk_dim, block_map)
 
 
 def _normalize_slice(length: int, start: int | None, stop: int | None) -> tuple[int, int]:
@@ -646,14 +538,14 @@ def slice_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     stop = args[3] if len(args) > 3 else kwargs.get("end")
     step = args[4] if len(args) > 4 else kwargs.get("step", 1)
     layout = x._layout
-    if dim not in _split_dims(layout):
+    if dim not in split_dims(layout):
         length = len(range(*slice(start, stop, step).indices(x.shape[dim])))
         index = (slice(None),) * dim + (slice(start, stop, step),)
-        return x._like([b[index] for b in x._local_tensors], _resized(layout, dim, length))
+        return x._like([b[index] for b in x._local_tensors], resized_layout(layout, dim, length))
     if step != 1:
         return replicated_fallback(aten.slice.Tensor, (x, dim, start, stop, step), {})
     lo, hi = _normalize_slice(x.shape[dim], start, stop)
-    new_layout = _sliced(layout, dim, lo, hi)
+    new_layout = sliced_layout(layout, dim, lo, hi)
 
     def view(t: torch.Tensor, old: ShardMetadata, new: ShardMetadata) -> torch.Tensor:
         begin = min(max(lo - old.shard_offsets[dim], 0), t.shape[dim])
@@ -724,7 +616,7 @@ def _selected(layout: Layout, dim: int) -> Layout:
             new_sizes[0] = 0
         return [offsets[d] for d in keep], new_sizes
 
-    return _relayout(layout, [layout.size[d] for d in keep], chunk_dim, block_map)
+    return relayout(layout, [layout.size[d] for d in keep], chunk_dim, block_map)
 
 
 @custom_sharded_op_impl(aten.split.Tensor, handles_partial=True)
@@ -802,7 +694,7 @@ def copy_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
     plain or broadcasting ``src`` is sliced per block), then copied block by block."""
     x, src = args[0], args[1]
     if not isinstance(x, ShardedTensor):
-        return x.copy_(_whole(src))
+        return x.copy_(whole(src))
     layout = x._layout
     if isinstance(src, ShardedTensor) and src.shape == x.shape and not layout.is_partial:
         if src._layout is not layout:
@@ -812,7 +704,7 @@ def copy_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
         return x
     if layout.is_partial:
         raise NotImplementedError("aten.copy_ into a Partial not supported for ShardedTensor!")
-    dense = _whole(src)
+    dense = whole(src)
     lead = x.dim() - dense.dim()
     for target, i in zip(x._local_tensors, layout.local_indices(x._rank), strict=True):
         box = layout.shard_box(i)
@@ -864,7 +756,7 @@ def _flipped(layout: Layout, dims: tuple[int, ...]) -> Layout:
         return ([max(layout.size[d] - o - sizes[d], 0) if d in dims else o
                  for d, o in enumerate(offsets)], list(sizes))
 
-    return _relayout(layout, layout.size, chunk_dim, block_map)
+    return relayout(layout, layout.size, chunk_dim, block_map)
 
 
 @custom_sharded_op_impl(aten.repeat.default, handles_partial=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dispatch_shard.ops.view import replicated_fallback
+from dispatch_shard.ops._common import replicated_fallback
 from dispatch_shard.registry import custom_sharded_op_impl
 
 aten = torch.ops.aten

@@ -161,7 +161,9 @@ def sharded_block(block: TransformerBlock, world_size: int) -> TransformerBlock:
 
 
 @multi_rank(world_size=[2, 4], timeout_s=180)
-@pytest.mark.parametrize("mode", list(MODES))
+# The foreach mode (torch's default) in the quick tier; the for-loop and fused ones in all.
+@pytest.mark.parametrize("mode", [m if m == "foreach" else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in MODES])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_transformer_block_trains_like_dense(rank: int, world_size: int, name: str,
                                              mode: str) -> None:
