@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from dispatch_shard import collectives
+from dispatch_shard.ops._common import whole
 from dispatch_shard.registry import _binding, _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, _check_same_ranks
 from dispatch_shard.specs import Replicate
@@ -61,24 +62,16 @@ def foreach_overloads() -> list[torch._ops.OpOverload]:
     return found
 
 
-def _whole(value: Any) -> Any:
-    if isinstance(value, ShardedTensor):
-        moved = value._redistributed(Replicate())
-        return moved._local_tensors[0] if moved._local_tensors else torch.empty(
-            value.shape, dtype=value.dtype)
-    return value
-
-
 def _pieces(value: Any, base: Any) -> list[torch.Tensor]:
     """``value`` cut into the blocks of list element ``base`` (NOTE above)."""
     if not isinstance(base, ShardedTensor):
-        return [_whole(value)]
+        return [whole(value)]
     if isinstance(value, ShardedTensor):
         if value._layout is base._layout:
             return value._local_tensors
         if value.shape == base.shape and not base._layout.is_replicate:
             return value._redistributed(base._layout.spec)._local_tensors
-        value = _whole(value)
+        value = whole(value)
     if value.dim() == 0:
         return [value] * len(base._local_tensors)
     layout = base._layout
@@ -278,7 +271,7 @@ def _register(func: torch._ops.OpOverload) -> None:
                 flat.append([v for v, s in zip(value, base_list, strict=True)
                              for _ in range(_count(s))])
             else:
-                flat.append(_whole(value))
+                flat.append(whole(value))
         counts = [_count(e) for e in base_list]
         dtypes = None
         if not fused and (not flat[0] or (returns_list and 0 in counts)):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout
+from dispatch_shard.ops._common import whole
 from dispatch_shard.registry import _binding, _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, _first_group
 from dispatch_shard.specs import Replicate
@@ -121,7 +122,7 @@ def _pointwise(func: torch._ops.OpOverload, schema: _Schema, args: tuple[Any, ..
 
     if destination is not None and not isinstance(destination, ShardedTensor):
         # A plain destination is a replicated value: compute with whole operands.
-        return func(*[_whole(a) for a in args], **{k: _whole(v) for k, v in kwargs.items()})
+        return func(*[whole(a) for a in args], **{k: whole(v) for k, v in kwargs.items()})
 
     if destination is not None:
         if destination.shape != shape:
@@ -162,13 +163,6 @@ def _replicated(anchor: ShardedTensor, shape: torch.Size) -> Layout:
                      anchor._layout.device or str(anchor.device))
 
 
-def _whole(value: Any) -> Any:
-    if isinstance(value, ShardedTensor):
-        value = value._redistributed(Replicate())
-        return value._local_tensors[0] if value._local_tensors else torch.empty(value.shape)
-    return value
-
-
 def _run_blocks(
     func: torch._ops.OpOverload,
     schema: _Schema,
@@ -191,7 +185,7 @@ def _run_blocks(
                 return list(value._local_tensors)
             if value.shape == shape and not layout.is_replicate:
                 return list(value._redistributed(layout.spec)._local_tensors)
-            value = _whole(value)
+            value = whole(value)
         if value.dim() == 0:
             return [value] * len(boxes)  # (a 0-dim ShardedTensor, too, is now whole)
         return [_block_slice(value, box, ndim) for box in boxes]

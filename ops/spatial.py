@@ -34,7 +34,7 @@ aten = torch.ops.aten
 __all__: list[str] = []
 
 
-def _whole(value: Any) -> Any:
+def _replicated_value(value: Any) -> Any:
     """A replicated or plain tensor as a plain tensor; None for anything else."""
     if isinstance(value, ShardedTensor):
         if not value._layout.is_replicate:
@@ -63,7 +63,7 @@ def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     plain = list(args)
     for i in whole:
         if args[i] is not None:
-            plain[i] = _whole(args[i])
+            plain[i] = _replicated_value(args[i])
             if plain[i] is None:
                 return replicated_fallback(func, args, kwargs)
     # Dense's errors on every rank, and the results' trailing sizes and dtypes: the op on
