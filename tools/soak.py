@@ -134,6 +134,10 @@ def soak_rank(*, rank: int, world_size: int, steps: int = 2000, sample_every: in
         raise ValueError(f"soak: warmup {warmup} and steps {steps} must be multiples of "
                          f"sample_every {sample_every}, 0 < warmup < steps")
     torch.set_num_threads(1)  # ranks share the cores: see dispatch_shard.demo
+    # Groups that earlier work destroyed are freed when collected (no cache of ours keeps
+    # one: NOTE [caches never keep a process group alive]), with their gloo threads:
+    # collect them now, or they would leave during the soak and look like a change.
+    gc.collect()
     threads_before = sorted(t.name for t in threading.enumerate())
     native_before, groups_before = _native_threads(), _groups()
 
