@@ -323,14 +323,20 @@ def raise_if_any(error: Exception | None, group: ProcessGroup) -> None:
     reports = all_gather_object(
         None if error is None else (type(error).__name__, str(error)), group
     )
+    _raise_first(reports, error, group)
+
+
+def _raise_first(reports: Sequence[tuple[str, str] | None], error: Exception | None,
+                 group: ProcessGroup) -> None:
+    """Raise the first reported error on every rank: this rank's own object where it is
+    the first reporter, else the reported type and message naming the rank."""
     for group_rank, report in enumerate(reports):
         if report is not None:
-            kind, message = report
-            exc_type = _ERROR_TYPES.get(kind, RuntimeError)
-            rank = _ranks_of(group)[group_rank]
             if error is not None and group_rank == dist.get_rank(group):
                 raise error
-            raise exc_type(f"{message} (raised on rank {rank})")
+            kind, message = report
+            raise _ERROR_TYPES.get(kind, RuntimeError)(
+                f"{message} (raised on rank {_ranks_of(group)[group_rank]})")
 
 
 # NOTE [rank-consistent creation]
@@ -361,11 +367,6 @@ def unchecked_creation() -> Iterator[None]:
         yield
     finally:
         _unchecked_depth -= 1
-
-
-def creation_checked() -> bool:
-    """False inside :func:`unchecked_creation`."""
-    return _unchecked_depth == 0
 
 
 def checked_creation(what: str, facts: Sequence[tuple[str, Any]], group: ProcessGroup,
@@ -410,14 +411,8 @@ def agree(what: str, facts: Sequence[tuple[str, Any]], error: Exception | None,
         return
     report = None if error is None else (type(error).__name__, str(error))
     everyone = all_gather_object((report, tuple(facts)), group)
+    _raise_first([theirs for theirs, _ in everyone], error, group)
     ranks = _ranks_of(group)
-    for group_rank, (theirs, _) in enumerate(everyone):
-        if theirs is not None:
-            if error is not None and group_rank == dist.get_rank(group):
-                raise error
-            kind, message = theirs
-            raise _ERROR_TYPES.get(kind, RuntimeError)(
-                f"{message} (raised on rank {ranks[group_rank]})")
     first = everyone[0][1]
     for group_rank, (_, theirs) in enumerate(everyone):
         for (name, value), (_, other) in zip(first, theirs, strict=True):

@@ -33,15 +33,10 @@ all-to-all or all-reduce on the mesh's group.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Partial as TorchPartial
-from torch.distributed.tensor import Replicate as TorchReplicate
-from torch.distributed.tensor import Shard as TorchShard
-from torch.distributed.tensor.placement_types import Placement as TorchPlacement
 
 from dispatch_shard import collectives
 from dispatch_shard.layout import Layout
@@ -55,9 +50,15 @@ from dispatch_shard.specs import (
     ShardingSpec,
 )
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor.placement_types import Placement as TorchPlacement
+
 __all__ = ["distribute_tensor", "from_dtensor", "mesh_spec", "to_dtensor"]
 
-MeshPlacements = Sequence[TorchPlacement | ShardingSpec]
+# torch's DTensor package (its placements, DeviceMesh) costs about 0.8 s to import:
+# it is imported on first use, not with dispatch_shard (as dispatch_shard.checkpoint is).
+MeshPlacements = Sequence["TorchPlacement | ShardingSpec"]
 _PROPERTIES = TensorProperties()
 
 _MESH_KEY = ("device mesh",)  # where a layout keeps the mesh view it was made with
@@ -80,10 +81,20 @@ def _chunk_bounds(length: int, parts: int, index: int) -> tuple[int, int]:
     return start, min(start + step, length)
 
 
-def _check(mesh: Any, placements: MeshPlacements, size: Sequence[int]) -> list[Any]:
+def _torch_placements() -> tuple[Any, Any, Any]:
+    """torch's Shard, Replicate and Partial classes (imported on first use)."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    return Shard, Replicate, Partial
+
+
+def _check(mesh: Any, given: MeshPlacements, size: Sequence[int]) -> list[Any]:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    TorchShard, TorchReplicate, TorchPartial = _torch_placements()
     if not isinstance(mesh, DeviceMesh):
         raise TypeError(f"device_mesh must be a torch DeviceMesh, got {type(mesh).__name__}")
-    placements = list(placements)
+    placements: list[Any] = list(given)
     if len(placements) != mesh.ndim:
         raise ValueError(
             f"placements has {len(placements)} entries but the device mesh has {mesh.ndim} "
@@ -110,6 +121,7 @@ def mesh_spec(mesh: DeviceMesh, placements: MeshPlacements, size: Sequence[int],
               device: str = "cpu") -> ShardingSpec:
     """The sharding spec over ``mesh``'s ranks that lays out a ``size`` tensor by
     ``placements`` (see the module docstring's table)."""
+    TorchShard, TorchReplicate, TorchPartial = _torch_placements()
     placements = _check(mesh, placements, size)
     if len(placements) == 1 and isinstance(placements[0], ShardingSpec):
         return placements[0]
@@ -149,8 +161,7 @@ def mesh_spec(mesh: DeviceMesh, placements: MeshPlacements, size: Sequence[int],
         chunk = ChunkShardingSpec(dim, [str(s.placement) for s in order])
         built = chunk.build_metadata(torch.Size(size), _PROPERTIES, _ranks(mesh),
                                      device=device).shards_metadata
-        if sorted(map(_box, built)) == sorted(map(_box, shards)) and \
-                all(_box(a) == _box(b) for a, b in zip(built, order, strict=True)):
+        if [_box(s) for s in built] == [_box(s) for s in order]:
             return chunk
     return EnumerableShardingSpec(shards)
 
@@ -175,6 +186,9 @@ def remembered_mesh(layout: Layout) -> tuple[DeviceMesh, tuple[Any, ...]] | None
 def mesh_view(tensor: ShardedTensor) -> tuple[DeviceMesh, tuple[Any, ...]]:
     """The mesh and placements ``tensor``'s layout was made with, or its 1-D equivalent:
     a 1-D mesh of its group's ranks (in the chunk order for a chunk spec)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    TorchShard, TorchReplicate, TorchPartial = _torch_placements()
     layout = tensor._layout
     found = remembered_mesh(layout)
     if found is not None:
@@ -243,6 +257,7 @@ def from_local(local_tensor: torch.Tensor, device_mesh: DeviceMesh,
     ranks check that their blocks fit (an error on every rank otherwise).
     """
     placements = _check(device_mesh, placements, local_tensor.shape)
+    TorchShard = _torch_placements()[0]
     if shape is None:
         size = list(local_tensor.shape)
         for mesh_dim, placement in enumerate(placements):

@@ -217,12 +217,24 @@ def _is_partial(value: Any) -> bool:
     return layout is not None and layout.is_partial is True
 
 
-def _map_partials(value: Any, reduce: Callable[[Any], Any]) -> Any:
-    if _is_partial(value):
-        return reduce(value)
-    if isinstance(value, list | tuple) and any(_is_partial(v) for v in value):
-        return type(value)(reduce(v) if _is_partial(v) else v for v in value)
-    return value
+def _map_partials(args: tuple[Any, ...], kwargs: dict[str, Any], reduce: Callable[[Any], Any]
+                  ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` and ``kwargs`` with every Partial argument (also inside lists) reduced."""
+    def one(value: Any) -> Any:
+        if _is_partial(value):
+            return reduce(value)
+        if isinstance(value, list | tuple) and any(_is_partial(v) for v in value):
+            return type(value)(reduce(v) if _is_partial(v) else v for v in value)
+        return value
+
+    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+
+
+def _serving(fn: ShardedOpImpl, served: Callable[..., Any]) -> ShardedOpImpl:
+    """``served``, a wrapper around the user's ``fn``, named like it (see _user_fn)."""
+    functools.update_wrapper(served, fn)  # name, module, docstring: the user's
+    served.__sharded_impl__ = fn  # type: ignore[attr-defined]
+    return served
 
 
 def _written_arguments(op: object) -> set[str]:
@@ -255,13 +267,10 @@ def _reducing_partials(op: object, fn: ShardedOpImpl) -> ShardedOpImpl:
                 "reduce it first (x.redistribute(dispatch_shard.Replicate())), or register "
                 "the implementation with handles_partial=True"
             )
-        args = tuple(_map_partials(a, reduce) for a in args)
-        kwargs = {k: _map_partials(v, reduce) for k, v in kwargs.items()}
+        args, kwargs = _map_partials(args, kwargs, reduce)
         return fn(types, args, kwargs, process_group)
 
-    functools.update_wrapper(served, fn)  # name, module, docstring: the user's
-    served.__sharded_impl__ = fn  # type: ignore[attr-defined]
-    return served
+    return _serving(fn, served)
 
 
 def _guarded_torch_function(op: object, fn: ShardedOpImpl,
@@ -275,8 +284,7 @@ def _guarded_torch_function(op: object, fn: ShardedOpImpl,
     def served(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                process_group: Any) -> Any:
         if not handles_partial:
-            args = tuple(_map_partials(a, reduce) for a in args)
-            kwargs = {k: _map_partials(v, reduce) for k, v in kwargs.items()}
+            args, kwargs = _map_partials(args, kwargs, reduce)
         result = fn(types, args, kwargs, process_group)
         if not (torch.is_grad_enabled() and _needs_grad(args, kwargs)):
             return result
@@ -285,9 +293,7 @@ def _guarded_torch_function(op: object, fn: ShardedOpImpl,
             return result  # the implementation kept autograd itself
         return _with_dense_gradient(op, args, kwargs, result)
 
-    functools.update_wrapper(served, fn)  # name, module, docstring: the user's
-    served.__sharded_impl__ = fn  # type: ignore[attr-defined]
-    return served
+    return _serving(fn, served)
 
 
 def _differentiable(value: Any) -> bool:

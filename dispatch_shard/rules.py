@@ -47,6 +47,7 @@ import torch
 
 from dispatch_shard import collectives
 from dispatch_shard.layout import layout_of
+from dispatch_shard.ops._common import meta_results
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, _placement_device
 from dispatch_shard.specs import ChunkShardingSpec, Partial, Replicate, ShardingSpec
@@ -224,10 +225,16 @@ def _result_meta(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], positio
     """A meta tensor with the result's size and dtype: from a meta run of the op, or,
     for an op with no meta kernel (a ``torch.library`` op without ``register_fake``),
     the size from the rule and the dtype from a run on one-element stand-ins."""
-    try:
-        meta = op(*[torch.empty(a.shape, dtype=a.dtype, device="meta")
-                    if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
-    except (NotImplementedError, RuntimeError):
+    try:  # (NotImplementedError is a RuntimeError: an op without a meta kernel)
+        results: list[tuple[torch.Size, torch.dtype]] | None = meta_results(op, args, kwargs)
+    except RuntimeError:
+        results = None
+    if results is not None:
+        if len(results) != 1:
+            raise NotImplementedError(f"{op}: sharding rules serve ops with one tensor result")
+        size, dtype = results[0]
+        meta = torch.empty(size, dtype=dtype, device="meta")
+    else:
         sizes: dict[str, int] = {}
         for i, dims in zip(positions, letters, strict=True):
             for letter, n in zip(dims, args[i].shape, strict=True):
@@ -236,8 +243,6 @@ def _result_meta(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], positio
                      if isinstance(a, torch.Tensor) else a for a in args]
         dtype = op(*stand_ins, **kwargs).dtype
         meta = torch.empty([sizes[letter] for letter in output], dtype=dtype, device="meta")
-    if not isinstance(meta, torch.Tensor):
-        raise NotImplementedError(f"{op}: sharding rules serve ops with one tensor result")
     return meta
 
 

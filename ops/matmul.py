@@ -68,6 +68,7 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout, layout_of
+from dispatch_shard.ops._common import first_sharded
 from dispatch_shard.ops.layouts import like_leading, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
@@ -272,10 +273,6 @@ def _as_sharded(value: Any, anchor: ShardedTensor) -> ShardedTensor:
     return anchor._like([value] if member else [], layout, value.dtype)
 
 
-def _first_sharded(*values: Any) -> ShardedTensor:
-    return next(v for v in values if isinstance(v, ShardedTensor))
-
-
 def _laid_out(x: ShardedTensor, dst: Layout) -> list[torch.Tensor]:
     if _same_blocks(x._layout, dst):
         return x._local_tensors
@@ -285,7 +282,7 @@ def _laid_out(x: ShardedTensor, dst: Layout) -> list[torch.Tensor]:
 def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype) -> ShardedTensor:
     """``alpha * (a @ b)`` for 2-D or 3-D (batched) operands, by the chosen strategy;
     may be partial (see the module docstring for per-rank shapes and collectives)."""
-    anchor = _first_sharded(a, b)
+    anchor = first_sharded((a, b), {})
     a, b = _as_sharded(a, anchor), _as_sharded(b, anchor)
     itemsize = torch.empty((), dtype=dtype).element_size()
     strategy = choose_strategy(a._layout, b._layout, a.element_size(), b.element_size(),

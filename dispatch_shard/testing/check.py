@@ -31,11 +31,12 @@ made on every rank too.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from dispatch_shard.testing.pool import _resolve
 
 __all__ = ["LAYOUTS", "check_sharded_op"]
 
@@ -57,7 +58,7 @@ def check_sharded_op(op: Any, sample: Callable[[], tuple[tuple[Any, ...], dict[s
         AssertionError: listing every (world size, layout) whose value or gradient
             differs from dense, or that raised, with the error.
     """
-    from dispatch_shard.testing.pool import get_pool
+    from dispatch_shard.testing.pool import get_pool  # (the pool module is light; kept local)
 
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown:
@@ -92,10 +93,7 @@ def _resolve_op(ref: str) -> Any:
         namespace, op_name = qualified.split("::")
         return getattr(getattr(getattr(torch.ops, namespace), op_name), overload)
     module, _, qualname = name.rpartition(".")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return _resolve(module, qualname)
 
 
 def _spec_for(layout: str, value: torch.Tensor, world_size: int) -> Any:
@@ -147,10 +145,7 @@ def _sharded(value: torch.Tensor, spec: Any, rank: int, world_size: int) -> Any:
 
 def _check_on_rank(rank: int, world_size: int, op: str, sample: tuple[str, str],
                    layouts: list[str], backward: bool) -> list[tuple[str, str]]:
-    module, qualname = sample
-    make: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        make = getattr(make, part)
+    make = _resolve(*sample)
     func = _resolve_op(op)
     import dispatch_shard as ds
 
