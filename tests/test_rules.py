@@ -10,7 +10,7 @@ import torch
 
 import dispatch_shard as ds
 from dispatch_shard import ShardedTensor
-from dispatch_shard.testing import check_sharded_op, multi_rank
+from dispatch_shard.testing import check_sharded_op, get_pool, multi_rank
 
 # -- three torch.library ops of our own, with derivatives, served by rules ----------------
 
@@ -184,3 +184,20 @@ def softmax_sample() -> tuple[tuple[Any, ...], dict[str, Any]]:
 def test_builtins_pass_the_helper(op: Any, sample: Any) -> None:
     summary = check_sharded_op(op, sample, world_sizes=(1, 2, 3, 4))
     assert all(outcome == "ok" for outcome in summary.values()), summary
+
+
+def _wrong_call(rank: int, world_size: int) -> tuple[str, str]:
+    rows = ds.ChunkShardingSpec(0, [f"rank:{r}/cpu" for r in range(world_size)])
+    x = ShardedTensor.from_replicated(_randn(4, 5, 2, seed=10), rows)  # 3 dims, rule says 2
+    try:
+        scaled_mm(x, _randn(5, 3, seed=11))
+    except ValueError as error:
+        return "ValueError", str(error)
+    return "ok", ""
+
+
+def test_a_call_the_rule_does_not_fit_raises_on_every_rank() -> None:
+    outcomes = get_pool(3).run(_wrong_call, timeout_s=60)
+    for rank, (kind, message) in enumerate(outcomes):
+        assert kind == "ValueError" and "gives argument 0 the dims m k" in message, (rank,
+                                                                                      message)
