@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed.nn  # noqa: F401
 
 # The built-in op implementations register themselves on import.
-from dispatch_shard import debug, ops, random
+from dispatch_shard import debug, holders, ops, random
 from dispatch_shard.api import (
     collect_local_shard,
     reshard_output,
@@ -47,6 +47,7 @@ from dispatch_shard.sharder import Sharder, ShardingPlan
 from dispatch_shard.specs import (
     ChunkShardingSpec,
     EnumerableShardingSpec,
+    MeshShardingSpec,
     Partial,
     Replicate,
     ShardingSpec,
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ChunkShardingSpec",
     "EnumerableShardingSpec",
+    "MeshShardingSpec",
     "NamedOptimizer",
     "Partial",
     "Placement",
@@ -81,6 +83,7 @@ __all__ = [
     "empty",
     "from_dtensor",
     "full",
+    "holders",
     "load_with_process_group",
     "ones",
     "ops",

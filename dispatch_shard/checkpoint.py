@@ -151,7 +151,7 @@ def _create_write_items(tensor: ShardedTensor, fqn: str) -> list[WriteItem]:
     """This rank's chunks of ``tensor`` for DCP's save plan (see NOTE [ShardedTensors in DCP])."""
     if not _is_member(tensor):
         return []
-    value = tensor._reduced() if tensor._layout.is_partial else tensor  # collective if Partial
+    value = tensor._reduced() if tensor._layout.pending else tensor  # collective if pending
     if tensor.numel() == 0:
         chunks = [_whole(tensor)]
     else:
@@ -178,12 +178,15 @@ def _create_chunk_list(tensor: ShardedTensor) -> list[ChunkStorageMetadata]:
     if not _is_member(tensor) or tensor.numel() == 0:
         return []
     layout = tensor._layout
-    if layout.is_partial:
-        op = layout.spec.reduce_op  # type: ignore[attr-defined]
+    if layout.pending:
         with contextlib.suppress(AttributeError):  # the summand is about to be overwritten
             del tensor._reduced_cache
-        if op in ("max", "min", "avg") or tensor._rank == layout.group_ranks[0]:
-            return [_whole(tensor)]
+        term = layout.summand_classes()[layout.local_indices(tensor._rank)[0]]
+        if layout.reduce_op in ("max", "min", "avg") or term == 0:
+            # The first term of each reduction (every term for max, min, avg) loads the
+            # value; the other terms of a sum hold zero.
+            return [box for box, _ in _local_blocks(tensor)] if layout.is_mesh \
+                else [_whole(tensor)]
         with torch.no_grad():
             tensor._local_tensors[0].zero_()
         return []
@@ -192,7 +195,7 @@ def _create_chunk_list(tensor: ShardedTensor) -> list[ChunkStorageMetadata]:
 
 def _get_tensor_shard(tensor: ShardedTensor, index: MetadataIndex) -> torch.Tensor:
     """The local tensor DCP reads from (save) or copies into (load) for chunk ``index``."""
-    if tensor._layout.is_partial:
+    if tensor._layout.pending:
         reduced = _fresh_reduction(tensor)
         # Save: the reduction made while planning. Load: the summand itself.
         return (reduced if reduced is not None else tensor)._local_tensors[0]
@@ -392,7 +395,7 @@ def _reduce_partials(value: Any) -> Any:
     from dispatch_shard.sharded_tensor import ShardedTensor
 
     if isinstance(value, ShardedTensor):
-        return value._reduced() if value._layout.is_partial else value
+        return value._reduced() if value._layout.pending else value
     if isinstance(value, dict):
         items = {key: _reduce_partials(item) for key, item in value.items()}
         changed = any(items[key] is not item for key, item in value.items())

@@ -530,7 +530,8 @@ def redistribute(
 ) -> list[torch.Tensor]:
     """The blocks of ``dst`` on ``rank``, filled from the blocks of ``src`` (same group).
 
-    Both layouts are sharded or replicated. One ``all_to_all_single`` of the
+    ``dst`` holds no pending reduction; ``src`` may hold one over a sub-group of an N-D
+    layout (its terms are summed where they meet). One ``all_to_all_single`` of the
     intersecting pieces when any piece crosses ranks; none otherwise (see NOTE
     [redistribution plans] in :mod:`dispatch_shard.layout`).
     """
@@ -541,32 +542,44 @@ def redistribute(
         torch.empty(dst.shards[j].shard_sizes, dtype=dtype, device=device)
         for j in dst.local_indices(rank)
     ]
-    for src_pos, src_box, dst_pos, dst_box in plan.local:
-        out[dst_pos][dst_box].copy_(local_tensors[src_pos][src_box])
-    if not plan.needs_communication:
-        return out
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    pieces = [
-        _as_bytes(local_tensors[src_pos][src_box].contiguous())
-        for per_peer in plan.send for src_pos, src_box in per_peer
-    ]
-    send_splits = [
-        sum(local_tensors[p][b].numel() for p, b in per_peer) * itemsize
-        for per_peer in plan.send
-    ]
-    recv_splits = [sum(n for _, _, n in per_peer) * itemsize for per_peer in plan.recv]
-    send = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
-    recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=device)
-    _record("all_to_all", sum(send_splits), group)
-    try:
-        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
-    except RuntimeError as error:
-        raise _failed("all_to_all", group, error) from error
-    offset = 0
-    for per_peer in plan.recv:
-        for dst_pos, dst_box, numel in per_peer:
-            nbytes = numel * itemsize
-            target = out[dst_pos][dst_box]
-            target.copy_(recv[offset:offset + nbytes].view(dtype).view(target.shape))
-            offset += nbytes
+    op = src.reduce_op if src.is_mesh else None
+    recv = None
+    if plan.needs_communication:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        pieces = [
+            _as_bytes(local_tensors[src_pos][src_box].contiguous())
+            for per_peer in plan.send for src_pos, src_box in per_peer
+        ]
+        send_splits = [
+            sum(local_tensors[p][b].numel() for p, b in per_peer) * itemsize
+            for per_peer in plan.send
+        ]
+        recv_splits = [n * itemsize for n in plan.recv]
+        send = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
+        received = torch.empty(sum(recv_splits), dtype=torch.uint8, device=device)
+        _record("all_to_all", sum(send_splits), group)
+        try:
+            dist.all_to_all_single(received, send, recv_splits, send_splits, group=group)
+        except RuntimeError as error:
+            raise _failed("all_to_all", group, error) from error
+        recv = received.view(dtype) if received.numel() else received.new_empty(0, dtype=dtype)
+    for dst_pos, dst_box, src_pos, source, add in plan.steps:
+        target = out[dst_pos][dst_box]
+        if src_pos >= 0:
+            piece = local_tensors[src_pos][source]
+        else:
+            assert recv is not None and isinstance(source, int)
+            piece = recv[source:source + target.numel()].view(target.shape)
+        if not add:
+            target.copy_(piece)
+        elif op in ("sum", "avg"):
+            target.add_(piece)
+        elif op == "max":
+            torch.maximum(target, piece, out=target)
+        else:
+            torch.minimum(target, piece, out=target)
+    if op == "avg":
+        terms = len(set(src.summand_classes()))
+        for block in out:
+            _divide(block, terms)
     return out

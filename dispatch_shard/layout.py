@@ -29,6 +29,7 @@ from dispatch_shard.metadata import ShardMetadata, TensorProperties
 from dispatch_shard.specs import (
     ChunkShardingSpec,
     EnumerableShardingSpec,
+    MeshShardingSpec,
     Partial,
     Replicate,
     ShardingSpec,
@@ -60,12 +61,62 @@ class Layout:
     is_replicate: bool = field(init=False, repr=False)
     is_partial: bool = field(init=False, repr=False)
     is_sharded: bool = field(init=False, repr=False)
+    # An N-D layout (MeshShardingSpec): blocks with several holders, maybe a pending
+    # reduction over a sub-group (NOTE [N-D layouts: blocks with several holders]).
+    is_mesh: bool = field(init=False, repr=False)
+    # Whether the blocks are terms of a pending reduction (Partial, or a partial mesh dim).
+    pending: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "is_replicate", isinstance(self.spec, Replicate))
-        object.__setattr__(self, "is_partial", isinstance(self.spec, Partial))
+        spec = self.spec
+        object.__setattr__(self, "is_replicate", isinstance(spec, Replicate))
+        object.__setattr__(self, "is_partial", isinstance(spec, Partial))
         object.__setattr__(self, "is_sharded",
-                           isinstance(self.spec, ChunkShardingSpec | EnumerableShardingSpec))
+                           isinstance(spec, ChunkShardingSpec | EnumerableShardingSpec))
+        object.__setattr__(self, "is_mesh", isinstance(spec, MeshShardingSpec))
+        object.__setattr__(self, "pending", isinstance(spec, Partial) or (
+            isinstance(spec, MeshShardingSpec) and spec.partial_op is not None))
+        if self.is_mesh:
+            _mesh_layouts_made[0] = True
+
+    @property
+    def reduce_op(self) -> str | None:
+        """The pending reduction (``"sum"``...), or None."""
+        spec = self.spec
+        if isinstance(spec, Partial):
+            return spec.reduce_op
+        return spec.partial_op if isinstance(spec, MeshShardingSpec) else None
+
+    def summand_classes(self) -> tuple[int, ...]:
+        """Per block: which term of the pending reduction it holds (all 0 when none is
+        pending: holders of one box are copies)."""
+        spec = self.spec
+        if isinstance(spec, MeshShardingSpec):
+            return spec.summand_classes()
+        if isinstance(spec, Partial):
+            return tuple(range(len(self.shards)))
+        return (0,) * len(self.shards)
+
+    def value_layout(self) -> Layout:
+        """The layout of the value once its pending reduction is done: partial mesh dims
+        become replicated (Partial becomes Replicate); ``self`` when nothing is pending."""
+        if not self.pending:
+            return self
+        found = self._derived.get(("value",))
+        if found is None:
+            spec = self.spec
+            if isinstance(spec, MeshShardingSpec):
+                from dispatch_shard.specs import mesh_sharding_spec
+
+                device = self.device or "cpu"
+                spec = mesh_sharding_spec(
+                    spec.mesh_shape, spec.mesh_ranks,
+                    [("replicate", 0) if kind == "partial" else (kind, arg)
+                     for kind, arg in spec.placements], self.size, device)
+            else:
+                spec = Replicate()
+            found = self._derived[("value",)] = self.with_spec(spec)
+        return found
 
     def local_indices(self, rank: int) -> tuple[int, ...]:
         """Indices into :attr:`shards` of the blocks placed on global ``rank``, in order."""
@@ -91,6 +142,11 @@ class Layout:
             # second, device-less layout beside the one creation makes.
             device = str(self.shards[0].placement.device())
         return layout_of(spec, self.size, self.group_ranks, device)
+
+
+# Whether any N-D layout was ever made: until one is, the dispatch loop skips the
+# check for N-D operands (see dispatch_shard.holders).
+_mesh_layouts_made = [False]
 
 
 def layout_of(
@@ -150,14 +206,18 @@ _DEFAULT_PROPERTIES = TensorProperties()
 class RedistributePlan:
     """What one rank does to move its blocks from ``src`` to ``dst`` (see NOTE above).
 
-    ``local`` pieces: (src local position, src box, dst local position, dst box).
-    ``send[p]`` pieces: (src local position, src box); ``recv[p]`` pieces:
-    (dst local position, dst box, numel). Boxes are relative to the block.
+    ``send[p]``: the pieces for group rank ``p``, in order: (src local position, src
+    box). ``recv[p]``: how many elements come from ``p``. ``steps``: how each piece of
+    this rank's ``dst`` blocks is filled, in order, after the exchange: (dst local
+    position, dst box, src local position or -1 for a received piece, src box or the
+    received piece's element offset in the receive buffer, whether to add it to what
+    the step before wrote there: the terms of a pending sum, in one order on every
+    holder, so copies stay bitwise equal). Boxes are relative to the block.
     """
 
-    local: tuple[tuple[int, Box, int, Box], ...]
     send: tuple[tuple[tuple[int, Box], ...], ...]  # indexed by group rank
-    recv: tuple[tuple[tuple[int, Box, int], ...], ...]
+    recv: tuple[int, ...]
+    steps: tuple[tuple[int, Box, int, Box | int, bool], ...]
     needs_communication: bool
 
 
@@ -168,59 +228,110 @@ def _bounds(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     return offsets, offsets + sizes.reshape(offsets.shape)
 
 
+def _regions(layout: Layout) -> list[list[list[int]]]:
+    """The distinct boxes of ``layout``: for each, its holders' block indices grouped by
+    the term of the pending reduction they hold (one group when nothing is pending)."""
+    classes = layout.summand_classes()
+    found: dict[tuple[tuple[int, ...], tuple[int, ...]], dict[int, list[int]]] = {}
+    for i, shard in enumerate(layout.shards):
+        key = (tuple(shard.shard_offsets), tuple(shard.shard_sizes))
+        found.setdefault(key, {}).setdefault(classes[i], []).append(i)
+    return [[terms[c] for c in sorted(terms)] for terms in found.values()]
+
+
+def _mesh_coordinates(layout: Layout) -> dict[int, tuple[int, ...]] | None:
+    """Each rank's position on the mesh of an N-D layout; None for a 1-D one."""
+    spec = layout.spec
+    if not isinstance(spec, MeshShardingSpec):
+        return None
+    return dict(zip(spec.mesh_ranks, spec.coordinates(), strict=True))
+
+
 @functools.lru_cache(maxsize=1024)
 def redistribute_plan(src: Layout, dst: Layout, rank: int) -> RedistributePlan:
-    """The plan for global ``rank``; both layouts are sharded or replicated, same group."""
+    """The plan for global ``rank``; ``dst`` holds no pending reduction; same group.
+
+    Each piece of a ``dst`` block comes from one holder of each term of ``src``'s value
+    there: the ``dst`` block's own rank where it holds one (no data moves), else a
+    holder picked by the receiving rank's number, so that copies share the sending.
+    """
     group = src.group_ranks
     group_rank = {r: g for g, r in enumerate(group)}
     src_owner = [s.placement.rank() for s in src.shards]  # type: ignore[union-attr]
     dst_owner = [s.placement.rank() for s in dst.shards]  # type: ignore[union-attr]
+    regions = _regions(src)
+    coordinates = _mesh_coordinates(src) or _mesh_coordinates(dst)
     src_lo, src_hi = _bounds(src)
+    first = torch.tensor([region[0][0] for region in regions], dtype=torch.int64)
+    reg_lo, reg_hi = src_lo[first], src_hi[first]
     dst_lo, dst_hi = _bounds(dst)
-    # overlap[j, i]: dst block j intersects src block i in a non-empty box
-    lo = torch.maximum(dst_lo[:, None, :], src_lo[None, :, :])
-    hi = torch.minimum(dst_hi[:, None, :], src_hi[None, :, :])
+    # overlap[j, k]: dst block j intersects src region k in a non-empty box
+    lo = torch.maximum(dst_lo[:, None, :], reg_lo[None, :, :])
+    hi = torch.minimum(dst_hi[:, None, :], reg_hi[None, :, :])
     overlap = (hi > lo).all(dim=-1)
-    if src.is_replicate:
-        # Every rank holds all of src: take only the copy on the dst block's own rank.
-        own = torch.tensor(
-            [[src_owner[i] == dst_owner[j] for i in range(len(src_owner))]
-             for j in range(len(dst_owner))], dtype=torch.bool,
-        ).reshape(overlap.shape)
-        overlap &= own
     pairs = overlap.nonzero().tolist()
     src_pos = {i: p for p, i in enumerate(src.local_indices(rank))}
     dst_pos = {j: p for p, j in enumerate(dst.local_indices(rank))}
     world = len(group)
-    local: list[tuple[int, Box, int, Box]] = []
     send: list[list[tuple[int, Box]]] = [[] for _ in range(world)]
-    recv: list[list[tuple[int, Box, int]]] = [[] for _ in range(world)]
+    received: list[list[tuple[int, Box, int, bool]]] = [[] for _ in range(world)]
+    steps: list[tuple[int, Box, int, Box | int, bool] | tuple[int, Box, int, int, bool]] = []
     crosses = False
-    for j, i in pairs:
-        box_lo = lo[j, i].tolist()
-        box_hi = hi[j, i].tolist()
-        s_from, d_to = src_owner[i], dst_owner[j]
-        if s_from != d_to:
-            crosses = True
-        if s_from != rank and d_to != rank:
-            continue
-        src_box = tuple(
-            slice(a - o, b - o)
-            for a, b, o in zip(box_lo, box_hi, src.shards[i].shard_offsets, strict=True)
-        )
+    for j, k in pairs:
+        d_to = dst_owner[j]
+        box_lo = lo[j, k].tolist()
+        box_hi = hi[j, k].tolist()
         dst_box = tuple(
             slice(a - o, b - o)
             for a, b, o in zip(box_lo, box_hi, dst.shards[j].shard_offsets, strict=True)
         )
-        if s_from == rank and d_to == rank:
-            local.append((src_pos[i], src_box, dst_pos[j], dst_box))
-        elif s_from == rank:
-            send[group_rank[d_to]].append((src_pos[i], src_box))
-        else:
-            numel = 1
-            for a, b in zip(box_lo, box_hi, strict=True):
-                numel *= b - a
-            recv[group_rank[s_from]].append((dst_pos[j], dst_box, numel))
+        for term, holders in enumerate(regions[k]):
+            owners = [src_owner[i] for i in holders]
+            if d_to in owners:
+                i = holders[owners.index(d_to)]
+            elif coordinates is not None:
+                # The holder nearest on the mesh: the fewest mesh coordinates apart (a
+                # peer along one mesh dim), so that the traffic stays in sub-groups.
+                i = min(holders, key=lambda h: sum(
+                    a != b for a, b in zip(coordinates[src_owner[h]], coordinates[d_to],
+                                           strict=True)))
+            else:
+                i = holders[group_rank[d_to] % len(holders)]
+            s_from = src_owner[i]
+            if s_from != d_to:
+                crosses = True
+            if s_from != rank and d_to != rank:
+                continue
+            src_box = tuple(
+                slice(a - o, b - o)
+                for a, b, o in zip(box_lo, box_hi, src.shards[i].shard_offsets, strict=True)
+            )
+            add = term > 0
+            if s_from == rank and d_to == rank:
+                steps.append((dst_pos[j], dst_box, src_pos[i], src_box, add))
+            elif s_from == rank:
+                send[group_rank[d_to]].append((src_pos[i], src_box))
+            else:
+                numel = 1
+                for a, b in zip(box_lo, box_hi, strict=True):
+                    numel *= b - a
+                peer = received[group_rank[s_from]]
+                peer.append((dst_pos[j], dst_box, numel, add))
+                steps.append((dst_pos[j], dst_box, -1 - group_rank[s_from], len(peer) - 1, add))
+    # Received pieces sit in the buffer peer by peer, each peer's in the order sent.
+    start = [0] * world
+    for p in range(1, world):
+        start[p] = start[p - 1] + sum(n for _, _, n, _ in received[p - 1])
+    offsets = [[start[p] + sum(n for _, _, n, _ in received[p][:q])
+                for q in range(len(received[p]))] for p in range(world)]
+    resolved = tuple(
+        (pos, box, -1, offsets[-1 - source][index], add) if source < 0  # type: ignore[index]
+        else (pos, box, source, index, add)
+        for pos, box, source, index, add in steps
+    )
     return RedistributePlan(
-        tuple(local), tuple(tuple(s) for s in send), tuple(tuple(r) for r in recv), crosses
+        tuple(tuple(s) for s in send),
+        tuple(sum(n for _, _, n, _ in r) for r in received),
+        resolved,
+        crosses,
     )

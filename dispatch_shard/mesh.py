@@ -18,16 +18,21 @@ placements                         layout (one model: specs over the mesh's rank
                                    (:class:`~dispatch_shard.EnumerableShardingSpec`)
 ``Replicate`` on every mesh dim    :class:`~dispatch_shard.Replicate`
 ``Partial(op)`` on every mesh dim  :class:`~dispatch_shard.Partial` ``(op)``
-a mix of them                      blocks with several holders, or a sum pending
-                                   over a sub-group: not yet (it raises
-                                   ``NotImplementedError``; the N-D layout model
-                                   of issue #14 is the next step)
+a mix of them                      :class:`~dispatch_shard.MeshShardingSpec`: blocks
+                                   with several holders (copies along Replicate
+                                   dims, terms of the reduction along Partial ones)
 ================================== ===========================================
+
+Mesh dims of size 1 place nothing: ``[Shard(0), Replicate()]`` on a 4x1 mesh is a
+chunk spec. Ops serve every layout (NOTE [serving N-D operands] in
+:mod:`dispatch_shard.holders`).
 
 Creating, redistributing and converting communicate as their 1-D counterparts do:
 :func:`distribute_tensor` is ``ShardedTensor.from_replicated`` of the mapped spec
 (no data moves; one small check that the ranks agree), ``redistribute`` one
-all-to-all or all-reduce on the mesh's group.
+all-to-all or all-reduce on the mesh's group, in which each rank sends only the
+pieces that other ranks lack (between N-D layouts: an all-gather, a reduce-scatter
+or an all-to-all over the right ranks, in bytes).
 """
 
 from __future__ import annotations
@@ -40,14 +45,16 @@ import torch.distributed as dist
 
 from dispatch_shard import collectives
 from dispatch_shard.layout import Layout
-from dispatch_shard.metadata import ShardMetadata, TensorProperties
+from dispatch_shard.metadata import TensorProperties
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import (
     ChunkShardingSpec,
-    EnumerableShardingSpec,
+    MeshPlacement,
+    MeshShardingSpec,
     Partial,
     Replicate,
     ShardingSpec,
+    mesh_sharding_spec,
 )
 
 if TYPE_CHECKING:
@@ -73,12 +80,6 @@ def mesh_group(mesh: DeviceMesh) -> dist.ProcessGroup:
         return collectives.resolve_group(None)
     return mesh._flatten().get_group()
 
-
-def _chunk_bounds(length: int, parts: int, index: int) -> tuple[int, int]:
-    """``torch.chunk``'s piece ``index`` of ``length`` in ``parts`` (empty past the end)."""
-    step = -(-length // parts) if length else 0
-    start = min(index * step, length)
-    return start, min(start + step, length)
 
 
 def _torch_placements() -> tuple[Any, Any, Any]:
@@ -121,53 +122,21 @@ def mesh_spec(mesh: DeviceMesh, placements: MeshPlacements, size: Sequence[int],
               device: str = "cpu") -> ShardingSpec:
     """The sharding spec over ``mesh``'s ranks that lays out a ``size`` tensor by
     ``placements`` (see the module docstring's table)."""
-    TorchShard, TorchReplicate, TorchPartial = _torch_placements()
+    TorchShard, TorchReplicate, _ = _torch_placements()
     placements = _check(mesh, placements, size)
     if len(placements) == 1 and isinstance(placements[0], ShardingSpec):
         return placements[0]
-    if all(isinstance(p, TorchReplicate) for p in placements):
-        return Replicate()
-    if all(isinstance(p, TorchPartial) for p in placements):
-        ops = {p.reduce_op for p in placements}
-        if len(ops) != 1:
-            raise NotImplementedError(f"Partial with different reductions per mesh dim "
-                                      f"({sorted(ops)}) is not supported")
-        return Partial(ops.pop())
-    if not all(isinstance(p, TorchShard) for p in placements):
-        raise NotImplementedError(
-            f"placements {list(placements)} mix Shard with Replicate or Partial: blocks with "
-            "several holders (or a sum pending over a sub-group) need the N-D layout model, "
-            "which is not built yet (issue #14). Shard on every mesh dim, Replicate on every "
-            "mesh dim, or Partial on every mesh dim work today")
+    ours: list[MeshPlacement] = []
+    for placement in placements:
+        if isinstance(placement, TorchShard):
+            ours.append(("shard", placement.dim % len(size)))
+        elif isinstance(placement, TorchReplicate):
+            ours.append(("replicate", 0))
+        else:
+            ours.append(("partial", placement.reduce_op))
     grid = mesh.mesh
-    shards = []
-    for coordinate in torch.cartesian_prod(*[torch.arange(n) for n in grid.shape]).reshape(
-            -1, grid.dim()).tolist():
-        lows, highs = [0] * len(size), list(size)
-        for mesh_dim, placement in enumerate(placements):
-            dim = placement.dim % len(size)
-            start, stop = _chunk_bounds(highs[dim] - lows[dim], grid.shape[mesh_dim],
-                                        coordinate[mesh_dim])
-            lows[dim], highs[dim] = lows[dim] + start, lows[dim] + stop
-        rank = int(grid[tuple(coordinate)])
-        shards.append(ShardMetadata(lows, [h - lo for lo, h in zip(lows, highs, strict=True)],
-                                    f"rank:{rank}/{device}"))
-    # One tensor dim cut into consecutive chunks in rank order is a chunk spec (the
-    # layout with the most native op paths); anything else is a grid.
-    cut = {p.dim % len(size) for p in placements}
-    if len(cut) == 1:
-        dim = cut.pop()
-        order = sorted(shards, key=lambda s: s.shard_offsets[dim])
-        chunk = ChunkShardingSpec(dim, [str(s.placement) for s in order])
-        built = chunk.build_metadata(torch.Size(size), _PROPERTIES, _ranks(mesh),
-                                     device=device).shards_metadata
-        if [_box(s) for s in built] == [_box(s) for s in order]:
-            return chunk
-    return EnumerableShardingSpec(shards)
-
-
-def _box(shard: ShardMetadata) -> tuple[tuple[int, ...], tuple[int, ...], str]:
-    return tuple(shard.shard_offsets), tuple(shard.shard_sizes), str(shard.placement)
+    return mesh_sharding_spec(tuple(grid.shape), tuple(int(r) for r in grid.flatten().tolist()),
+                              ours, size, device)
 
 
 def _ranks(mesh: DeviceMesh) -> tuple[int, ...]:
@@ -197,6 +166,14 @@ def mesh_view(tensor: ShardedTensor) -> tuple[DeviceMesh, tuple[Any, ...]]:
     ranks = list(layout.group_ranks)
     device = layout.device or (str(layout.shards[0].placement.device())  # type: ignore[union-attr]
                                if layout.shards else "cpu")
+    if isinstance(spec, MeshShardingSpec):
+        # Laid out by a spec, not over a DeviceMesh object: a mesh of its ranks that
+        # makes no process group (its collectives are this library's, on the group).
+        grid = torch.tensor(spec.mesh_ranks, dtype=torch.int).reshape(spec.mesh_shape)
+        mesh = DeviceMesh(torch.device(device).type, grid, _init_backend=False)
+        return mesh, tuple(
+            TorchShard(int(arg)) if kind == "shard" else TorchReplicate() if kind == "replicate"
+            else TorchPartial(str(arg)) for kind, arg in spec.placements)
     placement: Any
     if isinstance(spec, Replicate):
         placement = TorchReplicate()
@@ -222,7 +199,7 @@ def distribute_tensor(tensor: torch.Tensor, device_mesh: DeviceMesh,
 
     Raises (on every rank):
         ValueError: ``placements`` has the wrong length, or a Shard dim is out of range.
-        NotImplementedError: placements that need blocks with several holders.
+        NotImplementedError: Partial placements with different reductions.
     """
     device = str(tensor.device)
     spec = mesh_spec(device_mesh, placements, tensor.shape, device)

@@ -69,7 +69,11 @@ def _holders(layout: Layout, index: tuple[int, ...]) -> str:
                      zip(index, shard.shard_offsets, shard.shard_sizes, strict=True))
         if inside and shard.placement is not None:
             ranks.append(shard.placement.rank())
-    return ", ".join(f"rank {r}" for r in ranks) or "-"
+    # Copies are listed with commas; terms of a pending reduction (an N-D layout's
+    # partial mesh dims) are joined with its operator.
+    joint = f" {'+' if layout.reduce_op in ('sum', 'avg') else layout.reduce_op} " \
+        if layout.pending else ", "
+    return joint.join(f"rank {r}" for r in ranks) or "-"
 
 
 def visualize_sharding(tensor: ShardedTensor, *, show: bool = True) -> str:
@@ -77,7 +81,9 @@ def visualize_sharding(tensor: ShardedTensor, *, show: bool = True) -> str:
     and printed (unless ``show=False``) once, by the first rank of the tensor's group.
 
     1-D and 2-D tensors are drawn as a grid of the blocks' boundaries (a rank with
-    several blocks appears in several cells); other ranks list their blocks.
+    several blocks appears in several cells; a block with several holders lists them,
+    joined by ``+`` where they hold terms of a pending sum); other ranks list their
+    blocks.
     Needs no communication: the layout is known on every rank.
     """
     layout = tensor._layout

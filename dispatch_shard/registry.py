@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -54,6 +54,10 @@ _listeners: list[Callable[[bool], None]] = []
 # ``GROUP_FREE_OVERLOADS`` mirrors the OVERLOADS entries whose implementation is
 # listed, so the dispatch loop finds them with one lookup.
 GROUP_FREE: set[ShardedOpImpl] = set()
+# The implementations registered with ``handles_mesh=True`` (NOTE [serving N-D
+# operands] in dispatch_shard.holders).
+MESH_AWARE: set[ShardedOpImpl] = set()
+MESH_PENDING_AWARE: set[ShardedOpImpl] = set()  # ``handles_mesh="pending"``
 GROUP_FREE_OVERLOADS: dict[torch._ops.OpOverload, ShardedOpImpl] = {}
 
 
@@ -131,7 +135,8 @@ def _check_signature(op: object, fn: Callable[..., Any]) -> None:
 
 
 def custom_sharded_op_impl(
-    op: object, *, override: bool = False, handles_partial: bool = False
+    op: object, *, override: bool = False, handles_partial: bool = False,
+    handles_mesh: bool | Literal["pending"] = False,
 ) -> Callable[[ShardedOpImpl], ShardedOpImpl]:
     """Register the decorated function as the sharded implementation of ``op``.
 
@@ -146,6 +151,13 @@ def custom_sharded_op_impl(
     autograd: where a gradient is needed and its result has no autograd history,
     the gradient is that of the function itself, recomputed through the built-in
     path in backward (NOTE [a torch-level registration keeps autograd]).
+
+    N-D operands (blocks with several holders, on a device mesh) are flattened to a
+    1-D layout first unless ``handles_mesh=True`` (NOTE [serving N-D operands] in
+    :mod:`dispatch_shard.holders`), so an implementation written for 1-D layouts
+    serves them too. With ``handles_mesh=True`` an N-D operand whose reduction is
+    pending over a mesh dim is reduced first; ``handles_mesh="pending"`` hands it over
+    as it is (an op that works term by term: ``clone``, ``detach``).
 
     Raises:
         TypeError: ``op`` is not an op, or the function cannot take the four
@@ -170,6 +182,12 @@ def custom_sharded_op_impl(
         elif not handles_partial:
             served = _reducing_partials(op, fn)
         table[op] = served
+        for found, wanted in ((MESH_AWARE, bool(handles_mesh)),
+                              (MESH_PENDING_AWARE, handles_mesh == "pending")):
+            if wanted:
+                found.add(served)
+            else:
+                found.discard(served)
         if table is OVERLOADS:
             if served in GROUP_FREE:
                 GROUP_FREE_OVERLOADS[op] = fn  # type: ignore[index]

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from dispatch_shard import collectives
 from dispatch_shard.collectives import ProcessGroup
-from dispatch_shard.layout import Layout, layout_of
+from dispatch_shard.layout import Layout, _mesh_layouts_made, layout_of
 from dispatch_shard.metadata import (
     Shard,
     ShardedTensorMetadata,
@@ -38,7 +38,6 @@ from dispatch_shard.registry import (
 from dispatch_shard.specs import (
     ChunkShardingSpec,
     EnumerableShardingSpec,
-    Partial,
     Replicate,
     ShardingSpec,
 )
@@ -165,18 +164,12 @@ class ShardedTensor(torch.Tensor):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        impl = GROUP_FREE_OVERLOADS.get(func)
-        try:
-            if not _OBSERVERS:
-                if impl is not None:  # NOTE [implementations that find their own group]
-                    return impl(types, args, kwargs or {}, None)
-                impl = OVERLOADS.get(func) or lookup(func)
-                return impl(types, args, kwargs or {}, _first_group(args, func))
-            impl = OVERLOADS.get(func) or lookup(func)
-            return _observed_dispatch(func, impl, types, args, kwargs or {})
-        except collectives.CollectiveError as error:
-            error.add_op(func)  # NOTE [collective timeouts] in dispatch_shard.collectives
-            raise
+        if _mesh_layouts_made[0]:
+            from dispatch_shard import holders
+
+            if holders.has_mesh(args, kwargs):  # NOTE [serving N-D operands]
+                return holders.serve(func, types, args, kwargs or {}, _dispatch)
+        return _dispatch(func, types, args, kwargs or {})
 
     # -- autograd ------------------------------------------------------------
     # NOTE [a leaf's grad keeps the leaf's layout]
@@ -354,24 +347,30 @@ class ShardedTensor(torch.Tensor):
         counters do not move, so it would change this tensor's value unseen).
         """
         layout = self._layout
-        if not layout.is_partial:
+        if not layout.pending:
             return self
         cached = self._cached_reduction()
         if cached is not None:
             return cached
         summand = self._local_tensors[0] if self._local_tensors else None
-        op = layout.spec.reduce_op  # type: ignore[attr-defined]
-        if summand is not None and collectives.is_member(self._process_group, self._rank):
-            local = [collectives.all_reduce(summand.clone(), op, self._process_group)]
+        if layout.is_mesh:  # a pending reduction over sub-groups: the plan sums the terms
+            value_layout = layout.value_layout()
+            local = self._moved_to(value_layout)
         else:
-            local = []
-        reduced = self._like(local, layout.with_spec(Replicate()))
+            op = layout.spec.reduce_op  # type: ignore[attr-defined]
+            value_layout = layout.with_spec(Replicate())
+            if summand is not None and collectives.is_member(self._process_group, self._rank):
+                local = [collectives.all_reduce(summand.clone(), op, self._process_group)]
+            else:
+                local = []
+        reduced = self._like(local, value_layout)
         self._reduced_cache = (summand, None if summand is None else summand._version, reduced,
                                self._version)
         return reduced
 
     def _moved_to(self, dst: Layout) -> list[torch.Tensor]:
-        """This rank's blocks of ``dst`` (self is sharded or replicated)."""
+        """This rank's blocks of ``dst``, which holds no pending reduction (self is not
+        Partial; an N-D layout's pending terms are summed on the way)."""
         return collectives.redistribute(
             self._local_tensors, self._layout, dst, self._process_group, self._rank,
             self.dtype, self.device,
@@ -382,10 +381,10 @@ class ShardedTensor(torch.Tensor):
         dst = self._layout.with_spec(spec)
         if dst is self._layout:
             return self._like(list(self._local_tensors))
-        if dst.is_partial:
+        if dst.pending:
             return self._like(_to_partial(self, dst), dst)
-        value = self._reduced()
-        if value._layout is dst:
+        value = self._reduced() if self._layout.is_partial else self
+        if value._layout is dst and value is not self:
             # A copy of the cached reduction, never the cache itself (see NOTE [a Partial
             # is reduced at most once]): callers may change it in place.
             return value._like([t.clone() for t in value._local_tensors])
@@ -565,8 +564,12 @@ class ShardedTensor(torch.Tensor):
                               device=str(tensor.device)))
         source = tensor.detach()
         blocks = [source[layout.shard_box(i)].clone() for i in layout.local_indices(rank)]
-        if layout.is_partial and blocks and rank != layout.group_ranks[0]:
-            blocks = [torch.zeros_like(b) for b in blocks]  # one summand holds the value
+        if layout.pending and blocks and layout.reduce_op == "sum":
+            # One term of each sum holds the value, the others zero (a mean, a max, a
+            # min of copies is the value: every term holds it).
+            classes = layout.summand_classes()
+            blocks = [b if classes[i] == 0 else b.zero_()
+                      for b, i in zip(blocks, layout.local_indices(rank), strict=True)]
         result = cls._wrap(blocks, layout, group, rank, tensor.dtype, tensor.device)
         if tensor.requires_grad:
             result.requires_grad_(True)
@@ -630,6 +633,23 @@ def _share_process_group(group: ProcessGroup, memo: dict[int, Any]) -> ProcessGr
 
 if not hasattr(ProcessGroup, "__deepcopy__"):
     ProcessGroup.__deepcopy__ = _share_process_group  # type: ignore[attr-defined]
+
+
+def _dispatch(func: torch._ops.OpOverload, types: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> Any:
+    """The dispatch loop: the registered implementation of ``func``, called."""
+    impl = GROUP_FREE_OVERLOADS.get(func)
+    try:
+        if not _OBSERVERS:
+            if impl is not None:  # NOTE [implementations that find their own group]
+                return impl(types, args, kwargs, None)
+            impl = OVERLOADS.get(func) or lookup(func)
+            return impl(types, args, kwargs, _first_group(args, func))
+        impl = OVERLOADS.get(func) or lookup(func)
+        return _observed_dispatch(func, impl, types, args, kwargs)
+    except collectives.CollectiveError as error:
+        error.add_op(func)  # NOTE [collective timeouts] in dispatch_shard.collectives
+        raise
 
 
 def _observed_dispatch(
@@ -722,11 +742,23 @@ def _single_block_layout(layout: Layout, rank: int) -> Layout:
 
 
 def _to_partial(tensor: ShardedTensor, dst: Layout) -> list[torch.Tensor]:
-    """This rank's summand of ``tensor`` as a partial of ``dst``'s reduce op (local only)."""
-    op = dst.spec.reduce_op  # type: ignore[attr-defined]
+    """This rank's summand of ``tensor`` as a partial of ``dst``'s reduce op (local only,
+    but for the move of an N-D layout's value)."""
+    op = dst.reduce_op
+    assert op is not None
     rank, group = tensor._rank, tensor._process_group
     if not collectives.is_member(group, rank):
         return []
+    if dst.is_mesh or tensor._layout.is_mesh:
+        # The value in the layout with the partial mesh dims replicated; then the first
+        # term of each reduction keeps it and the others hold the identity (for sum).
+        value_layout = dst.value_layout()
+        value = tensor._reduced()
+        blocks = value._moved_to(value_layout) if value._layout is not value_layout \
+            else [b.clone() for b in value._local_tensors]
+        classes = dst.summand_classes()
+        return [b if op != "sum" or classes[i] == 0 else b.zero_()
+                for b, i in zip(blocks, dst.local_indices(rank), strict=True)]
     value = tensor._reduced()
     if value._layout.is_replicate:
         local = value._local_tensors[0]
@@ -762,7 +794,7 @@ class _FullTensor(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: ShardedTensor) -> torch.Tensor:
         ctx.source = tensor
-        value = tensor._reduced()
+        value = tensor._reduced() if tensor._layout.is_partial else tensor
         if value._layout.is_replicate:
             blocks = value._local_tensors
             return blocks[0].clone() if blocks else torch.empty(tensor.shape, dtype=tensor.dtype)
@@ -774,9 +806,7 @@ class _FullTensor(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> ShardedTensor:
         # The gradient is the same dense tensor on every rank: each block is a slice.
         source: ShardedTensor = ctx.source
-        layout = source._layout
-        if layout.is_partial:
-            layout = layout.with_spec(Replicate())
+        layout = source._layout.value_layout()
         blocks = [grad[layout.shard_box(i)].contiguous()
                   for i in layout.local_indices(source._rank)]
         return source._like(blocks, layout, grad.dtype)
@@ -785,15 +815,14 @@ class _FullTensor(torch.autograd.Function):
 class _Redistribute(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: ShardedTensor, spec: ShardingSpec) -> ShardedTensor:
-        ctx.source_spec = tensor._layout.spec
+        # d(sum of summands)/d(summand) is the whole gradient: a pending source's
+        # gradient takes the layout of its value.
+        ctx.source_spec = tensor._layout.value_layout().spec
         return tensor._redistributed(spec)
 
     @staticmethod
     def backward(ctx: Any, grad: ShardedTensor) -> tuple[ShardedTensor, None]:
-        spec = ctx.source_spec
-        if isinstance(spec, Partial):
-            spec = Replicate()  # d(sum of summands)/d(summand) is the whole gradient
-        return grad._redistributed(spec), None
+        return grad._redistributed(ctx.source_spec), None
 
 
 # -- from_local_shards validation ------------------------------------------------

@@ -9,6 +9,8 @@ global size, tensor properties and the global ranks of a process group into a
 * :class:`EnumerableShardingSpec` -- arbitrary rectangular blocks that tile the tensor.
 * :class:`Replicate` -- every rank of the group holds the whole tensor.
 * :class:`Partial` -- every rank holds a full-size summand; the value is their reduction.
+* :class:`MeshShardingSpec` -- per-mesh-dim placements over an N-D device mesh that
+  mix sharding with replication or pending reductions: blocks with several holders.
 
 # NOTE [Sharding metadata is cached]
 ``build_metadata`` is called every time a ShardedTensor is made, so its result
@@ -42,6 +44,7 @@ from dispatch_shard.metadata import (
 __all__ = [
     "ChunkShardingSpec",
     "EnumerableShardingSpec",
+    "MeshShardingSpec",
     "Partial",
     "Replicate",
     "ShardingSpec",
@@ -493,3 +496,157 @@ class Partial(ShardingSpec):
         return ShardedTensorMetadata(
             _full_size_shards(size, group_ranks, device), size, tensor_properties
         )
+
+
+# NOTE [N-D layouts: blocks with several holders]
+# On an N-D device mesh, each mesh dim has a placement: shard a tensor dim, replicate,
+# or hold a pending reduction. The ranks that differ only along replicated mesh dims
+# hold copies of one block; those that differ only along partial mesh dims hold terms
+# of one block's reduction. Placement lists that need neither (Shard everywhere,
+# Replicate everywhere, Partial everywhere) are the 1-D specs above; the rest are
+# this spec: one block per mesh position, so one per rank, and several ranks per box.
+# The 1-D specs are its special cases, kept as their own classes because they are
+# what the op families read (see dispatch_shard.holders for how an op that knows
+# only them serves a MeshShardingSpec operand).
+
+MeshPlacement = tuple[str, int | str]  # ("shard", dim), ("replicate", 0), ("partial", op)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MeshShardingSpec(ShardingSpec):
+    """Per-mesh-dim placements over a device mesh of ``mesh_shape`` whose positions, in
+    row-major order, are the global ``mesh_ranks``.
+
+    ``placements`` has one entry per mesh dim: ``("shard", d)`` cuts tensor dim ``d``
+    like ``torch.chunk`` (nested in mesh-dim order when several mesh dims cut one
+    tensor dim), ``("replicate", 0)`` copies, ``("partial", op)`` holds terms of a
+    pending ``op`` reduction (one ``op`` for all partial mesh dims). Build one with
+    :func:`mesh_sharding_spec`, which returns a 1-D spec where the placements need no
+    block with several holders.
+
+    The metadata has one block per mesh position, placed on that position's rank.
+    """
+
+    _uses_device: ClassVar[bool] = True
+
+    mesh_shape: tuple[int, ...]
+    mesh_ranks: tuple[int, ...]
+    placements: tuple[MeshPlacement, ...]
+
+    def __post_init__(self) -> None:
+        if math.prod(self.mesh_shape) != len(self.mesh_ranks):
+            raise ValueError(f"a mesh of shape {self.mesh_shape} has {math.prod(self.mesh_shape)} "
+                             f"positions, but {len(self.mesh_ranks)} ranks were given")
+        if len(self.placements) != len(self.mesh_shape):
+            raise ValueError(f"{len(self.placements)} placements for a {len(self.mesh_shape)}-D "
+                             "mesh: give one per mesh dim")
+        ops = {arg for kind, arg in self.placements if kind == "partial"}
+        if len(ops) > 1:
+            raise NotImplementedError(f"Partial with different reductions per mesh dim "
+                                      f"({sorted(map(str, ops))}) is not supported")
+        for kind, arg in self.placements:
+            if kind == "partial" and arg not in _REDUCE_OPS:
+                raise ValueError(f"Unsupported reduce_op {arg!r} for Partial; "
+                                 f"expected one of {', '.join(_REDUCE_OPS)}")
+            if kind not in ("shard", "replicate", "partial"):
+                raise ValueError(f"unknown mesh placement {kind!r}")
+
+    @property
+    def partial_op(self) -> str | None:
+        """The pending reduction, or None when no mesh dim is partial."""
+        return next((str(arg) for kind, arg in self.placements if kind == "partial"), None)
+
+    def coordinates(self) -> list[tuple[int, ...]]:
+        """Every mesh position, in row-major order (the order of :attr:`mesh_ranks`)."""
+        return list(itertools.product(*[range(n) for n in self.mesh_shape]))
+
+    def box(self, size: Sequence[int], coordinate: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Offsets and sizes of the block at mesh ``coordinate`` of a ``size`` tensor."""
+        lows, highs = [0] * len(size), list(size)
+        for mesh_dim, (kind, arg) in enumerate(self.placements):
+            if kind != "shard":
+                continue
+            dim = int(arg) % len(size)
+            length, parts = highs[dim] - lows[dim], self.mesh_shape[mesh_dim]
+            step = -(-length // parts) if length else 0
+            start = min(coordinate[mesh_dim] * step, length)
+            stop = min(start + step, length)
+            lows[dim], highs[dim] = lows[dim] + start, lows[dim] + stop
+        return lows, [h - lo for lo, h in zip(lows, highs, strict=True)]
+
+    def summand_classes(self) -> tuple[int, ...]:
+        """Per mesh position: which term of the pending reduction it holds (its
+        coordinates along the partial mesh dims, numbered); all 0 when none is partial."""
+        partial = [d for d, (kind, _) in enumerate(self.placements) if kind == "partial"]
+        strides = [math.prod(self.mesh_shape[e] for e in partial[i + 1:])
+                   for i in range(len(partial))]
+        return tuple(sum(c[d] * s for d, s in zip(partial, strides, strict=True))
+                     for c in self.coordinates())
+
+    def _build_metadata(
+        self,
+        size: torch.Size,
+        tensor_properties: TensorProperties,
+        group_ranks: tuple[int, ...],
+        device: str | None,
+    ) -> ShardedTensorMetadata:
+        if sorted(self.mesh_ranks) != sorted(group_ranks):
+            raise ValueError(f"the mesh's ranks {sorted(self.mesh_ranks)} are not the process "
+                             f"group's ranks {list(group_ranks)}")
+        for kind, arg in self.placements:
+            if kind == "shard" and not -len(size) <= int(arg) < len(size):
+                raise ValueError(f"Shard dim {arg} is out of range for a tensor of "
+                                 f"{len(size)} dims")
+        device_text = "cpu" if device is None else device
+        shards = []
+        for rank, coordinate in zip(self.mesh_ranks, self.coordinates(), strict=True):
+            offsets, sizes = self.box(size, coordinate)
+            shards.append(ShardMetadata(offsets, sizes, Placement(rank, device_text)))
+        return ShardedTensorMetadata(shards, size, tensor_properties)
+
+
+def mesh_sharding_spec(mesh_shape: Sequence[int], mesh_ranks: Sequence[int],
+                       placements: Sequence[MeshPlacement], size: Sequence[int],
+                       device: str = "cpu") -> ShardingSpec:
+    """The spec of ``placements`` over the mesh: a 1-D spec where one expresses it
+    (NOTE [N-D layouts: blocks with several holders]), else a :class:`MeshShardingSpec`.
+
+    Mesh dims of size 1 place nothing and are dropped first. Shard on every remaining
+    dim is a :class:`ChunkShardingSpec` where its boxes are ``torch.chunk``'s in some
+    rank order (the layout with the most native op paths), else an
+    :class:`EnumerableShardingSpec`.
+    """
+    spec = MeshShardingSpec(tuple(mesh_shape), tuple(mesh_ranks), tuple(placements))
+    kept = [d for d, n in enumerate(spec.mesh_shape) if n != 1]
+    kinds = {spec.placements[d][0] for d in kept}
+    if kinds <= {"replicate"}:
+        return Replicate()
+    if kinds == {"partial"}:
+        return Partial(str(spec.placements[kept[0]][1]))
+    if kinds == {"shard"}:
+        metadata = spec.build_metadata(size, TensorProperties(), sorted(spec.mesh_ranks),
+                                       device=device)
+        return _as_chunk(list(metadata.shards_metadata), torch.Size(size), device)
+    if len(kept) != len(spec.mesh_shape):
+        spec = MeshShardingSpec(tuple(spec.mesh_shape[d] for d in kept), spec.mesh_ranks,
+                                tuple(spec.placements[d] for d in kept))
+    return spec
+
+
+def _as_chunk(shards: list[ShardMetadata], size: torch.Size, device: str) -> ShardingSpec:
+    """A chunk spec with exactly ``shards``' boxes and placements, if there is one; else
+    the enumerable spec of ``shards``."""
+    cut = [d for d in range(len(size)) if any(s.shard_sizes[d] != size[d] for s in shards)]
+    if len(cut) <= 1 and shards:
+        dim = cut[0] if cut else 0
+        order = sorted(shards, key=lambda s: (s.shard_offsets[dim], s.shard_sizes[dim] != 0))
+        chunk = ChunkShardingSpec(dim, [s.placement for s in order])  # type: ignore[misc]
+        ranks = tuple(sorted({s.placement.rank() for s in shards}))  # type: ignore[union-attr]
+        built = chunk.build_metadata(size, TensorProperties(), ranks, device=device)
+        if [_box(s) for s in built.shards_metadata] == [_box(s) for s in order]:
+            return chunk
+    return EnumerableShardingSpec(shards)
+
+
+def _box(shard: ShardMetadata) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    return tuple(shard.shard_offsets), tuple(shard.shard_sizes), str(shard.placement)

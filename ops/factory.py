@@ -1,4 +1,4 @@
-"""``*_like`` factories: the result keeps the input's layout.
+"""``*_like`` factories: the result keeps the input's layout (N-D ones too).
 
 Per rank: each block ``[b_i]`` -> ``like(block)``; collectives: none. Random
 blocks come from the rank's generator, in block order; inside
@@ -34,8 +34,9 @@ def _register(packet: Any) -> None:
              process_group: Any) -> ShardedTensor:
         tensor: ShardedTensor = args[0]
         kwargs = {k: v for k, v in kwargs.items() if k != "memory_format"}
-        if packet in _RANDOM_LIKE and is_dense_equivalent():
-            # The dense op's draw: an empty tensor of the same layout, filled in place.
+        if packet in _RANDOM_LIKE and (is_dense_equivalent() or tensor._layout.is_mesh):
+            # The dense op's draw: an empty tensor of the same layout, filled in place
+            # (also for an N-D layout, whose copies of a block must draw alike).
             result = map_blocks(tensor, lambda b: torch.empty_like(b, **kwargs))
             if tensor._layout.is_partial:
                 result = result._like(list(result._local_tensors),
@@ -55,7 +56,7 @@ def _register(packet: Any) -> None:
     impl.__doc__ = (f"``{packet.__name__}``: per-block, same layout (a Partial input gives a "
                     "replicated result); collectives: none (a random fill of a replicated "
                     "result: one broadcast).")
-    custom_sharded_op_impl(packet, handles_partial=True)(impl)
+    custom_sharded_op_impl(packet, handles_partial=True, handles_mesh=True)(impl)
 
 
 for _packet in _LIKE_OPS:
@@ -83,7 +84,7 @@ def _new_factory(packet: Any, fill: Any) -> None:
     impl.__name__ = impl.__qualname__ = f"sharded_{packet.__name__}"
     impl.__doc__ = (f"``x.{packet.__name__}(size)``: of ``x``'s size, ``x``'s layout; of another "
                     "size, replicated. Collectives: none.")
-    custom_sharded_op_impl(packet, handles_partial=True)(impl)
+    custom_sharded_op_impl(packet, handles_partial=True, handles_mesh=True)(impl)
 
 
 _new_factory(aten.new_zeros, lambda block, dtype: torch.zeros_like(block, dtype=dtype))

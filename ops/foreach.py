@@ -10,7 +10,8 @@ Tensors at one index of the lists must live on one group's ranks; tensors at
 different indices may live on different groups (one optimizer over 2-D-parallel
 parameters), since nothing communicates between indices. The hot path, where every
 list's element shares the layout of the first list's element, calls torch's
-binding of the kernel once (see ``dispatch_shard.registry._binding``).
+binding of the kernel once (see ``dispatch_shard.registry._binding``). Elements of
+N-D layouts (on a device mesh) are served alike: every holder of a box updates its copy.
 
 ``_foreach_norm``: per-block norms, then one all-reduce for the whole list (one group).
 
@@ -304,7 +305,7 @@ def _register(func: torch._ops.OpOverload) -> None:
 
     impl.__name__ = impl.__qualname__ = f"foreach_{func.name().replace('::', '_')}"
     impl.__doc__ = f"``{func}`` as one call on every local block; see the module docstring."
-    custom_sharded_op_impl(func, handles_partial=True)(impl)
+    custom_sharded_op_impl(func, handles_partial=True, handles_mesh=True)(impl)
 
 
 for _func in foreach_overloads():

@@ -3,7 +3,10 @@
 Per rank: ``out[block] = op(x[block], y[block], ...)`` for each block of the
 result's layout. Collectives: none when the operands share a layout or are
 plain tensors / scalars; otherwise operands are first moved to the result's
-layout (one all-to-all each), or all-gathered when they broadcast.
+layout (one all-to-all each), or all-gathered when they broadcast. Operands of
+one N-D layout (on a device mesh) are served block by block too; other calls
+with N-D operands are flattened (NOTE [serving N-D operands] in
+dispatch_shard.holders).
 
 NOTE [the result's layout]
 The result takes the layout of an operand whose shape is the broadcast shape:
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 
+from dispatch_shard.holders import flattened_call, has_mesh
 from dispatch_shard.layout import Layout
 from dispatch_shard.ops._common import whole
 from dispatch_shard.registry import _binding, _group_free, custom_sharded_op_impl
@@ -465,11 +469,14 @@ def _register(func: torch._ops.OpOverload) -> None:
             served = _same_layout(func, call, schema, first, args, kwargs)
             if served is not None:
                 return served
+        if has_mesh(args, kwargs):  # NOTE [serving N-D operands]: not one layout
+            return flattened_call(func, types, args, kwargs,
+                                  lambda t, a, k: impl(t, a, k, process_group))
         return _pointwise(func, schema, args, kwargs)
 
     impl.__name__ = impl.__qualname__ = f"pointwise_{func.name().replace('::', '_')}"
     impl.__doc__ = f"``{func}`` per block of the result's layout; see the module docstring."
-    custom_sharded_op_impl(func, handles_partial=True)(impl)
+    custom_sharded_op_impl(func, handles_partial=True, handles_mesh=True)(impl)
 
 
 for _func in pointwise_overloads():

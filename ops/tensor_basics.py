@@ -2,6 +2,7 @@
 
 ``detach``/``alias``: new wrapper, the same blocks; collectives: none.
 ``clone``: copies each block; collectives: none.
+These three keep any layout, N-D ones (and their pending terms) included.
 ``is_pinned``: every local block pinned; collectives: none.
 ``equal``: local ``torch.equal`` per block, then an all-reduce(min) of the verdict.
 """
@@ -20,17 +21,17 @@ from dispatch_shard.sharded_tensor import ShardedTensor
 aten = torch.ops.aten
 
 
-@custom_sharded_op_impl(aten.detach.default, handles_partial=True)
+@custom_sharded_op_impl(aten.detach.default, handles_partial=True, handles_mesh="pending")
 def detach(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> Any:
     """``x -> x``: a new ShardedTensor on the same blocks (detached); no collectives."""
     tensor: ShardedTensor = args[0]
     return tensor._like(list(tensor._local_tensors))
 
 
-custom_sharded_op_impl(aten.alias.default, handles_partial=True)(detach)
+custom_sharded_op_impl(aten.alias.default, handles_partial=True, handles_mesh="pending")(detach)
 
 
-@custom_sharded_op_impl(aten.clone.default, handles_partial=True)
+@custom_sharded_op_impl(aten.clone.default, handles_partial=True, handles_mesh="pending")
 def clone(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> Any:
     """``x -> copy of x``, each block cloned contiguous; no collectives."""
     return map_blocks(args[0], lambda block: block.clone())

@@ -675,7 +675,7 @@ def cat(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> A
     return replicated_fallback(aten.cat.default, (tensors, dim), {})
 
 
-@custom_sharded_op_impl(aten._to_copy.default, handles_partial=True)
+@custom_sharded_op_impl(aten._to_copy.default, handles_partial=True, handles_mesh="pending")
 def to_copy(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.to(dtype)`` and friends: each block converted (a copy); same layout; no collectives.
     Moving to another device would leave the placements behind: not supported."""
@@ -688,7 +688,7 @@ def to_copy(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) 
     return x._like(blocks, dtype=options.get("dtype") or x.dtype)
 
 
-@custom_sharded_op_impl(aten.copy_.default, handles_partial=True)
+@custom_sharded_op_impl(aten.copy_.default, handles_partial=True, handles_mesh=True)
 def copy_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``x.copy_(src)``: ``src`` moved to ``x``'s layout (one all-to-all when they differ; a
     plain or broadcasting ``src`` is sliced per block), then copied block by block."""

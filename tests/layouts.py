@@ -81,3 +81,20 @@ def train_side_by_side(dense: Any, sharded: Any, steps: int, shape: tuple[int, i
             with around_loss(step) if around_loss else contextlib.nullcontext():
                 F.mse_loss(model(x), y).backward()
             optimizer.step()
+
+
+def outcome(call: Any) -> tuple[str, str]:
+    """``call()``'s exception as (type name, message), or ("ok", "")."""
+    try:
+        call()
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return "ok", ""
+
+
+def assert_raised_alike(outcomes: list[tuple[str, str]], kind: str, pattern: str) -> None:
+    """Every rank's outcome is a ``kind`` error whose message matches ``pattern``."""
+    import re
+
+    for rank, (got, message) in enumerate(outcomes):
+        assert got == kind and re.search(pattern, message), (rank, got, message)

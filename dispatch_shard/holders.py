@@ -1,0 +1,214 @@
+"""Ops on N-D layouts: how an op written for 1-D layouts serves blocks with several holders.
+
+An N-D layout (:class:`~dispatch_shard.specs.MeshShardingSpec`) has boxes held by
+several ranks: copies along replicated mesh dims, terms of a pending reduction along
+partial mesh dims (NOTE [N-D layouts: blocks with several holders]). The op families
+are written for the 1-D layouts, where a sharded box has one holder and a replicated
+or partial value spans the whole group.
+
+NOTE [serving N-D operands]
+The dispatch loop hands such a call to :func:`serve`:
+
+* An implementation registered with ``handles_mesh=True`` gets the N-D operands as they
+  are (the pointwise and foreach families: when operands share one layout, the work is
+  block by block whatever the holders), pending ones reduced first.
+* Any other implementation gets each N-D operand *flattened* (:func:`flattened_layout`):
+  the holders of a box split it among themselves along one dim, each keeping a view of
+  its piece. That is a 1-D sharded layout over the same ranks, reached with no
+  communication; a pending reduction is summed into it on the way (one all-to-all in
+  which each rank receives only its piece's terms, as a reduce-scatter does). The
+  implementation then runs as on any 1-D layout, so every op serves N-D layouts with the
+  guarantees it has on 1-D ones, and its results come back in 1-D layouts.
+* An argument the op writes (in-place ops, ``out=``) is written in its flattened form,
+  then moved back into the original N-D blocks (an all-to-all that gives every holder
+  of a box the written pieces), so copies stay equal. Writing into a pending N-D value
+  raises, as writing into a Partial does.
+
+Per rank: flattening keeps one view per operand; the write-back and a pending operand's
+sum are one all-to-all each on the layout's group.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dispatch_shard.layout import Layout, _mesh_layouts_made
+from dispatch_shard.metadata import ShardMetadata
+from dispatch_shard.registry import (
+    MESH_AWARE,
+    MESH_PENDING_AWARE,
+    _op_name,
+    _written_arguments,
+    lookup,
+)
+from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.specs import MeshShardingSpec, _as_chunk
+
+__all__ = ["flatten", "flattened_layout", "has_mesh", "serve"]
+
+# How many calls of each op were served flattened (for tests and debugging).
+flattened: collections.Counter[str] = collections.Counter()
+
+Dispatch = Callable[[Any, Any, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _is_mesh(value: Any) -> bool:
+    return isinstance(value, ShardedTensor) and value._layout.is_mesh
+
+
+def has_mesh(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
+    """Whether an argument (also inside a list) is a ShardedTensor of an N-D layout."""
+    if not _mesh_layouts_made[0]:
+        return False
+    for value in (*args, *(kwargs or {}).values()):
+        if _is_mesh(value):
+            return True
+        if isinstance(value, list | tuple) and any(_is_mesh(v) for v in value):
+            return True
+    return False
+
+
+def flattened_layout(layout: Layout) -> Layout:
+    """``layout`` (N-D, nothing pending) with each box split among its holders: one
+    holder per piece, so a 1-D layout (a chunk spec where one fits) over the same ranks.
+
+    A box is split along the first tensor dim that a mesh dim shards, or else its
+    longest dim, in ``torch.chunk`` pieces, holders in mesh order.
+    """
+    found = layout._derived.get(("flattened",))
+    if found is not None:
+        return found
+    spec = layout.spec
+    assert isinstance(spec, MeshShardingSpec) and not layout.pending
+    sharded = [int(arg) % len(layout.size) for kind, arg in spec.placements if kind == "shard"]
+    boxes: dict[tuple[tuple[int, ...], tuple[int, ...]], list[ShardMetadata]] = {}
+    for shard in layout.shards:
+        boxes.setdefault((tuple(shard.shard_offsets), tuple(shard.shard_sizes)), []).append(shard)
+    pieces = []
+    for (offsets, sizes), holders in boxes.items():
+        dim = sharded[0] if sharded else max(range(len(sizes)), key=lambda d: sizes[d]) \
+            if sizes else 0
+        step = -(-sizes[dim] // len(holders)) if sizes and sizes[dim] else 0
+        for index, holder in enumerate(holders):
+            lows, lengths = list(offsets), list(sizes)
+            if sizes:
+                start = min(index * step, sizes[dim])
+                lows[dim] = offsets[dim] + start
+                lengths[dim] = min(step, sizes[dim] - start)
+            pieces.append(ShardMetadata(lows, lengths, holder.placement))
+    flat = _as_chunk(pieces, layout.size, layout.device or "cpu")
+    found = layout._derived[("flattened",)] = layout.with_spec(flat)
+    return found
+
+
+def flatten(tensor: ShardedTensor) -> ShardedTensor:
+    """``tensor`` in a 1-D layout: its flattened layout (views of its blocks, no
+    communication), or for a pending N-D value the sum moved into one."""
+    layout = tensor._layout
+    if not layout.is_mesh:
+        return tensor
+    value = layout.value_layout()
+    target = flattened_layout(value) if value.is_mesh else value
+    if layout.pending:
+        return tensor._like(tensor._moved_to(target), target)
+    rank = tensor._rank
+    blocks = []
+    for index, block in zip(layout.local_indices(rank), tensor._local_tensors, strict=True):
+        origin = layout.shards[index].shard_offsets
+        for piece in target.local_indices(rank):
+            shard = target.shards[piece]
+            blocks.append(block[tuple(
+                slice(o - b, o - b + n) for o, n, b in
+                zip(shard.shard_offsets, shard.shard_sizes, origin, strict=True))])
+    return tensor._like(blocks, target)
+
+
+def _map(value: Any, one: Callable[[ShardedTensor], Any]) -> Any:
+    if _is_mesh(value):
+        return one(value)
+    if isinstance(value, list | tuple) and any(_is_mesh(v) for v in value):
+        return type(value)(one(v) if _is_mesh(v) else v for v in value)
+    return value
+
+
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The arguments ``func`` writes (in place, ``out=``)."""
+    names = _written_arguments(func)
+    if not names:
+        return []
+    schema = func._schema.arguments
+    found = [args[i] for i, a in enumerate(schema[:len(args)]) if a.name in names]
+    return found + [kwargs[n] for n in names if n in kwargs]
+
+
+def _refuse_pending_writes(func: Any, written: list[Any]) -> None:
+    for value in written:
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if _is_mesh(item) and item._layout.pending:
+                raise NotImplementedError(
+                    f"{_op_name(func)} would write into a ShardedTensor with a reduction "
+                    "pending over a mesh dim (its blocks hold terms, not the value); "
+                    "redistribute it to Replicate on that dim first")
+
+
+def flattened_call(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   call: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]) -> Any:
+    """``call(types, args, kwargs)`` with every N-D operand flattened, and the written
+    ones moved back into their N-D blocks (NOTE [serving N-D operands])."""
+    written = _written(func, args, kwargs)
+    _refuse_pending_writes(func, written)
+    originals: dict[int, ShardedTensor] = {}
+
+    def one(value: ShardedTensor) -> ShardedTensor:
+        flat = flatten(value)
+        originals[id(flat)] = value
+        return flat
+
+    flattened[_op_name(func)] += 1
+    flat_args = tuple(_map(a, one) for a in args)
+    flat_kwargs = {k: _map(v, one) for k, v in kwargs.items()}
+    result = call(types, flat_args, flat_kwargs)
+    restored: dict[int, ShardedTensor] = {}
+    for value in _written(func, flat_args, flat_kwargs):
+        for item in value if isinstance(value, list | tuple) else [value]:
+            original = originals.get(id(item))
+            if original is None:
+                continue
+            with torch.no_grad():
+                moved = item._moved_to(original._layout)
+                for block, new in zip(original._local_tensors, moved, strict=True):
+                    block.copy_(new)
+            restored[id(item)] = original
+
+    def back(value: Any) -> Any:
+        if isinstance(value, ShardedTensor) and id(value) in restored:
+            return restored[id(value)]
+        if isinstance(value, list | tuple):
+            return type(value)(back(v) for v in value)
+        return value
+
+    return back(result)
+
+
+def serve(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+          dispatch: Dispatch) -> Any:
+    """A call with N-D operands (NOTE [serving N-D operands]); ``dispatch`` runs the
+    registered implementation as the dispatch loop does."""
+    impl = lookup(func)
+    if impl in MESH_PENDING_AWARE:
+        return dispatch(func, types, args, kwargs)
+    if impl in MESH_AWARE:
+        _refuse_pending_writes(func, _written(func, args, kwargs))
+
+        def reduced(value: ShardedTensor) -> ShardedTensor:
+            return value._reduced() if value._layout.pending else value
+
+        args = tuple(_map(a, reduced) for a in args)
+        kwargs = {k: _map(v, reduced) for k, v in kwargs.items()}
+        return dispatch(func, types, args, kwargs)
+    return flattened_call(func, types, args, kwargs,
+                          lambda t, a, k: dispatch(func, t, a, k))
