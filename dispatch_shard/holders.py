@@ -21,8 +21,9 @@ The dispatch loop hands such a call to :func:`serve`:
   guarantees it has on 1-D ones, and its results come back in 1-D layouts.
 * An argument the op writes (in-place ops, ``out=``) is written in its flattened form,
   then moved back into the original N-D blocks (an all-to-all that gives every holder
-  of a box the written pieces), so copies stay equal. Writing into a pending N-D value
-  raises, as writing into a Partial does.
+  of a box the written pieces), so copies stay equal. Into a pending N-D value, the
+  ops linear in it run term by term (``+=`` a value of its layout, ``*=`` a number,
+  ``neg_``); any other write raises, as writing into a Partial does.
 
 Per rank: flattening keeps one view per operand; the write-back and a pending operand's
 sum are one all-to-all each on the layout's group.
@@ -31,6 +32,7 @@ sum are one all-to-all each on the layout's group.
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -194,10 +196,40 @@ def flattened_call(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[st
     return back(result)
 
 
+_aten = torch.ops.aten
+# In-place ops that are linear in their destination: term by term on a pending value
+# (``Σa += Σb`` with the same layout, ``Σa *= r`` for a number ``r``, ``-Σa``).
+_LINEAR_INPLACE = {_aten.add_.Tensor: "same", _aten.sub_.Tensor: "same",
+                   _aten.mul_.Scalar: "number", _aten.div_.Scalar: "number",
+                   _aten.mul_.Tensor: "number", _aten.div_.Tensor: "number",
+                   _aten.neg_.default: "alone"}
+
+
+def _term_by_term(func: Any, args: tuple[Any, ...]) -> bool:
+    kind = _LINEAR_INPLACE.get(func)
+    if kind is None or not args or not _is_mesh(args[0]) or not args[0]._layout.pending:
+        return False
+    if kind == "alone":
+        return len(args) == 1
+    other = args[1] if len(args) == 2 else None
+    if kind == "same":
+        return isinstance(other, ShardedTensor) and other._layout is args[0]._layout
+    return isinstance(other, int | float) and not isinstance(other, bool)
+
+
 def serve(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
           dispatch: Dispatch) -> Any:
     """A call with N-D operands (NOTE [serving N-D operands]); ``dispatch`` runs the
     registered implementation as the dispatch loop does."""
+    if _term_by_term(func, args):
+        destination = args[0]
+        others = [a._local_tensors if isinstance(a, ShardedTensor) else None for a in args]
+        for b, block in enumerate(destination._local_tensors):
+            func(*[block if i == 0 else a if o is None else o[b]
+                   for i, (a, o) in enumerate(zip(args, others, strict=True))], **kwargs)
+        with contextlib.suppress(AttributeError):  # its cached reduction is stale now
+            del destination._reduced_cache
+        return destination
     impl = lookup(func)
     if impl in MESH_PENDING_AWARE:
         return dispatch(func, types, args, kwargs)

@@ -224,9 +224,12 @@ def choose_strategy(a: Layout, b: Layout, a_itemsize: int, b_itemsize: int,
         # operand laid out on the same batch blocks.
         for position, layout in enumerate((a, b)):
             # (An empty block must be empty along the batch dim: the other operand's
-            # block on it is then empty too, never overlapping a real one.)
+            # block on it is then empty too, never overlapping a real one; and whole
+            # along the others, where its product with the other block must fit.)
             if layout.is_sharded and split_dims(layout) <= {0} and all(
-                    s.shard_sizes[0] == 0 or 0 not in s.shard_sizes for s in layout.shards):
+                    (s.shard_sizes[0] == 0 or 0 not in s.shard_sizes)
+                    and list(s.shard_sizes[1:]) == list(layout.size[1:])
+                    for s in layout.shards):
                 other = b if position == 0 else a
                 other_spec = like_leading(layout, 1, other.size).spec
                 out_spec = like_leading(layout, 1, out_size).spec

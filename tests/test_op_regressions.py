@@ -210,3 +210,20 @@ def test_constant_pad_and_max_pool_through_prims_copy_to(rank: int, world_size: 
     want.sum().backward()
     got.sum().backward()
     torch.testing.assert_close(_full(sharded.grad), dense.grad)
+
+
+@multi_rank(world_size=[2])
+def test_batched_product_with_empty_blocks_narrower_than_the_tensor(
+        rank: int, world_size: int) -> None:
+    # An empty tensor's grid whose empty blocks split dim 1 (a 2x2 mesh's [Shard(0),
+    # Shard(1)] of a 0x2x0 tensor gives two such blocks on one box): the "keep the batch
+    # blocks" strategy paired them with whole blocks of the other operand and raised.
+    spec = ds.EnumerableShardingSpec([
+        ds.ShardMetadata([0, 0, 0], [0, 1, 0], "rank:0/cpu"),
+        ds.ShardMetadata([0, 1, 0], [0, 1, 0], "rank:1/cpu"),
+        ds.ShardMetadata([0, 0, 0], [0, 1, 0], "rank:1/cpu")])
+    x = torch.randn(0, 2, 0)
+    other = torch.randn(0, 2)
+    got = ds.ShardedTensor.from_replicated(other, ds.Partial()) @ \
+        ds.ShardedTensor.from_replicated(x, spec)
+    torch.testing.assert_close(_full(got), other @ x)

@@ -42,6 +42,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 import dispatch_shard as ds
+from dispatch_shard.specs import mesh_sharding_spec
 from dispatch_shard.testing import get_pool, multi_rank
 
 # -- profiles ------------------------------------------------------------------------
@@ -57,7 +58,7 @@ settings.register_profile(
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 SETTINGS = settings.get_profile(PROFILE)
 # Examples per test, as a multiple of the profile's max_examples.
-WEIGHTS = {"chains": 2.0, "reshards": 0.7, "matmul": 0.6}
+WEIGHTS = {"chains": 2.0, "reshards": 0.7, "matmul": 0.6, "mesh": 1.0}
 WORLD_SIZES = (2, 3) if PROFILE == "ci" else (1, 2, 3, 4)
 GROUP_TIMEOUT_S = 30.0
 RUN_TIMEOUT_S = 120.0
@@ -121,6 +122,8 @@ def make_spec(layout: Layout, shape: Shape) -> ds.ShardingSpec:
         return ds.EnumerableShardingSpec(blocks)
     if kind == "partial":
         return ds.Partial(layout[1])
+    if kind == "mesh":  # per-mesh-dim placements on a 2x2 mesh of ranks 0-3
+        return mesh_sharding_spec((2, 2), (0, 1, 2, 3), layout[1], shape)
     return ds.Replicate()
 
 
@@ -160,7 +163,7 @@ def make_sharded(operand: Operand, dense: torch.Tensor, group: dist.ProcessGroup
         summand = _summand(dense, layout[1], operand["seed"], rank, world_size,
                            exact=operand["values"] == "ties")
         return ds.ShardedTensor.from_local_tensor(summand, spec, *shape, process_group=group)
-    build = operand["build"]
+    build = operand["build"] if layout[0] != "mesh" else "from_replicated"
     if build == "shard_tensor":
         source = operand["seed"] % world_size
         local = dense.clone() if rank == source else torch.zeros_like(dense)
@@ -465,6 +468,8 @@ def run_program(rank: int, world_size: int, program: dict[str, Any]) -> str | No
 KNOWN_GAPS = {
     "into a Partial ShardedTensor is not supported":
         "non-linear in-place ops into a Partial tensor (ops/pointwise.py refuses them)",
+    "would write into a ShardedTensor with a reduction pending":
+        "non-linear in-place ops into a value pending on a mesh dim (dispatch_shard.holders)",
 }
 
 
@@ -491,6 +496,8 @@ def check(test: str, program: dict[str, Any]) -> None:
                      for step in program["steps"])
     STEPS_RUN["backward"] += program["backward"]
     STEPS_RUN[f"world size {program['world_size']}"] += 1
+    STEPS_RUN["N-D layouts"] += sum("'mesh'" in repr(v) for v in (program["input"],
+                                                                    *program["steps"]))
     if all(v is None for v in verdicts):
         return
     gap = _known_gap(verdicts)
@@ -512,7 +519,19 @@ def layouts(draw: st.DrawFn, shape: Shape, world_size: int, dtype: str) -> Layou
     kinds = ["replicate"] + (["partial"] if dtype != "bool" else [])
     if shape:
         kinds += ["chunk", "chunk", "chunk", "grid", "grid"]
+    if world_size == 4 and shape:
+        kinds += ["mesh"] * 6
     kind = draw(st.sampled_from(kinds))
+    if kind == "mesh":
+        placement = st.sampled_from(
+            [("shard", d) for d in range(len(shape))] + [("replicate", 0)]
+            + ([("partial", op) for op in ("sum", "avg", "max", "min")]
+               if dtype != "bool" else []))
+        first = draw(placement)
+        second = draw(placement)
+        if first[0] == second[0] == "partial" and first[1] != second[1]:
+            second = first  # (one reduction per tensor)
+        return ("mesh", (first, second))
     rank = st.integers(0, world_size - 1)
     if kind == "chunk":
         dim = draw(st.integers(-len(shape), len(shape) - 1))
@@ -693,8 +712,8 @@ def _shaped(side: Side, x: torch.Tensor, step: tuple[Any, ...]) -> torch.Tensor:
 
 @st.composite
 def programs(draw: st.DrawFn, max_steps: int = 4, step_kinds: tuple[str, ...] | None = None,
-             ) -> dict[str, Any]:
-    world_size = draw(st.sampled_from(WORLD_SIZES))
+             world_sizes: tuple[int, ...] = WORLD_SIZES) -> dict[str, Any]:
+    world_size = draw(st.sampled_from(world_sizes))
     dtype = draw(st.sampled_from(["float32", "float64", "float64", "int64", "bool"]))
     shape = tuple(draw(st.lists(st.integers(0, 9), min_size=1, max_size=3)))
     backward = dtype in FLOATS and draw(st.integers(0, 3)) > 0
@@ -753,6 +772,14 @@ def test_reshard_chains_match_dense(program: dict[str, Any]) -> None:
 @given(program=matmul_programs())
 def test_matmul_matches_dense(program: dict[str, Any]) -> None:
     check("matmul", program)
+
+
+@profile("mesh")
+@given(program=programs(world_sizes=(4,)))
+def test_op_chains_on_a_2x2_mesh_match_dense(program: dict[str, Any]) -> None:
+    """The chains on 4 ranks, with N-D layouts (per-mesh-dim placements on a 2x2 mesh:
+    copies, a pending reduction on one mesh dim, uneven sizes) among the 1-D ones."""
+    check("mesh", program)
 
 
 def _vector_matrix_product(rank: int, world_size: int) -> None:

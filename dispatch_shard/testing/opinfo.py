@@ -131,7 +131,7 @@ SKIP = "SKIP"
 HANG = "HANG"
 PARTIAL = "PARTIAL"
 
-LIBRARIES = ("dispatch_shard", "dtensor")
+LIBRARIES = ("dispatch_shard", "dispatch_shard_2x2", "dtensor")
 SEED = 1234
 _DETAIL_CHARS = 600
 
@@ -328,6 +328,42 @@ class _DispatchShard(_Library):
         return None
 
 
+class _DispatchShardMesh(_DispatchShard):
+    """dispatch_shard on a 2x2 mesh of 4 ranks, each tensor of a sample in the next of a
+    few N-D layouts: split on one mesh dim and replicated on the other, a pending sum on
+    one mesh dim (floating tensors), uneven wherever a dim does not divide by 2."""
+
+    name = "dispatch_shard_2x2"
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(rank)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if "2x2" not in _MESHES:  # (made once per process: it makes process groups)
+            _MESHES["2x2"] = init_device_mesh("cpu", (2, 2))
+        self.mesh = _MESHES["2x2"]
+        self.turn = 0
+
+    def shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import Partial, Replicate, Shard
+
+        from dispatch_shard import distribute_tensor, unchecked_creation
+
+        options = [[Shard(0), Replicate()], [Replicate(), Shard(-1)]]
+        if tensor.is_floating_point():
+            options += [[Partial(), Shard(0)], [Shard(-1), Partial()]]
+        placements = options[self.turn % len(options)]
+        self.turn += 1  # (reset per sample by _copies: the same on every rank)
+        with unchecked_creation():
+            result = distribute_tensor(tensor.detach(), self.mesh, placements)
+        if tensor.requires_grad:
+            result.requires_grad_(True)
+        return result
+
+
+_MESHES: dict[str, Any] = {}
+
+
 class _DTensor(_Library):
     name = "dtensor"
 
@@ -355,6 +391,8 @@ class _DTensor(_Library):
 def _library(name: str, rank: int, world_size: int) -> _Library:
     if name == "dispatch_shard":
         return _DispatchShard(rank)
+    if name == "dispatch_shard_2x2":
+        return _DispatchShardMesh(rank)
     if name == "dtensor":
         return _DTensor(world_size)
     raise ValueError(f"library must be one of {LIBRARIES}, got {name!r}")
@@ -416,6 +454,8 @@ def _copies(sample: Any, library: _Library, host: set[int] | None = None) -> _Co
     sharded_memo: dict[int, torch.Tensor] = {}
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     count = 0
+    if isinstance(library, _DispatchShardMesh):
+        library.turn = 0
 
     def visit(value: Any) -> None:
         nonlocal count
