@@ -37,7 +37,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=32, help="model width (default 32)")
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
                         help="gloo (CPU, default) or nccl (one GPU per rank)")
+    parser.add_argument("--mesh", default=None, metavar="DPxTP",
+                        help="train on a 2-D mesh: the batch split over DP ranks, the "
+                             "model tensor-parallel over TP (e.g. 2x2; sets --ranks)")
     args = parser.parse_args(argv)
+    if args.mesh is not None:
+        try:
+            dp, tp = (int(n) for n in args.mesh.lower().split("x"))
+        except ValueError:
+            parser.error(f"--mesh must look like 2x2 (DP x TP), got {args.mesh!r}")
+        if dp < 1 or tp < 1:
+            parser.error(f"--mesh sizes must be at least 1, got {args.mesh!r}")
+        args.mesh = (dp, tp)
+        args.ranks = dp * tp
     if args.ranks < 1:
         parser.error(f"--ranks must be at least 1, got {args.ranks}")
     if args.steps < 1:
@@ -133,8 +145,26 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> float:
         else "cpu"
     torch.manual_seed(0)  # every rank builds the same dense model
     dense = _model(args.width).to(device)
-    sharded = parallelize(copy.deepcopy(dense), _plan(), world, device.split(":")[0]
-                          if device == "cpu" else device)
+    mesh = None
+    if args.mesh is not None:  # DP x TP: the plan on "tp", the batch on "dp"
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard
+
+        if args.mesh[0] * args.mesh[1] != world:
+            raise SystemExit(f"--mesh {args.mesh[0]}x{args.mesh[1]} needs "
+                             f"{args.mesh[0] * args.mesh[1]} ranks, not {world}")
+        mesh = init_device_mesh(device.split(":")[0], args.mesh, mesh_dim_names=("dp", "tp"))
+        sharded = parallelize(copy.deepcopy(dense), {"dp": "replicate", "tp": _plan()},
+                              mesh=mesh)
+    else:
+        sharded = parallelize(copy.deepcopy(dense), _plan(), world, device.split(":")[0]
+                              if device == "cpu" else device)
+
+    def batch(value: torch.Tensor) -> torch.Tensor:
+        if mesh is None:
+            return value
+        return ds.distribute_tensor(value, mesh, [Shard(0), Replicate()])
+
     dense_opt = torch.optim.AdamW(dense.parameters(), lr=3e-3)
     sharded_opt = torch.optim.AdamW(sharded.parameters(), lr=3e-3)
     generator = torch.Generator(device="cpu").manual_seed(1)  # the same data on every rank
@@ -153,7 +183,10 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> float:
             optimizer.zero_grad()
             if model is sharded:
                 collectives._observers.append(observe)
-            loss = F.mse_loss(model(x, ids), y)
+            if model is sharded:
+                loss = F.mse_loss(model(batch(x), batch(ids)), batch(y))
+            else:
+                loss = F.mse_loss(model(x, ids), y)
             loss.backward()
             optimizer.step()
             if model is sharded:
@@ -179,9 +212,11 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> float:
         dense_bytes = _state_bytes(dense, dense_opt)
         kinds = Counter(kind for kind, _ in per_step)
         moved = sum(nbytes for _, nbytes in per_step)
+        where = f"{world} rank(s)" if mesh is None else \
+            f"a {args.mesh[0]}x{args.mesh[1]} (dp x tp) mesh, the batch split over dp"
         print(f"dispatch_shard demo: a 2-block transformer with a row-wise EmbeddingBag "
-              f"(width {args.width}) on {world} "
-              f"rank(s), backend {args.backend}, {args.steps} AdamW steps in {elapsed:.1f} s")
+              f"(width {args.width}) on {where}, "
+              f"backend {args.backend}, {args.steps} AdamW steps in {elapsed:.1f} s")
         print(f"  max |sharded - dense| over all parameters and ranks: {worst.item():.2e}")
         print(f"  parameters + gradients + AdamW state: dense {dense_bytes / 2**10:.1f} KiB; "
               "per rank " + ", ".join(f"{int(h.item()) / 2**10:.1f}" for h in held) +

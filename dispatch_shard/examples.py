@@ -10,6 +10,8 @@ every rank the whole parameter.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -79,9 +81,20 @@ def _placements(world_size: int, device: str) -> list[str]:
     return [f"rank:{r}/{device}" for r in range(world_size)]
 
 
-def parallelize(module: nn.Module, plan: dict[str, str], world_size: int | None = None,
-                device: str = "cpu") -> nn.Module:
+def parallelize(module: nn.Module, plan: dict[str, Any], world_size: int | None = None,
+                device: str = "cpu", *, mesh: Any = None) -> nn.Module:
     """Shard ``module``'s submodules in place by ``plan`` (path -> style).
+
+    With ``mesh`` (a ``DeviceMesh``), ``plan`` has one entry per mesh dim name: a
+    path -> style plan for that dim, ``"replicate"`` (data parallel: every parameter
+    copied over that dim) or ``"fsdp"`` (every parameter's dim 0 split over that dim,
+    nested with the other dims' splits in mesh-dim order). A parameter no dim splits
+    is replicated over the whole mesh (a ShardedTensor still: its gradient is reduced
+    over the batch's dims)::
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize(model, {"dp": "replicate", "tp": {"fc1": "colwise", "fc2": "rowwise"}},
+                    mesh=mesh)
 
     Styles: ``colwise`` / ``rowwise`` (Megatron's column- and row-parallel linears: the
     weight's rows, or columns, chunked), ``table_rowwise`` (an embedding table's rows
@@ -92,6 +105,8 @@ def parallelize(module: nn.Module, plan: dict[str, str], world_size: int | None 
     parameter's creation checks that the ranks agree on its spec, size and dtype: one
     16-byte all_gather per rank). Returns ``module``.
     """
+    if mesh is not None:
+        return _parallelize_on_mesh(module, plan, mesh)
     if world_size is None:
         world_size = dist.get_world_size()
     rows = ChunkShardingSpec(0, _placements(world_size, device))
@@ -115,4 +130,49 @@ def parallelize(module: nn.Module, plan: dict[str, str], world_size: int | None 
             if param is None:
                 continue
             setattr(sub, name, nn.Parameter(ShardedTensor.from_replicated(param.detach(), spec)))
+    return module
+
+
+def _parallelize_on_mesh(module: nn.Module, plan: dict[str, Any], mesh: Any) -> nn.Module:
+    from torch.distributed.tensor import Replicate as TorchReplicate
+    from torch.distributed.tensor import Shard as TorchShard
+
+    from dispatch_shard.mesh import distribute_tensor
+
+    names = tuple(mesh.mesh_dim_names or (str(d) for d in range(mesh.ndim)))
+    unknown = sorted(set(plan) - set(names))
+    if unknown:
+        raise ValueError(f"plan names mesh dims {unknown}; the mesh's are {list(names)}")
+    styles = {"colwise": {"weight": TorchShard(0), "bias": TorchShard(0)},
+              "rowwise": {"weight": TorchShard(1), "bias": TorchReplicate()},
+              "table_rowwise": {"weight": TorchShard(0)}}
+    params = dict(module.named_parameters())
+    placements = {name: [TorchReplicate()] * mesh.ndim for name in params}
+    for dim, name in enumerate(names):
+        entry = plan.get(name, "replicate")
+        if entry == "replicate":
+            continue
+        if entry == "fsdp":
+            for full, param in params.items():
+                if param.dim() >= 1:
+                    placements[full][dim] = TorchShard(0)
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"plan for mesh dim {name!r} must be a path -> style dict, "
+                             f"'replicate' or 'fsdp', got {entry!r}")
+        for path, style in entry.items():
+            if style == "replicate":
+                continue
+            if style not in styles:
+                raise ValueError(f"unknown parallel style {style!r} for {path!r}: expected "
+                                 "colwise, rowwise, table_rowwise or replicate")
+            module.get_submodule(path)  # (a clear error for a wrong path)
+            for attr, placement in styles[style].items():
+                if f"{path}.{attr}" in placements:
+                    placements[f"{path}.{attr}"][dim] = placement
+    for full, param in params.items():
+        owner, _, attr = full.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        setattr(sub, attr, nn.Parameter(distribute_tensor(param.detach(), mesh,
+                                                          placements[full])))
     return module

@@ -374,3 +374,34 @@ def test_dp_x_tp_transformer_block_trains_like_dense(rank: int, world_size: int)
     _train(_Block(), plan, batch=[Shard(0), Replicate()], steps=2,
            inputs=lambda g: (torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)))
     assert holders.flattened  # (served by the 1-D families, flattened: see the note)
+
+
+@multi_rank(world_size=[4])
+def test_parallelize_takes_a_mesh_and_per_dim_plans(rank: int, world_size: int) -> None:
+    from dispatch_shard.examples import MLP, parallelize
+
+    mesh = _mesh()
+    torch.manual_seed(0)
+    dense = MLP(8, 12)
+    model = parallelize(copy.deepcopy(dense), {"dp": "fsdp",
+                                               "tp": {"fc1": "colwise", "fc2": "rowwise"}},
+                        mesh=mesh)
+    assert list(model.fc1.weight.placements) == [Shard(0), Shard(0)]
+    assert list(model.fc2.weight.placements) == [Shard(0), Shard(1)]
+    assert list(model.fc2.bias.placements) == [Shard(0), Replicate()]
+    x = _dense(6, 8, dtype=torch.float32)
+    out = model(ds.distribute_tensor(x, mesh, [Shard(0), Replicate()]))
+    torch.testing.assert_close(out.full_tensor(), dense(x))
+    with pytest.raises(ValueError, match="plan names mesh dims"):
+        parallelize(copy.deepcopy(dense), {"pp": "replicate"}, mesh=mesh)
+
+
+@multi_rank(world_size=[4])
+def test_the_demo_on_a_2x2_mesh(rank: int, world_size: int) -> None:
+    """``dispatch-shard-demo --mesh 2x2``: DP x TP, the batch split over dp, as close to
+    the dense model as the 1-D demo."""
+    from dispatch_shard import demo
+
+    args = demo._parse(["--mesh", "2x2", "--steps", "2", "--width", "8"])
+    assert args.ranks == 4 and args.mesh == (2, 2)
+    assert demo._run(rank, world_size, args) < 1e-5
