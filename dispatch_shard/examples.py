@@ -143,11 +143,13 @@ def _parallelize_on_mesh(module: nn.Module, plan: dict[str, Any], mesh: Any) -> 
     unknown = sorted(set(plan) - set(names))
     if unknown:
         raise ValueError(f"plan names mesh dims {unknown}; the mesh's are {list(names)}")
-    styles = {"colwise": {"weight": TorchShard(0), "bias": TorchShard(0)},
-              "rowwise": {"weight": TorchShard(1), "bias": TorchReplicate()},
-              "table_rowwise": {"weight": TorchShard(0)}}
+    styles: dict[str, dict[str, Any]] = {
+        "colwise": {"weight": TorchShard(0), "bias": TorchShard(0)},
+        "rowwise": {"weight": TorchShard(1), "bias": TorchReplicate()},
+        "table_rowwise": {"weight": TorchShard(0)}}
     params = dict(module.named_parameters())
-    placements = {name: [TorchReplicate()] * mesh.ndim for name in params}
+    placements: dict[str, list[Any]] = {name: [TorchReplicate()] * mesh.ndim
+                                        for name in params}
     for dim, name in enumerate(names):
         entry = plan.get(name, "replicate")
         if entry == "replicate":
