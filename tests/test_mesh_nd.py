@@ -405,3 +405,55 @@ def test_the_demo_on_a_2x2_mesh(rank: int, world_size: int) -> None:
     args = demo._parse(["--mesh", "2x2", "--steps", "2", "--width", "8"])
     assert args.ranks == 4 and args.mesh == (2, 2)
     assert demo._run(rank, world_size, args) < 1e-5
+
+
+@multi_rank(world_size=[4], timeout_s=240.0)
+def test_hugging_face_llama_dp_x_tp_trains_like_dense(rank: int, world_size: int) -> None:
+    """A ``transformers`` LlamaForCausalLM (tiny random config, grouped-query SDPA
+    attention, rotary embeddings, its own causal-LM loss) with Megatron TP on "tp", the
+    embedding table's rows split, and ``input_ids`` split over "dp"; AdamW."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dispatch_shard.examples import parallelize
+
+    mesh = _mesh()
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=32, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(config)
+    reference = copy.deepcopy(dense).double()
+    sharded = copy.deepcopy(dense)
+    tp = {"model.embed_tokens": "table_rowwise"}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}"
+        tp |= {f"{layer}.self_attn.{p}": "colwise" for p in ("q_proj", "k_proj", "v_proj")}
+        tp |= {f"{layer}.mlp.{p}": "colwise" for p in ("gate_proj", "up_proj")}
+        tp |= {f"{layer}.self_attn.o_proj": "rowwise", f"{layer}.mlp.down_proj": "rowwise"}
+    parallelize(sharded, {"dp": "replicate", "tp": tp}, mesh=mesh)
+    models = (reference, dense, sharded)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, 64, (4, 10), generator=generator)
+        losses = []
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            inputs = ds.distribute_tensor(ids, mesh, [Shard(0), Replicate()]) \
+                if model is sharded else ids
+            loss = model(input_ids=inputs, labels=inputs).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach().full_tensor() if model is sharded
+                                else loss.detach()))
+        assert abs(losses[2] - losses[0]) <= 4 * abs(losses[1] - losses[0]) + 1e-5, losses
+    ours = theirs = 0.0
+    for mine, plain, exact in zip(sharded.parameters(), dense.parameters(),
+                                  reference.parameters(), strict=True):
+        value = mine.detach().full_tensor() if isinstance(mine, ShardedTensor) else mine
+        ours = max(ours, (value.double() - exact).abs().max().item())
+        theirs = max(theirs, (plain.detach().double() - exact).abs().max().item())
+    assert ours <= 4 * theirs + 1e-6, (ours, theirs)
