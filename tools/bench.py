@@ -18,7 +18,10 @@ machines are noisy. Sections:
    and DTensor, with fused and spelled-out attention.
 5. Memory at scale: a 32 GiB-parameter MLP from the meta device on 1024 fake
    ranks, trained in a process whose address space could not hold one weight.
-6. Every target of the above in one table, with whether it is met.
+6. DP x TP on a 2x2 mesh: the Megatron MLP with its batch split over "dp", against
+   DTensor with the same placements (given a sum/N loss, which is right on split
+   batches): step time in alternating rounds, collectives and bytes.
+7. Every target of the above in one table, with whether it is met.
 
 The legacy ``torch.distributed._shard`` ShardedTensor is timed where it runs.
 """
@@ -389,6 +392,119 @@ def world4_training(steps: int) -> dict[str, float]:
     return dict(first)
 
 
+# -- DP x TP on a 2x2 mesh ------------------------------------------------------------
+
+def _bytes_of_dtensor_collectives(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(collectives, bytes handed to them) while ``fn`` runs DTensor code: the functional
+    collectives' input sizes, counted as ours are (what this rank gives the collective)."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counted = [0, 0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            if any(t is DTensor for t in types):
+                return NotImplemented  # DTensor first: it issues the collectives below
+            if func.namespace in ("_c10d_functional", "c10d") and \
+                    "wait" not in func.__name__:
+                first = args[0]
+                tensors = first if isinstance(first, list | tuple) else [first]
+                counted[0] += 1
+                counted[1] += sum(t.numel() * t.element_size() for t in tensors)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return counted[0], counted[1]
+
+
+def _dp_tp_figures(rank: int, world_size: int, steps: int) -> dict[str, float]:
+    import copy
+    import time
+
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import distribute_tensor as dtensor_distribute
+
+    import dispatch_shard as ds
+    from dispatch_shard.examples import MLP, parallelize
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    dense = MLP(D_MODEL, HIDDEN)
+    ours = parallelize(copy.deepcopy(dense), {"dp": "replicate",
+                                              "tp": {"fc1": "colwise", "fc2": "rowwise"}},
+                       mesh=mesh)
+    theirs = copy.deepcopy(dense)
+    placements = {"fc1.weight": [Replicate(), Shard(0)], "fc1.bias": [Replicate(), Shard(0)],
+                  "fc2.weight": [Replicate(), Shard(1)], "fc2.bias": [Replicate(), Replicate()]}
+    for name, placement in placements.items():
+        layer, attr = name.split(".")
+        module = getattr(theirs, layer)
+        setattr(module, attr, torch.nn.Parameter(
+            dtensor_distribute(getattr(module, attr).detach(), mesh, placement)))
+    x, y = torch.randn(BATCH, D_MODEL), torch.randn(BATCH, D_MODEL)
+    batch = [Shard(0), Replicate()]
+    inputs = {"ours": (ds.distribute_tensor(x, mesh, batch), ds.distribute_tensor(y, mesh, batch)),
+              "dtensor": (dtensor_distribute(x, mesh, batch), dtensor_distribute(y, mesh, batch))}
+
+    def step(label: str, model: Any, optimizer: Any) -> None:
+        optimizer.zero_grad()
+        xi, yi = inputs[label]
+        if label == "ours":
+            F.mse_loss(model(xi), yi).backward()
+        else:  # DTensor's mse_loss of a split batch is a mean of means: sum / N is right
+            (((model(xi) - yi) ** 2).sum() / yi.numel()).backward()
+        optimizer.step()
+
+    models = {"ours": ours, "dtensor": theirs}
+    optimizers = {label: torch.optim.AdamW(m.parameters(), lr=1e-3)
+                  for label, m in models.items()}
+    figures: dict[str, float] = {}
+    for label, model in models.items():
+        step(label, model, optimizers[label])  # the optimizer state
+    with ds.count_collectives() as counted:
+        step("ours", ours, optimizers["ours"])
+    figures["ours_collectives"], figures["ours_bytes"] = len(counted.events), counted.nbytes
+    figures["dtensor_collectives"], figures["dtensor_bytes"] = _bytes_of_dtensor_collectives(
+        lambda: step("dtensor", theirs, optimizers["dtensor"]))
+    per_round = max(1, steps // ROUNDS)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for _ in range(ROUNDS):
+        for label, model in models.items():
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step(label, model, optimizers[label])
+            dist.barrier()
+            times[label].append((time.perf_counter() - start) / per_round * 1e3)
+    figures["step_ratio"] = statistics.median(
+        o / d for o, d in zip(times["ours"], times["dtensor"], strict=True))
+    for label in models:
+        figures[f"{label}_step_ms"] = statistics.median(times[label])
+    deviation = max((p.detach().full_tensor() - q.detach().full_tensor()).abs().max().item()
+                    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True))
+    figures["deviation"] = deviation
+    return figures
+
+
+def dp_tp_training(steps: int) -> dict[str, float]:
+    from dispatch_shard.testing import get_pool, shutdown_pools
+
+    try:
+        results = get_pool(4).run(_dp_tp_figures, timeout_s=600, steps=steps)
+    finally:
+        shutdown_pools()
+    first = dict(results[0])
+    for key in first:
+        if key.endswith("_step_ms") or key.endswith("_bytes") or key == "deviation":
+            first[key] = max(r[key] for r in results)
+    return first
+
+
 # -- memory at scale: a model no rank could hold, on 1024 fake ranks -------------------
 
 SCALE_WORLD, SCALE_MODEL, SCALE_HIDDEN, SCALE_BATCH = 1024, 16384, 262144, 8
@@ -492,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
     scaling = world_scaling(args.repeat, args.number // 4)
     training = world4_training(args.steps)
+    dp_tp = dp_tp_training(args.steps)
     at_scale = memory_at_scale()
 
     print("1. Per-op overhead, 8x8 float32 blocks, world 1 (median, microseconds)")
@@ -574,16 +691,29 @@ def main(argv: list[str] | None = None) -> int:
             ["peak RSS growth of the process (MiB)", f"{growth / 2**20:.1f}"],
             ["peak RSS growth / held (no full-size tensor: small)", f"{growth / held:.2f}"],
         ]))
-    print("\n6. Every target in one table (ratios from the sections above)")
+    print(f"\n6. DP x TP on a 2x2 mesh: the MLP above, batch {BATCH} split over dp, "
+          "colwise/rowwise over tp, AdamW (busiest rank; DTensor given a sum/N loss)")
+    print(_table(["figure", "dispatch_shard", "DTensor", "ratio ds/DTensor"], [
+        ["collectives per step", f"{dp_tp['ours_collectives']:.0f}",
+         f"{dp_tp['dtensor_collectives']:.0f}", ""],
+        ["bytes given to collectives per step (KiB)", f"{dp_tp['ours_bytes'] / 2**10:.1f}",
+         f"{dp_tp['dtensor_bytes'] / 2**10:.1f}",
+         f"{dp_tp['ours_bytes'] / dp_tp['dtensor_bytes']:.2f}"],
+        [f"step time (ms; median of {ROUNDS} alternating rounds)",
+         f"{dp_tp['ours_step_ms']:.1f}", f"{dp_tp['dtensor_step_ms']:.1f}",
+         f"{dp_tp['step_ratio']:.2f} (median of rounds)"],
+        ["largest parameter difference after the steps", f"{dp_tp['deviation']:.1e}", "", ""],
+    ]))
+    print("\n7. Every target in one table (ratios from the sections above)")
     print(_table(["figure", "dispatch_shard", "target", "met"],
-                 _summary(overhead, scaling, blocks, training, at_scale)))
+                 _summary(overhead, scaling, blocks, training, at_scale, dp_tp)))
     return 0
 
 
 def _summary(overhead: list[tuple[str, dict[str, float | None]]],
              scaling: list[tuple[str, float, float]],
              blocks: list[tuple[str, dict[int, float]]], t: dict[str, float],
-             at_scale: dict[str, float] | str) -> list[list[str]]:
+             at_scale: dict[str, float] | str, dp_tp: dict[str, float]) -> list[list[str]]:
     rows: list[list[str]] = []
 
     def row(figure: str, value: float, target: str, met: bool) -> None:
@@ -616,6 +746,10 @@ def _summary(overhead: list[tuple[str, dict[str, float | None]]],
         if theirs == theirs and theirs >= 0:  # DTensor ran (its fused variant raises)
             row(f"transformer block ({label}): bytes / DTensor's", ours / theirs, "<= 1.0",
                 ours <= theirs)
+    row("DP x TP MLP (2x2): step time / DTensor's", dp_tp["step_ratio"], "<= 1.0",
+        dp_tp["step_ratio"] <= 1.0)
+    row("DP x TP MLP (2x2): bytes / DTensor's", dp_tp["ours_bytes"] / dp_tp["dtensor_bytes"],
+        "<= 1.0", dp_tp["ours_bytes"] <= dp_tp["dtensor_bytes"])
     if isinstance(at_scale, str):
         rows.append(["memory at scale", "FAILED", "", "NO"])
     else:
