@@ -195,6 +195,7 @@ def test_writes_into_nd_tensors_keep_copies_equal(rank: int, world_size: int) ->
 
 def _bad(rank: int, world_size: int, case: str) -> tuple[str, str]:
     mesh = _mesh()
+    column = init_device_mesh("cpu", (4, 1))  # (made on every rank: it makes groups)
     dense = _dense(4, 4)
     pending = ds.distribute_tensor(dense, mesh, [Partial(), Shard(0)])
     calls: dict[str, Any] = {
@@ -206,6 +207,9 @@ def _bad(rank: int, world_size: int, case: str) -> tuple[str, str]:
             dense, mesh, [Shard(0), Replicate()] if rank != 2 else [Shard(1), Replicate()]),
         "meshes share no ranks": lambda: ds.distribute_tensor(dense, mesh["tp"], [Shard(0)])
         + ds.distribute_tensor(dense, mesh, [Replicate(), Shard(0)]),
+        "mesh differs by rank": lambda: ds.distribute_tensor(
+            dense, mesh if rank != 1 else column,
+            [Replicate(), Shard(0)]),
     }
     return outcome(calls[case])
 
@@ -216,6 +220,7 @@ def _bad(rank: int, world_size: int, case: str) -> tuple[str, str]:
     ("two reductions", "NotImplementedError", "different reductions per mesh dim"),
     ("placements differ by rank", "ValueError", "does not match from different ranks"),
     ("meshes share no ranks", "ValueError", "operands live on different process groups"),
+    ("mesh differs by rank", "ValueError", "does not match from different ranks"),
 ])
 def test_bad_nd_input_raises_alike_on_every_rank(case: str, kind: str, pattern: str) -> None:
     outcomes = get_pool(4).run(_bad, timeout_s=60, case=case)
@@ -457,3 +462,19 @@ def test_hugging_face_llama_dp_x_tp_trains_like_dense(rank: int, world_size: int
         ours = max(ours, (value.double() - exact).abs().max().item())
         theirs = max(theirs, (plain.detach().double() - exact).abs().max().item())
     assert ours <= 4 * theirs + 1e-6, (ours, theirs)
+
+
+@multi_rank(world_size=[4])
+def test_visualize_and_copy_nd_layouts(rank: int, world_size: int) -> None:
+    mesh = _mesh()
+    dense = _dense(4, 4, seed=12)
+    copies = ds.distribute_tensor(dense, mesh, [Replicate(), Shard(0)])
+    text = ds.visualize_sharding(copies, show=False)
+    assert "rank 0, rank 2" in text and "rank 1, rank 3" in text, text
+    terms = ds.distribute_tensor(dense, mesh, [Partial(), Shard(1)])
+    text = ds.visualize_sharding(terms, show=False)
+    assert "rank 0 + rank 2" in text and "rank 1 + rank 3" in text, text
+    for value in (copies, terms):
+        twin = copy.deepcopy(value)
+        assert twin._layout is value._layout
+        torch.testing.assert_close(twin.full_tensor(), dense)
