@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed.nn  # noqa: F401
 
 # The built-in op implementations register themselves on import.
-from dispatch_shard import debug, holders, ops, random
+from dispatch_shard import debug, holders, mesh_rules, ops, random
 from dispatch_shard.api import (
     collect_local_shard,
     reshard_output,
@@ -85,6 +85,7 @@ __all__ = [
     "full",
     "holders",
     "load_with_process_group",
+    "mesh_rules",
     "ones",
     "ops",
     "pre_load_state_dict_hook",

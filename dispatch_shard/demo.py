@@ -194,8 +194,11 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> float:
         if step == 1:
             per_step = list(issued)
         issued.clear()
+        # (every rank: the loss may be pending, and its value a collective)
+        value = loss.detach()
+        if isinstance(value, ds.ShardedTensor):
+            value = value.full_tensor()
         if rank == 0:
-            value = loss.full_tensor() if isinstance(loss, ds.ShardedTensor) else loss
             _progress(step, args.steps, float(value.detach().item()))
     elapsed = time.perf_counter() - start
 

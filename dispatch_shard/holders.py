@@ -217,6 +217,38 @@ def _term_by_term(func: Any, args: tuple[Any, ...]) -> bool:
     return isinstance(other, int | float) and not isinstance(other, bool)
 
 
+def by_mesh_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 rule: Any = None) -> Any:
+    """The call served by ``rule`` or ``func``'s N-D rule or handler, mesh dim by mesh dim
+    (dispatch_shard.mesh_rules); None where there is none or it cannot serve."""
+    from dispatch_shard import mesh_rules
+    from dispatch_shard.rules import ShardingRule
+    from dispatch_shard.rules import _letters as rule_letters
+    from dispatch_shard.rules import _result_meta as result_meta
+
+    if rule == "pointwise":
+        rule = mesh_rules.POINTWISE
+    else:
+        handler = mesh_rules.current(mesh_rules.MESH_HANDLERS, func)
+        if handler is not None:
+            return handler(args, kwargs)
+    rule = rule if rule is not None else mesh_rules.current(mesh_rules.MESH_RULES, func)
+    if rule is None:
+        return None
+    if not isinstance(rule, ShardingRule):
+        rule = rule(args, kwargs)
+        if rule is None:
+            return None
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    try:
+        letters = rule_letters(rule, args, positions, func)
+        output = rule.output if rule.output is not None else max(letters, key=len)
+        meta = result_meta(func, args, kwargs, positions, letters, output)
+    except (RuntimeError, ValueError):
+        return None  # (served flattened, which raises dense's errors)
+    return mesh_rules.run(func, rule, args, kwargs, meta)
+
+
 def serve(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
           dispatch: Dispatch) -> Any:
     """A call with N-D operands (NOTE [serving N-D operands]); ``dispatch`` runs the
@@ -230,6 +262,9 @@ def serve(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
         with contextlib.suppress(AttributeError):  # its cached reduction is stale now
             del destination._reduced_cache
         return destination
+    served = by_mesh_rule(func, args, kwargs)
+    if served is not None:
+        return served
     impl = lookup(func)
     if impl in MESH_PENDING_AWARE:
         return dispatch(func, types, args, kwargs)

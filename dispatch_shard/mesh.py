@@ -13,9 +13,12 @@ Shard placements cut for ``c``. Placement lists map onto the library's layouts:
 ================================== ===========================================
 placements                         layout (one model: specs over the mesh's ranks)
 ================================== ===========================================
-``Shard`` on every mesh dim        one block per rank: a chunk spec where the
-                                   boxes are ``torch.chunk``'s, else a grid
-                                   (:class:`~dispatch_shard.EnumerableShardingSpec`)
+``Shard`` on every mesh dim        one block per rank: on one (non-trivial) mesh
+                                   dim a chunk spec where the boxes are
+                                   ``torch.chunk``'s, else a grid
+                                   (:class:`~dispatch_shard.EnumerableShardingSpec`);
+                                   on several, a MeshShardingSpec (so ops see
+                                   the mesh)
 ``Replicate`` on every mesh dim    :class:`~dispatch_shard.Replicate`
 ``Partial(op)`` on every mesh dim  :class:`~dispatch_shard.Partial` ``(op)``
 a mix of them                      :class:`~dispatch_shard.MeshShardingSpec`: blocks
@@ -24,7 +27,8 @@ a mix of them                      :class:`~dispatch_shard.MeshShardingSpec`: bl
 ================================== ===========================================
 
 Mesh dims of size 1 place nothing: ``[Shard(0), Replicate()]`` on a 4x1 mesh is a
-chunk spec. Ops serve every layout (NOTE [serving N-D operands] in
+chunk spec. Ops serve every layout: per mesh dim where they have a rule
+(:mod:`dispatch_shard.mesh_rules`), else flattened (NOTE [serving N-D operands] in
 :mod:`dispatch_shard.holders`).
 
 Creating, redistributing and converting communicate as their 1-D counterparts do:

@@ -13,8 +13,8 @@ it reads like ``torch.einsum`` and JAX's ``custom_partitioning`` sharding rules,
 so one line says what DTensor's per-strategy ``register_sharding`` lists case by
 case.
 
-How an op with a rule runs, per rank (1-D layouts; N-D layouts will use the same
-rules):
+How an op with a rule runs, per rank (1-D layouts; on N-D layouts the same rule is
+applied per mesh dim: NOTE [applying a rule per mesh dim] in dispatch_shard.mesh_rules):
 
 - Partial arguments are reduced first (the safe default of every registration).
 - The *split letter* is the rule's name for the dim along which the first
@@ -115,6 +115,9 @@ def register_sharding_rule(op: object, rule: str, *, contract: str | None = None
 
     by_rule.__name__ = by_rule.__qualname__ = f"rule {rule!r}"
     custom_sharded_op_impl(op, override=override)(by_rule)
+    from dispatch_shard.mesh_rules import mesh_rule  # (imports this module)
+
+    mesh_rule(op, parsed)  # N-D operands: the same rule, per mesh dim
     return parsed
 
 

@@ -168,7 +168,13 @@ class ShardedTensor(torch.Tensor):
             from dispatch_shard import holders
 
             if holders.has_mesh(args, kwargs):  # NOTE [serving N-D operands]
-                return holders.serve(func, types, args, kwargs or {}, _dispatch)
+                if not _OBSERVERS:
+                    return holders.serve(func, types, args, kwargs or {}, _dispatch)
+                collectives._op_stack.append(func)  # (what count_collectives names)
+                try:
+                    return holders.serve(func, types, args, kwargs or {}, _dispatch)
+                finally:
+                    collectives._op_stack.pop()
         return _dispatch(func, types, args, kwargs or {})
 
     # -- autograd ------------------------------------------------------------

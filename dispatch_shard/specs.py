@@ -611,10 +611,12 @@ def mesh_sharding_spec(mesh_shape: Sequence[int], mesh_ranks: Sequence[int],
     """The spec of ``placements`` over the mesh: a 1-D spec where one expresses it
     (NOTE [N-D layouts: blocks with several holders]), else a :class:`MeshShardingSpec`.
 
-    Mesh dims of size 1 place nothing and are dropped first. Shard on every remaining
-    dim is a :class:`ChunkShardingSpec` where its boxes are ``torch.chunk``'s in some
-    rank order (the layout with the most native op paths), else an
-    :class:`EnumerableShardingSpec`.
+    Mesh dims of size 1 place nothing and are dropped first. Replicate everywhere is
+    :class:`Replicate`, Partial everywhere :class:`Partial`. Shard on the one
+    remaining dim is a :class:`ChunkShardingSpec` where its boxes are ``torch.chunk``'s
+    in some rank order, else an :class:`EnumerableShardingSpec`. Anything else, Shard
+    on several mesh dims included, stays a :class:`MeshShardingSpec`: ops then see the
+    mesh and serve it per mesh dim (dispatch_shard.mesh_rules).
     """
     spec = MeshShardingSpec(tuple(mesh_shape), tuple(mesh_ranks), tuple(placements))
     kept = [d for d, n in enumerate(spec.mesh_shape) if n != 1]
@@ -623,7 +625,7 @@ def mesh_sharding_spec(mesh_shape: Sequence[int], mesh_ranks: Sequence[int],
         return Replicate()
     if kinds == {"partial"}:
         return Partial(str(spec.placements[kept[0]][1]))
-    if kinds == {"shard"}:
+    if kinds == {"shard"} and len(kept) == 1:
         metadata = spec.build_metadata(size, TensorProperties(), sorted(spec.mesh_ranks),
                                        device=device)
         return _as_chunk(list(metadata.shards_metadata), torch.Size(size), device)

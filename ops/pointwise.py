@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from dispatch_shard.holders import flattened_call, has_mesh
+from dispatch_shard.holders import by_mesh_rule, flattened_call, has_mesh
 from dispatch_shard.layout import Layout
 from dispatch_shard.ops._common import whole
 from dispatch_shard.registry import _binding, _group_free, custom_sharded_op_impl
@@ -470,6 +470,10 @@ def _register(func: torch._ops.OpOverload) -> None:
             if served is not None:
                 return served
         if has_mesh(args, kwargs):  # NOTE [serving N-D operands]: not one layout
+            if not schema.inplace and not schema.out_names:  # per mesh dim, broadcasting
+                served = by_mesh_rule(func, args, kwargs, "pointwise")
+                if served is not None:
+                    return served
             return flattened_call(func, types, args, kwargs,
                                   lambda t, a, k: impl(t, a, k, process_group))
         return _pointwise(func, schema, args, kwargs)

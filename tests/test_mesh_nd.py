@@ -478,3 +478,57 @@ def test_visualize_and_copy_nd_layouts(rank: int, world_size: int) -> None:
         twin = copy.deepcopy(value)
         assert twin._layout is value._layout
         torch.testing.assert_close(twin.full_tensor(), dense)
+
+
+@multi_rank(world_size=[4])
+def test_dp_x_tp_mlp_step_is_served_per_mesh_dim(rank: int, world_size: int) -> None:
+    """No op of a DP x TP MLP step is flattened: the matmuls, transposes, the bias adds
+    (broadcast), the loss and the bias gradients' sums run per mesh dim. The step then
+    moves the minimum: the row-parallel output's sum over tp, the loss's over dp, each
+    gradient's over dp, each rank sending to its one peer."""
+    mesh = _mesh()
+    model = _mlp()  # Linear(8, 12), GELU, Linear(12, 8)
+    plan = {"0.weight": [Replicate(), Shard(0)], "0.bias": [Replicate(), Shard(0)],
+            "2.weight": [Replicate(), Shard(1)], "2.bias": [Replicate(), Replicate()]}
+    for name, placements in plan.items():
+        layer, attr = model[int(name[0])], name[2:]
+        setattr(layer, attr, nn.Parameter(ds.distribute_tensor(
+            getattr(layer, attr).detach(), mesh, placements)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = (ds.distribute_tensor(_dense(6, 8, seed=s, dtype=torch.float32), mesh,
+                                 [Shard(0), Replicate()]) for s in (13, 14))
+    before = holders.flattened.copy()
+    with ds.count_collectives() as counted:
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    assert holders.flattened == before, holders.flattened - before
+    rows, floats = 3, 4  # 6 rows over dp; float32
+    expected = {"forward: row-parallel output over tp": rows * 8 * floats,
+                "loss over dp": floats,
+                "0.weight grad": 6 * 8 * floats, "0.bias grad": 6 * floats,
+                "2.weight grad": 8 * 6 * floats, "2.bias grad": 8 * floats}
+    assert sorted(e.nbytes for e in counted.events) == sorted(expected.values()), \
+        counted.events
+
+
+@multi_rank(world_size=[4])
+def test_a_users_sharding_rule_serves_nd_operands_per_mesh_dim(rank: int,
+                                                               world_size: int) -> None:
+    import test_rules  # (registers dsrules::scaled_mm by its rule)
+
+    mesh = _mesh()
+    a, b = _dense(6, 4, seed=15), _dense(4, 5, seed=16)
+    x = ds.distribute_tensor(a, mesh, [Shard(0), Shard(1)]).requires_grad_()
+    w = ds.distribute_tensor(b, mesh, [Replicate(), Shard(0)]).requires_grad_()
+    before = holders.flattened.copy()
+    out = torch.ops.dsrules.scaled_mm(x, w)
+    assert holders.flattened == before, holders.flattened - before
+    # dp: rows split, w copied -> rows split; tp: k split in both -> a pending sum.
+    assert out._layout.spec.placements == (("shard", 0), ("partial", "sum"))
+    torch.testing.assert_close(out.full_tensor(), test_rules.scaled_mm(a, b))
+    out.sum().backward()
+    dense_a, dense_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    test_rules.scaled_mm(dense_a, dense_b).sum().backward()
+    torch.testing.assert_close(x.grad.full_tensor(), dense_a.grad)
+    torch.testing.assert_close(w.grad.full_tensor(), dense_b.grad)

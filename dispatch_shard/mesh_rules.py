@@ -1,0 +1,401 @@
+"""Ops on N-D layouts by their sharding rules, mesh dim by mesh dim.
+
+An op with an einsum-style rule (:mod:`dispatch_shard.rules`: ``"m k, k n -> m n"``,
+``"pointwise"``) runs on N-D operands without flattening them: the rule is applied to
+each mesh dim on its own, as DTensor's and JAX's sharding propagation do, and the
+result keeps an N-D layout. The built-in matrix products, transposes, pointwise ops
+(with broadcasting) and sums are served so; a user's rule too.
+
+NOTE [applying a rule per mesh dim]
+For each mesh dim, each operand's placement there names one of its rule letters
+(``Shard(d)``: the letter of dim ``d``), none (``Replicate``) or a pending reduction:
+
+* A pending reduction on that mesh dim is done first (the terms meet on the
+  sub-groups along that dim).
+* No letter split: the result is replicated on that mesh dim.
+* One letter ``L`` split: every operand with ``L`` (not broadcast) is split by ``L``
+  there (a copy is cut further: no data moves), every other operand is replicated
+  there (gathered along that mesh dim if it was split by another letter).
+* Several letters split: the letter of the largest operand stays split, the other
+  operands are gathered along that mesh dim.
+* The result is split by ``L`` where the rule keeps it, or holds a pending
+  ``contract`` reduction where the rule contracts it (a rule without ``contract``
+  gathers ``L`` instead).
+
+Operands split by one letter on the same mesh dims are cut alike (nested chunks in
+mesh-dim order of equal sizes), so every rank then runs the op once, on its blocks,
+and its result is its block of the result. A call this cannot serve (an operand in a
+1-D layout that names no mesh, an op whose result does not fit the rule) returns None
+and is served flattened (NOTE [serving N-D operands] in dispatch_shard.holders).
+
+Per rank: one redistribution per operand that is not yet laid out as needed (an
+all-gather or reduce over one mesh dim's peers, nothing for a cut), one op call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dispatch_shard import collectives
+from dispatch_shard.layout import layout_of
+from dispatch_shard.registry import OVERLOADS, PACKETS
+from dispatch_shard.rules import ShardingRule
+from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.specs import (
+    MeshPlacement,
+    MeshShardingSpec,
+    Partial,
+    Replicate,
+    mesh_sharding_spec,
+)
+
+__all__ = ["MESH_RULES", "mesh_rule", "run"]
+
+aten = torch.ops.aten
+
+# An op's rule for N-D operands: a ShardingRule, or a function of the call's arguments
+# that returns one (a transpose's rule depends on its dims), or None to decline. Each
+# belongs to the implementation the op had when the rule was given: it serves only
+# while that implementation is registered (an override by a user's own takes over).
+RuleFor = ShardingRule | Callable[[tuple[Any, ...], dict[str, Any]], ShardingRule | None]
+MESH_RULES: dict[Any, tuple[RuleFor, Any]] = {}
+
+_REPLICATE: MeshPlacement = ("replicate", 0)
+
+
+def mesh_rule(op: Any, rule: RuleFor) -> None:
+    """Serve ``op``'s calls with N-D operands by ``rule``, mesh dim by mesh dim, while its
+    current implementation stays registered."""
+    MESH_RULES[op] = (rule, _implementation(op))
+
+
+def _implementation(op: Any) -> Any:
+    return OVERLOADS.get(op) or PACKETS.get(op.overloadpacket)
+
+
+def current(table: dict[Any, tuple[Any, Any]], op: Any) -> Any:
+    """``op``'s entry of ``table`` (a rule or a handler) if its implementation is still
+    the one registered, else None."""
+    entry = table.get(op)
+    if entry is None or entry[1] is not _implementation(op):
+        return None
+    return entry[0]
+
+
+Mesh = tuple[tuple[int, ...], tuple[int, ...]]  # (shape, row-major global ranks)
+
+
+def _mesh_of(args: Sequence[Any]) -> Mesh | None:
+    for value in args:
+        if isinstance(value, ShardedTensor):
+            spec = value._layout.spec
+            if isinstance(spec, MeshShardingSpec):
+                return spec.mesh_shape, spec.mesh_ranks
+    return None
+
+
+def _placements(value: Any, mesh: Mesh) -> tuple[MeshPlacement, ...] | None:
+    """``value``'s placements on ``mesh``, or None when its layout names no such form."""
+    shape, ranks = mesh
+    if not isinstance(value, ShardedTensor):
+        return (_REPLICATE,) * len(shape)  # a plain tensor: the same on every rank
+    layout = value._layout
+    if sorted(layout.group_ranks) != sorted(ranks):
+        return None
+    spec = layout.spec
+    if isinstance(spec, MeshShardingSpec):
+        if (spec.mesh_shape, spec.mesh_ranks) == mesh:
+            return spec.placements
+        return None
+    if isinstance(spec, Replicate):
+        return (_REPLICATE,) * len(shape)
+    if isinstance(spec, Partial):
+        return (("partial", spec.reduce_op),) * len(shape)
+    return None  # a 1-D layout: on no mesh
+
+
+def _letters(rule: ShardingRule, tensors: list[Any], out_shape: torch.Size
+             ) -> tuple[list[tuple[str | None, ...]], tuple[str, ...]] | None:
+    """Each operand's letter per dim (None: a broadcast dim, never split), and the
+    result's letters."""
+    if rule.inputs is None:  # pointwise: the result's dims, right-aligned
+        ndim = len(out_shape)
+        names = tuple(f"d{j}" for j in range(ndim))
+        letters = []
+        for t in tensors:
+            lead = ndim - t.dim()
+            letters.append(tuple(names[lead + d] if t.shape[d] == out_shape[lead + d]
+                                 else None for d in range(t.dim())))
+        return letters, names
+    if len(rule.inputs) != len(tensors) or rule.output is None or any(
+            len(dims) != t.dim() for dims, t in zip(rule.inputs, tensors, strict=True)):
+        return None
+    return [tuple(dims) for dims in rule.inputs], rule.output
+
+
+def run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, Any],
+        out_meta: torch.Tensor) -> ShardedTensor | None:
+    """``op(*args, **kwargs)`` by ``rule`` per mesh dim (NOTE [applying a rule per mesh
+    dim]); ``out_meta`` has the result's size and dtype. None where it cannot serve."""
+    mesh = _mesh_of(args)
+    if mesh is None or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        return None
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    tensors = [args[i] for i in positions]
+    found = _letters(rule, tensors, out_meta.shape)
+    if found is None:
+        return None
+    letters, output = found
+    placements = [_placements(t, mesh) for t in tensors]
+    if any(p is None for p in placements):
+        return None
+    shape, ranks = mesh
+    sizes = [t.numel() for t in tensors]
+    targets: list[list[MeshPlacement]] = [[_REPLICATE] * len(shape) for _ in tensors]
+    result: list[MeshPlacement] = []
+    moves_elements = op in _MOVES_ELEMENTS and len(tensors) == 1
+    for dim in range(len(shape)):
+        kind, arg = placements[0][dim]  # type: ignore[index]
+        if moves_elements and kind == "partial" and (arg in ("sum", "avg") or
+                                                     op not in _SUMS):
+            # A view or a sum of a value pending on this mesh dim: the same op of each
+            # term, still pending (reduced once, where the value is needed).
+            targets[0][dim] = (kind, arg)
+            result.append((kind, arg))
+            continue
+        split: dict[str, int] = {}  # letter -> size of the largest operand split by it
+        for k, placed in enumerate(placements):
+            kind, arg = placed[dim]  # type: ignore[index]
+            letter = letters[k][int(arg)] if kind == "shard" else None
+            if letter is not None:
+                split[letter] = max(split.get(letter, -1), sizes[k])
+        if not split:
+            result.append(_REPLICATE)
+            continue
+        letter = max(split, key=lambda name: split[name])
+        if letter not in output and rule.contract is None:
+            result.append(_REPLICATE)  # a contracted letter no reduction can join: gather
+            continue
+        for k in range(len(tensors)):
+            if letter in letters[k]:
+                targets[k][dim] = ("shard", letters[k].index(letter))
+        result.append(("shard", output.index(letter)) if letter in output
+                      else ("partial", rule.contract))  # type: ignore[arg-type]
+    anchor = next(t for t in tensors if isinstance(t, ShardedTensor))
+    device = anchor._layout.device or str(anchor.device)
+    call = list(args)
+    for k, (i, value) in enumerate(zip(positions, tensors, strict=True)):
+        spec = mesh_sharding_spec(shape, ranks, targets[k], value.shape, device)
+        if not isinstance(value, ShardedTensor):
+            with collectives.unchecked_creation():
+                value = ShardedTensor.from_replicated(value, spec, anchor.process_group)
+        elif value._layout.spec != spec:
+            value = value._redistributed(spec)
+        blocks = value._local_tensors
+        if len(blocks) != 1:
+            return None  # (a rank outside the group, or several blocks: not a mesh form)
+        call[i] = blocks[0]
+    spec = mesh_sharding_spec(shape, ranks, result, out_meta.shape, device)
+    layout = layout_of(spec, out_meta.shape, anchor._layout.group_ranks, device)
+    expected = layout.shards[layout.local_indices(anchor._rank)[0]].shard_sizes
+    if op in _SIZED:  # (a view's size argument is the global size: the block's here)
+        call[1] = list(expected)
+    block = op(*call, **kwargs)
+    if not isinstance(block, torch.Tensor):
+        return None
+    if list(block.shape) != list(expected):
+        raise ValueError(
+            f"{op}: its sharding rule does not describe it: on rank {anchor._rank} the op "
+            f"gave a block of size {list(block.shape)} where the result's layout "
+            f"{spec!r} places {list(expected)}")
+    return anchor._like([block], layout, block.dtype)
+
+
+
+# -- rules that depend on the call's arguments ------------------------------------------
+
+def _names(ndim: int) -> tuple[str, ...]:
+    return tuple(f"d{j}" for j in range(ndim))
+
+
+def transpose_rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ShardingRule | None:
+    """``transpose(x, a, b)`` (and ``t``): the letters of dims ``a`` and ``b`` swap."""
+    x = args[0]
+    if x.dim() < 2 and len(args) < 3:
+        return None
+    a, b = (args[1], args[2]) if len(args) >= 3 else (0, 1)
+    names = list(_names(x.dim()))
+    a, b = a % x.dim(), b % x.dim()
+    out = list(names)
+    out[a], out[b] = names[b], names[a]
+    return ShardingRule((tuple(names),), tuple(out), None)
+
+
+def permute_rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ShardingRule | None:
+    x, dims = args[0], args[1]
+    names = _names(x.dim())
+    return ShardingRule((names,), tuple(names[d % x.dim()] for d in dims), None)
+
+
+def sum_rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ShardingRule | None:
+    """``sum(x, dims, keepdim)``: the summed letters contract with ``sum`` (a kept
+    size-1 dim gets a letter of its own, never split)."""
+    x = args[0]
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if kwargs.get("dtype") is not None or x.dim() == 0:
+        return None
+    names = _names(x.dim())
+    reduced = set(range(x.dim())) if not dims else {d % x.dim() for d in dims}
+    out = tuple(f"k{d}" if d in reduced else names[d] for d in range(x.dim())
+                if keepdim or d not in reduced)
+    return ShardingRule((names,), out, "sum")
+
+
+# -- ops composed of ruled ones -----------------------------------------------------------
+
+Handler = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+# Ops served on N-D operands by composing ops that have rules (each dispatched again).
+MESH_HANDLERS: dict[Any, tuple[Handler, Any]] = {}
+
+
+def _addmm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``beta * bias + alpha * (x @ w)``: the product by its rule, then the sum (a
+    pending product is reduced where the bias joins it, as Megatron does)."""
+    bias, x, w = args[:3]
+    beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)
+    alpha = kwargs.get("alpha", args[4] if len(args) > 4 else 1)
+    product = aten.mm.default(x, w)
+    if alpha != 1:
+        product = aten.mul.Tensor(product, alpha)
+    return aten.add.Tensor(product, bias if beta == 1 else aten.mul.Tensor(bias, beta))
+
+
+def _mean(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A mean is the sum over the global count: exact on split dims (never a mean of
+    per-rank means)."""
+    x = args[0]
+    if not x.is_floating_point() or kwargs.get("dtype") is not None:
+        return None
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    reduced = range(x.dim()) if not dims else {d % x.dim() for d in dims}
+    count = 1
+    for d in reduced:
+        count *= x.shape[d]
+    total = aten.sum.dim_IntList(x, list(reduced), keepdim)
+    return aten.div.Tensor(total, count)
+
+
+def _mse_loss(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x, target = args[0], args[1]
+    reduction = args[2] if len(args) > 2 else kwargs.get("reduction", 1)
+    if x.shape != target.shape or not x.is_floating_point():
+        return None
+    difference = aten.sub.Tensor(x, target)
+    squared = aten.mul.Tensor(difference, difference)
+    if reduction == 0:
+        return squared
+    total = aten.sum.dim_IntList(squared, list(range(x.dim())), False)
+    return total if reduction == 2 else aten.div.Tensor(total, x.numel())
+
+
+def _mse_loss_backward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    grad, x, target = args[0], args[1], args[2]
+    reduction = args[3] if len(args) > 3 else kwargs.get("reduction", 1)
+    if x.shape != target.shape:
+        return None
+    scale = 2.0 / x.numel() if reduction == 1 else 2.0
+    difference = aten.sub.Tensor(x, target)
+    return aten.mul.Tensor(aten.mul.Tensor(difference, scale), grad)
+
+
+for _op, _handler in ((aten.addmm.default, _addmm), (aten.mean.dim, _mean),
+                      (aten.mse_loss.default, _mse_loss),
+                      (aten.mse_loss_backward.default, _mse_loss_backward)):
+    MESH_HANDLERS[_op] = (_handler, _implementation(_op))
+
+POINTWISE = ShardingRule(None, None, None)
+
+mesh_rule(aten.mm.default, ShardingRule.parse("m k, k n -> m n", "sum"))
+mesh_rule(aten.bmm.default, ShardingRule.parse("b m k, b k n -> b m n", "sum"))
+mesh_rule(aten.t.default, transpose_rule)
+mesh_rule(aten.transpose.int, transpose_rule)
+mesh_rule(aten.permute.default, permute_rule)
+mesh_rule(aten.sum.dim_IntList, sum_rule)
+mesh_rule(aten.sum.default, sum_rule)
+
+
+def _view_groups(source: Sequence[int], target: Sequence[int]
+                 ) -> list[tuple[list[int], list[int]]] | None:
+    """The dims of ``source`` and ``target`` grouped where their products meet (torch's
+    view semantics); size-1 dims are groups of their own."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(source) or j < len(target):
+        if i < len(source) and source[i] == 1 and (j >= len(target) or target[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(target) and target[j] == 1 and (i >= len(source) or source[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(source) or j >= len(target):
+            return None
+        ins, outs = [i], [j]
+        left, right = source[i], target[j]
+        i, j = i + 1, j + 1
+        while left != right:
+            if left < right:
+                if i >= len(source):
+                    return None
+                left *= source[i]
+                ins.append(i)
+                i += 1
+            else:
+                if j >= len(target):
+                    return None
+                right *= target[j]
+                outs.append(j)
+                j += 1
+        groups.append((ins, outs))
+    return groups
+
+
+def view_rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ShardingRule | None:
+    """``view``/``reshape`` to ``size``: a dim kept whole keeps its letter; where dims
+    merge or split, the outermost one keeps its letter if its size divides evenly among
+    all ranks (so that the chunks line up), and the rest are never split."""
+    x, size = args[0], list(args[1])
+    if -1 in size:
+        known = 1
+        for n in size:
+            known *= n if n != -1 else 1
+        size[size.index(-1)] = x.numel() // known if known else 0
+    groups = _view_groups(list(x.shape), size)
+    if groups is None or 0 in x.shape:
+        return None
+    ins: list[str] = [""] * x.dim()
+    outs: list[str] = [""] * len(size)
+    ranks = torch.distributed.get_world_size()
+    for g, (in_dims, out_dims) in enumerate(groups):
+        for k, d in enumerate(in_dims):
+            ins[d] = f"i{g}_{k}"
+        for k, d in enumerate(out_dims):
+            outs[d] = f"o{g}_{k}"
+        if in_dims and out_dims and (len(in_dims) == len(out_dims) == 1 or (
+                x.shape[in_dims[0]] % ranks == 0 and size[out_dims[0]] % ranks == 0)):
+            outs[out_dims[0]] = ins[in_dims[0]]
+    return ShardingRule((tuple(ins),), tuple(outs), None)
+
+
+_SIZED = {aten.view.default, aten._unsafe_view.default}
+# Ops that only move or add up elements: linear, so they keep a pending reduction.
+_SUMS = {aten.sum.dim_IntList, aten.sum.default}
+_MOVES_ELEMENTS = {aten.t.default, aten.transpose.int, aten.permute.default, *_SIZED, *_SUMS}
+mesh_rule(aten.view.default, view_rule)
+mesh_rule(aten._unsafe_view.default, view_rule)
