@@ -38,8 +38,7 @@ from typing import Any
 
 import torch
 
-from dispatch_shard.layout import Layout, _mesh_layouts_made
-from dispatch_shard.metadata import ShardMetadata
+from dispatch_shard.layout import _mesh_layouts_made, flattened_layout
 from dispatch_shard.registry import (
     MESH_AWARE,
     MESH_PENDING_AWARE,
@@ -48,7 +47,6 @@ from dispatch_shard.registry import (
     lookup,
 )
 from dispatch_shard.sharded_tensor import ShardedTensor
-from dispatch_shard.specs import MeshShardingSpec, _as_chunk
 
 __all__ = ["flatten", "flattened_layout", "has_mesh", "serve"]
 
@@ -72,39 +70,6 @@ def has_mesh(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
         if isinstance(value, list | tuple) and any(_is_mesh(v) for v in value):
             return True
     return False
-
-
-def flattened_layout(layout: Layout) -> Layout:
-    """``layout`` (N-D, nothing pending) with each box split among its holders: one
-    holder per piece, so a 1-D layout (a chunk spec where one fits) over the same ranks.
-
-    A box is split along the first tensor dim that a mesh dim shards, or else its
-    longest dim, in ``torch.chunk`` pieces, holders in mesh order.
-    """
-    found = layout._derived.get(("flattened",))
-    if found is not None:
-        return found
-    spec = layout.spec
-    assert isinstance(spec, MeshShardingSpec) and not layout.pending
-    sharded = [int(arg) % len(layout.size) for kind, arg in spec.placements if kind == "shard"]
-    boxes: dict[tuple[tuple[int, ...], tuple[int, ...]], list[ShardMetadata]] = {}
-    for shard in layout.shards:
-        boxes.setdefault((tuple(shard.shard_offsets), tuple(shard.shard_sizes)), []).append(shard)
-    pieces = []
-    for (offsets, sizes), holders in boxes.items():
-        dim = sharded[0] if sharded else max(range(len(sizes)), key=lambda d: sizes[d]) \
-            if sizes else 0
-        step = -(-sizes[dim] // len(holders)) if sizes and sizes[dim] else 0
-        for index, holder in enumerate(holders):
-            lows, lengths = list(offsets), list(sizes)
-            if sizes:
-                start = min(index * step, sizes[dim])
-                lows[dim] = offsets[dim] + start
-                lengths[dim] = min(step, sizes[dim] - start)
-            pieces.append(ShardMetadata(lows, lengths, holder.placement))
-    flat = _as_chunk(pieces, layout.size, layout.device or "cpu")
-    found = layout._derived[("flattened",)] = layout.with_spec(flat)
-    return found
 
 
 def flatten(tensor: ShardedTensor) -> ShardedTensor:

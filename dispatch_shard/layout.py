@@ -35,7 +35,7 @@ from dispatch_shard.specs import (
     ShardingSpec,
 )
 
-__all__ = ["Layout", "RedistributePlan", "layout_of"]
+__all__ = ["Layout", "RedistributePlan", "flattened_layout", "layout_of"]
 
 Box = tuple[slice, ...]
 
@@ -202,6 +202,40 @@ def _interned_layout(
 _DEFAULT_PROPERTIES = TensorProperties()
 
 
+def flattened_layout(layout: Layout) -> Layout:
+    """``layout`` (nothing pending) with each box split among its holders: one holder
+    per piece, so a 1-D sharded layout (a chunk spec where one fits) over the same ranks.
+
+    A box is split along the first tensor dim that a mesh dim shards, or else its
+    longest dim, in ``torch.chunk`` pieces, holders in mesh (or group) order.
+    """
+    found = layout._derived.get(("flattened",))
+    if found is not None:
+        return found
+    from dispatch_shard.specs import _as_chunk
+
+    spec = layout.spec
+    assert not layout.pending and layout.size
+    sharded = [int(arg) % len(layout.size) for kind, arg in spec.placements
+               if kind == "shard"] if isinstance(spec, MeshShardingSpec) else []
+    boxes: dict[tuple[tuple[int, ...], tuple[int, ...]], list[ShardMetadata]] = {}
+    for shard in layout.shards:
+        boxes.setdefault((tuple(shard.shard_offsets), tuple(shard.shard_sizes)), []).append(shard)
+    pieces = []
+    for (offsets, sizes), holders in boxes.items():
+        dim = sharded[0] if sharded else max(range(len(sizes)), key=lambda d: sizes[d])
+        step = -(-sizes[dim] // len(holders)) if sizes[dim] else 0
+        for index, holder in enumerate(holders):
+            lows, lengths = list(offsets), list(sizes)
+            start = min(index * step, sizes[dim])
+            lows[dim] = offsets[dim] + start
+            lengths[dim] = min(step, sizes[dim] - start)
+            pieces.append(ShardMetadata(lows, lengths, holder.placement))
+    flat = _as_chunk(pieces, layout.size, layout.device or "cpu")
+    found = layout._derived[("flattened",)] = layout.with_spec(flat)
+    return found
+
+
 @dataclass(frozen=True)
 class RedistributePlan:
     """What one rank does to move its blocks from ``src`` to ``dst`` (see NOTE above).
@@ -265,22 +299,37 @@ def redistribute_plan(src: Layout, dst: Layout, rank: int) -> RedistributePlan:
     first = torch.tensor([region[0][0] for region in regions], dtype=torch.int64)
     reg_lo, reg_hi = src_lo[first], src_hi[first]
     dst_lo, dst_hi = _bounds(dst)
-    # overlap[j, k]: dst block j intersects src region k in a non-empty box
-    lo = torch.maximum(dst_lo[:, None, :], reg_lo[None, :, :])
-    hi = torch.minimum(dst_hi[:, None, :], reg_hi[None, :, :])
-    overlap = (hi > lo).all(dim=-1)
-    pairs = overlap.nonzero().tolist()
+    # Every (dst block j, src region k) that intersect in a non-empty box, with the box:
+    # in slices of dst blocks, so that the work arrays stay small on a large mesh.
+    # Where every region has one holder (no copies, nothing pending), only the pairs this
+    # rank sends or receives are kept (whether any piece crosses ranks is found on the
+    # arrays): a redistribution between two layouts of a large mesh has up to one pair
+    # per (block, block), which Python need not see.
+    single = all(len(region) == 1 and len(region[0]) == 1 for region in regions)
+    region_owner = torch.tensor([src_owner[region[0][0]] for region in regions])
+    dst_owner_t = torch.tensor(dst_owner)
+    pairs: list[tuple[int, int, list[int], list[int]]] = []
+    crosses = False
+    step = max(1, (1 << 16) // max(1, len(regions)))
+    for first_j in range(0, len(dst.shards), step):
+        lo = torch.maximum(dst_lo[first_j:first_j + step, None, :], reg_lo[None, :, :])
+        hi = torch.minimum(dst_hi[first_j:first_j + step, None, :], reg_hi[None, :, :])
+        found = (hi > lo).all(dim=-1).nonzero()
+        if single and len(found):
+            to, by = dst_owner_t[first_j + found[:, 0]], region_owner[found[:, 1]]
+            crosses = crosses or bool((to != by).any())
+            found = found[(to == rank) | (by == rank)]
+        pairs += [(first_j + j, k, a, b) for (j, k), a, b in zip(
+            found.tolist(), lo[found[:, 0], found[:, 1]].tolist(),
+            hi[found[:, 0], found[:, 1]].tolist(), strict=True)]
     src_pos = {i: p for p, i in enumerate(src.local_indices(rank))}
     dst_pos = {j: p for p, j in enumerate(dst.local_indices(rank))}
     world = len(group)
     send: list[list[tuple[int, Box]]] = [[] for _ in range(world)]
     received: list[list[tuple[int, Box, int, bool]]] = [[] for _ in range(world)]
     steps: list[tuple[int, Box, int, Box | int, bool] | tuple[int, Box, int, int, bool]] = []
-    crosses = False
-    for j, k in pairs:
+    for j, k, box_lo, box_hi in pairs:
         d_to = dst_owner[j]
-        box_lo = lo[j, k].tolist()
-        box_hi = hi[j, k].tolist()
         dst_box = tuple(
             slice(a - o, b - o)
             for a, b, o in zip(box_lo, box_hi, dst.shards[j].shard_offsets, strict=True)

@@ -16,8 +16,9 @@ For each mesh dim, each operand's placement there names one of its rule letters
 * One letter ``L`` split: every operand with ``L`` (not broadcast) is split by ``L``
   there (a copy is cut further: no data moves), every other operand is replicated
   there (gathered along that mesh dim if it was split by another letter).
-* Several letters split: the letter of the largest operand stays split, the other
-  operands are gathered along that mesh dim.
+* Several letters split: the one whose choice moves and holds the fewest elements
+  stays split (its cost: the operands gathered, plus what each rank then holds of
+  the result), the other operands are gathered along that mesh dim.
 * The result is split by ``L`` where the rule keeps it, or holds a pending
   ``contract`` reduction where the rule contracts it (a rule without ``contract``
   gathers ``L`` instead).
@@ -136,6 +137,33 @@ def _letters(rule: ShardingRule, tensors: list[Any], out_shape: torch.Size
     return [tuple(dims) for dims in rule.inputs], rule.output
 
 
+def _cheapest(split: dict[int, str], letters: list[tuple[str | None, ...]], sizes: list[int],
+              output: tuple[str, ...], out_numel: int, parts: int,
+              contract: str | None) -> str | None:
+    """The letter to keep split along one mesh dim of ``parts`` ranks (None: none).
+
+    Each candidate costs the elements of the operands it gathers (split by another
+    letter), plus what each rank then holds of the result: a ``parts``-th where the
+    letter is kept, all of it where the result is replicated, and twice that where it
+    is a pending sum (its reduction is still to come). So a weight-sized result (a
+    weight's gradient) is kept split, and small activations move instead.
+    """
+    def cost(letter: str | None) -> tuple[float, int]:
+        moved = sum(sizes[k] for k, other in split.items() if other != letter)
+        if letter is not None and letter in output:
+            held = out_numel / parts
+        elif letter is not None:
+            held = 2 * out_numel
+        else:
+            held = out_numel
+        return moved + held, -max((sizes[k] for k, o in split.items() if o == letter),
+                                  default=0)
+
+    candidates: list[str | None] = [letter for letter in dict.fromkeys(split.values())
+                                    if letter in output or contract is not None]
+    return min([*candidates, None], key=cost)
+
+
 def run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, Any],
         out_meta: torch.Tensor) -> ShardedTensor | None:
     """``op(*args, **kwargs)`` by ``rule`` per mesh dim (NOTE [applying a rule per mesh
@@ -166,18 +194,19 @@ def run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, An
             targets[0][dim] = (kind, arg)
             result.append((kind, arg))
             continue
-        split: dict[str, int] = {}  # letter -> size of the largest operand split by it
+        split: dict[int, str] = {}  # operand -> the letter it is split by here
         for k, placed in enumerate(placements):
             kind, arg = placed[dim]  # type: ignore[index]
             letter = letters[k][int(arg)] if kind == "shard" else None
             if letter is not None:
-                split[letter] = max(split.get(letter, -1), sizes[k])
+                split[k] = letter
         if not split:
             result.append(_REPLICATE)
             continue
-        letter = max(split, key=lambda name: split[name])
-        if letter not in output and rule.contract is None:
-            result.append(_REPLICATE)  # a contracted letter no reduction can join: gather
+        letter = _cheapest(split, letters, sizes, output, out_meta.numel(),
+                           shape[dim], rule.contract)
+        if letter is None:
+            result.append(_REPLICATE)  # every operand gathered along this mesh dim
             continue
         for k in range(len(tensors)):
             if letter in letters[k]:

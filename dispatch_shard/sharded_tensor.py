@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from dispatch_shard import collectives
 from dispatch_shard.collectives import ProcessGroup
-from dispatch_shard.layout import Layout, _mesh_layouts_made, layout_of
+from dispatch_shard.layout import Layout, _mesh_layouts_made, flattened_layout, layout_of
 from dispatch_shard.metadata import (
     Shard,
     ShardedTensorMetadata,
@@ -376,11 +377,19 @@ class ShardedTensor(torch.Tensor):
 
     def _moved_to(self, dst: Layout) -> list[torch.Tensor]:
         """This rank's blocks of ``dst``, which holds no pending reduction (self is not
-        Partial; an N-D layout's pending terms are summed on the way)."""
-        return collectives.redistribute(
-            self._local_tensors, self._layout, dst, self._process_group, self._rank,
-            self.dtype, self.device,
-        )
+        Partial; an N-D layout's pending terms are summed on the way).
+
+        A sum of more than two terms into copies goes through the copies' split
+        (flattened_layout): a reduce-scatter, then an all-gather, each rank sending
+        about twice its block, not once per term (a ring all-reduce's bytes)."""
+        src = self._layout
+        move = functools.partial(collectives.redistribute, group=self._process_group,
+                                 rank=self._rank, dtype=self.dtype, device=self.device)
+        if src.is_mesh and src.pending and dst.size and not dst.is_partial and \
+                (dst.is_replicate or dst.is_mesh) and len(set(src.summand_classes())) > 2:
+            middle = flattened_layout(dst)
+            return move(move(self._local_tensors, src, middle), middle, dst)
+        return move(self._local_tensors, src, dst)
 
     def _redistributed(self, spec: ShardingSpec) -> ShardedTensor:
         """The same value laid out by ``spec`` (not differentiable)."""
