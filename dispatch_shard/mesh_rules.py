@@ -428,3 +428,178 @@ _SUMS = {aten.sum.dim_IntList, aten.sum.default}
 _MOVES_ELEMENTS = {aten.t.default, aten.transpose.int, aten.permute.default, *_SIZED, *_SUMS}
 mesh_rule(aten.view.default, view_rule)
 mesh_rule(aten._unsafe_view.default, view_rule)
+
+
+# -- ops whose rows are independent: layer norm, attention ---------------------------------
+
+def _relaid(value: Any, mesh: Mesh, placements: Sequence[MeshPlacement], anchor: ShardedTensor
+            ) -> torch.Tensor:
+    """This rank's block of ``value`` (a ShardedTensor or a plain tensor) laid out on
+    ``mesh`` by ``placements``."""
+    spec = mesh_sharding_spec(mesh[0], mesh[1], placements, value.shape,
+                              anchor._layout.device or str(anchor.device))
+    if not isinstance(value, ShardedTensor):
+        with collectives.unchecked_creation():
+            value = ShardedTensor.from_replicated(value, spec, anchor.process_group)
+    elif value._layout.spec != spec:
+        value = value._redistributed(spec)
+    block: torch.Tensor = value._local_tensors[0]
+    return block
+
+
+def _wrapped(anchor: ShardedTensor, mesh: Mesh, placements: Sequence[MeshPlacement],
+             block: torch.Tensor, size: Sequence[int]) -> ShardedTensor:
+    device = anchor._layout.device or str(anchor.device)
+    spec = mesh_sharding_spec(mesh[0], mesh[1], placements, size, device)
+    return anchor._like([block], layout_of(spec, torch.Size(size),
+                                           anchor._layout.group_ranks, device), block.dtype)
+
+
+def _rows(value: Any, mesh: Mesh, kept: int) -> list[MeshPlacement] | None:
+    """``value``'s placements with only splits of its first ``kept`` dims left (the
+    rows an op treats independently); the rest replicated, pending ones reduced."""
+    placed = _placements(value, mesh)
+    if placed is None:
+        return None
+    return [(kind, arg) if kind == "shard" and int(arg) < kept else _REPLICATE
+            for kind, arg in placed]
+
+
+def _layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``native_layer_norm``: rows split as they are (their normalized dims gathered),
+    weight and bias whole; per rank one call. Mean and rstd keep the rows' split."""
+    x, shape, weight, bias = args[0], list(args[1]), args[2], args[3]
+    eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+    mesh = _mesh_of([x])
+    lead = x.dim() - len(shape)
+    rows = _rows(x, mesh, lead) if mesh is not None else None
+    if mesh is None or rows is None:
+        return None
+    anchor = x
+    whole = [_REPLICATE] * len(mesh[0])
+    local = [_relaid(x, mesh, rows, anchor),
+             None if weight is None else _relaid(weight, mesh, whole, anchor),
+             None if bias is None else _relaid(bias, mesh, whole, anchor)]
+    out, mean, rstd = aten.native_layer_norm.default(local[0], shape, local[1], local[2], eps)
+    stats = [*x.shape[:lead], *([1] * len(shape))]
+    return (_wrapped(anchor, mesh, rows, out, x.shape),
+            _wrapped(anchor, mesh, rows, mean, stats), _wrapped(anchor, mesh, rows, rstd, stats))
+
+
+def _layer_norm_backward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Its backward: the input's gradient split like the rows; the weight's and bias's
+    gradients are sums over the rows, pending over the mesh dims that split them."""
+    grad, x, shape, mean, rstd, weight, bias, mask = args
+    mesh = _mesh_of([x, grad])
+    if mesh is None:
+        return None
+    lead = x.dim() - len(shape)
+    rows = _rows(x, mesh, lead)
+    if rows is None or any(_placements(v, mesh) is None for v in (grad, mean, rstd)):
+        return None
+    anchor = x if isinstance(x, ShardedTensor) else grad
+    whole = [_REPLICATE] * len(mesh[0])
+    local = [_relaid(v, mesh, rows, anchor) for v in (grad, x, mean, rstd)]
+    params = [None if v is None else _relaid(v, mesh, whole, anchor) for v in (weight, bias)]
+    grads = aten.native_layer_norm_backward.default(*local[:2], shape, *local[2:], *params,
+                                                    mask)
+    summed: list[MeshPlacement] = [("partial", "sum") if kind == "shard" else _REPLICATE
+                                   for kind, _ in rows]
+    return (None if grads[0] is None else _wrapped(anchor, mesh, rows, grads[0], x.shape),
+            None if grads[1] is None else _wrapped(anchor, mesh, summed, grads[1], shape),
+            None if grads[2] is None else _wrapped(anchor, mesh, summed, grads[2], shape))
+
+
+def _attention_heads(q: Any, k: Any, v: Any, mesh: Mesh) -> list[MeshPlacement] | None:
+    """The placements q, k and v share for attention: batch and head dims split as q's
+    (k and v moved to them), sequence and features whole."""
+    if q.dim() != 4 or k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        return None  # (grouped-query heads: served flattened)
+    return _rows(q, mesh, 2)
+
+
+def _attention(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``_scaled_dot_product_flash_attention_for_cpu``: per (batch, head) block, whole
+    sequences: one call per rank; the output and log-sum-exp keep the split."""
+    q, k, v = args[:3]
+    dropout = args[3] if len(args) > 3 else kwargs.get("dropout_p", 0.0)
+    mesh = _mesh_of([q, k, v])
+    if mesh is None or dropout or kwargs.get("attn_mask") is not None:
+        return None
+    heads = _attention_heads(q, k, v, mesh)
+    if heads is None:
+        return None
+    anchor = next(t for t in (q, k, v) if isinstance(t, ShardedTensor))
+    local = [_relaid(t, mesh, heads, anchor) for t in (q, k, v)]
+    out, logsumexp = aten._scaled_dot_product_flash_attention_for_cpu.default(
+        *local, *args[3:], **kwargs)
+    return (_wrapped(anchor, mesh, heads, out, [*q.shape[:3], v.shape[-1]]),
+            _wrapped(anchor, mesh, heads, logsumexp, q.shape[:3]))
+
+
+def _attention_backward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    grad, q, k, v, out, logsumexp = args[:6]
+    dropout = args[6] if len(args) > 6 else kwargs.get("dropout_p", 0.0)
+    mesh = _mesh_of([grad, q, k, v, out])
+    if mesh is None or dropout or kwargs.get("attn_mask") is not None:
+        return None
+    heads = _attention_heads(q, k, v, mesh)
+    if heads is None or any(_placements(t, mesh) is None for t in (grad, out, logsumexp)):
+        return None
+    anchor = next(t for t in (grad, q, k, v) if isinstance(t, ShardedTensor))
+    local = [_relaid(t, mesh, heads, anchor) for t in (grad, q, k, v, out, logsumexp)]
+    grads = aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+        *local, *args[6:], **kwargs)
+    return tuple(_wrapped(anchor, mesh, heads, g, t.shape)
+                 for g, t in zip(grads, (q, k, v), strict=True))
+
+
+def _split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``split(x, size, dim)``: per block, with ``dim`` gathered where a mesh dim splits
+    it; every piece keeps the other splits."""
+    x, size = args[0], args[1]
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % x.dim()
+    mesh = _mesh_of([x])
+    placed = _placements(x, mesh) if mesh is not None else None
+    if mesh is None or placed is None:
+        return None
+    target: list[MeshPlacement] = [
+        (kind, arg) if kind == "shard" and int(arg) != dim else _REPLICATE
+        for kind, arg in placed]
+    pieces = aten.split.Tensor(_relaid(x, mesh, target, x), size, dim)
+    return [_wrapped(x, mesh, target, piece, [*x.shape[:dim], piece.shape[dim],
+                                              *x.shape[dim + 1:]]) for piece in pieces]
+
+
+def _cat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``cat(tensors, dim)``: per block, every tensor laid out as the first N-D one with
+    ``dim`` gathered where a mesh dim splits it (split's backward joins its pieces so)."""
+    tensors = [t for t in args[0] if t.dim() > 0 or t.numel() > 0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    mesh = _mesh_of(tensors)
+    if mesh is None or not tensors or len({t.dim() for t in tensors}) != 1:
+        return None
+    dim %= tensors[0].dim()
+    anchor = next(t for t in tensors if isinstance(t, ShardedTensor)
+                  and isinstance(t._layout.spec, MeshShardingSpec))
+    placed = _placements(anchor, mesh)
+    if placed is None or any(_placements(t, mesh) is None for t in tensors):
+        return None
+    target: list[MeshPlacement] = [
+        (kind, arg) if kind == "shard" and int(arg) != dim else _REPLICATE
+        for kind, arg in placed]
+    block = aten.cat.default([_relaid(t, mesh, target, anchor) for t in tensors], dim)
+    size = list(tensors[0].shape)
+    size[dim] = sum(t.shape[dim] for t in tensors)
+    return _wrapped(anchor, mesh, target, block, size)
+
+
+for _op, _handler in (
+        (aten.split.Tensor, _split),
+        (aten.cat.default, _cat),
+        (aten.native_layer_norm.default, _layer_norm),
+        (aten.native_layer_norm_backward.default, _layer_norm_backward),
+        (aten._scaled_dot_product_flash_attention_for_cpu.default, _attention),
+        (aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+         _attention_backward)):
+    MESH_HANDLERS[_op] = (_handler, _implementation(_op))
