@@ -511,6 +511,37 @@ def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup) -> torch.Tens
 
 # -- data movement ---------------------------------------------------------------
 
+# NOTE [sub-groups of a mesh]
+# A move between N-D layouts whose pieces all travel along one mesh dim (an all-gather
+# over tp, a reduce over dp) runs on the process group of this rank's peers along that
+# dim, when the mesh spans the whole world. The groups of that dim are made together,
+# on first use, by every rank (new_group is a collective of the world, and every rank
+# runs the same move), and made again if a destroy_process_group took them.
+_subgroups: dict[tuple[tuple[int, ...], ...], dict[tuple[int, ...], ProcessGroup]] = {}
+
+
+def _subgroup(lines: tuple[tuple[int, ...], ...], mine: tuple[int, ...]) -> ProcessGroup:
+    """The process group of ``mine``, one of the sub-groups ``lines`` of the world."""
+    made = _subgroups.get(lines)
+    if made is not None:
+        try:
+            dist.get_process_group_ranks(made[mine])
+        except (KeyError, RuntimeError, ValueError):
+            made = None
+    if made is None:
+        made = {}
+        for line in lines:
+            group = dist.new_group(list(line))
+            if group is not None and rank_in(line):
+                made[line] = group
+        _subgroups[lines] = made
+    return made[mine]
+
+
+def rank_in(ranks: Sequence[int]) -> bool:
+    return dist.get_rank() in ranks
+
+
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.reshape(-1)
     if flat.dim() and flat.stride(0) != 1:
@@ -557,11 +588,20 @@ def redistribute(
         recv_splits = [n * itemsize for n in plan.recv]
         send = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
         received = torch.empty(sum(recv_splits), dtype=torch.uint8, device=device)
-        _record("all_to_all", sum(send_splits), group)
+        on = group
+        if plan.peers is not None and len(src.group_ranks) == dist.get_world_size():
+            # Only peers along one mesh dim exchange (NOTE [sub-groups of a mesh]).
+            mine = next(line for line in plan.peers if rank in line)
+            if len(mine) < len(src.group_ranks):
+                index = {r: g for g, r in enumerate(src.group_ranks)}
+                on = _subgroup(plan.peers, mine)
+                send_splits = [send_splits[index[r]] for r in mine]
+                recv_splits = [recv_splits[index[r]] for r in mine]
+        _record("all_to_all", sum(send_splits), on)
         try:
-            dist.all_to_all_single(received, send, recv_splits, send_splits, group=group)
+            dist.all_to_all_single(received, send, recv_splits, send_splits, group=on)
         except RuntimeError as error:
-            raise _failed("all_to_all", group, error) from error
+            raise _failed("all_to_all", on, error) from error
         recv = received.view(dtype) if received.numel() else received.new_empty(0, dtype=dtype)
     for dst_pos, dst_box, src_pos, source, add in plan.steps:
         target = out[dst_pos][dst_box]

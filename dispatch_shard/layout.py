@@ -247,12 +247,16 @@ class RedistributePlan:
     received piece's element offset in the receive buffer, whether to add it to what
     the step before wrote there: the terms of a pending sum, in one order on every
     holder, so copies stay bitwise equal). Boxes are relative to the block.
+    ``peers``: where every piece that crosses ranks moves between ranks that differ
+    along one mesh dim only, the sub-groups along that dim (global ranks, sorted), on
+    which the exchange runs; else None (the whole group).
     """
 
     send: tuple[tuple[tuple[int, Box], ...], ...]  # indexed by group rank
     recv: tuple[int, ...]
     steps: tuple[tuple[int, Box, int, Box | int, bool], ...]
     needs_communication: bool
+    peers: tuple[tuple[int, ...], ...] | None = None
 
 
 def _bounds(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,6 +314,13 @@ def redistribute_plan(src: Layout, dst: Layout, rank: int) -> RedistributePlan:
     dst_owner_t = torch.tensor(dst_owner)
     pairs: list[tuple[int, int, list[int], list[int]]] = []
     crosses = False
+    # The mesh dims along which crossing pieces move (any pair apart along several: -1).
+    axes: set[int] = set()
+    position = None
+    if coordinates is not None:  # row r: global rank r's mesh coordinates
+        ndim = len(next(iter(coordinates.values())))
+        position = torch.tensor([coordinates.get(r, (-1,) * ndim)
+                                 for r in range(max(coordinates) + 1)], dtype=torch.int64)
     step = max(1, (1 << 16) // max(1, len(regions)))
     for first_j in range(0, len(dst.shards), step):
         lo = torch.maximum(dst_lo[first_j:first_j + step, None, :], reg_lo[None, :, :])
@@ -317,7 +328,13 @@ def redistribute_plan(src: Layout, dst: Layout, rank: int) -> RedistributePlan:
         found = (hi > lo).all(dim=-1).nonzero()
         if single and len(found):
             to, by = dst_owner_t[first_j + found[:, 0]], region_owner[found[:, 1]]
-            crosses = crosses or bool((to != by).any())
+            crossing = to != by
+            crosses = crosses or bool(crossing.any())
+            if position is not None and bool(crossing.any()):
+                apart = position[to[crossing]] != position[by[crossing]]
+                if bool((apart.sum(1) > 1).any()):
+                    axes.add(-1)
+                axes.update(apart.any(0).nonzero().flatten().tolist())
             found = found[(to == rank) | (by == rank)]
         pairs += [(first_j + j, k, a, b) for (j, k), a, b in zip(
             found.tolist(), lo[found[:, 0], found[:, 1]].tolist(),
@@ -349,6 +366,10 @@ def redistribute_plan(src: Layout, dst: Layout, rank: int) -> RedistributePlan:
             s_from = src_owner[i]
             if s_from != d_to:
                 crosses = True
+                if coordinates is not None and not single:
+                    apart_dims = [m for m, (a, b) in enumerate(zip(
+                        coordinates[s_from], coordinates[d_to], strict=True)) if a != b]
+                    axes.update(apart_dims if len(apart_dims) == 1 else [-1])
             if s_from != rank and d_to != rank:
                 continue
             src_box = tuple(
@@ -378,9 +399,19 @@ def redistribute_plan(src: Layout, dst: Layout, rank: int) -> RedistributePlan:
         else (pos, box, source, index, add)
         for pos, box, source, index, add in steps
     )
+    peers = None
+    if coordinates is not None and len(axes) == 1 and -1 not in axes and \
+            sorted(coordinates) == sorted(group) and list(group) == sorted(group):
+        (axis,) = axes
+        lines: dict[tuple[int, ...], list[int]] = {}
+        for r in sorted(coordinates):
+            key = tuple(c for m, c in enumerate(coordinates[r]) if m != axis)
+            lines.setdefault(key, []).append(r)
+        peers = tuple(sorted(tuple(line) for line in lines.values()))
     return RedistributePlan(
         tuple(tuple(s) for s in send),
         tuple(sum(n for _, _, n, _ in r) for r in received),
         resolved,
         crosses,
+        peers,
     )

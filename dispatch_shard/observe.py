@@ -175,12 +175,15 @@ class CollectiveEvent:
     (``op``: the op the user called or, for a collective issued outside any op, the
     dispatch_shard function that issued it, such as ``"ShardedTensor.full_tensor"`` or
     ``"_create"`` (``"(outside any op)"`` if none is found); ``primitive``: the op that
-    issued it inside a decomposition, or ``None`` outside any op)."""
+    issued it inside a decomposition, or ``None`` outside any op; ``ranks``: the global
+    ranks of the process group it ran on, a mesh dim's sub-group for most moves
+    between N-D layouts)."""
 
     kind: str
     nbytes: int
     op: str
     primitive: str | None
+    ranks: tuple[int, ...] = ()
 
 
 @dataclass
@@ -210,7 +213,9 @@ class count_collectives(contextlib.AbstractContextManager["count_collectives"]):
             op, primitive = str(stack[0]), str(stack[-1])
         else:  # walk the stack only here, outside any op
             op, primitive = collectives._entry_point() or "(outside any op)", None
-        self.events.append(CollectiveEvent(kind, nbytes, op, primitive))
+        ranks = collectives.group_ranks(group) if isinstance(group, collectives.ProcessGroup) \
+            else ()
+        self.events.append(CollectiveEvent(kind, nbytes, op, primitive, ranks))
 
     @property
     def counts(self) -> Counter[str]:

@@ -97,9 +97,13 @@ def test_redistribute_between_any_two_layouts(rank: int, world_size: int) -> Non
         torch.testing.assert_close(x.grad.full_tensor(), weight)
 
 
-def _sent_bytes(tensor: ShardedTensor, mesh: Any, placements: list[Any]) -> tuple[int, int]:
+def _sent_bytes(tensor: ShardedTensor, mesh: Any, placements: list[Any],
+                on: list[int] | None = None) -> tuple[int, int]:
+    """Collectives and bytes of one move; ``on``: the ranks they must run on."""
     with ds.count_collectives() as counted:
         tensor.redistribute(mesh, placements)
+    if on is not None:
+        assert all(list(e.ranks) == on for e in counted.events), (on, counted.events)
     return len(counted.events), sum(e.nbytes for e in counted.events)
 
 
@@ -110,12 +114,14 @@ def test_redistribution_moves_the_minimum_bytes(rank: int, world_size: int) -> N
     x = ds.distribute_tensor(dense, mesh, [Shard(0), Replicate()])
     # Cutting a copy further: no data moves.
     assert _sent_bytes(x, mesh, [Shard(0), Shard(1)]) == (0, 0)
-    # All-gather over tp: each rank sends its half to its one tp peer.
+    # All-gather over tp: each rank sends its half to its one tp peer, on the tp group.
+    tp_peers = [r for r in range(4) if r // 2 == rank // 2]
+    dp_peers = [r for r in range(4) if r % 2 == rank % 2]
     y = ds.distribute_tensor(dense, mesh, [Replicate(), Shard(0)])
-    assert _sent_bytes(y, mesh, [Replicate(), Replicate()]) == (1, 192)
+    assert _sent_bytes(y, mesh, [Replicate(), Replicate()], on=tp_peers) == (1, 192)
     # A pending sum over dp, to the value: each rank sends its term to its dp peer.
     p = ds.distribute_tensor(dense, mesh, [Partial(), Shard(0)])
-    assert _sent_bytes(p, mesh, [Replicate(), Shard(0)]) == (1, 192)
+    assert _sent_bytes(p, mesh, [Replicate(), Shard(0)], on=dp_peers) == (1, 192)
     # ... and to a layout that cuts it further (a reduce-scatter): half of that.
     assert _sent_bytes(p, mesh, [Shard(1), Shard(0)]) == (1, 96)
     # Fully sharded to replicated: each rank's 4x3 block to the 3 others.
