@@ -532,14 +532,10 @@ def _subgroup(lines: tuple[tuple[int, ...], ...], mine: tuple[int, ...]) -> Proc
         made = {}
         for line in lines:
             group = dist.new_group(list(line))
-            if group is not None and rank_in(line):
+            if group is not None and dist.get_rank() in line:
                 made[line] = group
         _subgroups[lines] = made
     return made[mine]
-
-
-def rank_in(ranks: Sequence[int]) -> bool:
-    return dist.get_rank() in ranks
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,7 @@ def _letters(rule: ShardingRule, tensors: list[Any], out_shape: torch.Size
     result's letters."""
     if rule.inputs is None:  # pointwise: the result's dims, right-aligned
         ndim = len(out_shape)
-        names = tuple(f"d{j}" for j in range(ndim))
+        names = _names(ndim)
         letters = []
         for t in tensors:
             lead = ndim - t.dim()
@@ -217,16 +217,7 @@ def run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, An
     device = anchor._layout.device or str(anchor.device)
     call = list(args)
     for k, (i, value) in enumerate(zip(positions, tensors, strict=True)):
-        spec = mesh_sharding_spec(shape, ranks, targets[k], value.shape, device)
-        if not isinstance(value, ShardedTensor):
-            with collectives.unchecked_creation():
-                value = ShardedTensor.from_replicated(value, spec, anchor.process_group)
-        elif value._layout.spec != spec:
-            value = value._redistributed(spec)
-        blocks = value._local_tensors
-        if len(blocks) != 1:
-            return None  # (a rank outside the group, or several blocks: not a mesh form)
-        call[i] = blocks[0]
+        call[i] = _relaid(value, mesh, targets[k], anchor)  # (one block per rank of a mesh)
     spec = mesh_sharding_spec(shape, ranks, result, out_meta.shape, device)
     layout = layout_of(spec, out_meta.shape, anchor._layout.group_ranks, device)
     expected = layout.shards[layout.local_indices(anchor._rank)[0]].shard_sizes
@@ -241,7 +232,6 @@ def run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, An
             f"gave a block of size {list(block.shape)} where the result's layout "
             f"{spec!r} places {list(expected)}")
     return anchor._like([block], layout, block.dtype)
-
 
 
 # -- rules that depend on the call's arguments ------------------------------------------
