@@ -572,7 +572,7 @@ def redistribute(
     op = src.reduce_op if src.is_mesh else None
     recv = None
     if plan.needs_communication:
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         pieces = [
             _as_bytes(local_tensors[src_pos][src_box].contiguous())
             for per_peer in plan.send for src_pos, src_box in per_peer

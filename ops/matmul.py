@@ -287,7 +287,7 @@ def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype) -> ShardedTensor:
     may be partial (see the module docstring for per-rank shapes and collectives)."""
     anchor = first_sharded((a, b), {})
     a, b = _as_sharded(a, anchor), _as_sharded(b, anchor)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     strategy = choose_strategy(a._layout, b._layout, a.element_size(), b.element_size(),
                                itemsize)
     a_blocks = _laid_out(a, strategy.a)
@@ -306,10 +306,14 @@ def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype) -> ShardedTensor:
     elif kind == "contraction":
         blocks = []
         if member:
-            total = torch.zeros(out.size, dtype=dtype, device=anchor.device)
-            for x, y in zip(a_blocks, b_blocks, strict=True):
-                total += multiply(x, y)
-            blocks = [total]
+            pairs = list(zip(a_blocks, b_blocks, strict=True))
+            if not pairs:
+                blocks = [torch.zeros(out.size, dtype=dtype, device=anchor.device)]
+            else:  # (the common case, one pair: its product is the summand, no copy)
+                total = multiply(*pairs[0])
+                for x, y in pairs[1:]:
+                    total = total.add_(multiply(x, y))
+                blocks = [total]
     else:  # replicate, partial: one whole block (or summand) on each member
         blocks = [multiply(a_blocks[0], b_blocks[0])] if member else []
     if alpha != 1:
