@@ -621,6 +621,46 @@ class ShardedTensor(torch.Tensor):
 
         return _get_tensor_shard(self, index)
 
+    # -- tracing (torch.compile) ----------------------------------------------------
+    # NOTE [ShardedTensor under torch.compile]
+    # A traceable wrapper subclass: ``__tensor_flatten__`` names this rank's blocks
+    # (``_block_0``...) and hands the layout, group, rank and dtype as the context.
+    # Dynamo guards on that context (layouts are interned and compare by identity, and
+    # deep-copy to themselves, so the guard is an identity check per tensor), and
+    # AOTAutograd then runs ``__torch_dispatch__`` once, on fake blocks: the graph holds
+    # the per-block aten ops and the functional collectives the layouts call for (NOTE
+    # [collectives under torch.compile] in dispatch_shard.collectives). Every decision
+    # of the dispatch code comes from layouts and shapes, so the trace is valid for
+    # any values. A tangent that arrives in another layout than the trace assumed (a
+    # replicated gradient for a partial output) is moved to it first.
+    def __tensor_flatten__(self) -> tuple[list[str], Any]:
+        self._ready()
+        names = [f"_block_{i}" for i in range(len(self._local_tensors))]
+        return names, (self._layout, self._process_group, self._rank, self._dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], context: Any,
+                             outer_size: Any, outer_stride: Any) -> ShardedTensor:
+        layout, group, rank, dtype = context
+        blocks = [inner[f"_block_{i}"] for i in range(len(inner))]
+        device = blocks[0].device if blocks else torch.device(layout.device or "cpu")
+        return ShardedTensor._wrap(blocks, layout, group, rank, dtype, device)
+
+    def __coerce_same_metadata_as_tangent__(self, expected_metadata: Any,
+                                            expected_type: Any = None) -> ShardedTensor | None:
+        if expected_type is not None and expected_type is not ShardedTensor:
+            return None
+        layout = expected_metadata[0]
+        if layout is self._layout:
+            return self
+        with torch.no_grad():
+            return self._redistributed(layout.spec)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_block_"):
+            return self._local_tensors[int(name[7:])]
+        raise AttributeError(f"'ShardedTensor' object has no attribute '{name}'")
+
     # -- pickling ----------------------------------------------------------------
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         self._ready()
