@@ -634,6 +634,8 @@ class ShardedTensor(torch.Tensor):
     # any values. A tangent that arrives in another layout than the trace assumed (a
     # replicated gradient for a partial output) is moved to it first.
     def __tensor_flatten__(self) -> tuple[list[str], Any]:
+        if not _dynamo_skips[0]:
+            _skip_in_dynamo()
         self._ready()
         names = [f"_block_{i}" for i in range(len(self._local_tensors))]
         return names, (self._layout, self._process_group, self._rank, self._dtype)
@@ -739,6 +741,31 @@ def _observed_dispatch(
         return impl(types, args, kwargs, group)
     finally:
         stack.pop()
+
+
+# NOTE [Dynamo never traces the dispatch code]
+# Code that runs while a compiled function runs (after a graph break, say in an
+# optimizer step) is itself handed to Dynamo, frame by frame; our ``__torch_dispatch__``
+# is such a frame when a dense op meets a ShardedTensor there. Its code object, and
+# every frame under it, is marked to run as plain Python: the dispatch code is traced
+# by AOTAutograd (below Dynamo, on fake blocks), never by Dynamo. The mark is set when
+# Dynamo first flattens a ShardedTensor (importing torch._dynamo ourselves would cost
+# every user a second and a half), and costs nothing per call.
+_dynamo_skips = [False]
+
+
+def _skip_in_dynamo() -> None:
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return
+    from torch._dynamo import eval_frame, types
+
+    code = ShardedTensor.__torch_dispatch__.__func__.__code__  # type: ignore[attr-defined]
+    skip = types.FrameAction.SKIP  # type: ignore[attr-defined]
+    eval_frame.set_code_exec_strategy(  # type: ignore[attr-defined]
+        code, types.FrameExecStrategy(skip, skip))  # type: ignore[attr-defined]
+    _dynamo_skips[0] = True
 
 
 # The C-level descriptor behind Tensor.requires_grad, read by our property override.

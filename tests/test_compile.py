@@ -8,6 +8,7 @@ records the graphs it is given shows the functional collectives inside them.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -153,3 +154,53 @@ def test_transformer_block_compiles(rank: int, world_size: int) -> None:
     for (name, ours), theirs in zip(sharded.named_parameters(), dense.parameters(),
                                     strict=True):
         torch.testing.assert_close(_full(ours.grad), theirs.grad, msg=name)
+
+
+@multi_rank(world_size=[2])
+def test_compiled_optimizer_step_matches_eager(rank: int, world_size: int) -> None:
+    """``torch.compile(opt.step)``: torch's own graph break in the step, then the update
+    compiled on ShardedTensor parameters (its lerp reaches us as inductor's prims.fma)."""
+    eager_model, compiled_model = (_tp_mlp(world_size)[1] for _ in range(2))
+    eager_opt = torch.optim.AdamW(eager_model.parameters(), lr=1e-2)
+    compiled_opt = torch.optim.AdamW(compiled_model.parameters(), lr=1e-2)
+    step = torch.compile(compiled_opt.step, backend="aot_eager")
+    torch.manual_seed(5)
+    x, y = torch.randn(6, 8), torch.randn(6, 8)
+    for _ in range(3):
+        for model, run in ((eager_model, eager_opt.step), (compiled_model, step)):
+            model.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            run()
+    for ours, theirs in zip(compiled_model.parameters(), eager_model.parameters(),
+                            strict=True):
+        assert isinstance(ours, ds.ShardedTensor)
+        assert ours.sharding_spec() == theirs.sharding_spec()
+        torch.testing.assert_close(ours.detach().full_tensor(), theirs.detach().full_tensor())
+
+
+@torch.library.custom_op("dstest_compile::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@multi_rank(world_size=[2])
+def test_an_unsupported_op_under_compile_names_the_op(rank: int, world_size: int) -> None:
+    """No sharded implementation of a user's op: the graph breaks there and eager raises
+    our error naming it; with ``fullgraph=True`` the compile error names it."""
+    x = ds.ShardedTensor.from_replicated(torch.ones(4, 2), rows(world_size))
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dstest_compile.twice(t + 1) - 1
+
+    message = re.escape("dstest_compile.twice.default not supported for ShardedTensor!")
+    with pytest.raises(NotImplementedError, match=message):
+        torch.compile(f, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=message) as info:
+        torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    assert "InternalTorchDynamoError" not in type(info.value).__name__
