@@ -645,7 +645,9 @@ def redistribute(
                 dist.all_to_all_single(received, send, recv_splits, send_splits, group=on)
         except RuntimeError as error:
             raise _failed("all_to_all", on, error) from error
-        recv = received.view(dtype) if received.numel() else received.new_empty(0, dtype=dtype)
+        # (the byte count is known here: no look at the received tensor's size, which a
+        # trace may hold as a data-dependent symbol)
+        recv = received.view(dtype) if sum(recv_splits) else received.new_empty(0, dtype=dtype)
     for dst_pos, dst_box, src_pos, source, add in plan.steps:
         target = out[dst_pos][dst_box]
         if src_pos >= 0:

@@ -292,6 +292,17 @@ def _mesh_coordinates(layout: Layout) -> dict[int, tuple[int, ...]] | None:
 def redistribute_plan(src: Layout, dst: Layout, rank: int) -> RedistributePlan:
     """The plan for global ``rank``; ``dst`` holds no pending reduction; same group.
 
+    (Plans are found with tensors of block bounds: while torch.compile traces an op,
+    its fake-tensor modes are set aside for that, so a plan is plain metadata.)"""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return _plan(src, dst, rank)
+
+
+def _plan(src: Layout, dst: Layout, rank: int) -> RedistributePlan:
+    """The plan for global ``rank``; ``dst`` holds no pending reduction; same group.
+
     Each piece of a ``dst`` block comes from one holder of each term of ``src``'s value
     there: the ``dst`` block's own rank where it holds one (no data moves), else a
     holder picked by the receiving rank's number, so that copies share the sending.

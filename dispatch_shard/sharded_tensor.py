@@ -649,8 +649,12 @@ class ShardedTensor(torch.Tensor):
         return ShardedTensor._wrap(blocks, layout, group, rank, dtype, device)
 
     def __coerce_same_metadata_as_tangent__(self, expected_metadata: Any,
-                                            expected_type: Any = None) -> ShardedTensor | None:
+                                            expected_type: Any = None) -> torch.Tensor | None:
         if expected_type is not None and expected_type is not ShardedTensor:
+            # The trace saw a plain (replicated) tensor here: hand it the whole value.
+            if expected_type is torch.Tensor:
+                with torch.no_grad():
+                    return self.full_tensor()
             return None
         layout = expected_metadata[0]
         if layout is self._layout:

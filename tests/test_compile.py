@@ -204,3 +204,131 @@ def test_an_unsupported_op_under_compile_names_the_op(rank: int, world_size: int
     with pytest.raises(Exception, match=message) as info:
         torch.compile(f, backend="aot_eager", fullgraph=True)(x)
     assert "InternalTorchDynamoError" not in type(info.value).__name__
+
+
+def _assert_grads_match(sharded: nn.Module, dense: nn.Module) -> None:
+    for (name, ours), theirs in zip(sharded.named_parameters(), dense.parameters(),
+                                    strict=True):
+        if theirs.grad is None:
+            assert ours.grad is None, name
+            continue
+        torch.testing.assert_close(_full(ours.grad), theirs.grad, msg=name)
+
+
+@multi_rank(world_size=[2])
+def test_torch_modules_compile(rank: int, world_size: int) -> None:
+    """nn.TransformerEncoderLayer (its fused fast path off in training) with TP feed-forward,
+    the demo's EmbeddingBag + transformer model, and activation checkpointing inside a
+    fullgraph compile."""
+    from torch.utils.checkpoint import checkpoint
+
+    from dispatch_shard.demo import _model, _plan
+
+    torch.manual_seed(6)
+    dense_layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    layer = parallelize(copy.deepcopy(dense_layer), {"linear1": "colwise",
+                                                     "linear2": "rowwise"}, world_size)
+    x = torch.randn(2, 5, 8)
+    torch.compile(layer, backend="aot_eager")(x).pow(2).mean().backward()
+    dense_layer(x).pow(2).mean().backward()
+    _assert_grads_match(layer, dense_layer)
+    torch._dynamo.reset()
+
+    dense_demo = _model(16)
+    demo = parallelize(copy.deepcopy(dense_demo), _plan(), world_size)
+    x, ids = torch.randn(2, 5, 16), torch.randint(0, 64, (2, 3))
+    torch.compile(demo, backend="aot_eager")(x, ids).pow(2).mean().backward()
+    dense_demo(x, ids).pow(2).mean().backward()
+    _assert_grads_match(demo, dense_demo)
+    torch._dynamo.reset()
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = MLP(8, 16), MLP(8, 16)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.b(checkpoint(self.a, t, use_reentrant=False))  # type: ignore[no-any-return]
+
+    dense_ck = Checkpointed()
+    ck = parallelize(copy.deepcopy(dense_ck), {"a.fc1": "colwise", "a.fc2": "rowwise",
+                                               "b.fc1": "colwise", "b.fc2": "rowwise"},
+                     world_size)
+    x = torch.randn(4, 8)
+    torch.compile(ck, backend="aot_eager", fullgraph=True)(x).pow(2).mean().backward()
+    dense_ck(x).pow(2).mean().backward()
+    _assert_grads_match(ck, dense_ck)
+
+
+@multi_rank(world_size=[2], timeout_s=240.0)
+def test_hugging_face_gpt2_with_tensor_parallel_mlps_compiles(rank: int,
+                                                             world_size: int) -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    gpt_config = GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=4, n_positions=32,
+                            attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0)
+    torch.manual_seed(8)
+    dense_gpt = GPT2LMHeadModel(gpt_config)
+    gpt = copy.deepcopy(dense_gpt)
+    # GPT-2's Conv1D weights are [in, out]: its MLP's c_fc splits dim 1, c_proj dim 0.
+    cols = ds.ChunkShardingSpec(1, [f"rank:{r}/cpu" for r in range(world_size)])
+    for i in range(gpt_config.n_layer):
+        mlp = gpt.transformer.h[i].mlp
+        for module, name, spec in ((mlp.c_fc, "weight", cols),
+                                   (mlp.c_fc, "bias", rows(world_size)),
+                                   (mlp.c_proj, "weight", rows(world_size))):
+            setattr(module, name, nn.Parameter(ds.ShardedTensor.from_replicated(
+                getattr(module, name).detach(), spec)))
+    loss = torch.compile(gpt, backend="aot_eager")(input_ids=ids, labels=ids).loss
+    loss.backward()
+    dense_loss = dense_gpt(input_ids=ids, labels=ids).loss
+    dense_loss.backward()
+    torch.testing.assert_close(_full(loss.detach()), dense_loss.detach())
+    _assert_grads_match(gpt, dense_gpt)
+
+
+@multi_rank(world_size=[4])
+def test_dp_x_tp_on_a_mesh_compiles_fullgraph(rank: int, world_size: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(9)
+    dense = MLP(8, 16)
+    sharded = parallelize(copy.deepcopy(dense),
+                          {"dp": "replicate", "tp": {"fc1": "colwise", "fc2": "rowwise"}},
+                          mesh=mesh)
+    x = torch.randn(6, 8)
+    xs = ds.distribute_tensor(x, mesh, [Shard(0), Replicate()])
+    recorder = _Recorder()
+    torch.compile(sharded, backend=recorder, fullgraph=True)(xs).pow(2).mean().backward()
+    dense(x).pow(2).mean().backward()
+    _assert_grads_match(sharded, dense)
+    assert recorder.collectives(), "the mesh moves run in the graph"
+
+
+@multi_rank(world_size=[2])
+def test_recompiles_only_when_a_layout_changes(rank: int, world_size: int) -> None:
+    recorder = _Recorder()
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return (t * 3).sum(dim=0)
+
+    compiled = torch.compile(f, backend=recorder, dynamic=False)
+    torch.manual_seed(10)
+    dense = [torch.randn(6, 4) for _ in range(3)]
+    split = [ds.ShardedTensor.from_replicated(d, rows(world_size)) for d in dense]
+    for d, s in zip(dense, split, strict=True):  # new values, same layout: one graph
+        torch.testing.assert_close(_full(compiled(s)), f(d))
+    assert len(recorder.graphs) == 1
+    columns = ds.ChunkShardingSpec(1, [f"rank:{r}/cpu" for r in range(world_size)])
+    other = ds.ShardedTensor.from_replicated(dense[0], columns)
+    out = compiled(other)  # another layout: a new graph, with the other plan
+    torch.testing.assert_close(_full(out), f(dense[0]))
+    assert len(recorder.graphs) == 2
+    assert out.sharding_spec() == f(other).sharding_spec()
