@@ -24,7 +24,7 @@ nitpicky = False
 html_theme = "furo"
 html_title = "dispatch_shard"
 html_static_path = ["_static"]
-html_css_files = ["coverage.css"]
+html_css_files = ["tables.css"]
 exclude_patterns = ["_build"]
 # Bare ``::`` blocks would be highlighted as Python; every Python block is an explicit
 # ``.. code-block:: python`` that tests/test_docs_examples.py runs (or a marked fragment).
