@@ -18,6 +18,8 @@ The conventions the pages follow:
 Examples run from a scratch folder, so they import the installed
 ``dispatch_shard`` (in ``nox -s tests`` a non-editable install), two at a time,
 each with a timeout and torchrun's ``--standalone`` rendezvous on a free port.
+They are marked ``slow`` (about a minute on 2 cores): ``nox -s tests`` runs them,
+``nox -s quick`` only checks the conventions.
 """
 
 from __future__ import annotations
@@ -203,6 +205,7 @@ def test_pages_follow_the_conventions() -> None:
     assert not PROBLEMS, "\n".join(PROBLEMS)
 
 
+@pytest.mark.slow  # about a minute for all of them: in `nox -s tests`, not in the quick tier
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
 def test_docs_example(example: Example, outcomes: dict[str, Future[Outcome]]) -> None:
     outcome = outcomes[example.id].result()
