@@ -177,8 +177,14 @@ def run_example(example: Example, folder: Path) -> Outcome:
         launcher_output, _ = process.communicate(timeout=TIMEOUT_S)
         returncode: int | None = process.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and its ranks: one session
-        launcher_output, _ = process.communicate()
+        # torchrun ends its ranks when it gets SIGTERM (they run in process groups of
+        # their own, so killing torchrun's session would leave them behind).
+        process.terminate()
+        try:
+            launcher_output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            launcher_output, _ = process.communicate()
         returncode = None
     stdouts = [p.read_text() for p in sorted(logs.glob("*/attempt_*/*/stdout.log"))]
     stderrs = [f"--- {p.parent.name} stderr\n{p.read_text()}"
