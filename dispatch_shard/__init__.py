@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed.nn  # noqa: F401
 
 # The built-in op implementations register themselves on import.
-from dispatch_shard import debug, holders, mesh_rules, ops, random
+from dispatch_shard import debug, grad_reduction, holders, mesh_rules, ops, random
 from dispatch_shard.api import (
     collect_local_shard,
     reshard_output,
@@ -30,6 +30,7 @@ from dispatch_shard.api import (
     shard_tensor,
 )
 from dispatch_shard.creation import empty, full, ones, rand, randn, unchecked_creation, zeros
+from dispatch_shard.grad_reduction import no_sync, set_gradient_bucketing
 from dispatch_shard.mesh import distribute_tensor, from_dtensor, to_dtensor
 from dispatch_shard.metadata import (
     Placement,
@@ -83,9 +84,11 @@ __all__ = [
     "empty",
     "from_dtensor",
     "full",
+    "grad_reduction",
     "holders",
     "load_with_process_group",
     "mesh_rules",
+    "no_sync",
     "ones",
     "ops",
     "pre_load_state_dict_hook",
@@ -95,6 +98,7 @@ __all__ = [
     "register_sharding_rule",
     "remove_sharded_op_impl",
     "reshard_output",
+    "set_gradient_bucketing",
     "shard_module",
     "shard_parameter",
     "shard_tensor",

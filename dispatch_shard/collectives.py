@@ -444,6 +444,35 @@ def _divide(tensor: torch.Tensor, count: int) -> torch.Tensor:
     return tensor.div_(count, rounding_mode="floor")
 
 
+# NOTE [collectives under torch.compile]
+# While torch.compile traces an op (AOTAutograd runs ``__torch_dispatch__`` on fake,
+# functionalized blocks), a collective must enter the graph as a functional collective
+# (``_c10d_functional``: a new tensor, the group by name), which the graph can hold and
+# inductor can schedule; the in-place ``dist`` calls would capture the process group
+# object. Each collective below takes that path when its tensor is such a stand-in, and
+# copies the result back where the eager call works in place.
+
+def traced(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a stand-in of a compiler's trace (fake or functionalized)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(tensor, FakeTensor | FunctionalTensor)
+
+
+def _traced_all_reduce(tensor: torch.Tensor, op: str, group: ProcessGroup) -> None:
+    import torch.distributed._functional_collectives as funcol
+
+    tensor.copy_(funcol.wait_tensor(funcol.all_reduce(tensor, op, group)))
+
+
+def _all_reduce_in_place(tensor: torch.Tensor, op: str, group: ProcessGroup) -> None:
+    if traced(tensor):
+        _traced_all_reduce(tensor, "sum" if op == "avg" else op, group)
+    else:
+        dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group)
+
+
 def all_reduce(tensor: torch.Tensor, op: str, group: ProcessGroup) -> torch.Tensor:
     """Reduce ``tensor`` in place across ``group`` (``op`` in sum/avg/max/min/product).
 
@@ -455,7 +484,7 @@ def all_reduce(tensor: torch.Tensor, op: str, group: ProcessGroup) -> torch.Tens
         return _all_reduce_nan_aware(tensor, op, group)
     _record("all_reduce", tensor.numel() * tensor.element_size(), group)
     try:
-        dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group)
+        _all_reduce_in_place(tensor, op, group)
     except RuntimeError as error:
         raise _failed("all_reduce", group, error) from error
     if op == "avg":
@@ -476,7 +505,7 @@ def _all_reduce_nan_aware(tensor: torch.Tensor, op: str, group: ProcessGroup) ->
     buffer = torch.cat([flat, flags if op == "max" else flags.neg_()])
     _record("all_reduce", buffer.numel() * buffer.element_size(), group)
     try:
-        dist.all_reduce(buffer, op=_REDUCE_OPS[op], group=group)
+        _all_reduce_in_place(buffer, op, group)
     except RuntimeError as error:
         raise _failed("all_reduce", group, error) from error
     values, flags = buffer[:flat.numel()], buffer[flat.numel():]
@@ -491,7 +520,14 @@ def reduce_scatter(
     """``output`` on group rank r receives the reduction of every rank's ``inputs[r]``."""
     _record("reduce_scatter", sum(t.numel() * t.element_size() for t in inputs), group)
     try:
-        dist.reduce_scatter(output, inputs, op=_REDUCE_OPS[op], group=group)
+        if traced(output):
+            import torch.distributed._functional_collectives as funcol
+
+            flat = torch.cat([t.reshape(-1) for t in inputs])
+            output.copy_(funcol.wait_tensor(funcol.reduce_scatter_tensor(
+                flat, "sum" if op == "avg" else op, 0, group)).view(output.shape))
+        else:
+            dist.reduce_scatter(output, inputs, op=_REDUCE_OPS[op], group=group)
     except RuntimeError as error:
         raise _failed("reduce_scatter", group, error) from error
     if op == "avg":
@@ -503,7 +539,12 @@ def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup) -> torch.Tens
     """``tensor`` from global rank ``src`` to every rank of ``group``, in place."""
     _record("broadcast", tensor.numel() * tensor.element_size(), group)
     try:
-        dist.broadcast(tensor, src=src, group=group)
+        if traced(tensor):
+            import torch.distributed._functional_collectives as funcol
+
+            tensor.copy_(funcol.wait_tensor(funcol.broadcast(tensor, src, group)))
+        else:
+            dist.broadcast(tensor, src=src, group=group)
     except RuntimeError as error:
         raise _failed("broadcast", group, error) from error
     return tensor
@@ -572,7 +613,7 @@ def redistribute(
     op = src.reduce_op if src.is_mesh else None
     recv = None
     if plan.needs_communication:
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         pieces = [
             _as_bytes(local_tensors[src_pos][src_box].contiguous())
             for per_peer in plan.send for src_pos, src_box in per_peer
@@ -595,7 +636,13 @@ def redistribute(
                 recv_splits = [recv_splits[index[r]] for r in mine]
         _record("all_to_all", sum(send_splits), on)
         try:
-            dist.all_to_all_single(received, send, recv_splits, send_splits, group=on)
+            if traced(send):
+                import torch.distributed._functional_collectives as funcol
+
+                received = funcol.wait_tensor(funcol.all_to_all_single(
+                    send, recv_splits, send_splits, on))
+            else:
+                dist.all_to_all_single(received, send, recv_splits, send_splits, group=on)
         except RuntimeError as error:
             raise _failed("all_to_all", on, error) from error
         recv = received.view(dtype) if received.numel() else received.new_empty(0, dtype=dtype)

@@ -67,6 +67,9 @@ class Layout:
     # Whether the blocks are terms of a pending reduction (Partial, or a partial mesh dim).
     pending: bool = field(init=False, repr=False)
 
+    def __deepcopy__(self, memo: dict[int, object]) -> Layout:
+        return self  # immutable and interned: a copy is the same layout
+
     def __post_init__(self) -> None:
         spec = self.spec
         object.__setattr__(self, "is_replicate", isinstance(spec, Replicate))

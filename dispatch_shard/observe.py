@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from dispatch_shard import collectives
+from dispatch_shard import collectives, grad_reduction
 from dispatch_shard.layout import Layout
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import ChunkShardingSpec, EnumerableShardingSpec
@@ -196,16 +196,45 @@ class count_collectives(contextlib.AbstractContextManager["count_collectives"]):
         counted.events  # [CollectiveEvent(kind='all_reduce', op='aten.add.Tensor', ...)]
 
     Counts are this rank's. Counters may nest.
+
+    Gradients reduced in buckets during backward (:mod:`dispatch_shard.grad_reduction`)
+    are also timed, per bucket waited for inside the block: :attr:`reduction_s` (from
+    launch until the bucket was seen complete), :attr:`reduction_exposed_s` (the time
+    spent blocked waiting for it) and :attr:`reduction_hidden_s` (the rest: reduction
+    time that overlapped backward or the optimizer).
     """
 
     events: list[CollectiveEvent] = field(default_factory=list)
+    # Per bucket waited for: (seconds from launch to seen complete, seconds blocked).
+    reductions: list[tuple[float, float]] = field(default_factory=list)
 
     def __enter__(self) -> count_collectives:
         collectives._observers.append(self._observe)
+        grad_reduction.wait_observers.append(self._observe_wait)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         collectives._observers.remove(self._observe)
+        grad_reduction.wait_observers.remove(self._observe_wait)
+
+    def _observe_wait(self, span: float, blocked: float) -> None:
+        self.reductions.append((span, blocked))
+
+    @property
+    def reduction_s(self) -> float:
+        """Seconds the bucketed gradient reductions took, launch to completion (each
+        completion is seen at the next gradient hook or wait, so an upper bound)."""
+        return sum(span for span, _ in self.reductions)
+
+    @property
+    def reduction_exposed_s(self) -> float:
+        """Seconds spent blocked waiting for bucketed gradient reductions."""
+        return sum(blocked for _, blocked in self.reductions)
+
+    @property
+    def reduction_hidden_s(self) -> float:
+        """Seconds of bucketed gradient reduction that overlapped other work."""
+        return max(0.0, self.reduction_s - self.reduction_exposed_s)
 
     def _observe(self, kind: str, nbytes: int, group: Any) -> None:
         stack = collectives._op_stack

@@ -378,11 +378,19 @@ def _needs_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return any(wants(a) for a in args) or any(wants(v) for v in kwargs.values())
 
 
+# Called with an overload no table holds (an op of a namespace loaded later, such as
+# inductor's prims.fma, which the compiled optimizer step calls): a family that serves
+# it by its tags registers it and returns True (ops/pointwise.py adds one).
+LATE_FAMILIES: list[Callable[[torch._ops.OpOverload], bool]] = []
+
+
 def lookup(func: torch._ops.OpOverload) -> ShardedOpImpl:
     """The implementation for an aten overload, or ``NotImplementedError``."""
     impl = OVERLOADS.get(func)
     if impl is None:
         impl = PACKETS.get(func.overloadpacket)
         if impl is None:
+            if any(family(func) for family in LATE_FAMILIES):
+                return OVERLOADS[func]
             raise NotImplementedError(f"{func} not supported for ShardedTensor!")
     return impl

@@ -18,8 +18,10 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+import torch.optim.optimizer as torch_optimizer
+import torch.utils._foreach_utils as torch_foreach_utils
 
-from dispatch_shard import collectives
+from dispatch_shard import collectives, grad_reduction
 from dispatch_shard.collectives import ProcessGroup
 from dispatch_shard.layout import Layout, _mesh_layouts_made, flattened_layout, layout_of
 from dispatch_shard.metadata import (
@@ -101,8 +103,8 @@ class ShardedTensor(torch.Tensor):
     :meth:`from_local_tensor`.
     """
 
-    __slots__ = ("_device", "_dtype", "_grad_layout_hook", "_layout", "_local_tensors",
-                 "_process_group", "_rank", "_reduced_cache")
+    __slots__ = ("_awaiting", "_device", "_dtype", "_grad_layout_hook", "_layout",
+                 "_local_tensors", "_process_group", "_rank", "_reduced_cache")
     _local_tensors: list[torch.Tensor]
     _layout: Layout
     _process_group: ProcessGroup
@@ -165,6 +167,8 @@ class ShardedTensor(torch.Tensor):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
+        if grad_reduction.AWAITING[0]:  # a gradient's bucketed reduction is in flight
+            grad_reduction.wait_operands(args, kwargs or {})
         if _mesh_layouts_made[0]:
             from dispatch_shard import holders
 
@@ -205,6 +209,12 @@ class ShardedTensor(torch.Tensor):
         self.requires_grad_(value)
 
     # -- accessors ---------------------------------------------------------
+    def _ready(self) -> None:
+        """Wait for this gradient's bucketed reduction if it is in flight
+        (:mod:`dispatch_shard.grad_reduction`)."""
+        if grad_reduction.AWAITING[0] and getattr(self, "_awaiting", None) is not None:
+            grad_reduction.wait(self)
+
     @property
     def process_group(self) -> ProcessGroup:
         """The process group whose ranks hold this tensor's blocks."""
@@ -212,12 +222,14 @@ class ShardedTensor(torch.Tensor):
 
     def local_shards(self) -> list[Shard]:
         """This rank's blocks with their metadata (the tensors are live, not copies)."""
+        self._ready()
         shards = self._layout.shards
         indices = self._layout.local_indices(self._rank)
         return [Shard(t, shards[i]) for t, i in zip(self._local_tensors, indices, strict=True)]
 
     def local_tensor(self) -> torch.Tensor:
         """This rank's only block (``NotImplementedError`` with none or several)."""
+        self._ready()
         if len(self._local_tensors) != 1:
             raise NotImplementedError("Only single local shard is supported.")
         return self._local_tensors[0]
@@ -231,6 +243,7 @@ class ShardedTensor(torch.Tensor):
         summands; a registered implementation sees one only if it registered with
         ``handles_partial=True``.
         """
+        self._ready()
         return list(self._local_tensors)
 
     def with_blocks(self, blocks: Sequence[torch.Tensor], *,
@@ -298,6 +311,7 @@ class ShardedTensor(torch.Tensor):
 
         Ranks outside the process group get a tensor of uninitialised memory.
         """
+        self._ready()
         return cast(torch.Tensor, _FullTensor.apply(self))  # type: ignore[no-untyped-call]
 
     def gather(  # type: ignore[override]  # the legacy ShardedTensor.gather, not torch.gather
@@ -613,8 +627,51 @@ class ShardedTensor(torch.Tensor):
 
         return _get_tensor_shard(self, index)
 
+    # -- tracing (torch.compile) ----------------------------------------------------
+    # NOTE [ShardedTensor under torch.compile]
+    # A traceable wrapper subclass: ``__tensor_flatten__`` names this rank's blocks
+    # (``_block_0``...) and hands the layout, group, rank and dtype as the context.
+    # Dynamo guards on that context (layouts are interned and compare by identity, and
+    # deep-copy to themselves, so the guard is an identity check per tensor), and
+    # AOTAutograd then runs ``__torch_dispatch__`` once, on fake blocks: the graph holds
+    # the per-block aten ops and the functional collectives the layouts call for (NOTE
+    # [collectives under torch.compile] in dispatch_shard.collectives). Every decision
+    # of the dispatch code comes from layouts and shapes, so the trace is valid for
+    # any values. A tangent that arrives in another layout than the trace assumed (a
+    # replicated gradient for a partial output) is moved to it first.
+    def __tensor_flatten__(self) -> tuple[list[str], Any]:
+        if not _dynamo_skips[0]:
+            _skip_in_dynamo()
+        self._ready()
+        names = [f"_block_{i}" for i in range(len(self._local_tensors))]
+        return names, (self._layout, self._process_group, self._rank, self._dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], context: Any,
+                             outer_size: Any, outer_stride: Any) -> ShardedTensor:
+        layout, group, rank, dtype = context
+        blocks = [inner[f"_block_{i}"] for i in range(len(inner))]
+        device = blocks[0].device if blocks else torch.device(layout.device or "cpu")
+        return ShardedTensor._wrap(blocks, layout, group, rank, dtype, device)
+
+    def __coerce_same_metadata_as_tangent__(self, expected_metadata: Any,
+                                            expected_type: Any = None) -> ShardedTensor | None:
+        if expected_type is not None and expected_type is not ShardedTensor:
+            return None
+        layout = expected_metadata[0]
+        if layout is self._layout:
+            return self
+        with torch.no_grad():
+            return self._redistributed(layout.spec)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_block_"):
+            return self._local_tensors[int(name[7:])]
+        raise AttributeError(f"'ShardedTensor' object has no attribute '{name}'")
+
     # -- pickling ----------------------------------------------------------------
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        self._ready()
         group = self._process_group
         state = _GroupState(
             local_rank=dist.get_rank(group),
@@ -629,6 +686,7 @@ class ShardedTensor(torch.Tensor):
         )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ShardedTensor:
+        self._ready()
         if id(self) in memo:
             return memo[id(self)]  # type: ignore[no-any-return]
         with torch.no_grad():
@@ -691,6 +749,31 @@ def _observed_dispatch(
         stack.pop()
 
 
+# NOTE [Dynamo never traces the dispatch code]
+# Code that runs while a compiled function runs (after a graph break, say in an
+# optimizer step) is itself handed to Dynamo, frame by frame; our ``__torch_dispatch__``
+# is such a frame when a dense op meets a ShardedTensor there. Its code object, and
+# every frame under it, is marked to run as plain Python: the dispatch code is traced
+# by AOTAutograd (below Dynamo, on fake blocks), never by Dynamo. The mark is set when
+# Dynamo first flattens a ShardedTensor (importing torch._dynamo ourselves would cost
+# every user a second and a half), and costs nothing per call.
+_dynamo_skips = [False]
+
+
+def _skip_in_dynamo() -> None:
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return
+    from torch._dynamo import eval_frame, types
+
+    code = ShardedTensor.__torch_dispatch__.__func__.__code__  # type: ignore[attr-defined]
+    skip = types.FrameAction.SKIP  # type: ignore[attr-defined]
+    eval_frame.set_code_exec_strategy(  # type: ignore[attr-defined]
+        code, types.FrameExecStrategy(skip, skip))  # type: ignore[attr-defined]
+    _dynamo_skips[0] = True
+
+
 # The C-level descriptor behind Tensor.requires_grad, read by our property override.
 _REQUIRES_GRAD: Any = vars(torch._C.TensorBase)["requires_grad"]
 
@@ -712,6 +795,8 @@ def _grad_to_leaf_layout(leaf: torch.Tensor) -> None:
         return
     with torch.no_grad():
         if grad._layout is not leaf._layout:
+            if grad._layout.pending and grad_reduction.offer(leaf, grad):
+                return  # reduced in a bucket, during the rest of backward
             leaf.grad = grad = grad._redistributed(leaf._layout.spec)
         blocks = grad._local_tensors
         if not all(b.is_contiguous() for b in blocks):
@@ -738,6 +823,16 @@ def _switch_torch_function(enabled: bool) -> None:
 
 
 _on_torch_function_table_change(_switch_torch_function)
+
+# NOTE [optimizers take their foreach path]
+# torch.optim and clip_grad_norm_ default to their foreach (multi-tensor) kernels only
+# for tensor types on these lists (DTensor adds itself too). The foreach family is
+# served block by block (ops/foreach.py), one dispatch per list instead of one per
+# tensor, so an AdamW step costs about a dozen dispatches, not a dozen per parameter.
+for _types in (torch_optimizer._foreach_supported_types,
+               torch_foreach_utils._foreach_supported_types):
+    if ShardedTensor not in _types:
+        _types.append(ShardedTensor)
 
 
 # -- helpers ----------------------------------------------------------------------

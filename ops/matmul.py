@@ -282,12 +282,18 @@ def _laid_out(x: ShardedTensor, dst: Layout) -> list[torch.Tensor]:
     return x._redistributed(dst.spec)._local_tensors
 
 
-def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype) -> ShardedTensor:
+def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype,
+             bias: tuple[Any, Any] | None = None) -> ShardedTensor:
     """``alpha * (a @ b)`` for 2-D or 3-D (batched) operands, by the chosen strategy;
-    may be partial (see the module docstring for per-rank shapes and collectives)."""
+    may be partial (see the module docstring for per-rank shapes and collectives).
+
+    ``bias``: ``(bias, beta)`` for ``addmm``: ``beta * bias`` is added. A dense bias that
+    broadcasts along rows (``[N]`` or ``[1, N]``) is fused into each block's product (one
+    ``addmm`` per block) where the blocks are whole rows of the result; other biases
+    are added after (:func:`_add_bias`)."""
     anchor = first_sharded((a, b), {})
     a, b = _as_sharded(a, anchor), _as_sharded(b, anchor)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     strategy = choose_strategy(a._layout, b._layout, a.element_size(), b.element_size(),
                                itemsize)
     a_blocks = _laid_out(a, strategy.a)
@@ -297,6 +303,12 @@ def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype) -> ShardedTensor:
     member = bool(out.local_indices(anchor._rank)) if not out.is_sharded else True
     kind = strategy.kind
     blocks: list[torch.Tensor]
+    row = None if bias is None or kind not in ("rows", "replicate") or a.dim() != 2 \
+        else _row_bias(bias[0], dtype)
+    if row is not None:
+        blocks = [aten.addmm.default(row, x, b_blocks[0], beta=bias[1], alpha=alpha)  # type: ignore[index]
+                  for x in a_blocks] if kind == "rows" or member else []
+        return anchor._like(blocks, out, dtype)
     if kind == "rows":
         blocks = [multiply(x, b_blocks[0]) for x in a_blocks]
     elif kind == "cols":
@@ -306,15 +318,20 @@ def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype) -> ShardedTensor:
     elif kind == "contraction":
         blocks = []
         if member:
-            total = torch.zeros(out.size, dtype=dtype, device=anchor.device)
-            for x, y in zip(a_blocks, b_blocks, strict=True):
-                total += multiply(x, y)
-            blocks = [total]
+            pairs = list(zip(a_blocks, b_blocks, strict=True))
+            if not pairs:
+                blocks = [torch.zeros(out.size, dtype=dtype, device=anchor.device)]
+            else:  # (the common case, one pair: its product is the summand, no copy)
+                total = multiply(*pairs[0])
+                for x, y in pairs[1:]:
+                    total = total.add_(multiply(x, y))
+                blocks = [total]
     else:  # replicate, partial: one whole block (or summand) on each member
         blocks = [multiply(a_blocks[0], b_blocks[0])] if member else []
     if alpha != 1:
         blocks = [block.mul_(alpha) for block in blocks]
-    return anchor._like(blocks, out, dtype)
+    result = anchor._like(blocks, out, dtype)
+    return result if bias is None else _add_bias(result, *bias)
 
 
 def _whole_blocks(value: Any, anchor: ShardedTensor) -> torch.Tensor | None:
@@ -400,11 +417,26 @@ def _add_product(func: torch._ops.OpOverload, args: tuple[Any, ...],
     dtype = _checked(func, args, kwargs)
     if func is aten.addmv.default:
         product = aten.squeeze.dim(_product(a, _unsqueezed(b, 1), alpha, dtype), 1)
+    elif func is aten.addmm.default and beta != 0:
+        return _product(a, b, alpha, dtype, (bias, beta))
     else:
         product = _product(a, b, alpha, dtype)
     if beta == 0:
         return product  # dense ignores the bias (its nan and inf too)
     return _add_bias(product, bias, beta)
+
+
+def _row_bias(bias: Any, dtype: torch.dtype) -> torch.Tensor | None:
+    """``bias`` as a dense ``[N]`` or ``[1, N]`` tensor (a plain tensor, or a replicated
+    ShardedTensor's block), or None."""
+    if isinstance(bias, ShardedTensor):
+        if not bias._layout.is_replicate or len(bias._local_tensors) != 1:
+            return None
+        bias = bias._local_tensors[0]
+    if not isinstance(bias, torch.Tensor) or bias.dtype != dtype or bias.dim() > 2 or (
+            bias.dim() == 2 and bias.shape[0] != 1):
+        return None
+    return bias
 
 
 @custom_sharded_op_impl(aten.addmm.default, handles_partial=True)

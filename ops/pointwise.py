@@ -29,7 +29,7 @@ import torch
 from dispatch_shard.holders import by_mesh_rule, flattened_call, has_mesh
 from dispatch_shard.layout import Layout
 from dispatch_shard.ops._common import whole
-from dispatch_shard.registry import _binding, _group_free, custom_sharded_op_impl
+from dispatch_shard.registry import LATE_FAMILIES, _binding, _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, _first_group
 from dispatch_shard.specs import Replicate
 
@@ -485,3 +485,16 @@ def _register(func: torch._ops.OpOverload) -> None:
 
 for _func in pointwise_overloads():
     _register(_func)
+
+
+def _register_late(func: torch._ops.OpOverload) -> bool:
+    """Serve a pointwise-tagged overload of a namespace loaded after this module
+    (``prims.fma``, which torch.compile's optimizer steps call)."""
+    if (torch.Tag.pointwise in func.tags and func not in _OWNED_ELSEWHERE
+            and all(isinstance(r.type, torch._C.TensorType) for r in func._schema.returns)):
+        _register(func)
+        return True
+    return False
+
+
+LATE_FAMILIES.append(_register_late)

@@ -499,7 +499,7 @@ def test_dp_x_tp_mlp_step_is_served_per_mesh_dim(rank: int, world_size: int) -> 
     """No op of a DP x TP MLP step is flattened: the matmuls, transposes, the bias adds
     (broadcast), the loss and the bias gradients' sums run per mesh dim. The step then
     moves the minimum: the row-parallel output's sum over tp, the loss's over dp, each
-    gradient's over dp, each rank sending to its one peer."""
+    rank sending to its one peer, and the gradients' sum over dp, in one bucket."""
     mesh = _mesh()
     model = _mlp()  # Linear(8, 12), GELU, Linear(12, 8)
     plan = {"0.weight": [Replicate(), Shard(0)], "0.bias": [Replicate(), Shard(0)],
@@ -518,12 +518,14 @@ def test_dp_x_tp_mlp_step_is_served_per_mesh_dim(rank: int, world_size: int) -> 
         optimizer.step()
     assert holders.flattened == before, holders.flattened - before
     rows, floats = 3, 4  # 6 rows over dp; float32
+    grads = {"0.weight": 6 * 8, "0.bias": 6, "2.weight": 8 * 6, "2.bias": 8}  # per rank
     expected = {"forward: row-parallel output over tp": rows * 8 * floats,
                 "loss over dp": floats,
-                "0.weight grad": 6 * 8 * floats, "0.bias grad": 6 * floats,
-                "2.weight grad": 8 * 6 * floats, "2.bias grad": 8 * floats}
+                "gradients over dp, one bucket": sum(grads.values()) * floats}
     assert sorted(e.nbytes for e in counted.events) == sorted(expected.values()), \
         counted.events
+    bucket = counted.events[-1]
+    assert bucket.kind == "all_reduce" and bucket.ranks == (rank % 2, rank % 2 + 2), bucket
 
 
 @multi_rank(world_size=[4])

@@ -21,7 +21,10 @@ machines are noisy. Sections:
 6. DP x TP on a 2x2 mesh: the Megatron MLP with its batch split over "dp", against
    DTensor with the same placements (given a sum/N loss, which is right on split
    batches): step time in alternating rounds, collectives and bytes.
-7. Every target of the above in one table, with whether it is met.
+7. Data parallel against DDP (world 1 and 4) and FSDP-style parameters against FSDP2's
+   ``fully_shard`` (world 4): step time, collectives, peak memory
+   (``tools/bench_data_parallel.py``).
+8. Every target of the above in one table, with whether it is met.
 
 The legacy ``torch.distributed._shard`` ShardedTensor is timed where it runs.
 """
@@ -38,6 +41,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import bench_data_parallel
 import torch
 import torch.distributed as dist
 
@@ -610,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     training = world4_training(args.steps)
     dp_tp = dp_tp_training(args.steps)
     at_scale = memory_at_scale()
+    data_parallel = {"dp1": bench_data_parallel.figures(1, "dp"),
+                     "dp4": bench_data_parallel.figures(4, "dp"),
+                     "fsdp4": bench_data_parallel.figures(4, "fsdp")}
+    memory = {which: bench_data_parallel.peak_memory(which) for which in ("ours", "fsdp2")}
 
     print("1. Per-op overhead, 8x8 float32 blocks, world 1 (median, microseconds)")
     rows = []
@@ -704,10 +712,67 @@ def main(argv: list[str] | None = None) -> int:
          f"{dp_tp['step_ratio']:.2f} (median of rounds)"],
         ["largest parameter difference after the steps", f"{dp_tp['deviation']:.1e}", "", ""],
     ]))
-    print("\n7. Every target in one table (ratios from the sections above)")
+    dp1, dp4, fsdp4 = data_parallel["dp1"], data_parallel["dp4"], data_parallel["fsdp4"]
+    w, n, b = bench_data_parallel.WIDTH, bench_data_parallel.LAYERS, bench_data_parallel.BATCH
+    print(f"\n7. Data parallel: {n} x (Linear({w}, {w}) + GELU), batch {b} per rank, AdamW "
+          f"(ms per step, slowest rank; ratio: median of {bench_data_parallel.ROUNDS} "
+          "alternating rounds)")
+    print(_table(["setup", "dispatch_shard", "anchor", "ratio", "collectives per step",
+                  "largest parameter difference"], [
+        ["replicated, world 1 (anchor: DDP)", f"{dp1['ours_ms']:.1f}",
+         f"{dp1['theirs_ms']:.1f}", f"{dp1['ratio']:.2f}",
+         f"{dp1['ours_collectives']:.0f} (DDP buckets: {dp1['theirs_buckets']:.0f})",
+         f"{dp1['deviation']:.1e}"],
+        ["replicated, world 4 (anchor: DDP)", f"{dp4['ours_ms']:.1f}",
+         f"{dp4['theirs_ms']:.1f}", f"{dp4['ratio']:.2f}",
+         f"{dp4['ours_collectives']:.0f} (DDP buckets: {dp4['theirs_buckets']:.0f})",
+         f"{dp4['deviation']:.1e}"],
+        ["dim-0 chunked, world 4 (anchor: FSDP2)", f"{fsdp4['ours_ms']:.1f}",
+         f"{fsdp4['theirs_ms']:.1f}", f"{fsdp4['ratio']:.2f}",
+         f"{fsdp4['ours_collectives']:.0f}", f"{fsdp4['deviation']:.1e}"],
+    ]))
+    hidden = dp4["ours_hidden"]
+    print(f"   world 4: {dp4['ours_buckets']:.0f} gradient buckets per step, "
+          f"{100 * hidden:.0f}% of their reduction time hidden behind backward.")
+    print("   Peak RSS growth per rank over 10 steps, dim-0 chunked, world 4 (MiB): "
+          f"dispatch_shard {_mib(memory['ours'])}, FSDP2 {_mib(memory['fsdp2'])}")
+    print("\n8. Every target in one table (ratios from the sections above)")
     print(_table(["figure", "dispatch_shard", "target", "met"],
-                 _summary(overhead, scaling, blocks, training, at_scale, dp_tp)))
+                 _summary(overhead, scaling, blocks, training, at_scale, dp_tp)
+                 + _data_parallel_summary(data_parallel, memory)))
     return 0
+
+
+def _mib(value: float | None) -> str:
+    return "failed" if value is None else f"{value:.1f}"
+
+
+def _data_parallel_summary(figures: dict[str, dict[str, float]],
+                           memory: dict[str, float | None]) -> list[list[str]]:
+    dp1, dp4, fsdp4 = figures["dp1"], figures["dp4"], figures["fsdp4"]
+
+    def row(figure: str, value: float, target: str, met: bool) -> list[str]:
+        return [figure, f"{value:.3f}" if value < 10 else f"{value:.1f}", target,
+                "yes" if met else "NO"]
+
+    rows = [
+        row("DP world 4: step time / DDP's", dp4["ratio"], "<= 1.0", dp4["ratio"] <= 1.0),
+        row("DP world 4: collectives per step", dp4["ours_collectives"],
+            f"<= DDP's buckets + 1 = {dp4['theirs_buckets'] + 1:.0f}",
+            dp4["ours_collectives"] <= dp4["theirs_buckets"] + 1),
+        row("DP world 4: parameters - DDP's", dp4["deviation"], "< 1e-6",
+            dp4["deviation"] < 1e-6),
+        row("DP world 1: step time / DDP's", dp1["ratio"], "<= 1.3", dp1["ratio"] <= 1.3),
+        row("FSDP-style world 4: step time / FSDP2's", fsdp4["ratio"], "<= 1.0",
+            fsdp4["ratio"] <= 1.0),
+    ]
+    ours, theirs = memory["ours"], memory["fsdp2"]
+    if ours is None or theirs is None:
+        rows.append(["FSDP-style world 4: peak memory", "FAILED", "", "NO"])
+    else:
+        rows.append(row("FSDP-style world 4: peak RSS growth - FSDP2's (MiB)", ours - theirs,
+                        "<= 0", ours <= theirs))
+    return rows
 
 
 def _summary(overhead: list[tuple[str, dict[str, float | None]]],

@@ -1,0 +1,359 @@
+"""Gradients of data-parallel parameters, reduced during backward in buckets.
+
+A parameter replicated over data-parallel ranks, used on a batch split over them, gets
+from backward a pending gradient: on each rank a full-size summand, the gradient of its
+slice of the batch (a ``Partial``; on a device mesh, pending over the data-parallel mesh
+dims). Its leaf keeps its own layout (NOTE [a leaf's grad keeps the leaf's layout] in
+:mod:`dispatch_shard.sharded_tensor`), so each such gradient needs a reduction. Issued one
+per parameter, in the hook that sees it, they cost a collective and a wait each, and
+nothing else runs meanwhile. Here, as in ``DistributedDataParallel``, they are gathered
+into buckets and reduced asynchronously while backward goes on.
+
+Per rank, for one backward pass:
+
+- The post-accumulate-grad hook of a leaf offers its pending gradient (:func:`offer`).
+  If the move to the leaf's layout is a reduction over one set of ranks, the gradient
+  joins the open bucket of that kind, group and dtype, and the leaf gets its ``.grad``
+  at once: a ShardedTensor with the leaf's layout that is *awaiting* the bucket.
+- A bucket is launched when it holds ``bucket_cap_mb`` (the first one of a pass:
+  ``first_bucket_cap_mb``, so that communication starts early, as DDP does): its
+  summands are copied into one flat buffer, and one asynchronous collective reduces it
+  in place (``all_reduce``; ``reduce_scatter_tensor`` when the leaf is chunked along dim
+  0 over the same ranks, FSDP-style, each rank receiving only its chunk). The awaiting
+  gradients' blocks become views of the buffer.
+- At the end of the backward pass (an autograd engine callback, queued by the pass's
+  first offer) the open buckets are launched, in the order they were opened.
+- An awaiting gradient is waited for when something reads it: any op that takes it
+  (``__torch_dispatch__`` checks while any gradient awaits), and the public accessors
+  (``local_shards``, ``local_blocks``, ``full_tensor``, ...). The optimizer therefore
+  waits for each bucket only when it reaches the first parameter in it.
+
+Every rank runs the same backward (same graph, same order of leaf hooks), so every
+rank opens, fills and launches the same buckets in the same order: the collectives
+match. A move that is not one reduction over one rank set (a max, a reduction into a
+different split) is not offered to a bucket; the hook moves it at once, as before.
+
+``no_sync()`` leaves pending gradients pending (gradient accumulation: the next
+backward adds into the summands, with no communication), like DDP's ``no_sync``;
+the first backward outside it reduces the accumulated sums. A pending gradient is a
+correct value whenever it is read, so a step taken inside ``no_sync`` is still right
+(each read reduces it then).
+
+``count_collectives`` reports how much of the bucketed reduction time was hidden
+behind backward (:attr:`~dispatch_shard.count_collectives.reduction_hidden_s`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dispatch_shard import collectives
+from dispatch_shard.layout import Layout
+from dispatch_shard.specs import ChunkShardingSpec, MeshShardingSpec, Partial
+
+__all__ = ["no_sync", "set_gradient_bucketing"]
+
+# Buckets not yet waited for: while any exists, dispatch checks operands.
+AWAITING = [0]
+
+
+@dataclass
+class _Settings:
+    enabled: bool = True
+    cap_bytes: int = 25 * 2**20  # DDP's bucket_cap_mb
+    first_cap_bytes: int = 2**20  # DDP's first bucket (dist._DEFAULT_FIRST_BUCKET_BYTES)
+    no_sync_depth: int = 0
+
+
+_settings = _Settings()
+
+
+def set_gradient_bucketing(enabled: bool = True, *, bucket_cap_mb: float = 25.0,
+                           first_bucket_cap_mb: float = 1.0) -> None:
+    """Configure the bucketed reduction of data-parallel gradients (on by default).
+
+    ``bucket_cap_mb`` and ``first_bucket_cap_mb`` are DDP's arguments of the same
+    names, with its defaults: a bucket is launched once it holds that many MiB of
+    gradients (the first bucket of each backward pass, the smaller size, so that
+    communication starts early). ``enabled=False`` reduces each gradient on its own,
+    synchronously, in its leaf's hook. Every rank must make the same call.
+    """
+    if bucket_cap_mb <= 0 or first_bucket_cap_mb <= 0:
+        raise ValueError(f"bucket sizes must be positive, got bucket_cap_mb={bucket_cap_mb}, "
+                         f"first_bucket_cap_mb={first_bucket_cap_mb}")
+    _settings.enabled = enabled
+    _settings.cap_bytes = int(bucket_cap_mb * 2**20)
+    _settings.first_cap_bytes = int(first_bucket_cap_mb * 2**20)
+
+
+@contextlib.contextmanager
+def no_sync() -> Iterator[None]:
+    """Inside, backward leaves data-parallel gradients pending (no communication), as
+    DDP's ``no_sync`` does: for gradient accumulation over micro-batches. The first
+    backward after it reduces what accumulated. Every rank must use it alike."""
+    _settings.no_sync_depth += 1
+    try:
+        yield
+    finally:
+        _settings.no_sync_depth -= 1
+
+
+# -- buckets ------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Bucket:
+    kind: str  # "all_reduce" | "reduce_scatter"
+    group: Any
+    op: str  # "sum" | "avg"
+    size: int  # ranks in the group
+    grads: list[Any] = field(default_factory=list)  # awaiting ShardedTensors
+    summands: list[torch.Tensor] = field(default_factory=list)
+    nbytes: int = 0
+    work: Any = None
+    flat: torch.Tensor | None = None
+    launched_at: float = 0.0
+    done_at: float | None = None
+
+
+@dataclass
+class _Pass:
+    open: dict[tuple[Any, ...], _Bucket] = field(default_factory=dict)
+    launched: int = 0  # buckets launched in this pass
+    task: int = -1  # the autograd graph task of the pass (its end callback is queued)
+
+
+_pass = _Pass()
+_in_flight: list[_Bucket] = []
+# Observers of each waited bucket: called with (seconds from launch to done, seconds
+# spent blocked waiting) (count_collectives).
+wait_observers: list[Any] = []
+
+
+def _reduction(grad: Any, leaf: Any) -> tuple[str, Any, str, int] | None:
+    """``(kind, group, op, group size)`` when moving ``grad`` (pending) to ``leaf``'s
+    layout is one reduction over one set of ranks that this rank belongs to; else None."""
+    src: Layout = grad._layout
+    dst: Layout = leaf._layout
+    op = src.reduce_op
+    if op not in ("sum", "avg") or grad.dtype != leaf.dtype or not grad._local_tensors:
+        return None
+    spec = src.spec
+    group = grad._process_group
+    if isinstance(spec, Partial):
+        ranks = src.group_ranks
+        if src.value_layout() is dst:
+            return "all_reduce", group, op, len(ranks)
+        dst_spec = dst.spec
+        if (isinstance(dst_spec, ChunkShardingSpec) and len(ranks) > 1 and len(dst.size) >= 1
+                and dst_spec.dim % len(dst.size) == 0
+                and [p.rank() for p in dst_spec.placements] == list(ranks)
+                and list(collectives.group_ranks(group)) == list(ranks)
+                and len(grad._local_tensors) == 1):
+            return "reduce_scatter", group, op, len(ranks)
+        return None
+    if isinstance(spec, MeshShardingSpec) and src.value_layout() is dst:
+        if len(spec.mesh_ranks) != dist.get_world_size():
+            return None  # sub-groups are made by the whole world (NOTE [sub-groups of a mesh])
+        coordinates = spec.coordinates()
+        kept = [d for d, (kind, _) in enumerate(spec.placements) if kind != "partial"]
+        lines: dict[tuple[int, ...], list[int]] = {}
+        for coordinate, rank in zip(coordinates, spec.mesh_ranks, strict=True):
+            lines.setdefault(tuple(coordinate[d] for d in kept), []).append(rank)
+        all_lines = tuple(tuple(line) for line in lines.values())
+        mine = next(line for line in all_lines if grad._rank in line)
+        if len(mine) == 1:
+            return "all_reduce", None, op, 1
+        return "all_reduce", collectives._subgroup(all_lines, mine), op, len(mine)
+    return None
+
+
+def offer(leaf: Any, grad: Any) -> bool:
+    """Take ``grad``, the pending gradient just accumulated into ``leaf``, for a bucketed
+    reduction; True if taken (``leaf.grad`` is then set, awaiting its bucket)."""
+    if _settings.no_sync_depth:
+        return True  # stays pending (see the module docstring)
+    if not _settings.enabled or (torch.is_grad_enabled() and grad.requires_grad):
+        return False
+    plan = _reduction(grad, leaf)
+    if plan is None:
+        return False
+    kind, group, op, size = plan
+    summands = grad._local_tensors
+    if size == 1:  # a group of one: the summand is the value
+        leaf.grad = grad._like([b if b.is_contiguous() else b.contiguous() for b in summands],
+                               leaf._layout)
+        return True
+    _poll()
+    task = torch._C._current_graph_task_id()
+    if task != _pass.task:  # the pass's first offer
+        _end_of_backward()  # (buckets a failed pass left open: launched now, in order)
+        for stale in list(_in_flight):  # the last pass's buckets nobody read (long done)
+            _complete(stale)
+        _pass.task = task
+        torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward)
+    key = (kind, id(group), op, grad.dtype, grad.device)
+    bucket = _pass.open.get(key)
+    if bucket is None:
+        bucket = _pass.open[key] = _Bucket(kind, group, op, size)
+        AWAITING[0] += 1
+    # The leaf's gradient, awaiting the bucket; its blocks are the summands until launch.
+    awaiting = grad._like(summands if kind == "all_reduce" else [], leaf._layout)
+    awaiting._awaiting = bucket
+    bucket.grads.append(awaiting)
+    bucket.summands.extend(summands)
+    bucket.nbytes += sum(s.numel() for s in summands) * grad.element_size()
+    leaf.grad = awaiting
+    cap = _settings.first_cap_bytes if _pass.launched == 0 else _settings.cap_bytes
+    if bucket.nbytes >= cap:
+        del _pass.open[key]
+        _launch(bucket)
+    return True
+
+
+def _end_of_backward() -> None:
+    opened = list(_pass.open.values())
+    _pass.open.clear()
+    for bucket in opened:
+        _launch(bucket)
+    _pass.launched = 0
+    _pass.task = -1
+
+
+def _launch(bucket: _Bucket) -> None:
+    _pass.launched += 1
+    if bucket.kind == "all_reduce":
+        summands = bucket.summands
+        flat = summands[0].new_empty(sum(s.numel() for s in summands))
+        offset = 0
+        for grad in bucket.grads:
+            blocks = []
+            for block in grad._local_tensors:  # (the summands: one copy into the buffer)
+                view = flat[offset:offset + block.numel()].view(block.shape)
+                blocks.append(view.copy_(block))
+                offset += block.numel()
+            grad._local_tensors = blocks
+        send = flat
+        recv = flat
+    else:
+        send, recv = _scatter_buffers(bucket)
+        flat = recv
+    bucket.flat = flat
+    stack = collectives._op_stack  # what count_collectives names as the op
+    stack.append(f"gradient bucket ({len(bucket.grads)} gradients)")
+    try:
+        collectives._record(bucket.kind, send.numel() * send.element_size(), bucket.group)
+    finally:
+        stack.pop()
+    bucket.launched_at = time.perf_counter()
+    try:
+        if bucket.kind == "all_reduce":
+            bucket.work = dist.all_reduce(send, op=dist.ReduceOp.SUM, group=bucket.group,
+                                          async_op=True)
+        else:
+            bucket.work = dist.reduce_scatter_tensor(recv, send, op=dist.ReduceOp.SUM,
+                                                     group=bucket.group, async_op=True)
+    except RuntimeError as error:
+        raise collectives._failed(bucket.kind, bucket.group, error) from error
+    bucket.summands = []
+    _in_flight.append(bucket)
+
+
+def _scatter_buffers(bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reduce-scatter's input (one row per rank: each gradient's rows for that rank,
+    zero-padded to the longest ``torch.chunk`` piece) and output (this rank's row); the
+    awaiting gradients' blocks become views of the output."""
+    world = bucket.size
+    pieces, widths = [], []
+    for summand in bucket.summands:
+        rows = summand.shape[0]
+        chunk = -(-rows // world) if rows else 0
+        inner = summand[0].numel() if summand.dim() > 1 else 1
+        padded = summand.reshape(rows, inner)
+        if chunk * world != rows:
+            padded = torch.cat([padded, padded.new_zeros(chunk * world - rows, inner)])
+        pieces.append(padded.view(world, chunk * inner))
+        widths.append(chunk * inner)
+    send = (torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()).view(-1)
+    recv = send.new_empty(sum(widths))
+    offset = 0
+    for grad, width in zip(bucket.grads, widths, strict=True):
+        block = grad._layout.shards[grad._layout.local_indices(grad._rank)[0]]
+        shape = list(block.shard_sizes)
+        count = 1
+        for n in shape:
+            count *= n
+        grad._local_tensors = [recv[offset:offset + count].view(shape)]
+        offset += width
+    return send, recv
+
+
+def _poll() -> None:
+    """Stamp the completion time of in-flight buckets found done (for the report of
+    hidden time); drop the waited ones."""
+    now = None
+    for bucket in _in_flight:
+        if bucket.done_at is None and bucket.work is not None and bucket.work.is_completed():
+            now = now or time.perf_counter()
+            bucket.done_at = now
+
+
+def wait(tensor: Any) -> None:
+    """Wait for the bucket ``tensor`` (an awaiting gradient) is in; its blocks then hold
+    the reduced value."""
+    bucket = getattr(tensor, "_awaiting", None)
+    if bucket is None:
+        return
+    if bucket.work is None:  # read before its pass ended (a hook reading .grad)
+        for key, candidate in list(_pass.open.items()):
+            if candidate is bucket:
+                del _pass.open[key]
+        _launch(bucket)
+    _complete(bucket)
+
+
+def _complete(bucket: _Bucket) -> None:
+    if bucket in _in_flight:
+        _poll()
+        start = time.perf_counter()
+        try:
+            bucket.work.wait()
+        except RuntimeError as error:
+            raise collectives._failed(bucket.kind, bucket.group, error) from error
+        end = time.perf_counter()
+        done = bucket.done_at if bucket.done_at is not None else end
+        for observer in wait_observers:
+            observer(done - bucket.launched_at, end - start)
+        _in_flight.remove(bucket)
+        if bucket.op == "avg":
+            assert bucket.flat is not None
+            collectives._divide(bucket.flat, bucket.size)
+        AWAITING[0] -= 1
+    for grad in bucket.grads:
+        if getattr(grad, "_awaiting", None) is bucket:
+            grad._awaiting = None
+    bucket.grads = []
+
+
+def wait_operands(args: Any, kwargs: Any) -> None:
+    """Wait for every awaiting gradient among an op's operands (and in lists there)."""
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, list | tuple):
+            for item in arg:
+                if getattr(item, "_awaiting", None) is not None:
+                    wait(item)
+        elif getattr(arg, "_awaiting", None) is not None:
+            wait(arg)
+
+
+def wait_all() -> None:
+    """Wait for every launched bucket (and launch the open ones)."""
+    _end_of_backward()
+    for bucket in list(_in_flight):
+        _complete(bucket)
