@@ -253,7 +253,7 @@ class count_collectives(contextlib.AbstractContextManager["count_collectives"]):
 
     @property
     def nbytes(self) -> int:
-        """Bytes this rank sent (for an all-reduce: the buffer size)."""
+        """Bytes this rank sent; for an all-reduce, the size of the buffer reduced."""
         return sum(event.nbytes for event in self.events)
 
     def by_op(self) -> Counter[tuple[str, str]]:

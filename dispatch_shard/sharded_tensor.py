@@ -278,6 +278,12 @@ class ShardedTensor(torch.Tensor):
         return self._like(blocks, target, dtype)
 
     def sharding_spec(self) -> ShardingSpec:
+        """The spec this tensor is laid out by: a :class:`~dispatch_shard.ChunkShardingSpec`,
+        :class:`~dispatch_shard.EnumerableShardingSpec`, :class:`~dispatch_shard.Replicate`,
+        :class:`~dispatch_shard.Partial` or :class:`~dispatch_shard.MeshShardingSpec`.
+
+        The same value on every rank (specs are frozen and comparable), so code may branch
+        on it without communicating."""
         return self._layout.spec
 
     def metadata(self) -> ShardedTensorMetadata:

@@ -47,8 +47,18 @@ class ShardingPlan:
             replaced by this rank's local block, to continue data-parallel; see
             :func:`dispatch_shard.collect_local_shard`.
 
-    Example::
+    Example, on every rank of a 2-rank job (``fc1``'s weight split by rows, ``fc2``'s by
+    columns, and ``fc2``'s output handed back as this rank's rows of it)::
 
+        import torch.distributed as dist
+        from dispatch_shard import ChunkShardingSpec, ShardingPlan, shard_module
+        from dispatch_shard.examples import MLP
+
+        dist.init_process_group("gloo")
+        placements = ["rank:0/cpu", "rank:1/cpu"]
+        colwise = ChunkShardingSpec(0, placements)   # a weight's rows: output features
+        rowwise = ChunkShardingSpec(1, placements)   # a weight's columns: input features
+        model = MLP(d_model=8, hidden=16)            # rank 0's weights are scattered
         plan = ShardingPlan(
             plan={"fc1.weight": colwise, "fc2.weight": rowwise},
             output_plan={"fc2": ChunkShardingSpec(0, placements)},

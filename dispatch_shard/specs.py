@@ -52,7 +52,15 @@ __all__ = [
 
 
 class ShardingSpec(abc.ABC):
-    """Base class of the sharding specs: frozen, hashable values.
+    """Base class of the sharding specs: :class:`ChunkShardingSpec`,
+    :class:`EnumerableShardingSpec`, :class:`Replicate`, :class:`Partial` and
+    :class:`MeshShardingSpec`.
+
+    A spec says how a tensor of any size is laid out on a process group; it is a
+    frozen, hashable value, equal on every rank that was given equal arguments, so
+    it can key caches and be compared without communicating.
+    :meth:`~dispatch_shard.ShardedTensor.sharding_spec` returns a tensor's.
+    :meth:`build_metadata` gives the blocks it makes of one size on one group.
 
     Subclasses implement :meth:`_build_metadata`; callers use
     :meth:`build_metadata`, which validates the tensor properties and caches

@@ -10,7 +10,8 @@ a replicated table looks up sharded ids block by block):
   included): each rank looks up the ids it owns and leaves zeros for the others ->
   ``Partial("sum") [*ids, D]``; collectives: none (the consumer reduces). Bags: the sum of
   the rows it owns (``mean``: divided by the global bag size, which every rank knows from
-  the ids) -> ``Partial("sum") [B, D]``; ``max``: see NOTE [max bags across ranks].
+  the ids) -> ``Partial("sum") [B, D]``; ``max``: two all-reduces of ``[B, D]`` (the
+  maximum, then the row that won) -> replicated (NOTE [max bags across ranks]).
 * Column-wise (``weight [V, D/R]``): every rank looks up every id in its column block ->
   ``[*ids, D/R]`` sharded on the last dim; collectives: none.
 * Replicated table: the dense op, replicated result; collectives: none.
