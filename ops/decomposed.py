@@ -137,6 +137,14 @@ def _local_copies(values: tuple[Any, ...], kwargs: dict[str, Any]
 
 
 def _register(func: torch._ops.OpOverload, decomposition: Callable[..., Any]) -> None:
+    custom_sharded_op_impl(func, handles_partial=True)(decomposed_impl(func, decomposition))
+    _DECOMPOSED.append(func)
+
+
+def decomposed_impl(func: torch._ops.OpOverload, decomposition: Callable[..., Any]
+                    ) -> Callable[..., Any]:
+    """The implementation of ``func`` by ``decomposition`` (what this module registers for
+    ops no family serves; a family's fallback for the cases it does not serve itself)."""
     functional = not func._schema.is_mutable and all(
         r.alias_info is None for r in func._schema.returns)
     if torch.Tag.nondeterministic_seeded in func.tags:
@@ -157,8 +165,7 @@ def _register(func: torch._ops.OpOverload, decomposition: Callable[..., Any]) ->
     impl.__name__ = impl.__qualname__ = f"decomposed_{func.name().replace('::', '_')}"
     impl.__doc__ = (f"``{func}`` through torch's decomposition; the collectives are those of "
                     "the ops it calls.")
-    custom_sharded_op_impl(func, handles_partial=True)(impl)
-    _DECOMPOSED.append(func)
+    return impl
 
 
 def _served(func: torch._ops.OpOverload) -> bool:
