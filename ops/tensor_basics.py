@@ -37,7 +37,7 @@ def clone(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_gro
     return map_blocks(args[0], lambda block: block.clone())
 
 
-@custom_sharded_op_impl(aten.is_pinned.default, handles_partial=True)
+@custom_sharded_op_impl(aten.is_pinned.default, handles_partial=True, handles_mesh="pending")
 def is_pinned(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               process_group: Any) -> bool:
     """True when this rank holds blocks and all are pinned; no collectives."""

@@ -479,6 +479,20 @@ def test_hugging_face_llama_dp_x_tp_trains_like_dense(rank: int, world_size: int
 
 
 @multi_rank(world_size=[4])
+def test_metadata_of_a_pending_nd_layout_needs_no_communication(rank: int,
+                                                                world_size: int) -> None:
+    """``metadata()`` and ``is_pinned()`` read the layout and the local blocks only, so
+    one rank may call them alone (they once flattened the tensor: an all-to-all)."""
+    mesh = _mesh()
+    terms = ds.distribute_tensor(_dense(4, 4, seed=15), mesh, [Partial(), Shard(1)])
+    with ds.count_collectives() as counted:
+        if rank == 0:
+            meta = terms.metadata()
+            assert meta.size == torch.Size([4, 4]) and not terms.is_pinned()
+    assert not counted.events, counted.events
+
+
+@multi_rank(world_size=[4])
 def test_visualize_and_copy_nd_layouts(rank: int, world_size: int) -> None:
     mesh = _mesh()
     dense = _dense(4, 4, seed=12)
