@@ -1,7 +1,6 @@
 """Indexing ops: ``gather``, ``scatter`` / ``scatter_add`` / ``scatter_reduce`` (and their in-place
-forms), ``index_select``, ``index`` (advanced indexing, boolean masks), ``index_put(_)``,
-``index_add(_)``, and ``nll_loss_forward`` / ``nll_loss_backward`` (what ``F.cross_entropy``
-and ``F.nll_loss`` reach).
+forms), ``index_select``, ``index`` (advanced indexing, boolean masks), ``index_put(_)`` and
+``index_add(_)``. (``nll_loss``, which picks one class per sample, lives with the losses.)
 
 Per rank, for ``x`` indexed along ``dim`` by an index tensor (``R`` ranks; "replicated"
 includes plain tensors, see NOTE [index operands are replicated values]):
@@ -74,7 +73,6 @@ from dispatch_shard.ops._common import (
 from dispatch_shard.ops.layouts import (
     chunk_dim_of,
     derived_layout,
-    reduced_layout,
     sliced_layout,
     split_dims,
 )
@@ -836,149 +834,3 @@ def index_put(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any
 
 
 index_put.__doc__ = index_put_.__doc__ = _index_put.__doc__
-
-
-# -- nll_loss (what cross_entropy reaches) ---------------------------------------------------
-
-_NONE, _MEAN, _SUM = 0, 1, 2
-
-
-class _Targets:
-    """The per-sample facts of an ``nll_loss`` call, from the whole (replicated) target and
-    class weight: valid samples, their classes and weights."""
-
-    def __init__(self, target: Any, weight: Any, classes: int, ignore_index: int,
-                 dtype: torch.dtype, check: bool) -> None:
-        target = dense_value(target).reshape(-1)
-        valid = target != ignore_index
-        if check:
-            bad = valid & ((target < 0) | (target >= classes))
-            if bool(bad.any()):
-                raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
-        self.classes = torch.where(valid, target, 0).clamp_(0, max(classes - 1, 0))
-        weight = dense_value(weight)
-        if weight is None:
-            self.weights = valid.to(dtype)
-        else:
-            self.weights = torch.where(valid, weight.to(dtype)[self.classes], 0)
-        self.valid = valid
-
-    def hits(self, rows: slice, columns: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples of ``rows`` whose (valid) class is in ``columns``, relative to the block."""
-        classes = self.classes[rows]
-        hit = self.valid[rows] & (classes >= columns.start) & (classes < columns.stop)
-        where = hit.nonzero().reshape(-1)
-        return where, classes[where] - columns.start
-
-
-def _rows_and_columns(box: Box) -> tuple[slice, slice]:
-    """A block's samples and classes (a 1-D input is one sample)."""
-    return (box[0], box[1]) if len(box) == 2 else (slice(0, 1), box[0])
-
-
-@custom_sharded_op_impl(aten.nll_loss_forward.default, handles_partial=True)
-def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``nll_loss_forward(x, target, weight, reduction, ignore_index) -> (loss, total_weight)``
-    for ``x [N, C]`` (or ``[C]``); ``target [N]`` and ``weight [C]`` whole (gathered when
-    sharded: one all-to-all each).
-
-    Each rank picks ``-weight[t_n] * x[n, t_n]`` from its blocks (zeros where it holds no
-    such element); ``total_weight`` is computed from the target alone, on every rank.
-    * ``reduction="none"``: ``x [N/R, C]`` -> ``[N/R]`` (``x``'s row blocks); ``x`` split
-      along the classes -> ``Partial("sum") [N]``; collectives: none.
-    * ``"sum"`` / ``"mean"``: one scalar all-reduce -> replicated 0-dim (none when ``x`` is
-      replicated).
-    A ``Partial`` ``x`` is reduced first.
-    """
-    func = aten.nll_loss_forward.default
-    bound = bind_arguments(func, args, kwargs)
-    x = bound["self"]
-    results = meta_results(func, args, kwargs)
-    (size, dtype), (_, weight_dtype) = results
-    anchor = first_sharded(args, kwargs)
-    if not in_group(anchor):
-        return outside_result(anchor, results)
-    reduction = bound["reduction"]
-    classes = x.shape[-1]
-    targets = _Targets(bound["target"], bound["weight"], classes, bound["ignore_index"],
-                       x.dtype, check=True)
-    total = (targets.weights.sum() if reduction != _NONE
-             else torch.zeros((), dtype=weight_dtype, device=x.device))
-    total_weight = replicated_result(anchor, total.to(weight_dtype), (), weight_dtype)
-    if isinstance(x, ShardedTensor) and x._layout.is_partial:
-        x = x._reduced()
-    if not isinstance(x, ShardedTensor) or x._layout.is_replicate:
-        loss, _ = func(dense_value(x), dense_value(bound["target"]),
-                       dense_value(bound["weight"]), reduction, bound["ignore_index"])
-        return replicated_result(anchor, loss, size, dtype), total_weight
-    layout, rank = x._layout, x._rank
-    picked = torch.zeros(targets.weights.shape, dtype=x.dtype, device=x.device)
-    for block, i in zip(x._local_tensors, layout.local_indices(rank), strict=True):
-        rows, columns = _rows_and_columns(layout.shard_box(i))
-        where, local = targets.hits(rows, columns)
-        if where.numel():
-            picked[rows][where] = block.reshape(-1, block.shape[-1])[where, local]
-    losses = -(targets.weights * picked)
-    if reduction == _NONE and x.dim() == 2:
-        if 1 in split_dims(layout):
-            return partial_result(anchor, losses, dtype), total_weight
-        out_layout = reduced_layout(layout, (1,), False)
-        blocks = [losses[out_layout.shard_box(j)] for j in out_layout.local_indices(rank)]
-        return x._like(blocks, out_layout, dtype), total_weight
-    loss = collectives.all_reduce(losses.sum(), "sum", x._process_group)
-    if reduction == _MEAN:
-        loss = loss / total
-    return replicated_result(anchor, loss.to(dtype), size, dtype), total_weight
-
-
-@custom_sharded_op_impl(aten.nll_loss_backward.default, handles_partial=True)
-def nll_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``nll_loss_backward(grad, x, target, weight, reduction, ignore_index, total_weight)``
-    -> ``grad_input`` in ``x``'s layout: each block holds ``-weight[t_n] * grad_n`` (divided
-    by ``total_weight`` for ``"mean"``) at its ``(n, t_n)`` elements, zeros elsewhere.
-
-    Collectives: none for a replicated ``grad`` or one laid out like the forward's
-    ``"none"`` loss (``[N/R]`` for ``x [N/R, C]``); otherwise ``grad`` is gathered whole
-    (one all-to-all, or one all-reduce when partial).
-    """
-    func = aten.nll_loss_backward.default
-    bound = bind_arguments(func, args, kwargs)
-    x, grad = bound["self"], bound["grad_output"]
-    results = meta_results(func, args, kwargs)
-    ((size, dtype),) = results
-    anchor = first_sharded(args, kwargs)
-    if not in_group(anchor):
-        return outside_result(anchor, results)
-    reduction = bound["reduction"]
-    targets = _Targets(bound["target"], bound["weight"], x.shape[-1], bound["ignore_index"],
-                       dtype, check=False)
-    scale = -targets.weights
-    if reduction == _MEAN:
-        scale = scale / dense_value(bound["total_weight"]).to(dtype)
-    if not is_block_sharded(x):
-        whole = func(dense_value(grad), torch.zeros((), dtype=x.dtype).expand(x.shape),
-                     dense_value(bound["target"]), dense_value(bound["weight"]), reduction,
-                     bound["ignore_index"], dense_value(bound["total_weight"]))
-        return replicated_result(anchor, whole, size, dtype)
-    layout, rank = x._layout, x._rank
-    by_rows = reduction == _NONE and x.dim() == 2 and 1 not in split_dims(layout)
-    if by_rows:
-        row_layout = reduced_layout(layout, (1,), False)
-        grads = pieces_of(grad, row_layout, rank)
-    else:
-        whole_grad = dense_value(grad).to(dtype)
-        coefficients = scale * (whole_grad.reshape(-1) if reduction == _NONE else whole_grad)
-    blocks = []
-    for position, i in enumerate(layout.local_indices(rank)):
-        sizes = layout.shards[i].shard_sizes
-        block = torch.zeros(sizes, dtype=dtype, device=x.device)
-        rows, columns = _rows_and_columns(layout.shard_box(i))
-        where, local = targets.hits(rows, columns)
-        if where.numel() and block.numel():
-            if by_rows:
-                values = scale[rows][where] * grads[position].to(dtype)[where]
-            else:
-                values = coefficients[rows][where]
-            block.view(-1, sizes[-1])[where, local] = values
-        blocks.append(block)
-    return x._like(blocks, dtype=dtype)
