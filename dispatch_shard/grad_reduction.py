@@ -357,3 +357,10 @@ def wait_all() -> None:
     _end_of_backward()
     for bucket in list(_in_flight):
         _complete(bucket)
+
+
+def release() -> None:
+    """Forget every bucket (at exit: they hold their process groups)."""
+    _pass.open.clear()
+    _in_flight.clear()
+    AWAITING[0] = 0

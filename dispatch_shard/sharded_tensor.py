@@ -9,6 +9,7 @@ dispatch loop is served by the op registry, shard by shard.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import functools
@@ -776,6 +777,31 @@ def _skip_in_dynamo() -> None:
     eval_frame.set_code_exec_strategy(  # type: ignore[attr-defined]
         code, types.FrameExecStrategy(skip, skip))  # type: ignore[attr-defined]
     _dynamo_skips[0] = True
+
+
+# NOTE [process groups released at exit]
+# A process group that destroy_process_group() removed, but that something still
+# references, is destroyed only when the interpreter finalizes; gloo's worker threads
+# then try to take the GIL and the process aborts ("terminate called without an active
+# exception", about one exit in three; plain torch holding the default group does the
+# same). ShardedTensors hold their group, so a tensor still alive at exit (a module-level
+# one) would do this. Our last exit hook (registered at import, so it runs after the
+# user's) finds the live ShardedTensors once and drops their groups while the
+# interpreter is whole, as a del before destroy_process_group would have.
+
+def _release_groups_at_exit() -> None:
+    if dist.is_available() and dist.is_initialized():
+        return  # the groups are still in use: torch tears them down itself
+    import gc
+
+    for obj in gc.get_objects():
+        if type(obj) is ShardedTensor:
+            obj._process_group = None  # type: ignore[assignment]
+    collectives._subgroups.clear()
+    grad_reduction.release()
+
+
+atexit.register(_release_groups_at_exit)
 
 
 # The C-level descriptor behind Tensor.requires_grad, read by our property override.
