@@ -168,20 +168,31 @@ class ShardedTensor(torch.Tensor):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if grad_reduction.AWAITING[0]:  # a gradient's bucketed reduction is in flight
-            grad_reduction.wait_operands(args, kwargs or {})
-        if _mesh_layouts_made[0]:
-            from dispatch_shard import holders
+        try:
+            if grad_reduction.AWAITING[0]:  # a gradient's bucketed reduction is in flight
+                grad_reduction.wait_operands(args, kwargs or {})
+            if _mesh_layouts_made[0]:
+                from dispatch_shard import holders
 
-            if holders.has_mesh(args, kwargs):  # NOTE [serving N-D operands]
-                if not _OBSERVERS:
-                    return holders.serve(func, types, args, kwargs or {}, _dispatch)
-                collectives._op_stack.append(func)  # (what count_collectives names)
-                try:
-                    return holders.serve(func, types, args, kwargs or {}, _dispatch)
-                finally:
-                    collectives._op_stack.pop()
-        return _dispatch(func, types, args, kwargs or {})
+                if holders.has_mesh(args, kwargs):  # NOTE [serving N-D operands]
+                    if not _OBSERVERS:
+                        return holders.serve(func, types, args, kwargs or {}, _dispatch)
+                    collectives._op_stack.append(func)  # (what count_collectives names)
+                    try:
+                        return holders.serve(func, types, args, kwargs or {}, _dispatch)
+                    finally:
+                        collectives._op_stack.pop()
+            return _dispatch(func, types, args, kwargs or {})
+        except TypeError as error:
+            if "SymInt" not in str(error):
+                raise
+            # NOTE [symbolic shapes]: layouts are made of concrete sizes. Under
+            # torch.compile with dynamic shapes the op breaks the graph (Dynamo turns
+            # this error into a graph break) and runs eagerly.
+            raise NotImplementedError(
+                f"{_op_name(func)}: symbolic (dynamic) shapes are not supported for "
+                "ShardedTensor operands; compile with dynamic=False, or mark the "
+                "input's dims static (torch._dynamo.mark_static)") from error
 
     # -- autograd ------------------------------------------------------------
     # NOTE [a leaf's grad keeps the leaf's layout]

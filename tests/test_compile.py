@@ -332,3 +332,26 @@ def test_recompiles_only_when_a_layout_changes(rank: int, world_size: int) -> No
     torch.testing.assert_close(_full(out), f(dense[0]))
     assert len(recorder.graphs) == 2
     assert out.sharding_spec() == f(other).sharding_spec()
+
+
+@multi_rank(world_size=[2])
+def test_dynamic_shapes_break_the_graph_with_a_clear_reason(rank: int, world_size: int) -> None:
+    """A plain input whose batch size changes makes Dynamo retrace with a symbolic size;
+    layouts need concrete sizes, so the sharded ops break the graph and run eagerly (right
+    values), and under fullgraph the error says why and what to do."""
+    dense, sharded = _tp_mlp(world_size)
+    compiled = torch.compile(sharded, backend="aot_eager")
+    torch.manual_seed(11)
+    for batch in (6, 10, 14):
+        x = torch.randn(batch, 8)
+        torch.testing.assert_close(_full(compiled(x)), dense(x))
+    torch._dynamo.reset()
+    strict = torch.compile(sharded, backend="aot_eager", fullgraph=True)
+    strict(torch.randn(6, 8))
+    with pytest.raises(Exception, match="symbolic \\(dynamic\\) shapes are not supported"):
+        strict(torch.randn(10, 8))
+    torch._dynamo.reset()
+    static = torch.compile(sharded, backend="aot_eager", fullgraph=True, dynamic=False)
+    for batch in (6, 10):
+        x = torch.randn(batch, 8)
+        torch.testing.assert_close(_full(static(x)), dense(x))
