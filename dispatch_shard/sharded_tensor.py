@@ -790,6 +790,30 @@ def _skip_in_dynamo() -> None:
     _dynamo_skips[0] = True
 
 
+# NOTE [a plain tangent for a sharded output]
+# When a compiled graph returns several outputs and backward reaches only some, autograd
+# hands the others a plain zero tensor; AOTAutograd then asks that tensor to become the
+# ShardedTensor the trace assumed (``__coerce_same_metadata_as_tangent__``), and a plain
+# tensor has no such method, so the backward failed (a Hugging Face Llama under
+# torch.compile does this). torch.Tensor gets one that answers only for ShardedTensor:
+# the plain value is a replicated one (the same on every rank), laid out as expected
+# with no communication for a replicated, split or partial target. Asked for any other
+# type it declines, as the missing method did, so other subclasses see no change.
+
+def _plain_tangent_as_sharded(self: torch.Tensor, expected_metadata: Any,
+                              expected_type: Any = None) -> torch.Tensor | None:
+    if expected_type is not ShardedTensor or type(self) is not torch.Tensor:
+        return None
+    _, group, _, dtype = expected_metadata
+    with torch.no_grad(), collectives.unchecked_creation():
+        value = ShardedTensor.from_replicated(self.to(dtype), Replicate(), group)
+        return value.__coerce_same_metadata_as_tangent__(expected_metadata, ShardedTensor)
+
+
+if not hasattr(torch.Tensor, "__coerce_same_metadata_as_tangent__"):
+    torch.Tensor.__coerce_same_metadata_as_tangent__ = _plain_tangent_as_sharded  # type: ignore[attr-defined]
+
+
 # NOTE [process groups released at exit]
 # A process group that destroy_process_group() removed, but that something still
 # references, is destroyed only when the interpreter finalizes; gloo's worker threads

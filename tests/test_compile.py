@@ -355,3 +355,44 @@ def test_dynamic_shapes_break_the_graph_with_a_clear_reason(rank: int, world_siz
     for batch in (6, 10):
         x = torch.randn(batch, 8)
         torch.testing.assert_close(_full(static(x)), dense(x))
+
+
+@multi_rank(world_size=[2], timeout_s=240.0)
+def test_hugging_face_llama_with_tensor_parallel_weights_compiles(rank: int,
+                                                                  world_size: int) -> None:
+    """One of Llama's graphs returns an output that backward never reaches: autograd hands
+    it a plain zero tangent, which becomes the ShardedTensor the trace assumed (NOTE [a
+    plain tangent for a sharded output])."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=32, attn_implementation="sdpa")
+    torch.manual_seed(7)
+    dense = LlamaForCausalLM(config)
+    plan: dict[str, str] = {}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}"
+        plan |= {f"{layer}.self_attn.{p}": "colwise" for p in ("q_proj", "k_proj", "v_proj")}
+        plan |= {f"{layer}.mlp.{p}": "colwise" for p in ("gate_proj", "up_proj")}
+        plan |= {f"{layer}.self_attn.o_proj": "rowwise", f"{layer}.mlp.down_proj": "rowwise"}
+    llama = parallelize(copy.deepcopy(dense), plan, world_size)
+    compiled = torch.compile(llama, backend="aot_eager")
+    for _ in range(2):
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        dense_loss = dense(input_ids=ids, labels=ids).loss
+        dense_loss.backward()
+    torch.testing.assert_close(_full(loss.detach()), dense_loss.detach())
+    _assert_grads_match(llama, dense)
+
+
+def test_plain_tangents_become_sharded_only_for_sharded_outputs() -> None:
+    """The method torch.Tensor gains answers for ShardedTensor alone."""
+    plain = torch.zeros(3)
+    assert plain.__coerce_same_metadata_as_tangent__(None, torch.Tensor) is None
+    assert plain.__coerce_same_metadata_as_tangent__(None) is None
