@@ -83,18 +83,21 @@ def test_tensor_parallel_mlp_fullgraph_has_functional_collectives(rank: int,
     dense, sharded = _tp_mlp(world_size)
     recorder = _Recorder()
     compiled = torch.compile(sharded, backend=recorder, fullgraph=True)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (sharded, dense)]
     torch.manual_seed(1)
-    x, y = torch.randn(6, 8), torch.randn(6, 8)
-    for _ in range(2):  # the second call reuses the graph
-        loss = F.mse_loss(compiled(x), y)
-        loss.backward()
-    dense_loss = F.mse_loss(dense(x), y)
-    dense_loss.backward()
-    dense_loss = F.mse_loss(dense(x), y)  # (two steps of gradient, as above)
-    dense_loss.backward()
-    torch.testing.assert_close(_full(loss), dense_loss.detach())
+    for _ in range(3):  # three training steps: compiled once, then reused
+        x, y = torch.randn(6, 8), torch.randn(6, 8)
+        losses = []
+        for model, optimizer in zip((compiled, dense), optimizers, strict=True):
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(_full(loss.detach()))
+        torch.testing.assert_close(losses[0], losses[1])
     for ours, theirs in zip(sharded.parameters(), dense.parameters(), strict=True):
         torch.testing.assert_close(_full(ours.grad), theirs.grad)
+        torch.testing.assert_close(_full(ours.detach()), theirs.detach())
     assert len(recorder.graphs) == 2  # one forward, one backward: no recompilation
     # The row-parallel output is partial: its sum runs in the graph, as an all-reduce
     # (forward: the loss needs it; backward: the input gradient of fc1 needs one too).

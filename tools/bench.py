@@ -24,7 +24,9 @@ machines are noisy. Sections:
 7. Data parallel against DDP (world 1 and 4) and FSDP-style parameters against FSDP2's
    ``fully_shard`` (world 4): step time, collectives, peak memory
    (``tools/bench_data_parallel.py``).
-8. Every target of the above in one table, with whether it is met.
+8. torch.compile (inductor) of the Megatron MLP step at world 4: against eager and
+   against DTensor compiled, with compile times (``tools/bench_compile.py``).
+9. Every target of the above in one table, with whether it is met.
 
 The legacy ``torch.distributed._shard`` ShardedTensor is timed where it runs.
 """
@@ -41,6 +43,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import bench_compile
 import bench_data_parallel
 import torch
 import torch.distributed as dist
@@ -618,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                      "dp4": bench_data_parallel.figures(4, "dp"),
                      "fsdp4": bench_data_parallel.figures(4, "fsdp")}
     memory = {which: bench_data_parallel.peak_memory(which) for which in ("ours", "fsdp2")}
+    compiled = bench_compile.figures()
 
     print("1. Per-op overhead, 8x8 float32 blocks, world 1 (median, microseconds)")
     rows = []
@@ -736,10 +740,27 @@ def main(argv: list[str] | None = None) -> int:
           f"{100 * hidden:.0f}% of their reduction time hidden behind backward.")
     print("   Peak RSS growth per rank over 10 steps, dim-0 chunked, world 4 (MiB): "
           f"dispatch_shard {_mib(memory['ours'])}, FSDP2 {_mib(memory['fsdp2'])}")
-    print("\n8. Every target in one table (ratios from the sections above)")
+    c = compiled
+    print(f"\n8. torch.compile (inductor) of the Megatron MLP step ({BATCH}x{D_MODEL} -> "
+          f"{HIDDEN}), world 4: forward and backward compiled, AdamW eager (ms per step, "
+          f"slowest rank; ratios: median of {bench_compile.ROUNDS} alternating rounds)")
+    print(_table(["figure", "value"], [
+        ["dispatch_shard eager", f"{c['eager_ms']:.1f}"],
+        ["dispatch_shard compiled", f"{c['compiled_ms']:.1f}"],
+        ["DTensor compiled", f"{c['dtensor_compiled_ms']:.1f}"],
+        ["speedup of compiling (eager / compiled)", f"{c['speedup']:.2f}"],
+        ["compiled / DTensor compiled", f"{c['vs_dtensor']:.2f}"],
+        ["compile time, dispatch_shard (s)", f"{c['compiled_compile_s']:.1f}"],
+        ["compile time, DTensor (s)", f"{c['dtensor_compiled_compile_s']:.1f}"],
+        ["largest parameter difference, compiled - eager", f"{c['deviation']:.1e}"],
+    ]))
+    print("\n9. Every target in one table (ratios from the sections above)")
     print(_table(["figure", "dispatch_shard", "target", "met"],
                  _summary(overhead, scaling, blocks, training, at_scale, dp_tp)
-                 + _data_parallel_summary(data_parallel, memory)))
+                 + _data_parallel_summary(data_parallel, memory)
+                 + [[
+                     "compiled MLP step / DTensor compiled", f"{c['vs_dtensor']:.3f}",
+                     "<= 1.0", "yes" if c["vs_dtensor"] <= 1.0 else "NO"]]))
     return 0
 
 
