@@ -666,6 +666,14 @@ class ShardedTensor(torch.Tensor):
         device = blocks[0].device if blocks else torch.device(layout.device or "cpu")
         return ShardedTensor._wrap(blocks, layout, group, rank, dtype, device)
 
+    def __coerce_tangent_metadata__(self) -> ShardedTensor:
+        # The tangent a trace assumes for a pending (Partial) output: its value layout.
+        # Backward hands replicated gradients to such outputs, so the graph then needs
+        # neither a move at each call nor a reduction of the tangent inside it.
+        if not self._layout.pending:
+            return self
+        return self._redistributed(self._layout.value_layout().spec)
+
     def __coerce_same_metadata_as_tangent__(self, expected_metadata: Any,
                                             expected_type: Any = None) -> torch.Tensor | None:
         if expected_type is not None and expected_type is not ShardedTensor:
