@@ -46,6 +46,7 @@ behind backward (:attr:`~dispatch_shard.count_collectives.reduction_hidden_s`).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -239,8 +240,7 @@ def _launch(bucket: _Bucket) -> None:
                 blocks.append(view.copy_(block))
                 offset += block.numel()
             grad._local_tensors = blocks
-        send = flat
-        recv = flat
+        send = recv = flat
     else:
         send, recv = _scatter_buffers(bucket)
         flat = recv
@@ -286,17 +286,14 @@ def _scatter_buffers(bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
     for grad, width in zip(bucket.grads, widths, strict=True):
         block = grad._layout.shards[grad._layout.local_indices(grad._rank)[0]]
         shape = list(block.shard_sizes)
-        count = 1
-        for n in shape:
-            count *= n
-        grad._local_tensors = [recv[offset:offset + count].view(shape)]
+        grad._local_tensors = [recv[offset:offset + math.prod(shape)].view(shape)]
         offset += width
     return send, recv
 
 
 def _poll() -> None:
     """Stamp the completion time of in-flight buckets found done (for the report of
-    hidden time); drop the waited ones."""
+    hidden time)."""
     now = None
     for bucket in _in_flight:
         if bucket.done_at is None and bucket.work is not None and bucket.work.is_completed():
