@@ -580,7 +580,8 @@ def _subgroup(lines: tuple[tuple[int, ...], ...], mine: tuple[int, ...]) -> Proc
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.reshape(-1)
+    # A lazy conjugate or negative view (``x.conj()``'s blocks) ships its values.
+    flat = tensor.resolve_conj().resolve_neg().reshape(-1)
     if flat.dim() and flat.stride(0) != 1:
         # A "contiguous" tensor of one element may keep any stride; bytes need stride 1.
         flat = flat.new_empty(flat.shape).copy_(flat)

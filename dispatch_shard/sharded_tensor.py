@@ -129,6 +129,8 @@ class ShardedTensor(torch.Tensor):
         requires_grad: bool = False,
     ) -> ShardedTensor:
         """The internal constructor: no validation, no communication."""
+        if any(t.is_conj() or t.is_neg() for t in local_tensors):
+            local_tensors = _resolved(local_tensors)
         tensor: ShardedTensor = torch.Tensor._make_wrapper_subclass(
             ShardedTensor, layout.size, dtype=dtype, device=device, requires_grad=requires_grad
         )
@@ -287,6 +289,8 @@ class ShardedTensor(torch.Tensor):
                 f"with_blocks: the blocks' dtypes {sorted({str(b.dtype) for b in blocks})} "
                 f"differ from dtype={dtype}; pass dtype= the result's dtype"
             )
+        if any(t.is_conj() or t.is_neg() for t in blocks):
+            blocks = _resolved(blocks)
         return self._like(blocks, target, dtype)
 
     def sharding_spec(self) -> ShardingSpec:
@@ -736,6 +740,16 @@ def _share_process_group(group: ProcessGroup, memo: dict[int, Any]) -> ProcessGr
 
 if not hasattr(ProcessGroup, "__deepcopy__"):
     ProcessGroup.__deepcopy__ = _share_process_group  # type: ignore[attr-defined]
+
+
+def _resolved(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``blocks`` with torch's lazy conjugate and negative bits resolved (copies where set).
+
+    NOTE [no lazy conjugate blocks] in :mod:`dispatch_shard.ops.complex`: below the
+    dispatch, torch's Conjugate and Negative keys are excluded, so an op on a block with
+    such a bit would read its stored values. Blocks that enter from outside (``x.conj()``
+    of a dense tensor, sliced) are resolved once, here."""
+    return [t.resolve_conj().resolve_neg() for t in blocks]
 
 
 def _dispatch(func: torch._ops.OpOverload, types: Any, args: tuple[Any, ...],

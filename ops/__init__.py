@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dispatch_shard.ops import (
     attention,
+    complex,
     embedding,
     factory,
     foreach,
@@ -29,6 +30,6 @@ from dispatch_shard.ops import (
 # no family above serves (see ops/decomposed.py).
 from dispatch_shard.ops import decomposed
 
-__all__ = ["attention", "decomposed", "embedding", "factory", "foreach", "indexing", "losses",
-           "matmul", "pointwise", "reduction", "scan", "sorting", "spatial", "tensor_basics",
-           "view", "whole"]
+__all__ = ["attention", "complex", "decomposed", "embedding", "factory", "foreach",
+           "indexing", "losses", "matmul", "pointwise", "reduction", "scan", "sorting",
+           "spatial", "tensor_basics", "view", "whole"]

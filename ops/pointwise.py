@@ -274,13 +274,14 @@ def _same_layout(func: torch._ops.OpOverload, call: Any, schema: _Schema,
 # A sum of summands goes through linear ops: ``Σa + Σb = Σ(a + b)`` (same layout, so
 # the same group), ``(Σa) * r = Σ(a * r)`` and ``(Σa) / r`` for a replicated ``r`` (a
 # Python number, a plain tensor, a replicated ShardedTensor) that does not broadcast
-# the partial value, and ``-Σa = Σ(-a)``. These keep ``Partial("sum"|"avg")``: no
-# collective. Autograd meets them where gradients accumulate (``dq + dk`` into the
-# input of column-parallel Q/K/V projections), and one all-reduce then serves the sum.
+# the partial value, ``-Σa = Σ(-a)`` and ``conj(Σa) = Σconj(a)``. These keep
+# ``Partial("sum"|"avg")``: no collective. Autograd meets them where gradients
+# accumulate (``dq + dk`` into the input of column-parallel Q/K/V projections), and one
+# all-reduce then serves the sum.
 _LINEAR = {
     aten.add.Tensor: "sum", aten.sub.Tensor: "sum",
     aten.mul.Tensor: "scale", aten.div.Tensor: "scale",
-    aten.neg.default: "negate",
+    aten.neg.default: "negate", aten.conj_physical.default: "negate",
 }
 
 

@@ -1,5 +1,5 @@
 """Global ops computed on the whole value: linear algebra of a matrix (factorizations,
-solves, inverses), FFTs, ``unique``/``nonzero``/``masked_select`` (whose output size
+solves, inverses), ``unique``/``nonzero``/``masked_select`` (whose output size
 depends on every element), histograms, ``searchsorted``, pairwise distances and a few
 others whose every output element can depend on every input element.
 
@@ -37,8 +37,6 @@ _NAMES = (
     "linalg_lu_solve.default", "linalg_matrix_exp.default", "linalg_pinv.atol_rtol_tensor",
     "linalg_qr.default", "linalg_solve_triangular.default", "lu_unpack.default",
     "ormqr.default", "triangular_solve.default",
-    # FFTs
-    "_fft_c2c.default", "_fft_c2r.default", "_fft_r2c.default",
     # outputs sized by the data
     "_unique2.default", "unique_consecutive.default", "unique_dim.default", "nonzero.default",
     "nonzero_static.default", "masked_select.default", "repeat_interleave.Tensor",

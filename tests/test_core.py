@@ -89,6 +89,11 @@ BUILTIN_OPS = {
         "aten._scaled_dot_product_flash_attention_for_cpu.default",
         "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
     ],
+    "dispatch_shard.ops.complex": [
+        "aten._conj.default", "aten._fft_c2c.default", "aten._fft_c2r.default",
+        "aten._fft_r2c.default", "aten._neg_view.default", "aten.view_as_complex.default",
+        "aten.view_as_real.default",
+    ],
     "dispatch_shard.ops.factory": [
         "aten.bernoulli_", "aten.cauchy_", "aten.empty_like", "aten.exponential_",
         "aten.full_like", "aten.geometric_", "aten.log_normal_", "aten.new_empty",
@@ -141,7 +146,6 @@ BUILTIN_OPS = {
     ],
     "dispatch_shard.ops.whole": [
         "aten._adaptive_avg_pool3d.default", "aten._cdist_forward.default",
-        "aten._fft_c2c.default", "aten._fft_c2r.default", "aten._fft_r2c.default",
         "aten._histogramdd_bin_edges.default", "aten._histogramdd_from_bin_tensors.default",
         "aten._linalg_check_errors.default", "aten._linalg_det.default",
         "aten._linalg_eigh.default", "aten._linalg_slogdet.default",

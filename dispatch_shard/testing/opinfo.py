@@ -112,6 +112,7 @@ __all__ = [
     "WRONG",
     "OpResult",
     "SampleResult",
+    "dtype_ops",
     "find_ops",
     "float32_ops",
     "op_key",
@@ -168,7 +169,20 @@ def _op_by_key(key: str) -> Any:
 
 def float32_ops() -> list[Any]:
     """Every OpInfo of ``op_db`` that supports float32 on CPU, in ``op_db`` order."""
-    return [op for op in _op_db() if torch.float32 in op.supported_dtypes("cpu")]
+    return dtype_ops("float32")
+
+
+def dtype_ops(dtype: str) -> list[Any]:
+    """Every OpInfo of ``op_db`` that supports ``dtype`` (``"float32"``, ``"complex64"``)
+    on CPU, in ``op_db`` order."""
+    wanted = _DTYPES[dtype]
+    return [op for op in _op_db() if wanted in op.supported_dtypes("cpu")]
+
+
+# The sample dtypes the harness runs, by name (names travel to the pool's ranks), and
+# the wider dtype of NOTE [float32 rounding]'s referee.
+_DTYPES = {"float32": torch.float32, "complex64": torch.complex64}
+_WIDER = {torch.float32: torch.float64, torch.complex64: torch.complex128}
 
 
 def find_ops(keys: Iterable[str]) -> list[Any]:
@@ -227,21 +241,23 @@ def registration(op: Any) -> str:
     return "composite" if composite else "none"
 
 
-def _tolerance(op: Any) -> tuple[float, float]:
-    """(rtol, atol) for float32: the largest CPU override the OpInfo declares, or the defaults."""
+def _tolerance(op: Any, dtype: str = "float32") -> tuple[float, float]:
+    """(rtol, atol) for ``dtype``: the largest CPU override the OpInfo declares, or the
+    defaults (assert_close's float32 ones, which complex64 shares)."""
     from torch.testing._internal.common_device_type import precisionOverride, toleranceOverride
     from torch.testing._internal.opinfo.core import DecorateInfo
 
-    rtol, atol = 1.3e-6, 1e-5  # assert_close's float32 defaults
+    rtol, atol = 1.3e-6, 1e-5  # assert_close's float32 (and complex64) defaults
+    wanted = _DTYPES[dtype]
     for info in op.decorators:
         if not isinstance(info, DecorateInfo) or info.device_type not in (None, "cpu"):
             continue
         for decorator in info.decorators:
-            if isinstance(decorator, toleranceOverride) and torch.float32 in decorator.d:
-                tol = decorator.d[torch.float32]
+            if isinstance(decorator, toleranceOverride) and wanted in decorator.d:
+                tol = decorator.d[wanted]
                 rtol, atol = max(rtol, tol.rtol), max(atol, tol.atol)
-            elif isinstance(decorator, precisionOverride) and torch.float32 in decorator.d:
-                atol = max(atol, decorator.d[torch.float32])
+            elif isinstance(decorator, precisionOverride) and wanted in decorator.d:
+                atol = max(atol, decorator.d[wanted])
     return rtol, atol
 
 
@@ -674,7 +690,7 @@ def _loss(outputs: list[torch.Tensor], weight: Callable[[torch.Tensor], torch.Te
           ) -> torch.Tensor:
     total: torch.Tensor | None = None
     for output in outputs:
-        value = torch.view_as_real(output) if output.is_complex() else output
+        value = torch.view_as_real(output.resolve_conj()) if output.is_complex() else output
         term = (value * weight(_weight(output))).sum()
         total = term if total is None else total + term
     assert total is not None
@@ -808,8 +824,8 @@ def _run_sample(op: Any, sample: Any, library: _Library, backward: bool, seed: i
 
 def _in_float64(sample: Any) -> Any:
     def widen(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
-            wide = value.detach().double()
+        if isinstance(value, torch.Tensor) and value.dtype in _WIDER:
+            wide = value.detach().to(_WIDER[value.dtype])
             return wide.requires_grad_(True) if value.requires_grad else wide
         return value
 
@@ -838,7 +854,7 @@ def _fingerprint(sample: Any) -> str:
         if isinstance(leaf, torch.Tensor):
             digest.update(f"{leaf.dtype}{tuple(leaf.shape)}{leaf.layout}".encode())
             if leaf.layout == torch.strided and type(leaf) is torch.Tensor:
-                digest.update(leaf.detach().contiguous().view(-1).view(torch.uint8).numpy()
+                digest.update(leaf.detach().resolve_conj().resolve_neg().contiguous().view(-1).view(torch.uint8).numpy()
                               .tobytes() if leaf.numel() else b"")
         else:
             digest.update(repr(leaf).encode())
@@ -866,11 +882,11 @@ def describe(sample: Any) -> str:
 
 # -- the task every rank runs --------------------------------------------------------
 
-_SAMPLE_CACHE: dict[tuple[str, int], list[Any]] = {}
+_SAMPLE_CACHE: dict[tuple[str, int, str], list[Any]] = {}
 
 
-def _samples(op: Any, seed: int) -> list[Any]:
-    key = (op_key(op), seed)
+def _samples(op: Any, seed: int, dtype: str = "float32") -> list[Any]:
+    key = (op_key(op), seed, dtype)
     if key not in _SAMPLE_CACHE:
         import numpy
 
@@ -878,7 +894,7 @@ def _samples(op: Any, seed: int) -> list[Any]:
         torch.manual_seed(seed)
         random.seed(seed)
         numpy.random.seed(seed)
-        _SAMPLE_CACHE[key] = list(op.sample_inputs("cpu", torch.float32,
+        _SAMPLE_CACHE[key] = list(op.sample_inputs("cpu", _DTYPES[dtype],
                                                    requires_grad=op.supports_autograd))
     return _SAMPLE_CACHE[key]
 
@@ -932,8 +948,10 @@ def _aligned(prints: list[list[str]], rank: int) -> list[int | None]:
 def run_samples_on_rank(
     *, rank: int, world_size: int, op: str, library: str, start: int = 0,
     max_samples: int | None = None, backward: bool = True, seed: int = SEED,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
-    """The pool task: run samples ``start..`` of OpInfo ``op`` on this rank.
+    """The pool task: run samples ``start..`` of OpInfo ``op`` (``dtype`` samples) on
+    this rank.
 
     Returns ``{"samples": [(index, forward, backward, detail, description)],
     "total": n, "stopped_at": index or None, "error": text or None,
@@ -945,7 +963,7 @@ def run_samples_on_rank(
         warnings.simplefilter("ignore")
         info = _op_by_key(op)
         try:
-            samples = _samples(info, seed)
+            samples = _samples(info, seed, dtype)
         except Exception as exc:
             return {"samples": [], "total": 0, "stopped_at": None,
                     "error": f"sample_inputs raised {_message(exc)}"}
@@ -956,7 +974,7 @@ def run_samples_on_rank(
         dist.all_gather_object(prints, [_fingerprint(s) for s in samples])
         local = _aligned(prints, rank)
         lib = _library(library, rank, group_size)
-        tolerance = _tolerance(info)
+        tolerance = _tolerance(info, dtype)
         do_backward = backward and bool(info.supports_autograd)
         # The outcomes travel on a group of their own: its collectives pair up even when
         # a sample left the default group's collectives out of step.
@@ -1083,8 +1101,9 @@ class OpResult:
 
 def run_op(op: Any, pool: RankPool, library: str = "dispatch_shard", *,
            max_samples: int | None = None, backward: bool = True, timeout_s: float = 300.0,
-           seed: int = SEED) -> OpResult:
-    """Run every sample of ``op`` (an OpInfo) on every rank of ``pool``."""
+           seed: int = SEED, dtype: str = "float32") -> OpResult:
+    """Run every sample of ``op`` (an OpInfo) on every rank of ``pool``, with samples of
+    ``dtype`` (``"float32"`` or ``"complex64"``)."""
     key = op_key(op)
     result = OpResult(key, library, pool.world_size, [], 0,
                       autograd=bool(backward and op.supports_autograd))
@@ -1095,7 +1114,7 @@ def run_op(op: Any, pool: RankPool, library: str = "dispatch_shard", *,
         try:
             replies = pool.run(run_samples_on_rank, timeout_s=timeout_s, op=key,
                                library=library, start=start, max_samples=max_samples,
-                               backward=backward, seed=seed)
+                               backward=backward, seed=seed, dtype=dtype)
         except RankFailure as exc:
             text = str(exc)
             if not retried and ("did not start" in text or "while starting" in text):
@@ -1123,13 +1142,13 @@ def run_op(op: Any, pool: RankPool, library: str = "dispatch_shard", *,
 
 def run_ops(ops: Iterable[Any], pool: RankPool, library: str = "dispatch_shard", *,
             max_samples: int | None = None, backward: bool = True, timeout_s: float = 300.0,
-            seed: int = SEED, progress: Callable[[OpResult], None] | None = None
-            ) -> list[OpResult]:
+            seed: int = SEED, progress: Callable[[OpResult], None] | None = None,
+            dtype: str = "float32") -> list[OpResult]:
     """:func:`run_op` for each op, in order; ``progress`` is called after each."""
     results = []
     for op in ops:
         result = run_op(op, pool, library, max_samples=max_samples, backward=backward,
-                        timeout_s=timeout_s, seed=seed)
+                        timeout_s=timeout_s, seed=seed, dtype=dtype)
         if progress is not None:
             progress(result)
         results.append(result)
