@@ -274,8 +274,8 @@ def _scatter_buffers(bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
     for summand in bucket.summands:
         rows = summand.shape[0]
         chunk = -(-rows // world) if rows else 0
-        inner = summand[0].numel() if summand.dim() > 1 else 1
-        padded = summand.reshape(rows, inner)
+        inner = math.prod(summand.shape[1:])  # (a gradient of 0 rows has no summand[0])
+        padded = summand.reshape(rows, inner).contiguous()  # (a transposed one: a copy)
         if chunk * world != rows:
             padded = torch.cat([padded, padded.new_zeros(chunk * world - rows, inner)])
         pieces.append(padded.view(world, chunk * inner))

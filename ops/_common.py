@@ -8,17 +8,20 @@
 - Results: :func:`replicated_result`, :func:`partial_result`, :func:`outside_result`
   (what a rank outside the group returns), :func:`meta_results` (sizes and dtypes
   from a meta run: dense's errors, on every rank alike), :func:`map_blocks`.
-- :func:`replicated_fallback`: an op on the whole values (NOTE [replicated fallback]).
+- :func:`replicated_fallback`: an op on the whole values (NOTE [replicated fallback]),
+  run under :func:`conjugate_views_resolved`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from dispatch_shard import collectives
 from dispatch_shard.layout import Layout, layout_of
@@ -26,9 +29,9 @@ from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import Partial, Replicate
 
 __all__ = [
-    "bind_arguments", "dense_value", "first_sharded", "in_group", "is_block_sharded",
-    "map_blocks", "meta_results", "outside_result", "partial_result", "pieces_of",
-    "reduction_identity", "replicated_fallback", "replicated_result", "whole",
+    "bind_arguments", "conjugate_views_resolved", "dense_value", "first_sharded", "in_group",
+    "is_block_sharded", "map_blocks", "meta_results", "outside_result", "partial_result",
+    "pieces_of", "reduction_identity", "replicated_fallback", "replicated_result", "whole",
 ]
 
 
@@ -63,13 +66,41 @@ def first_sharded(args: Sequence[Any], kwargs: dict[str, Any]) -> ShardedTensor:
     raise TypeError("no ShardedTensor among the arguments")
 
 
+# NOTE [dense kernels see lazy conjugates]
+# Inside ``__torch_dispatch__`` torch excludes every dispatch key above Python, the
+# Conjugate and Negative keys included, for the plain tensors too. A dense kernel that is
+# itself composite (``linalg_pinv`` builds ``A.mH`` and multiplies by it) would then read
+# its own lazy conjugate views as their stored values: ``pinv`` of a complex matrix came
+# out wrong. The whole-value path therefore runs the dense op with those two keys
+# re-enabled (the TLS exclude set, less them); the per-block kernels of the op families
+# are leaf kernels and need nothing.
+
+_LAZY_VIEW_KEYS = (torch._C.DispatchKey.Conjugate, torch._C.DispatchKey.Negative)
+
+
+@contextlib.contextmanager
+def conjugate_views_resolved() -> Iterator[None]:
+    """Dense ops in this block see lazy conjugate/negative views as torch does outside
+    the dispatch (NOTE [dense kernels see lazy conjugates])."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _LAZY_VIEW_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
+
+
 def replicated_fallback(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run ``func`` on whole (replicated) operands; tensor results come back replicated.
 
     See NOTE [replicated fallback].
     """
     anchor = first_sharded(args, kwargs)
-    result = func(*whole(args), **{k: whole(v) for k, v in kwargs.items()})
+    operands = whole(args), {k: whole(v) for k, v in kwargs.items()}
+    with conjugate_views_resolved():
+        result = func(*operands[0], **operands[1])
+        # (a lazy conjugate in a result would be misread by every later op)
+        result = pytree.tree_map_only(torch.Tensor,
+                                      lambda t: t.resolve_conj().resolve_neg(), result)
 
     def wrap(value: Any) -> Any:
         if isinstance(value, torch.Tensor):

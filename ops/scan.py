@@ -7,9 +7,9 @@ input's layout.
 * ``dim`` split: a block must also fold in everything before it along ``dim``
   (the *carry*). Each rank writes the total of each of its blocks (its last
   scanned row, ``[..., 1, ...]``) into a small tensor with one slot per block
-  start along ``dim``; one all-reduce (sum for cumsum, product for cumprod, max
-  for logcumsumexp: each slot has one writer, the others hold the identity, 0,
-  1 or -inf, so it is exact) gives every rank all totals, and an exclusive scan
+  start along ``dim``; one sum all-reduce (each element of a slot has one writer
+  and the others hold 0, so the sum is exact, for any dtype, complex included)
+  gives every rank all totals, and an exclusive scan
   of them over the slots is each block's carry, combined into the block (``+``,
   ``*``, ``logaddexp``). Collectives: one all-reduce of ``numel / dim_length *
   number_of_block_starts`` elements.
@@ -34,17 +34,16 @@ __all__: list[str] = []
 
 aten = torch.ops.aten
 
-# op -> (the scan of a block, the all-reduce that joins block totals, its identity, how a
-# carry joins a block)
-_SCANS: dict[str, tuple[Any, str, float, Any]] = {
-    "cumsum": (torch.cumsum, "sum", 0, torch.add),
-    "cumprod": (torch.cumprod, "product", 1, torch.mul),
-    "logcumsumexp": (torch.logcumsumexp, "max", -math.inf, torch.logaddexp),
+# op -> (the scan of a block, its identity, how a carry joins a block)
+_SCANS: dict[str, tuple[Any, float, Any]] = {
+    "cumsum": (torch.cumsum, 0, torch.add),
+    "cumprod": (torch.cumprod, 1, torch.mul),
+    "logcumsumexp": (torch.logcumsumexp, -math.inf, torch.logaddexp),
 }
 
 
 def _scan(name: str, x: ShardedTensor, dim: int, dtype: torch.dtype | None) -> ShardedTensor:
-    scan, reduce_op, identity, combine = _SCANS[name]
+    scan, identity, combine = _SCANS[name]
 
     def local_scan(t: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> Any:
         return scan(t, dim) if dtype is None else scan(t, dim, dtype=dtype)
@@ -66,7 +65,7 @@ def _scan(name: str, x: ShardedTensor, dim: int, dtype: torch.dtype | None) -> S
     starts = sorted({s.shard_offsets[dim] for s in layout.shards if 0 not in s.shard_sizes})
     slot_size = list(x.shape)
     slot_size[dim] = len(starts)
-    totals = torch.full(slot_size, identity, dtype=result_dtype, device=x.device)
+    totals = torch.zeros(slot_size, dtype=result_dtype, device=x.device)
     # Each non-empty local block's box, with dim narrowed to its slot.
     slots: list[tuple[slice, ...] | None] = []
     for block, i in zip(blocks, layout.local_indices(x._rank), strict=True):
@@ -77,7 +76,7 @@ def _scan(name: str, x: ShardedTensor, dim: int, dtype: torch.dtype | None) -> S
                    *layout.shard_box(i)[dim + 1:])
             totals[box] = block.narrow(dim, block.shape[dim] - 1, 1)
         slots.append(box)
-    collectives.all_reduce(totals, reduce_op, x._process_group)
+    collectives.all_reduce(totals, "sum", x._process_group)  # one writer per element
     # Exclusive scan over the slots: the carry into the block starting at starts[k].
     first = torch.full_like(totals.narrow(dim, 0, 1), identity)
     carries = torch.cat([first, local_scan(totals.narrow(dim, 0, len(starts) - 1), dim)], dim)

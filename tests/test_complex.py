@@ -37,6 +37,7 @@ CASES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "rfft_irfft": lambda z: torch.fft.irfft(torch.fft.rfft(z.real, dim=1), n=SIZE[1], dim=1),
     "hfft": lambda z: torch.fft.hfft(z, dim=0),
     "to_complex128": lambda z: z.to(torch.complex128) * 1.5,
+    "pinv": lambda z: torch.linalg.pinv(z) * 2,  # a whole-value op, composite inside
     "cat_reshape": lambda z: torch.cat([z, z.conj()], 1).reshape(-1),
 }
 
@@ -210,3 +211,22 @@ def test_complex_rope_attention_trains_like_dense(rank: int, world_size: int) ->
                                    msg=f"sharded {name}")
         torch.testing.assert_close(q.detach().double(), r.detach(), rtol=1e-4, atol=1e-4,
                                    msg=f"dense {name}")
+
+
+@multi_rank(world_size=[2, 3])
+def test_a_complex_linear_with_weights_chunked_along_dim0(rank: int, world_size: int) -> None:
+    """FSDP-style complex parameters: their gradients are reduce-scattered in buckets
+    (a transposed gradient block is made contiguous first; an empty batch works)."""
+    torch.manual_seed(5)
+    weight, bias = torch.randn(4, 3, dtype=torch.complex64), torch.randn(4, dtype=torch.complex64)
+    for batch in (8, 0):
+        x = torch.randn(batch, 3, dtype=torch.complex64)
+        dense_w, dense_b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        w, b = shard(weight, rows(world_size), True), shard(bias, rows(world_size), True)
+        out = nn.functional.linear(shard(x, rows(world_size)), w, b)
+        expected = nn.functional.linear(x, dense_w, dense_b)
+        torch.testing.assert_close(whole(out), expected.detach())
+        _loss(out).backward()
+        _loss(expected).backward()
+        torch.testing.assert_close(whole(w.grad), dense_w.grad, msg=f"weight, batch {batch}")
+        torch.testing.assert_close(whole(b.grad), dense_b.grad, msg=f"bias, batch {batch}")
