@@ -226,7 +226,10 @@ def _register_inplace_view(func: torch._ops.OpOverload, view: torch._ops.OpOverl
     impl.__name__ = impl.__qualname__ = f"inplace_view_{func.name().split('::')[1]}"
     impl.__doc__ = (f"``{func}``: ``x`` becomes its ``{view}`` (blocks and layout), see NOTE "
                     "[in-place views]; no collectives.")
-    custom_sharded_op_impl(func, handles_partial=True)(impl)
+    # An N-D ``x`` is handed over as it is: the out-of-place view serves it (flattened),
+    # and ``x`` takes the view's layout (a write-back into the N-D blocks would not fit
+    # the new shape).
+    custom_sharded_op_impl(func, handles_partial=True, handles_mesh="pending")(impl)
 
 
 for _func, _view_op in _INPLACE_VIEWS.items():

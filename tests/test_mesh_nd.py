@@ -562,3 +562,20 @@ def test_a_users_sharding_rule_serves_nd_operands_per_mesh_dim(rank: int,
     test_rules.scaled_mm(dense_a, dense_b).sum().backward()
     torch.testing.assert_close(x.grad.full_tensor(), dense_a.grad)
     torch.testing.assert_close(w.grad.full_tensor(), dense_b.grad)
+
+
+@multi_rank(world_size=[4])
+def test_in_place_views_of_mesh_tensors(rank: int, world_size: int) -> None:
+    """``x.unsqueeze_(0)`` on an N-D layout changes ``x``'s shape (it takes the view's
+    layout); ``vector @ matrix``, whose composite squeezes its result in place, works on a
+    pending mesh value, empty contraction included (a write-back into the old N-D blocks
+    used to fail on the new shape)."""
+    mesh = init_device_mesh("cpu", (2, 2))
+    torch.manual_seed(0)
+    for rows in (3, 0):
+        dense, vector = torch.randn(rows, 2), torch.randn(rows)
+        x = ds.distribute_tensor(dense, mesh, [Partial(), Shard(1)])
+        torch.testing.assert_close((vector @ x).full_tensor(), vector @ dense)
+        z = ds.distribute_tensor(dense, mesh, [Replicate(), Shard(1)])
+        assert z.unsqueeze_(0) is z and z.shape == (1, rows, 2)
+        assert torch.equal(z.full_tensor(), dense.unsqueeze(0))
