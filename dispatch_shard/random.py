@@ -15,9 +15,24 @@ same ``torch.manual_seed``, at any world size and layout:
   rank and zeros elsewhere.
 
 Costs: each rank draws (and briefly holds) the whole tensor, and a probability
-tensor argument (``bernoulli_(p)``) is gathered. Every rank must have seeded its
-generator alike; entering the context checks that (one small all_gather of a digest
-of each rank's generator state) and raises on every rank if they differ.
+tensor argument (``bernoulli_(p)``) is gathered. CPU generators cannot skip ahead, so
+the draw cannot be limited to a rank's range; ``nox -s bench`` (section 9) measures it.
+
+NOTE [random draws follow the dense memory order]
+A dense random fill draws in memory order, and ``empty_like`` keeps its input's
+strides: ``F.dropout`` of a transposed view draws the same numbers as of its
+contiguous copy, but lays them out transposed. A ShardedTensor reports contiguous
+strides whatever view made it, so the whole tensor is drawn in logical (row-major)
+order: the values equal dense's exactly when the dense operand is contiguous (or its
+memory order is row-major), as it is in the usual places of dropout (after a linear,
+an activation, a residual sum, torch's ``[seq, batch, features]`` attention). After a
+transposing view (``nn.MultiheadAttention`` with ``batch_first=True`` hands its
+dropout such a view) the same numbers land in another order: still a correct
+dropout, and the generator still advances as dense's, but not dense's mask.
+
+Every rank must have seeded its generator alike; entering the context checks that
+(one small all_gather of a digest of each rank's generator state) and raises on every
+rank if they differ.
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ machines are noisy. Sections:
    (``tools/bench_data_parallel.py``).
 8. torch.compile (inductor) of the Megatron MLP step at world 4: against eager and
    against DTensor compiled, with compile times (``tools/bench_compile.py``).
-9. Every target of the above in one table, with whether it is met.
+9. The cost of ``dispatch_shard.random.dense_equivalent()``: dropout of a batch-split
+   activation at worlds 2 and 4, against the per-rank draw (``tools/bench_random.py``).
+10. Every target of the above in one table, with whether it is met.
 
 The legacy ``torch.distributed._shard`` ShardedTensor is timed where it runs.
 """
@@ -45,6 +47,7 @@ from typing import Any
 
 import bench_compile
 import bench_data_parallel
+import bench_random
 import torch
 import torch.distributed as dist
 
@@ -622,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                      "fsdp4": bench_data_parallel.figures(4, "fsdp")}
     memory = {which: bench_data_parallel.peak_memory(which) for which in ("ours", "fsdp2")}
     compiled = bench_compile.figures()
+    randomness = {world: bench_random.figures(world) for world in (2, 4)}
 
     print("1. Per-op overhead, 8x8 float32 blocks, world 1 (median, microseconds)")
     rows = []
@@ -754,7 +758,16 @@ def main(argv: list[str] | None = None) -> int:
         ["compile time, DTensor (s)", f"{c['dtensor_compiled_compile_s']:.1f}"],
         ["largest parameter difference, compiled - eager", f"{c['deviation']:.1e}"],
     ]))
-    print("\n9. Every target in one table (ratios from the sections above)")
+    print(f"\n9. Dropout (p={bench_random.P}) of a [{bench_random.ROWS}, {bench_random.COLS}] "
+          "float32 activation chunked along dim 0 (ms, slowest rank; ratios: median of "
+          f"{bench_random.ROUNDS} alternating rounds)")
+    print(_table(["world", "per-rank draw", "dense_equivalent()", "dense, one rank",
+                  "dense_equivalent / per-rank", "dense_equivalent / dense",
+                  "equal to dense"], [
+        [str(world), f"{r['per_rank_ms']:.2f}", f"{r['dense_equivalent_ms']:.2f}",
+         f"{r['dense_ms']:.2f}", f"{r['vs_per_rank']:.2f}", f"{r['vs_dense']:.2f}",
+         "yes" if r["equal_to_dense"] else "NO"] for world, r in randomness.items()]))
+    print("\n10. Every target in one table (ratios from the sections above)")
     print(_table(["figure", "dispatch_shard", "target", "met"],
                  _summary(overhead, scaling, blocks, training, at_scale, dp_tp)
                  + _data_parallel_summary(data_parallel, memory)
