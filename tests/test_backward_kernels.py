@@ -1,5 +1,5 @@
-"""Backward kernels of resampling ops and shrinks (issue #18), on batch-split,
-channel-split and spatially split layouts, against dense."""
+"""Backward kernels of resampling ops, shrinks and whole-value ops (issue #18), on
+batch-split, channel-split and spatially split layouts, against dense."""
 
 from __future__ import annotations
 
@@ -132,6 +132,25 @@ def test_fractional_max_pool_backward_matches_dense(rank: int, world_size: int,
     _check(lambda t: F.fractional_max_pool3d(t, 2, output_size=(2, 3, 2),
                                              _random_samples=samples3d),
            [_randn(5, 3, 4, 5, 4, seed=8)], [spec], "fractional_max_pool3d")
+
+
+@multi_rank(world_size=[2, 3])
+def test_whole_value_backward_kernels_match_dense(rank: int, world_size: int) -> None:
+    rows = _spec(0, world_size, "one")
+    x1, x2 = _randn(5, 3, seed=11), _randn(4, 3, seed=12)
+    for p in (1.0, 2.0, 3.0):
+        _check(lambda a, b: torch.cdist(a, b, p=p), [x1, x2], [rows, rows],  # noqa: B023
+               f"cdist p={p}")
+    mask = _randn(5, 4, seed=13) > 0
+    source = _randn(6, 4, seed=14)
+    _check(lambda s, m: torch.zeros(5, 4).masked_scatter(m, s), [source, mask], [rows, rows],
+           "masked_scatter")
+    data = _randn(6, 3, seed=15)
+    lengths = torch.tensor([2, 0, 3, 1])
+    for reduce in ("sum", "mean", "max", "min", "prod"):
+        _check(lambda d, n: torch.segment_reduce(d, reduce, lengths=n,  # noqa: B023
+                                                 unsafe=True),
+               [data, lengths], [rows, None], f"segment_reduce {reduce}")
 
 
 # -- a U-Net-like block trained with AdamW ------------------------------------------------
