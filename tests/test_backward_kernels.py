@@ -1,5 +1,5 @@
-"""Backward kernels of resampling ops, shrinks and whole-value ops (issue #18), on
-batch-split, channel-split and spatially split layouts, against dense."""
+"""Backward kernels of resampling ops, shrinks, margin losses and whole-value ops (issue
+#18), on batch-split, channel-split and spatially split layouts, against dense."""
 
 from __future__ import annotations
 
@@ -132,6 +132,31 @@ def test_fractional_max_pool_backward_matches_dense(rank: int, world_size: int,
     _check(lambda t: F.fractional_max_pool3d(t, 2, output_size=(2, 3, 2),
                                              _random_samples=samples3d),
            [_randn(5, 3, 4, 5, 4, seed=8)], [spec], "fractional_max_pool3d")
+
+
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("blocks", ["one", "several"])
+def test_margin_losses_backward_matches_dense(rank: int, world_size: int, dim: int,
+                                              blocks: str) -> None:
+    # dim 0: blocks of samples (per block); dim 1: split classes (the whole value).
+    spec = _spec(dim, world_size, blocks)
+    rows = _spec(0, world_size, blocks)
+    x = _randn(7, 5, seed=9)
+    target = torch.randint(0, 5, (7,), generator=torch.Generator().manual_seed(10))
+    labels = torch.tensor([[3, 0, -1, 1, 2], [1, -1, 0, 0, 0], [4, 2, 1, 0, 3],
+                           [0, 1, -1, 2, 2], [-1, 0, 0, 0, 0], [2, -1, 3, 3, 3],
+                           [1, 4, -1, 0, 0]])
+    weight = torch.rand(5, generator=torch.Generator().manual_seed(11)) + 0.5
+    for reduction in ("none", "sum", "mean"):
+        for p, w in ((1, None), (2, weight)):
+            _check(lambda a, t: F.multi_margin_loss(a, t, p=p, margin=0.7,  # noqa: B023
+                                                    weight=w, reduction=reduction),  # noqa: B023
+                   [x, target], [spec, rows], f"multi_margin {reduction} p={p}",
+                   no_collectives=dim == 0)
+        _check(lambda a, t: F.multilabel_margin_loss(a, t, reduction=reduction),  # noqa: B023
+               [x, labels], [spec, spec], f"multilabel_margin {reduction}",
+               no_collectives=dim == 0)
 
 
 @multi_rank(world_size=[2, 3])

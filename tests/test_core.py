@@ -111,6 +111,9 @@ BUILTIN_OPS = {
     ],
     "dispatch_shard.ops.losses": [
         "aten.mse_loss.default", "aten.mse_loss_backward.default",
+        "aten.multi_margin_loss_backward.default",
+        "aten.multilabel_margin_loss_backward.default",
+        "aten.multilabel_margin_loss_forward.default",
         "aten.nll_loss_backward.default", "aten.nll_loss_forward.default",
     ],
     "dispatch_shard.ops.matmul": [
