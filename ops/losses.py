@@ -360,3 +360,12 @@ def multilabel_margin_loss_forward(types: Any, args: tuple[Any, ...], kwargs: di
         return losses, is_target
     total = aten.sum.default(losses)
     return (total / x.shape[0] if reduction == _MEAN else total), is_target
+
+
+@custom_sharded_op_impl(aten.multilabel_margin_loss_forward.output, handles_partial=True)
+def multilabel_margin_loss_forward_output(types: Any, args: tuple[Any, ...],
+                                          kwargs: dict[str, Any], pg: Any) -> Any:
+    """The ``out=`` form: refused, never the wrong decomposition (NOTE
+    [multilabel_margin_loss's decomposition]); collectives: none."""
+    raise NotImplementedError(
+        "aten.multilabel_margin_loss_forward.output (out=) not supported for ShardedTensor!")

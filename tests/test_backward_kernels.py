@@ -157,6 +157,11 @@ def test_margin_losses_backward_matches_dense(rank: int, world_size: int, dim: i
         _check(lambda a, t: F.multilabel_margin_loss(a, t, reduction=reduction),  # noqa: B023
                [x, labels], [spec, spec], f"multilabel_margin {reduction}",
                no_collectives=dim == 0)
+    # The out= form would take torch's decomposition, which counts labels after a -1.
+    with pytest.raises(NotImplementedError, match=r"multilabel_margin_loss_forward\.output"):
+        torch.ops.aten.multilabel_margin_loss_forward.output(
+            shard(x, spec), shard(labels, spec), 0, output=shard(torch.empty(7), rows),
+            is_target=shard(torch.empty(7, 5), spec))
 
 
 @multi_rank(world_size=[2, 3])
@@ -230,3 +235,4 @@ def test_unet_block_trains_like_dense(rank: int, world_size: int, layout: str) -
         full = got.full_tensor()
         torch.testing.assert_close(full, exact.float(), atol=1e-4, rtol=1e-4, msg=name)
         torch.testing.assert_close(dense, exact.float(), atol=1e-4, rtol=1e-4, msg=name)
+

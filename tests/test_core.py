@@ -114,6 +114,7 @@ BUILTIN_OPS = {
         "aten.multi_margin_loss_backward.default",
         "aten.multilabel_margin_loss_backward.default",
         "aten.multilabel_margin_loss_forward.default",
+        "aten.multilabel_margin_loss_forward.output",
         "aten.nll_loss_backward.default", "aten.nll_loss_forward.default",
     ],
     "dispatch_shard.ops.matmul": [
