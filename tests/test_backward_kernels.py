@@ -236,3 +236,50 @@ def test_unet_block_trains_like_dense(rank: int, world_size: int, layout: str) -
         torch.testing.assert_close(full, exact.float(), atol=1e-4, rtol=1e-4, msg=name)
         torch.testing.assert_close(dense, exact.float(), atol=1e-4, rtol=1e-4, msg=name)
 
+
+# -- the OpInfo differential harness on the affected OpInfos ------------------------------
+
+# The OpInfos whose backward reaches the kernels above (every tensor argument split along
+# dim 0 in uneven blocks, forward and backward against dense). Not fractional_max_pool3d:
+# its OpInfo draws its own random samples, which the harness skips (see
+# test_fractional_max_pool_backward_matches_dense).
+OPINFOS = [
+    "nn.functional.interpolate.nearest", "nn.functional.interpolate.nearest-exact",
+    "nn.functional.interpolate.linear", "nn.functional.interpolate.bilinear",
+    "nn.functional.interpolate.bicubic", "nn.functional.interpolate.trilinear",
+    "nn.functional.upsample_bilinear", "nn.functional.upsample_nearest",
+    "_upsample_bilinear2d_aa", "nn.functional.adaptive_avg_pool1d",
+    "nn.functional.adaptive_avg_pool2d", "nn.functional.adaptive_avg_pool3d",
+    "nn.functional.adaptive_max_pool1d", "nn.functional.adaptive_max_pool2d",
+    "nn.functional.adaptive_max_pool3d", "nn.functional.fractional_max_pool2d",
+    "nn.functional.pad.replicate",
+    "nn.functional.pad.replicate_negative", "nn.functional.pad.reflect",
+    "nn.functional.grid_sample", "grid_sampler_2d", "grid_sampler_3d",
+    "nn.functional.hardshrink", "nn.functional.softshrink",
+    "nn.functional.multi_margin_loss", "nn.functional.multilabel_margin_loss",
+    "masked_scatter", "cdist", "_segment_reduce.lengths", "_segment_reduce.offsets",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("world_size", [2, 3], ids=["w2", "w3"])
+def test_opinfo_backward_kernels_match_dense(world_size: int) -> None:
+    from dispatch_shard.testing import RankPool
+    from dispatch_shard.testing.opinfo import PASS, SKIP, find_ops, run_ops
+
+    pool = RankPool(world_size, pg_timeout_s=20.0)
+    try:
+        results = run_ops(find_ops(OPINFOS), pool, "dispatch_shard", timeout_s=240.0)
+    finally:
+        pool.stop()
+    # Every sample equals dense, forward and backward: none wrong, none raising, none
+    # unsupported (the kernels above serve every layout, some on the whole value).
+    bad = [f"{r.op}: {r.failure} {r.failure_detail[-300:]}" for r in results if r.failure]
+    bad += [f"{r.op} sample {s.index} ({s.sample}): {s.forward} / {s.backward}: {s.detail}"
+            for r in results for s in r.samples
+            if s.forward not in (PASS, SKIP) or s.backward not in (PASS, SKIP, None, "")]
+    assert not bad, "\n".join(bad)
+    short = [f"{r.op}: forward {r.forward}, backward {r.backward or '-'}" for r in results
+             if (r.forward, r.backward) != (PASS, PASS)]
+    assert not short, "\n".join(short)
