@@ -240,7 +240,8 @@ def test_unet_block_trains_like_dense(rank: int, world_size: int, layout: str) -
 # -- the OpInfo differential harness on the affected OpInfos ------------------------------
 
 # The OpInfos whose backward reaches the kernels above (every tensor argument split along
-# dim 0 in uneven blocks, forward and backward against dense). Not fractional_max_pool3d:
+# dim 0 in uneven blocks, or in the four N-D layouts of a 2x2 mesh; forward and backward
+# against dense). Not fractional_max_pool3d:
 # its OpInfo draws its own random samples, which the harness skips (see
 # test_fractional_max_pool_backward_matches_dense).
 OPINFOS = [
@@ -263,14 +264,16 @@ OPINFOS = [
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("world_size", [2, 3], ids=["w2", "w3"])
-def test_opinfo_backward_kernels_match_dense(world_size: int) -> None:
+@pytest.mark.parametrize(("world_size", "library"), [
+    (2, "dispatch_shard"), (3, "dispatch_shard"), (4, "dispatch_shard_2x2"),
+], ids=["w2", "w3", "mesh2x2"])
+def test_opinfo_backward_kernels_match_dense(world_size: int, library: str) -> None:
     from dispatch_shard.testing import RankPool
     from dispatch_shard.testing.opinfo import PASS, SKIP, find_ops, run_ops
 
     pool = RankPool(world_size, pg_timeout_s=20.0)
     try:
-        results = run_ops(find_ops(OPINFOS), pool, "dispatch_shard", timeout_s=240.0)
+        results = run_ops(find_ops(OPINFOS), pool, library, timeout_s=240.0)
     finally:
         pool.stop()
     # Every sample equals dense, forward and backward: none wrong, none raising, none
