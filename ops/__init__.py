@@ -20,6 +20,7 @@ from dispatch_shard.ops import (
     scan,
     sorting,
     spatial,
+    spatial_backward,
     tensor_basics,
     view,
     whole,
@@ -32,4 +33,4 @@ from dispatch_shard.ops import decomposed
 
 __all__ = ["attention", "complex", "decomposed", "embedding", "factory", "foreach",
            "indexing", "losses", "matmul", "pointwise", "reduction", "scan", "sorting",
-           "spatial", "tensor_basics", "view", "whole"]
+           "spatial", "spatial_backward", "tensor_basics", "view", "whole"]

@@ -25,6 +25,10 @@ decomposition (ops/decomposed.py); N-D layouts are served per mesh dim
 of each sample from its blocks (targets and class weights are replicated values, see
 NOTE [index operands are replicated values] in ops/indexing.py); the per-op docstrings
 give the per-rank shapes and collectives.
+
+``multi_margin_loss_backward`` / ``multilabel_margin_loss_backward``: each sample's
+gradient depends on its own row only, so per block of rows (dim 0), no collective; a
+mean is the sum of ``grad / N``. Split classes: on the whole value.
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ from dispatch_shard.ops._common import (
     outside_result,
     partial_result,
     pieces_of,
+    replicated_fallback,
     replicated_result,
 )
 from dispatch_shard.ops.layouts import reduced_layout, split_dims
+from dispatch_shard.ops.spatial import _blockwise
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import Partial
@@ -283,3 +289,83 @@ def nll_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
             block.view(-1, sizes[-1])[where, local] = values
         blocks.append(block)
     return x._like(blocks, dtype=dtype)
+
+
+# -- margin losses' backward: rows apart -------------------------------------------------
+
+def _per_row_backward(func: torch._ops.OpOverload, args: tuple[Any, ...],
+                      kwargs: dict[str, Any], rows: tuple[int, ...], replicated: tuple[int, ...],
+                      reduction_at: int) -> Any:
+    """``func(grad, self [N, C], ...)`` per block of rows: the arguments at ``rows`` (and
+    the gradient for ``reduction="none"``) cut alike along dim 0, those at ``replicated``
+    whole. A sum or mean gives a scalar gradient, replicated (a pending one is reduced:
+    one all-reduce of a scalar); the mean is served as the sum of ``grad / N`` (N
+    global). Other layouts: on the whole value."""
+    bound = list(bind_arguments(func, args, kwargs).values())
+    x = bound[1]
+    if type(x) is not ShardedTensor or x.dim() != 2:
+        return replicated_fallback(func, args, kwargs)
+    reduction = bound[reduction_at]
+    if reduction == _NONE:
+        return _blockwise(func, tuple(bound), {}, (1, 0, *rows), 1, replicated, (1,))
+    grad = bound[0]
+    if type(grad) is ShardedTensor and grad._layout.is_partial and grad.dim() == 0:
+        grad = grad._reduced()  # the loss's pending sum: one all-reduce of a scalar
+    scalar = _scalar_grad(grad)
+    if scalar is None:
+        return replicated_fallback(func, args, kwargs)
+    if reduction == _MEAN:
+        scalar, bound[reduction_at] = scalar / x.shape[0], _SUM
+    bound[0] = scalar
+    return _blockwise(func, tuple(bound), {}, (1, *rows), 1, (0, *replicated), (1,))
+
+
+@custom_sharded_op_impl(aten.multi_margin_loss_backward.default, handles_partial=True)
+def multi_margin_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                               pg: Any) -> Any:
+    """``(grad [n] or [], self [n, C], target [n], weight [C]) -> [n, C]`` per block of
+    ``n`` rows (class weights replicated); no collective. Split classes: the whole value."""
+    return _per_row_backward(aten.multi_margin_loss_backward.default, args, kwargs, (2,),
+                             (5,), 6)
+
+
+@custom_sharded_op_impl(aten.multilabel_margin_loss_backward.default, handles_partial=True)
+def multilabel_margin_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                                    pg: Any) -> Any:
+    """``(grad [n] or [], self [n, C], target [n, C], is_target [n, C]) -> [n, C]`` per
+    block of ``n`` rows; no collective. Split classes: the whole value."""
+    return _per_row_backward(aten.multilabel_margin_loss_backward.default, args, kwargs,
+                             (2, 4), (), 3)
+
+
+@custom_sharded_op_impl(aten.multilabel_margin_loss_forward.default, handles_partial=True)
+def multilabel_margin_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                                   pg: Any) -> Any:
+    """``(self [n, C], target [n, C]) -> (loss [n] or a Partial scalar, is_target [n, C])``
+    per block of ``n`` rows; no collective (the sum and mean are pending sums, the mean
+    over the global N). Split classes: the whole value.
+
+    NOTE [multilabel_margin_loss's decomposition]
+    torch 2.13's decomposition counts the labels after a target's first ``-1`` too (its
+    ``z`` is never masked by ``target_mask``), so it differs from the kernel: this op must
+    never take it. The per-row kernel runs on blocks, else on the whole value.
+    """
+    func = aten.multilabel_margin_loss_forward.default
+    x, target, reduction = list(bind_arguments(func, args, kwargs).values())
+    if type(x) is not ShardedTensor or x.dim() != 2:
+        return replicated_fallback(func, args, kwargs)
+    meta_results(func, args, kwargs)  # dense's errors, every rank
+    losses, is_target = _blockwise(func, (x, target, _NONE), {}, (0, 1), 1, (), (0, 0))
+    if reduction == _NONE:
+        return losses, is_target
+    total = aten.sum.default(losses)
+    return (total / x.shape[0] if reduction == _MEAN else total), is_target
+
+
+@custom_sharded_op_impl(aten.multilabel_margin_loss_forward.output, handles_partial=True)
+def multilabel_margin_loss_forward_output(types: Any, args: tuple[Any, ...],
+                                          kwargs: dict[str, Any], pg: Any) -> Any:
+    """The ``out=`` form: refused, never the wrong decomposition (NOTE
+    [multilabel_margin_loss's decomposition]); collectives: none."""
+    raise NotImplementedError(
+        "aten.multilabel_margin_loss_forward.output (out=) not supported for ShardedTensor!")

@@ -1,4 +1,5 @@
-"""Pointwise ops: every aten overload tagged ``torch.Tag.pointwise``.
+"""Pointwise ops: every aten overload tagged ``torch.Tag.pointwise``, and the few
+elementwise ones torch leaves untagged (``hardshrink_backward``, ``softshrink_backward``).
 
 Per rank: ``out[block] = op(x[block], y[block], ...)`` for each block of the
 result's layout. Collectives: none when the operands share a layout or are
@@ -40,11 +41,14 @@ aten = torch.ops.aten
 
 # Tagged pointwise, but served by another family (tensor_basics).
 _OWNED_ELSEWHERE = frozenset({aten.clone.default})
+# Elementwise (each output element from the same element of every operand) but not tagged
+# pointwise in torch: the backward formulas of tagged activations.
+_UNTAGGED = (aten.hardshrink_backward.default, aten.softshrink_backward.default)
 
 
 def pointwise_overloads() -> list[torch._ops.OpOverload]:
     """Every aten overload tagged pointwise that returns tensors (in-place and out= forms
-    included), except the few that another op family serves."""
+    included), except the few that another op family serves, and ``_UNTAGGED``."""
     found = []
     packets = sorted({
         name.split("::", 1)[1].split(".", 1)[0]
@@ -60,7 +64,7 @@ def pointwise_overloads() -> list[torch._ops.OpOverload]:
                     and all(isinstance(r.type, torch._C.TensorType)
                             for r in op._schema.returns)):
                 found.append(op)
-    return found
+    return found + [op for op in _UNTAGGED if op not in found]
 
 
 def _block_slice(operand: torch.Tensor, box: tuple[slice, ...], ndim: int) -> torch.Tensor:

@@ -45,13 +45,20 @@ def test_equal_with_a_plain_operand_is_dense_equal(rank: int, world_size: int) -
 
 
 @multi_rank(world_size=[2, 3])
-def test_adaptive_max_pool_with_uneven_windows_is_unsupported(rank: int,
-                                                              world_size: int) -> None:
-    # Its decomposition returns NotImplemented for windows that do not divide the input:
-    # that must be a NotImplementedError, not torch's "all handlers returned NotImplemented".
-    x = shard(torch.randn(3, 4, 4), rows(world_size))
-    with pytest.raises(NotImplementedError, match="adaptive_max_pool2d"):
-        torch.nn.functional.adaptive_max_pool1d(x, 3)
+def test_adaptive_max_pool_with_uneven_windows_matches_dense(rank: int,
+                                                             world_size: int) -> None:
+    # Its decomposition returns NotImplemented for windows that do not divide the input
+    # (it raised NotImplementedError here); ops/spatial_backward.py now runs the kernel
+    # per block, forward and backward.
+    dense = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = shard(dense, rows(world_size), requires_grad=True)
+    out = torch.nn.functional.adaptive_max_pool1d(x, 3)
+    out.sum().backward()
+    reference = dense.clone().requires_grad_()
+    expected = torch.nn.functional.adaptive_max_pool1d(reference, 3)
+    expected.sum().backward()
+    torch.testing.assert_close(_full(out), expected)
+    torch.testing.assert_close(_full(x.grad), reference.grad)
 
 
 @multi_rank(world_size=[2, 3])
