@@ -19,6 +19,7 @@ from dispatch_shard.ops import (
     scan,
     sorting,
     spatial,
+    strided,
     tensor_basics,
     view,
     whole,
@@ -30,5 +31,5 @@ from dispatch_shard.ops import (
 from dispatch_shard.ops import decomposed
 
 __all__ = ["attention", "decomposed", "embedding", "factory", "foreach", "indexing", "losses",
-           "matmul", "pointwise", "reduction", "scan", "sorting", "spatial", "tensor_basics",
-           "view", "whole"]
+           "matmul", "pointwise", "reduction", "scan", "sorting", "spatial", "strided",
+           "tensor_basics", "view", "whole"]

@@ -179,9 +179,12 @@ BUILTIN_OPS = {
         "aten.cumprod.default", "aten.cumprod_.default", "aten.cumsum.default",
         "aten.cumsum_.default", "aten.logcumsumexp.default",
     ],
+    "dispatch_shard.ops.strided": [
+        "aten.as_strided.default", "aten.as_strided_scatter.default",
+        "prims.as_strided_scatter.default",
+    ],
     "dispatch_shard.ops.view": [
-        "aten._to_copy.default", "aten._unsafe_view.default", "aten.as_strided.default",
-        "aten.cat.default",
+        "aten._to_copy.default", "aten._unsafe_view.default", "aten.cat.default",
         "aten.copy_.default", "aten.detach_.default", "aten.diagonal.default",
         "aten.diagonal_scatter.default", "aten.expand.default",
         "aten.flip.default", "aten.permute.default", "aten.repeat.default",
