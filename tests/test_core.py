@@ -105,8 +105,10 @@ BUILTIN_OPS = {
     "dispatch_shard.ops.indexing": [
         "aten.gather.default", "aten.index.Tensor", "aten.index_add.default",
         "aten.index_add_.default", "aten.index_put.default", "aten.index_put_.default",
-        "aten.index_select.default", "aten.scatter.src", "aten.scatter.value",
-        "aten.scatter_.src", "aten.scatter_.value", "aten.scatter_add.default",
+        "aten.index_select.default", "aten.scatter.reduce", "aten.scatter.src",
+        "aten.scatter.value", "aten.scatter.value_reduce", "aten.scatter_.reduce",
+        "aten.scatter_.src", "aten.scatter_.value", "aten.scatter_.value_reduce",
+        "aten.scatter_add.default",
         "aten.scatter_add_.default", "aten.scatter_reduce.two", "aten.scatter_reduce_.two",
     ],
     "dispatch_shard.ops.losses": [
