@@ -143,8 +143,11 @@ BUILTIN_OPS = {
     ],
     "dispatch_shard.ops.whole": [
         "aten._adaptive_avg_pool3d.default", "aten._cdist_forward.default",
-        "aten._fft_c2c.default", "aten._fft_c2r.default", "aten._fft_r2c.default",
-        "aten._histogramdd_bin_edges.default", "aten._histogramdd_from_bin_tensors.default",
+        "aten._ctc_loss.Tensor", "aten._ctc_loss.default", "aten._ctc_loss_backward.Tensor",
+        "aten._ctc_loss_backward.default", "aten._fft_c2c.default", "aten._fft_c2r.default",
+        "aten._fft_r2c.default",
+        "aten._histogramdd_bin_edges.default", "aten._histogramdd_from_bin_cts.default",
+        "aten._histogramdd_from_bin_tensors.default",
         "aten._linalg_check_errors.default", "aten._linalg_det.default",
         "aten._linalg_eigh.default", "aten._linalg_slogdet.default",
         "aten._linalg_solve_ex.default", "aten._linalg_svd.default",

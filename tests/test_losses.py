@@ -167,3 +167,42 @@ def test_replicated_operands_run_the_kernel_once(rank: int, world_size: int) -> 
     F.mse_loss(x, dense_target).backward()
     torch.testing.assert_close(both.full_tensor(), F.mse_loss(x, y))
     torch.testing.assert_close(target.grad, dense_target.grad)
+
+
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("layout", ["batch", "time", "several", "replicate", "partial"])
+def test_ctc_loss_matches_dense(rank: int, world_size: int, layout: str) -> None:
+    """``ctc_loss`` runs on the whole value (ops/whole.py): log-probs ``[T, N, C]`` in any
+    layout, forward and backward equal dense; the gradient keeps the input's layout."""
+    generator = torch.Generator().manual_seed(4)
+    steps, batch, classes = 12, 5, 6
+    dense = torch.randn(steps, batch, classes, generator=generator).log_softmax(2)
+    targets = torch.randint(1, classes, (batch, 4), generator=generator)
+    input_lengths, target_lengths = [12, 11, 12, 9, 10], [4, 3, 2, 4, 1]
+    placements = [f"rank:{r}/cpu" for r in range(world_size)]
+    specs: dict[str, ds.ShardingSpec] = {
+        "batch": ds.ChunkShardingSpec(1, placements),
+        "time": ds.ChunkShardingSpec(0, placements),
+        "several": ds.ChunkShardingSpec(1, placements + placements[::-1]),
+        "replicate": ds.Replicate(), "partial": ds.Replicate(),
+    }
+    for reduction in ("mean", "sum", "none"):
+        for lengths in ("lists", "tensors"):
+            lengths_args = (input_lengths, target_lengths) if lengths == "lists" else (
+                torch.tensor(input_lengths), torch.tensor(target_lengths))
+            sharded = shard(dense, specs[layout])
+            if layout == "partial":
+                sharded = sharded.redistribute(ds.Partial())
+            leaf = sharded.detach().requires_grad_(True)
+            dense_leaf = dense.clone().requires_grad_(True)
+            got = F.ctc_loss(leaf, targets, *lengths_args, reduction=reduction)
+            want = F.ctc_loss(dense_leaf, targets, *lengths_args, reduction=reduction)
+            assert isinstance(got, ds.ShardedTensor)
+            torch.testing.assert_close(got.full_tensor(), want)
+            weight = torch.linspace(0.5, 1.5, want.numel()).reshape(want.shape)
+            (got * weight).sum().backward()
+            (want * weight).sum().backward()
+            assert isinstance(leaf.grad, ds.ShardedTensor)
+            torch.testing.assert_close(leaf.grad.full_tensor(), dense_leaf.grad)
+            if layout != "partial":
+                assert leaf.grad.sharding_spec() == leaf.sharding_spec()
