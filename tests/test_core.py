@@ -134,7 +134,7 @@ BUILTIN_OPS = {
     "dispatch_shard.ops.tensor_basics": [
         "aten._local_scalar_dense.default", "aten.alias.default", "aten.allclose.default",
         "aten.clone.default", "aten.detach.default", "aten.equal.default",
-        "aten.is_pinned.default",
+        "aten.is_pinned.default", "aten.resize_.default", "aten.resize_as_.default",
     ],
     "dispatch_shard.ops.sorting": [
         "aten.cummax.default", "aten.cummin.default", "aten.kthvalue.default",

@@ -280,3 +280,37 @@ def test_views_whose_pieces_are_no_boxes_gather(rank: int, world_size: int) -> N
     odd = x.view(6, 20)  # H's blocks (2 * 4 elements per head) end inside rows of 20
     torch.testing.assert_close(odd.full_tensor(), dense.view(6, 20))
     assert odd.sharding_spec() == ds.Replicate()
+
+
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("layout", ["rows", "cols", "several", "grid", "replicate",
+                                    "partial"])
+def test_resize_matches_dense_on_the_elements_it_keeps(rank: int, world_size: int,
+                                                       layout: str) -> None:
+    dense = torch.randn(*SIZE, generator=torch.Generator().manual_seed(10))
+
+    def sharded() -> ds.ShardedTensor:
+        if layout == "partial":
+            return ds.ShardedTensor.from_local_tensor(dense / world_size, ds.Partial(), *SIZE)
+        return shard(dense, specs_2d(SIZE, world_size)[layout])
+
+    for size in [(10, 7), (7, 10), (70,), (2, 5, 7), (3, 5), (0,), (8, 10), (9, 9)]:
+        x, want = sharded(), dense.clone()
+        assert x.resize_(size) is x
+        want.resize_(size)
+        kept = min(70, want.numel())  # dense leaves the rest uninitialised; we write zeros
+        assert x.shape == want.shape, size
+        got = x.full_tensor()
+        torch.testing.assert_close(got.flatten()[:kept], want.flatten()[:kept], msg=str(size))
+        assert not got.flatten()[kept:].any(), size
+        assert isinstance(x + 1, ds.ShardedTensor)  # x is still a working ShardedTensor
+    x = sharded()
+    x.resize_as_(shard(torch.zeros(5, 14), ds.Replicate()))
+    torch.testing.assert_close(x.full_tensor(), dense.reshape(5, 14))
+    x.resize_as_(torch.zeros(14, 5))
+    torch.testing.assert_close(x.full_tensor(), dense.reshape(14, 5))
+    plain = dense.clone()
+    plain.resize_as_(shard(torch.zeros(7, 10), ds.Replicate()))  # a plain x stays plain
+    assert type(plain) is torch.Tensor and plain.shape == (7, 10)
+    with pytest.raises(NotImplementedError, match="not supported for ShardedTensor"):
+        sharded().resize_(2, 5, 7, 1, memory_format=torch.channels_last)
