@@ -12,6 +12,7 @@ from dispatch_shard.ops import (
     factory,
     foreach,
     indexing,
+    linear_cross_entropy,
     losses,
     matmul,
     pointwise,
@@ -30,6 +31,6 @@ from dispatch_shard.ops import (
 # no family above serves (see ops/decomposed.py).
 from dispatch_shard.ops import decomposed
 
-__all__ = ["attention", "decomposed", "embedding", "factory", "foreach", "indexing", "losses",
-           "matmul", "pointwise", "reduction", "scan", "sorting", "spatial", "strided",
-           "tensor_basics", "view", "whole"]
+__all__ = ["attention", "decomposed", "embedding", "factory", "foreach", "indexing",
+           "linear_cross_entropy", "losses", "matmul", "pointwise", "reduction", "scan",
+           "sorting", "spatial", "strided", "tensor_basics", "view", "whole"]

@@ -111,6 +111,10 @@ BUILTIN_OPS = {
         "aten.scatter_add.default",
         "aten.scatter_add_.default", "aten.scatter_reduce.two", "aten.scatter_reduce_.two",
     ],
+    "dispatch_shard.ops.linear_cross_entropy": [
+        "torch_nn._linear_cross_entropy_batch_chunked.default",
+        "torch_nn._linear_cross_entropy_batch_chunked_no_reduction.default",
+    ],
     "dispatch_shard.ops.losses": [
         "aten.mse_loss.default", "aten.mse_loss_backward.default",
         "aten.nll_loss_backward.default", "aten.nll_loss_forward.default",
