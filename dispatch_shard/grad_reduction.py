@@ -278,7 +278,9 @@ def _scatter_buffers(bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
         padded = summand.reshape(rows, inner)
         if chunk * world != rows:
             padded = torch.cat([padded, padded.new_zeros(chunk * world - rows, inner)])
-        pieces.append(padded.view(world, chunk * inner))
+        # (reshape: a summand may be strided, e.g. the transposed ``mm`` of a linear
+        # weight's gradient, and then no padding made it contiguous)
+        pieces.append(padded.reshape(world, chunk * inner))
         widths.append(chunk * inner)
     send = (torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()).view(-1)
     recv = send.new_empty(sum(widths))

@@ -253,3 +253,24 @@ def test_tensor_split_by_an_index_tensor(rank: int, world_size: int, layout: str
             torch.testing.assert_close(_full(piece), expected)
     with pytest.raises(RuntimeError, match="data is not allocated"):
         torch.tensor_split(x, shard(torch.tensor([1, 4]), ds.Replicate()))
+
+
+@multi_rank(world_size=[2, 3])
+def test_linear_weight_gradient_reduced_from_a_strided_summand(rank: int, world_size: int
+                                                               ) -> None:
+    """OpInfo ``nn.functional.linear_cross_entropy`` on world 2: batch-split input, class-split
+    weight. The weight's gradient is a Partial whose summand is a transposed ``mm`` (not
+    contiguous); with 8 rows over 2 ranks no padding copied it, and the bucketed
+    reduce-scatter (dispatch_shard/grad_reduction.py) could not ``view`` it."""
+    generator = torch.Generator().manual_seed(12)
+    x, matrix = torch.randn(8, 3, generator=generator), torch.randn(4, 3, generator=generator)
+    target = torch.randint(0, 4, (8,), generator=generator)
+    sharded_x = shard(x, rows(world_size), requires_grad=True)
+    sharded_matrix = shard(matrix, rows(world_size), requires_grad=True)
+    torch.nn.functional.cross_entropy(torch.nn.functional.linear(sharded_x, sharded_matrix),
+                                      target).backward()
+    dense_x, dense_matrix = x.clone().requires_grad_(True), matrix.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(torch.nn.functional.linear(dense_x, dense_matrix),
+                                      target).backward()
+    torch.testing.assert_close(_full(sharded_x.grad), dense_x.grad)
+    torch.testing.assert_close(_full(sharded_matrix.grad), dense_matrix.grad)
