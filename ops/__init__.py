@@ -13,6 +13,7 @@ from dispatch_shard.ops import (
     factory,
     foreach,
     indexing,
+    linear_cross_entropy,
     losses,
     matmul,
     pointwise,
@@ -21,6 +22,7 @@ from dispatch_shard.ops import (
     sorting,
     spatial,
     spatial_backward,
+    strided,
     tensor_basics,
     view,
     whole,
@@ -32,5 +34,6 @@ from dispatch_shard.ops import (
 from dispatch_shard.ops import decomposed
 
 __all__ = ["attention", "complex", "decomposed", "embedding", "factory", "foreach",
-           "indexing", "losses", "matmul", "pointwise", "reduction", "scan", "sorting",
-           "spatial", "spatial_backward", "tensor_basics", "view", "whole"]
+           "indexing", "linear_cross_entropy", "losses", "matmul", "pointwise", "reduction",
+           "scan", "sorting", "spatial", "spatial_backward", "strided", "tensor_basics",
+           "view", "whole"]

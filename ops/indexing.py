@@ -1,6 +1,7 @@
-"""Indexing ops: ``gather``, ``scatter`` / ``scatter_add`` / ``scatter_reduce`` (and their in-place
-forms), ``index_select``, ``index`` (advanced indexing, boolean masks), ``index_put(_)`` and
-``index_add(_)``. (``nll_loss``, which picks one class per sample, lives with the losses.)
+"""Indexing ops: ``gather``, ``scatter`` (also with ``reduce=``) / ``scatter_add`` /
+``scatter_reduce`` (and their in-place forms), ``index_select``, ``index`` (advanced
+indexing, boolean masks), ``index_put(_)`` and ``index_add(_)``. (``nll_loss``, which picks
+one class per sample, lives with the losses.)
 
 Per rank, for ``x`` indexed along ``dim`` by an index tensor (``R`` ranks; "replicated"
 includes plain tensors, see NOTE [index operands are replicated values]):
@@ -340,6 +341,10 @@ _SCATTER: dict[torch._ops.OpOverload, tuple[torch._ops.OpOverload, bool]] = {
     aten.scatter_.src: (aten.scatter_.src, True),
     aten.scatter.value: (aten.scatter_.value, False),
     aten.scatter_.value: (aten.scatter_.value, True),
+    aten.scatter.reduce: (aten.scatter_.reduce, False),  # reduce="add" / "multiply"
+    aten.scatter_.reduce: (aten.scatter_.reduce, True),
+    aten.scatter.value_reduce: (aten.scatter_.value_reduce, False),
+    aten.scatter_.value_reduce: (aten.scatter_.value_reduce, True),
     aten.scatter_add.default: (aten.scatter_add_.default, False),
     aten.scatter_add_.default: (aten.scatter_add_.default, True),
     aten.scatter_reduce.two: (aten.scatter_reduce_.two, False),

@@ -5,16 +5,21 @@
 These three keep any layout, N-D ones (and their pending terms) included.
 ``is_pinned``: every local block pinned; collectives: none.
 ``equal``: local ``torch.equal`` per block, then an all-reduce(min) of the verdict.
+``resize_``/``resize_as_``: ``x`` takes the blocks and layout of its first ``prod(size)``
+elements reshaped (zeros past its end, where dense leaves memory uninitialised); the
+collectives are those of that reshape (none where the view stays in the blocks).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch.utils._mode_utils import no_dispatch
 
 from dispatch_shard import collectives
-from dispatch_shard.ops._common import map_blocks
+from dispatch_shard.ops._common import bind_arguments, map_blocks
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 
@@ -101,3 +106,66 @@ def allclose(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     options = dict(zip(("rtol", "atol", "equal_nan"), args[2:], strict=False))
     options.update(kwargs)
     return bool(torch.isclose(first, second, **options).all().item())
+
+
+def _resize_wrapper(x: ShardedTensor, size: torch.Size) -> None:
+    """``x``'s own (wrapper) sizes become ``size``, contiguous: the meta kernel of
+    ``resize_`` on the data-less wrapper (it also grows the wrapper's nominal storage,
+    which ``as_strided_`` would refuse; compare NOTE [in-place views] in ops/view.py)."""
+    with no_dispatch():
+        meta_in_tls = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            aten.resize_.default(x, list(size))
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
+
+
+def _resized(x: ShardedTensor, size: list[int]) -> ShardedTensor:
+    """``x``'s first ``prod(size)`` row-major elements as ``size``, zeros past its end."""
+    if size == list(x.shape):
+        return x
+    length = math.prod(size)
+    flat = aten.view.default(x, [x.numel()])
+    if length < x.numel():
+        flat = aten.slice.Tensor(flat, 0, 0, length)
+    elif length > x.numel():
+        tail = torch.zeros(length - x.numel(), dtype=x.dtype, device=x.device)
+        flat = aten.cat.default([flat, tail])
+    return aten.view.default(flat, size)  # type: ignore[no-any-return]
+
+
+@custom_sharded_op_impl(aten.resize_.default, handles_partial=True)
+def resize_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+            process_group: Any) -> Any:
+    """``x.resize_(size)``, as dense on a contiguous tensor: the same elements in row-major
+    order, cut or extended (with zeros) to ``prod(size)``. ``x`` takes the result's blocks
+    and layout (those of ``view``, gathered where the reshape crosses blocks; a Partial
+    stays Partial). A memory format other than contiguous: NotImplementedError, since every
+    ShardedTensor is contiguous."""
+    func = aten.resize_.default
+    bound = bind_arguments(func, args, kwargs)
+    x, size, memory_format = bound["self"], [int(n) for n in bound["size"]], \
+        bound["memory_format"]
+    torch.empty(0, device="meta").resize_(size)  # dense's errors (negative sizes)
+    if memory_format not in (None, torch.contiguous_format, torch.preserve_format):
+        raise NotImplementedError(
+            f"{func} with memory_format={memory_format} not supported for ShardedTensor!")
+    result = _resized(x, size)
+    if result is not x:
+        x._local_tensors = list(result._local_tensors)
+        x._layout = result._layout
+        _resize_wrapper(x, result.shape)
+    return x
+
+
+@custom_sharded_op_impl(aten.resize_as_.default, handles_partial=True)
+def resize_as_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               process_group: Any) -> Any:
+    """``x.resize_as_(template)``: ``x.resize_(template.shape)`` (see :func:`resize_`); a
+    plain ``x`` with a sharded template is resized as the plain tensor it is."""
+    bound = bind_arguments(aten.resize_as_.default, args, kwargs)
+    x, size = bound["self"], list(bound["the_template"].shape)
+    if not isinstance(x, ShardedTensor):
+        return x.resize_(size, memory_format=bound["memory_format"])
+    return aten.resize_.default(x, size, memory_format=bound["memory_format"])

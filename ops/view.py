@@ -856,29 +856,3 @@ def diagonal_scatter(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     view = aten.diagonal.default(out, *rest, **kwargs)
     aten.copy_.default(view, src)
     return out
-
-
-def _contiguous_strides(size: Sequence[int]) -> list[int]:
-    strides, step = [], 1
-    for n in reversed(size):
-        strides.append(step)
-        step *= max(n, 1)
-    return strides[::-1]
-
-
-@custom_sharded_op_impl(aten.as_strided.default, handles_partial=True)
-def as_strided(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``x.as_strided(size, stride, storage_offset)`` where it is a reshape: every
-    ShardedTensor has contiguous strides, so contiguous ``stride`` for ``size``, offset 0
-    and the same element count is ``x.view(size)`` (decompositions such as group norm's
-    ask for exactly that). Any other striding reads across blocks by memory address:
-    NotImplementedError."""
-    x, size, stride = args[0], list(args[1]), list(args[2])
-    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
-    if (offset in (None, 0) and math.prod(size) == x.numel()
-            and all(s == c for n, s, c in zip(size, stride, _contiguous_strides(size),
-                                              strict=True) if n > 1)):
-        return aten.view.default(x, size)
-    raise NotImplementedError(
-        f"aten.as_strided.default with size {size}, stride {stride} and offset {offset} is "
-        "no reshape of the tensor: not supported for ShardedTensor!")

@@ -1,7 +1,7 @@
 """Global ops computed on the whole value: linear algebra of a matrix (factorizations,
 solves, inverses), ``unique``/``nonzero``/``masked_select`` (whose output size
-depends on every element), histograms, ``searchsorted``, pairwise distances and a few
-others whose every output element can depend on every input element.
+depends on every element), histograms, ``searchsorted``, the CTC loss, pairwise distances
+and a few others whose every output element can depend on every input element.
 
 Each gathers its ShardedTensor operands and runs the op on the whole values, the same
 on every rank, so its results are replicated (NOTE [replicated fallback] in
@@ -44,8 +44,12 @@ _NAMES = (
     "median.default", "nanmedian.default",
     # histograms and searches
     "histc.default", "histogram.bin_ct", "histogram.bins_tensor",
-    "_histogramdd_bin_edges.default", "_histogramdd_from_bin_tensors.default",
+    "_histogramdd_bin_edges.default", "_histogramdd_from_bin_cts.default",
+    "_histogramdd_from_bin_tensors.default",
     "searchsorted.Scalar", "searchsorted.Tensor",
+    # CTC: every output reads a whole sequence (one alignment lattice per batch entry)
+    "_ctc_loss.default", "_ctc_loss.Tensor", "_ctc_loss_backward.default",
+    "_ctc_loss_backward.Tensor",
     # the rest
     "_cdist_forward.default", "_pdist_forward.default", "_trilinear.default",
     "addbmm.default", "segment_reduce.default", "index_reduce.default",

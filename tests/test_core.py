@@ -110,9 +110,15 @@ BUILTIN_OPS = {
     "dispatch_shard.ops.indexing": [
         "aten.gather.default", "aten.index.Tensor", "aten.index_add.default",
         "aten.index_add_.default", "aten.index_put.default", "aten.index_put_.default",
-        "aten.index_select.default", "aten.scatter.src", "aten.scatter.value",
-        "aten.scatter_.src", "aten.scatter_.value", "aten.scatter_add.default",
+        "aten.index_select.default", "aten.scatter.reduce", "aten.scatter.src",
+        "aten.scatter.value", "aten.scatter.value_reduce", "aten.scatter_.reduce",
+        "aten.scatter_.src", "aten.scatter_.value", "aten.scatter_.value_reduce",
+        "aten.scatter_add.default",
         "aten.scatter_add_.default", "aten.scatter_reduce.two", "aten.scatter_reduce_.two",
+    ],
+    "dispatch_shard.ops.linear_cross_entropy": [
+        "torch_nn._linear_cross_entropy_batch_chunked.default",
+        "torch_nn._linear_cross_entropy_batch_chunked_no_reduction.default",
     ],
     "dispatch_shard.ops.losses": [
         "aten.mse_loss.default", "aten.mse_loss_backward.default",
@@ -141,7 +147,7 @@ BUILTIN_OPS = {
     "dispatch_shard.ops.tensor_basics": [
         "aten._local_scalar_dense.default", "aten.alias.default", "aten.allclose.default",
         "aten.clone.default", "aten.detach.default", "aten.equal.default",
-        "aten.is_pinned.default",
+        "aten.is_pinned.default", "aten.resize_.default", "aten.resize_as_.default",
     ],
     "dispatch_shard.ops.sorting": [
         "aten.cummax.default", "aten.cummin.default", "aten.kthvalue.default",
@@ -150,7 +156,10 @@ BUILTIN_OPS = {
     ],
     "dispatch_shard.ops.whole": [
         "aten._cdist_backward.default", "aten._cdist_forward.default",
-        "aten._histogramdd_bin_edges.default", "aten._histogramdd_from_bin_tensors.default",
+        "aten._ctc_loss.Tensor", "aten._ctc_loss.default", "aten._ctc_loss_backward.Tensor",
+        "aten._ctc_loss_backward.default",
+        "aten._histogramdd_bin_edges.default", "aten._histogramdd_from_bin_cts.default",
+        "aten._histogramdd_from_bin_tensors.default",
         "aten._linalg_check_errors.default", "aten._linalg_det.default",
         "aten._linalg_eigh.default", "aten._linalg_slogdet.default",
         "aten._linalg_solve_ex.default", "aten._linalg_svd.default",
@@ -210,9 +219,12 @@ BUILTIN_OPS = {
         "aten.cumprod.default", "aten.cumprod_.default", "aten.cumsum.default",
         "aten.cumsum_.default", "aten.logcumsumexp.default",
     ],
+    "dispatch_shard.ops.strided": [
+        "aten.as_strided.default", "aten.as_strided_scatter.default",
+        "prims.as_strided_scatter.default",
+    ],
     "dispatch_shard.ops.view": [
-        "aten._to_copy.default", "aten._unsafe_view.default", "aten.as_strided.default",
-        "aten.cat.default",
+        "aten._to_copy.default", "aten._unsafe_view.default", "aten.cat.default",
         "aten.copy_.default", "aten.detach_.default", "aten.diagonal.default",
         "aten.diagonal_scatter.default", "aten.expand.default",
         "aten.flip.default", "aten.permute.default", "aten.repeat.default",

@@ -124,6 +124,18 @@ NO_GRAD_WRITES: dict[str, Case] = {
     "scatter_reduce_amax": lambda a: a.scatter_reduce(1, INDEX, SOURCE, "amax"),
     "scatter_reduce_mean": lambda a: a.scatter_reduce(0, INDEX % 5, SOURCE, "mean",
                                                       include_self=False),
+    "scatter_reduce_sum_0": lambda a: a.scatter_reduce(0, INDEX, SOURCE, "sum"),
+    "scatter_reduce_prod_0": lambda a: a.scatter_reduce(0, INDEX, SOURCE, "prod",
+                                                        include_self=False),
+    "scatter_reduce_amin_0": lambda a: a.scatter_reduce(0, INDEX % 5, SOURCE, "amin"),
+    "scatter_reduce_amax_0": lambda a: a.scatter_reduce(0, INDEX, SOURCE, "amax",
+                                                        include_self=False),
+    "scatter_reduce_mean_1": lambda a: a.scatter_reduce(1, INDEX, SOURCE, "mean"),
+    # scatter.reduce / scatter.value_reduce (no derivative in dense either)
+    "scatter_add_reduce_0": lambda a: a.scatter(0, INDEX, SOURCE, reduce="add"),
+    "scatter_multiply_reduce_1": lambda a: a.scatter(1, INDEX, SOURCE, reduce="multiply"),
+    "scatter_value_add_0": lambda a: a.scatter(0, INDEX % 4, 1.5, reduce="add"),
+    "scatter_value_multiply_1": lambda a: a.scatter(1, INDEX, -2.0, reduce="multiply"),
     "masked_fill_tensor": lambda a: a.masked_fill(a > 0, torch.tensor(2.0)),
 }
 
@@ -132,6 +144,10 @@ IN_PLACE: dict[str, Callable[[torch.Tensor], Any]] = {
     "scatter_src_": lambda a: a.scatter_(1, INDEX, SOURCE),
     "scatter_add_": lambda a: a.scatter_add_(0, INDEX % 4, SOURCE),
     "scatter_reduce_": lambda a: a.scatter_reduce_(1, INDEX, SOURCE, "prod"),
+    "scatter_reduce_0_": lambda a: a.scatter_reduce_(0, INDEX, SOURCE, "amin",
+                                                     include_self=False),
+    "scatter_add_reduce_": lambda a: a.scatter_(0, INDEX, SOURCE, reduce="add"),
+    "scatter_value_multiply_": lambda a: a.scatter_(1, INDEX, 3.0, reduce="multiply"),
     "index_put_": lambda a: a.index_put_((ROWS[:4], torch.tensor([1, 2, 3, 6])),
                                          torch.tensor([1.0, 2, 3, 4])),
     "index_add_": lambda a: a.index_add_(1, torch.tensor([0, 6, 0]), SOURCE),
@@ -206,6 +222,17 @@ def test_partial_sharded_and_plain_operands(rank: int, world_size: int) -> None:
             _check("plain_index_add",
                    torch.zeros(SIZE).index_add(1, COLUMNS, shard(source, source_spec)),
                    torch.zeros(SIZE).index_add(1, COLUMNS, source))
+            _check("plain_scatter_multiply",
+                   torch.ones(SIZE).scatter(0, index, shard(source, source_spec),
+                                            reduce="multiply"),
+                   torch.ones(SIZE).scatter(0, index, source, reduce="multiply"))
+        # A Partial destination of scatter(reduce=) is reduced first (out of place).
+        partial = shard(x, spec).redistribute(ds.Partial())
+        _check("partial_scatter_add_reduce", partial.scatter(0, index, source, reduce="add"),
+               x.scatter(0, index, source, reduce="add"))
+        _check("partial_scatter_reduce_amax",
+               partial.scatter_reduce(1, index, source, "amax", include_self=False),
+               x.scatter_reduce(1, index, source, "amax", include_self=False))
         plain = torch.zeros(SIZE)
         plain.scatter_add_(1, index, shard(source, rows(world_size)))  # in place: stays plain
         torch.testing.assert_close(plain, torch.zeros(SIZE).scatter_add(1, index, source))

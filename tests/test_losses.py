@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from layouts import shard, specs_2d
+from layouts import several, shard, specs_2d
 
 import dispatch_shard as ds
 from dispatch_shard.testing import multi_rank
@@ -167,3 +167,103 @@ def test_replicated_operands_run_the_kernel_once(rank: int, world_size: int) -> 
     F.mse_loss(x, dense_target).backward()
     torch.testing.assert_close(both.full_tensor(), F.mse_loss(x, y))
     torch.testing.assert_close(target.grad, dense_target.grad)
+
+
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("layout", ["batch", "time", "several", "replicate", "partial"])
+def test_ctc_loss_matches_dense(rank: int, world_size: int, layout: str) -> None:
+    """``ctc_loss`` runs on the whole value (ops/whole.py): log-probs ``[T, N, C]`` in any
+    layout, forward and backward equal dense; the gradient keeps the input's layout."""
+    generator = torch.Generator().manual_seed(4)
+    steps, batch, classes = 12, 5, 6
+    dense = torch.randn(steps, batch, classes, generator=generator).log_softmax(2)
+    targets = torch.randint(1, classes, (batch, 4), generator=generator)
+    input_lengths, target_lengths = [12, 11, 12, 9, 10], [4, 3, 2, 4, 1]
+    placements = [f"rank:{r}/cpu" for r in range(world_size)]
+    specs: dict[str, ds.ShardingSpec] = {
+        "batch": ds.ChunkShardingSpec(1, placements),
+        "time": ds.ChunkShardingSpec(0, placements),
+        "several": ds.ChunkShardingSpec(1, placements + placements[::-1]),
+        "replicate": ds.Replicate(), "partial": ds.Replicate(),
+    }
+    for reduction in ("mean", "sum", "none"):
+        for lengths in ("lists", "tensors"):
+            lengths_args = (input_lengths, target_lengths) if lengths == "lists" else (
+                torch.tensor(input_lengths), torch.tensor(target_lengths))
+            sharded = shard(dense, specs[layout])
+            if layout == "partial":
+                sharded = sharded.redistribute(ds.Partial())
+            leaf = sharded.detach().requires_grad_(True)
+            dense_leaf = dense.clone().requires_grad_(True)
+            got = F.ctc_loss(leaf, targets, *lengths_args, reduction=reduction)
+            want = F.ctc_loss(dense_leaf, targets, *lengths_args, reduction=reduction)
+            assert isinstance(got, ds.ShardedTensor)
+            torch.testing.assert_close(got.full_tensor(), want)
+            weight = torch.linspace(0.5, 1.5, want.numel()).reshape(want.shape)
+            (got * weight).sum().backward()
+            (want * weight).sum().backward()
+            assert isinstance(leaf.grad, ds.ShardedTensor)
+            torch.testing.assert_close(leaf.grad.full_tensor(), dense_leaf.grad)
+            if layout != "partial":
+                assert leaf.grad.sharding_spec() == leaf.sharding_spec()
+
+
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("layout", ["classes", "several_classes", "batch", "features",
+                                    "replicate"])
+def test_fused_linear_cross_entropy_matches_dense_and_the_unfused_collectives(
+        rank: int, world_size: int, layout: str) -> None:
+    """``F.linear_cross_entropy(..., options=...)`` (torch's chunked custom ops, served in
+    ops/linear_cross_entropy.py): loss and gradients equal dense, and forward + backward
+    issue exactly the collectives of ``F.cross_entropy(F.linear(...))``."""
+    generator = torch.Generator().manual_seed(5)
+    batch, features, classes = 7, 5, 11  # uneven over 2 and 3 ranks
+    x = torch.randn(batch, features, generator=generator)
+    matrix = torch.randn(classes, features, generator=generator)
+    bias = torch.randn(classes, generator=generator)
+    target = torch.randint(0, classes, (batch,), generator=generator)
+    target[2] = -100  # ignored
+    class_weight = torch.rand(classes, generator=generator) + 0.5
+    placements = [f"rank:{r}/cpu" for r in range(world_size)]
+    rows_, cols_ = ds.ChunkShardingSpec(0, placements), ds.ChunkShardingSpec(1, placements)
+    replicate = ds.Replicate()
+    specs = {"classes": (replicate, rows_, rows_),
+             "several_classes": (replicate, several(world_size), several(world_size)),
+             "batch": (rows_, replicate, replicate), "features": (cols_, cols_, replicate),
+             "replicate": (replicate, replicate, replicate)}[layout]
+    options = torch.nn.LinearCrossEntropyOptions()
+    for reduction in ("mean", "sum"):
+        for weight in (None, class_weight):
+            results = {}
+            for fused in (False, True):
+                leaves = [shard(value, spec, requires_grad=True)
+                          for value, spec in zip((x, matrix, bias), specs, strict=True)]
+                with ds.count_collectives() as counted:
+                    if fused:
+                        loss = F.linear_cross_entropy(
+                            leaves[0], leaves[1], target, linear_bias=leaves[2],
+                            weight=weight, reduction=reduction, options=options)
+                    else:
+                        loss = F.cross_entropy(F.linear(*leaves), target, weight=weight,
+                                               reduction=reduction)
+                    loss.backward()
+                results[fused] = (counted.counts, loss, leaves)
+            assert results[True][0] == results[False][0], (results[True][0], results[False][0])
+            dense = [value.clone().requires_grad_(True) for value in (x, matrix, bias)]
+            want = F.cross_entropy(F.linear(*dense), target, weight=weight, reduction=reduction)
+            want.backward()
+            _, loss, leaves = results[True]
+            assert isinstance(loss, ds.ShardedTensor)
+            torch.testing.assert_close(loss.full_tensor(), want)
+            for leaf, reference in zip(leaves, dense, strict=True):
+                assert leaf.grad is not None and leaf.grad._layout is leaf._layout
+                torch.testing.assert_close(leaf.grad.full_tensor(), reference.grad)
+    # reduction="none": the losses; torch's chunked backward (mm.out) is not served
+    leaves = [shard(value, spec, requires_grad=True)
+              for value, spec in zip((x, matrix, bias), specs, strict=True)]
+    got = F.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2],
+                                 reduction="none", options=options)
+    torch.testing.assert_close(got.full_tensor(), F.cross_entropy(
+        F.linear(x, matrix, bias), target, reduction="none"))
+    with pytest.raises(NotImplementedError, match="not supported for ShardedTensor"):
+        got.sum().backward()

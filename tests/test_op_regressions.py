@@ -234,3 +234,50 @@ def test_batched_product_with_empty_blocks_narrower_than_the_tensor(
     got = ds.ShardedTensor.from_replicated(other, ds.Partial()) @ \
         ds.ShardedTensor.from_replicated(x, spec)
     torch.testing.assert_close(_full(got), other @ x)
+
+
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("layout", ["rows", "cols", "several", "grid", "replicate"])
+def test_tensor_split_by_an_index_tensor(rank: int, world_size: int, layout: str) -> None:
+    """Issue #18: ``tensor_split(x, indices_tensor)``. With a plain index tensor (1-D
+    indices or a 0-dim count) or a 0-dim sharded count it matches dense on every layout.
+
+    A 1-D *sharded* index tensor cannot work: torch's CompositeImplicitAutograd kernel
+    reads its data pointer on the host, above ``__torch_dispatch__`` (NOTE [host
+    arguments stay dense] in dispatch_shard/testing/opinfo.py), and a wrapper has no data.
+    Pinned so that a torch that dispatches there first shows up here."""
+    dense = torch.randn(10, 7, generator=torch.Generator().manual_seed(11))
+    x = shard(dense, specs_2d((10, 7), world_size)[layout])
+    replicated_count = shard(torch.tensor(3), ds.Replicate())
+    for indices, dim in [(torch.tensor([1, 4, 4, 9]), 0), (torch.tensor([2, 6]), 1),
+                         (torch.tensor([-3, 12]), 0), (torch.tensor([], dtype=torch.long), 1),
+                         (torch.tensor(4), 0), (torch.tensor(3), 1), (replicated_count, 0),
+                         (replicated_count, 1)]:
+        plain = indices.full_tensor() if isinstance(indices, ds.ShardedTensor) else indices
+        got, want = torch.tensor_split(x, indices, dim), torch.tensor_split(dense, plain, dim)
+        assert len(got) == len(want), (plain, dim)
+        for piece, expected in zip(got, want, strict=True):
+            torch.testing.assert_close(_full(piece), expected)
+    with pytest.raises(RuntimeError, match="data is not allocated"):
+        torch.tensor_split(x, shard(torch.tensor([1, 4]), ds.Replicate()))
+
+
+@multi_rank(world_size=[2, 3])
+def test_linear_weight_gradient_reduced_from_a_strided_summand(rank: int, world_size: int
+                                                               ) -> None:
+    """OpInfo ``nn.functional.linear_cross_entropy`` on world 2: batch-split input, class-split
+    weight. The weight's gradient is a Partial whose summand is a transposed ``mm`` (not
+    contiguous); with 8 rows over 2 ranks no padding copied it, and the bucketed
+    reduce-scatter (dispatch_shard/grad_reduction.py) could not ``view`` it."""
+    generator = torch.Generator().manual_seed(12)
+    x, matrix = torch.randn(8, 3, generator=generator), torch.randn(4, 3, generator=generator)
+    target = torch.randint(0, 4, (8,), generator=generator)
+    sharded_x = shard(x, rows(world_size), requires_grad=True)
+    sharded_matrix = shard(matrix, rows(world_size), requires_grad=True)
+    torch.nn.functional.cross_entropy(torch.nn.functional.linear(sharded_x, sharded_matrix),
+                                      target).backward()
+    dense_x, dense_matrix = x.clone().requires_grad_(True), matrix.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(torch.nn.functional.linear(dense_x, dense_matrix),
+                                      target).backward()
+    torch.testing.assert_close(_full(sharded_x.grad), dense_x.grad)
+    torch.testing.assert_close(_full(sharded_matrix.grad), dense_matrix.grad)

@@ -146,13 +146,95 @@ def test_as_strided_that_is_a_reshape(rank: int, world_size: int) -> None:
         x = ds.ShardedTensor.from_replicated(dense, spec)
         torch.testing.assert_close(x.as_strided((4, 6), (6, 1)).full_tensor(),
                                    dense.as_strided((4, 6), (6, 1)), msg=name)
-        with pytest.raises(NotImplementedError, match="no reshape of the tensor"):
-            x.as_strided((2, 2), (1, 2))
     # group norm's decomposition reshapes through as_strided
     weight, bias = torch.ones(3), torch.zeros(3)
     x = ds.ShardedTensor.from_replicated(dense, rows(world_size))
     torch.testing.assert_close(torch.nn.functional.group_norm(x, 3, weight, bias).full_tensor(),
                                torch.nn.functional.group_norm(dense, 3, weight, bias))
+
+
+# (size, stride, offset) of ``as_strided`` views of a [10, 7] tensor, and whether they stay
+# inside row blocks (NOTE [strided views that stay inside blocks] in ops/strided.py)
+STRIDED = {
+    "windows_in_rows": ((10, 3, 3), (7, 2, 1), 0, True),  # unfold(1, 3, 2)
+    "windows_in_rows_offset": ((10, 2, 3), (7, 1, 2), 1, True),
+    "rows_last": ((4, 10), (1, 7), 2, True),  # a transposed piece of every row
+    "windows_across_rows": ((9, 14), (7, 1), 0, False),  # overlapping pairs of rows
+    "overlapping_flat": ((60, 3), (1, 1), 5, False),
+    "broadcast": ((3, 10, 2), (0, 7, 3), 0, True),
+    "every_other_row": ((5, 7), (14, 1), 0, False),
+}
+
+
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("layout", ["rows", "cols", "several", "grid", "replicate",
+                                    "partial"])
+def test_as_strided_matches_dense(rank: int, world_size: int, layout: str) -> None:
+    dense = torch.randn(*SIZE, generator=torch.Generator().manual_seed(4))
+    weights = torch.Generator().manual_seed(5)
+    for name, (size, stride, offset, in_blocks) in STRIDED.items():
+        if layout == "partial":
+            x = ds.ShardedTensor.from_local_tensor(dense / world_size, ds.Partial(), *SIZE)
+            x.requires_grad_(True)
+        else:
+            x = shard(dense, specs_2d(SIZE, world_size)[layout], requires_grad=True)
+        leaf = dense.clone().requires_grad_(True)
+        got, want = x.as_strided(size, stride, offset), leaf.as_strided(size, stride, offset)
+        assert isinstance(got, ds.ShardedTensor), name
+        torch.testing.assert_close(got.full_tensor(), want, msg=name)
+        if layout in ("rows", "several"):
+            # served per block where the view stays in the row blocks, else gathered
+            assert (got.sharding_spec() != ds.Replicate()) == in_blocks, name
+        weight = torch.randn(want.shape, generator=weights)
+        (got * weight).sum().backward()
+        (want * weight).sum().backward()
+        torch.testing.assert_close(x.grad.full_tensor(), leaf.grad, msg=name)
+    x = shard(dense, specs_2d(SIZE, world_size)[layout]) if layout != "partial" else None
+    if x is not None:
+        with pytest.raises(RuntimeError, match="out of bounds for storage of size 280"):
+            x.as_strided((10, 8), (7, 1))
+
+
+@multi_rank(world_size=[2, 3])
+def test_as_strided_views_alias_their_blocks(rank: int, world_size: int) -> None:
+    dense = torch.randn(*SIZE, generator=torch.Generator().manual_seed(6))
+    for spec in (rows(world_size), several(world_size)):
+        x = shard(dense, spec)
+        windows = x.unfold(1, 3, 2)  # inside the row blocks: a view of them
+        assert windows.sharding_spec() == ds.ChunkShardingSpec(0, spec.placements)
+        x.mul_(2)
+        torch.testing.assert_close(windows.full_tensor(), (dense * 2).unfold(1, 3, 2))
+
+
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("layout", ["rows", "several", "grid", "replicate"])
+def test_unfold_stft_and_as_strided_scatter_match_dense(rank: int, world_size: int,
+                                                        layout: str) -> None:
+    dense = torch.randn(*SIZE, generator=torch.Generator().manual_seed(7))
+    spec = specs_2d(SIZE, world_size)[layout]
+    for dim, length, step in [(0, 3, 2), (1, 3, 1), (1, 7, 1), (0, 10, 3)]:
+        x, leaf = shard(dense, spec, requires_grad=True), dense.clone().requires_grad_(True)
+        got, want = x.unfold(dim, length, step), leaf.unfold(dim, length, step)
+        torch.testing.assert_close(got.full_tensor(), want)
+        weight = torch.linspace(0.5, 1.5, want.numel()).reshape(want.shape)
+        (got * weight).sum().backward()
+        (want * weight).sum().backward()
+        torch.testing.assert_close(x.grad.full_tensor(), leaf.grad)
+    signal = torch.randn(10, 64, generator=torch.Generator().manual_seed(8))
+    window = torch.hann_window(16)
+    sharded = shard(signal, specs_2d((10, 64), world_size)[layout])
+    for center in (False, True):
+        got = torch.stft(sharded, 16, hop_length=4, window=window, center=center,
+                         return_complex=True)
+        torch.testing.assert_close(got.full_tensor(), torch.stft(
+            signal, 16, hop_length=4, window=window, center=center, return_complex=True))
+    src = torch.randn(4, 3, generator=torch.Generator().manual_seed(9))
+    for size, stride, offset in [((4, 3), (7, 2), 1), ((4, 3), (1, 4), 0), ((4, 3), (14, 1), 20)]:
+        x = shard(dense, spec)
+        got = torch.as_strided_scatter(x, shard(src, ds.Replicate()), size, stride, offset)
+        assert got.sharding_spec() == x.sharding_spec()
+        torch.testing.assert_close(got.full_tensor(),
+                                   torch.as_strided_scatter(dense, src, size, stride, offset))
 
 
 def _cut_case(world_size: int, blocks: str = "one") -> tuple[torch.Tensor, ds.ShardedTensor]:
@@ -198,3 +280,37 @@ def test_views_whose_pieces_are_no_boxes_gather(rank: int, world_size: int) -> N
     odd = x.view(6, 20)  # H's blocks (2 * 4 elements per head) end inside rows of 20
     torch.testing.assert_close(odd.full_tensor(), dense.view(6, 20))
     assert odd.sharding_spec() == ds.Replicate()
+
+
+@multi_rank(world_size=[2, 3])
+@pytest.mark.parametrize("layout", ["rows", "cols", "several", "grid", "replicate",
+                                    "partial"])
+def test_resize_matches_dense_on_the_elements_it_keeps(rank: int, world_size: int,
+                                                       layout: str) -> None:
+    dense = torch.randn(*SIZE, generator=torch.Generator().manual_seed(10))
+
+    def sharded() -> ds.ShardedTensor:
+        if layout == "partial":
+            return ds.ShardedTensor.from_local_tensor(dense / world_size, ds.Partial(), *SIZE)
+        return shard(dense, specs_2d(SIZE, world_size)[layout])
+
+    for size in [(10, 7), (7, 10), (70,), (2, 5, 7), (3, 5), (0,), (8, 10), (9, 9)]:
+        x, want = sharded(), dense.clone()
+        assert x.resize_(size) is x
+        want.resize_(size)
+        kept = min(70, want.numel())  # dense leaves the rest uninitialised; we write zeros
+        assert x.shape == want.shape, size
+        got = x.full_tensor()
+        torch.testing.assert_close(got.flatten()[:kept], want.flatten()[:kept], msg=str(size))
+        assert not got.flatten()[kept:].any(), size
+        assert isinstance(x + 1, ds.ShardedTensor)  # x is still a working ShardedTensor
+    x = sharded()
+    x.resize_as_(shard(torch.zeros(5, 14), ds.Replicate()))
+    torch.testing.assert_close(x.full_tensor(), dense.reshape(5, 14))
+    x.resize_as_(torch.zeros(14, 5))
+    torch.testing.assert_close(x.full_tensor(), dense.reshape(14, 5))
+    plain = dense.clone()
+    plain.resize_as_(shard(torch.zeros(7, 10), ds.Replicate()))  # a plain x stays plain
+    assert type(plain) is torch.Tensor and plain.shape == (7, 10)
+    with pytest.raises(NotImplementedError, match="not supported for ShardedTensor"):
+        sharded().resize_(2, 5, 7, 1, memory_format=torch.channels_last)

@@ -23,6 +23,10 @@ OPS: dict[str, Callable[[torch.Tensor], Any]] = {
     "unique": lambda t: torch.unique(t.round(), return_counts=True),
     "nonzero": lambda t: torch.nonzero(t > 0), "masked_select": lambda t: t[t > 0.5],
     "histc": lambda t: torch.histc(t, bins=4, min=-2, max=2),
+    # int bins: _histogramdd_bin_edges, then _histogramdd_from_bin_cts
+    "histogramdd": lambda t: torch.histogramdd(t, bins=[3, 2, 4, 2, 3]).hist,
+    "histogramdd_weight_density": lambda t: torch.histogramdd(
+        t[:, :3], bins=[2, 3, 2], weight=t[:, 4].abs(), density=True).hist,
     "searchsorted": lambda t: torch.searchsorted(torch.sort(t, dim=1).values,
                                                  torch.zeros(5, 1)),
     "cdist": lambda t: torch.cdist(t, t[:2]), "repeat_interleave": lambda t: t.repeat_interleave(

@@ -1,0 +1,105 @@
+"""torch's fused linear + cross-entropy (``F.linear_cross_entropy(..., options=...)``).
+
+With ``options`` torch calls two custom ops, ``torch_nn::_linear_cross_entropy_batch_chunked``
+(``reduction="mean"``/``"sum"``: the loss and the three gradients, computed in forward;
+its backward only scales them by the incoming gradient) and
+``..._no_reduction`` (``reduction="none"``: the per-sample losses). On dense tensors they
+save memory by running the batch in chunks; a sharded batch is already cut in blocks.
+
+NOTE [fused linear cross-entropy communicates as the unfused pair]
+Each op here issues exactly the aten ops that autograd runs for ``F.linear`` followed by
+``F.cross_entropy`` and, for the gradients, their backward formulas (``nll_loss_backward``,
+``_log_softmax_backward_data``, the two ``mm`` of ``addmm``'s backward and the bias sum),
+so every layout takes the path, and the collectives, of the unfused pair: e.g. classes
+split (``weight [C/R, K]``, replicated ``x [N, K]``): logits ``[N, C/R]``, the softmax's
+all-reduces, a Partial loss; ``grad_input`` ``[N, C/R] @ [C/R, K]`` Partial, ``grad_weight``
+``[C/R, K]`` and ``grad_bias`` ``[C/R]`` local. Nothing is communicated that the unfused
+pair does not (``tests/test_losses.py`` counts both). What the fusion buys on one device,
+never holding ``[N, C]`` logits, the sharding buys per rank only for the layouts that
+split ``N`` or ``C``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.nn.modules.linear_cross_entropy  # (defines the torch_nn ops)
+
+from dispatch_shard.ops._common import bind_arguments, first_sharded, replicated_result
+from dispatch_shard.registry import custom_sharded_op_impl
+
+aten = torch.ops.aten
+
+__all__ = ["chunked_linear_cross_entropy", "chunked_linear_cross_entropy_no_reduction"]
+
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as nll_loss takes it
+
+
+def _log_probs(bound: dict[str, Any]) -> torch.Tensor:
+    """``log_softmax(linear(input, linear_weight, linear_bias), 1)``: what
+    ``F.cross_entropy(F.linear(...))`` computes before the loss."""
+    logits = F.linear(bound["input"], bound["linear_weight"], bound["linear_bias"])
+    return aten._log_softmax.default(logits, 1, False)  # type: ignore[no-any-return]
+
+
+@custom_sharded_op_impl(torch.ops.torch_nn._linear_cross_entropy_batch_chunked.default)
+def chunked_linear_cross_entropy(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                                 pg: Any) -> Any:
+    """``(loss, grad_input, grad_linear_weight, grad_linear_bias)`` for ``"mean"``/``"sum"``:
+    the unfused pair's forward and backward aten ops (NOTE [fused linear cross-entropy
+    communicates as the unfused pair]); gradients not asked for are empty ``[0, 0]``
+    (``[0]``) replicated tensors, as dense returns them. Per-rank shapes and collectives:
+    those of ``linear``, ``log_softmax``, ``nll_loss`` and their backward on these layouts."""
+    func = torch.ops.torch_nn._linear_cross_entropy_batch_chunked.default
+    bound = bind_arguments(func, args, kwargs)
+    x, weight_matrix = bound["input"], bound["linear_weight"]
+    if bound["label_smoothing"]:  # (torch takes the reference path for these)
+        raise NotImplementedError(f"{func} with label_smoothing not supported for "
+                                  "ShardedTensor!")
+    reduction = _REDUCTION[bound["reduction"]]
+    log_probs = _log_probs(bound)
+    loss, total_weight = aten.nll_loss_forward.default(
+        log_probs, bound["target"], bound["weight"], reduction, bound["ignore_index"])
+    anchor = first_sharded(args, kwargs)
+    dtype = x.dtype
+
+    def empty(*size: int) -> torch.Tensor:
+        return replicated_result(anchor, torch.empty(size, dtype=dtype, device=x.device),
+                                 size, dtype)
+
+    wanted = (bound["compute_input_grad"], bound["compute_linear_weight_grad"],
+              bound["compute_linear_bias_grad"] and bound["linear_bias"] is not None)
+    if not any(wanted):
+        return loss, empty(0, 0), empty(0, 0), empty(0)
+    one = torch.ones((), dtype=loss.dtype, device=x.device)  # d loss / d loss
+    grad_log_probs = aten.nll_loss_backward.default(
+        one, log_probs, bound["target"], bound["weight"], reduction, bound["ignore_index"],
+        total_weight)
+    grad_logits = aten._log_softmax_backward_data.default(grad_log_probs, log_probs, 1,
+                                                          log_probs.dtype)
+    grad_input = aten.mm.default(grad_logits, weight_matrix) if wanted[0] else empty(0, 0)
+    grad_weight = (aten.t.default(aten.mm.default(aten.t.default(x), grad_logits))
+                   if wanted[1] else empty(0, 0))
+    grad_bias = aten.sum.dim_IntList(grad_logits, [0]) if wanted[2] else empty(0)
+    return loss, grad_input, grad_weight, grad_bias
+
+
+@custom_sharded_op_impl(torch.ops.torch_nn._linear_cross_entropy_batch_chunked_no_reduction
+                        .default)
+def chunked_linear_cross_entropy_no_reduction(types: Any, args: tuple[Any, ...],
+                                              kwargs: dict[str, Any], pg: Any) -> Any:
+    """Per-sample losses ``[N]`` (``reduction="none"``): ``linear``, ``log_softmax`` and
+    ``nll_loss`` as the unfused pair runs them, with their collectives.
+
+    Its backward is torch's Python recomputation, which writes through ``out=`` buffers
+    (``mm.out``) that no family serves: it raises ``NotImplementedError`` naming that op
+    (the op cannot tell here whether a gradient will be needed: torch runs it with grad
+    mode off either way). ``options=None`` (the unfused reference path) serves
+    ``reduction="none"`` with gradients."""
+    func = torch.ops.torch_nn._linear_cross_entropy_batch_chunked_no_reduction.default
+    bound = bind_arguments(func, args, kwargs)
+    loss, _ = aten.nll_loss_forward.default(_log_probs(bound), bound["target"],
+                                            bound["weight"], 0, bound["ignore_index"])
+    return loss
