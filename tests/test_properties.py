@@ -1,13 +1,14 @@
 """Property-based tests: random tensors, layouts and chains of ops against the dense computation.
 
 Hypothesis draws *programs*: an input of random shape (1-3 dims, sizes 0-9), dtype
-(float32, float64, int64, bool) and layout (chunk along any dim over a random rank list
+(float32, float64, complex64, int64, bool) and layout (chunk along any dim over a random rank list
 with repeats, a random grid of blocks with empty ones, replicated, partial), then 1-4
 steps: pointwise unary / binary (broadcasting, either operand order, sharded or plain
 second operand) / scalar / in-place ops, reductions over random dims, views (transpose,
 permute, unsqueeze, squeeze, reshape, flatten, slice, select, expand), ``cat``, matmul and
 reshards. Every step is also applied to the dense tensors; the results, the inputs (not
-mutated) and, for float programs, the gradients of ``result.sum()`` must match.
+mutated) and, for float and complex programs, the gradients of ``result.sum()`` (of its
+real and imaginary parts, for a complex result) must match.
 
 NOTE [examples are drawn once, run on every rank]
 Every rank must build the same data, so hypothesis runs only in the pytest process: a
@@ -82,10 +83,13 @@ def _report_example_counts() -> Iterator[None]:
 
 # -- building tensors from descriptions (on every rank, and on meta in the parent) --------
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64,
-          "bool": torch.bool}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "complex64": torch.complex64,
+          "int64": torch.int64, "bool": torch.bool}
 FLOATS = ("float32", "float64")
-TOLERANCE = {"float32": {"rtol": 1e-3, "atol": 1e-3}, "float64": {"rtol": 1e-9, "atol": 1e-9}}
+INEXACT = (*FLOATS, "complex64")  # the differentiable dtypes
+NUMBERS = (*INEXACT, "int64")
+TOLERANCE = {"float32": {"rtol": 1e-3, "atol": 1e-3}, "float64": {"rtol": 1e-9, "atol": 1e-9},
+             "complex64": {"rtol": 1e-3, "atol": 1e-3}}
 
 Shape = tuple[int, ...]
 Layout = tuple[Any, ...]   # ("chunk", dim, ranks) | ("grid", cuts, owners) | ("replicate",)
@@ -184,7 +188,7 @@ class Side:
 
     def operand(self, operand: Operand) -> torch.Tensor:
         value = self._make(operand)
-        if self.requires_grad and operand["dtype"] in FLOATS:
+        if self.requires_grad and operand["dtype"] in INEXACT:
             value.requires_grad_(True)
             self.leaves.append(value)
         return value
@@ -233,22 +237,23 @@ def _clamp(x: torch.Tensor) -> torch.Tensor:
 
 
 UNARY: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], tuple[str, ...]]] = {
-    "neg": (torch.neg, ("float32", "float64", "int64")),
-    "abs": (torch.abs, ("float32", "float64", "int64")),
-    "sin": (torch.sin, FLOATS),
-    "tanh": (torch.tanh, FLOATS),
+    "neg": (torch.neg, NUMBERS),
+    "abs": (torch.abs, NUMBERS),
+    "conj": (torch.conj, INEXACT),
+    "sin": (torch.sin, INEXACT),
+    "tanh": (torch.tanh, INEXACT),
     "sigmoid": (torch.sigmoid, FLOATS),
-    "exp": (torch.exp, FLOATS),
+    "exp": (torch.exp, INEXACT),
     "relu": (torch.relu, ("float32", "float64", "int64")),
-    "square": (torch.square, ("float32", "float64", "int64")),
+    "square": (torch.square, NUMBERS),
     "clamp": (_clamp, ("float32", "float64", "int64")),
     "logical_not": (torch.logical_not, ("bool",)),
     "bitwise_not": (torch.bitwise_not, ("int64", "bool")),
 }
 BINARY: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tuple[str, ...]]] = {
-    "add": (torch.add, ("float32", "float64", "int64")),
-    "sub": (torch.sub, ("float32", "float64", "int64")),
-    "mul": (torch.mul, ("float32", "float64", "int64", "bool")),
+    "add": (torch.add, NUMBERS),
+    "sub": (torch.sub, NUMBERS),
+    "mul": (torch.mul, (*NUMBERS, "bool")),
     "maximum": (torch.maximum, ("float32", "float64", "int64", "bool")),
     "minimum": (torch.minimum, ("float32", "float64", "int64")),
     "atan2": (torch.atan2, FLOATS),
@@ -257,19 +262,19 @@ BINARY: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tu
     "bitwise_and": (torch.bitwise_and, ("int64", "bool")),
 }
 SCALAR: dict[str, tuple[Callable[[torch.Tensor, float], torch.Tensor], tuple[str, ...]]] = {
-    "add": (lambda x, c: x + c, ("float32", "float64", "int64", "bool")),
-    "mul": (lambda x, c: x * c, ("float32", "float64", "int64", "bool")),
-    "rsub": (lambda x, c: c - x, ("float32", "float64", "int64")),
-    "pow": (lambda x, c: x ** 2, ("float32", "float64", "int64")),
-    "div": (lambda x, c: x / c, ("float32", "float64", "int64")),
+    "add": (lambda x, c: x + c, (*NUMBERS, "bool")),
+    "mul": (lambda x, c: x * c, (*NUMBERS, "bool")),
+    "rsub": (lambda x, c: c - x, NUMBERS),
+    "pow": (lambda x, c: x ** 2, NUMBERS),
+    "div": (lambda x, c: x / c, NUMBERS),
 }
 INPLACE = ("add_", "sub_", "mul_")
 REDUCTIONS: dict[str, tuple[str, ...]] = {
-    "sum": ("float32", "float64", "int64", "bool"),
-    "mean": FLOATS,
+    "sum": (*NUMBERS, "bool"),
+    "mean": INEXACT,
     "amax": ("float32", "float64", "int64"),
     "amin": ("float32", "float64", "int64"),
-    "prod": ("float32", "float64", "int64"),
+    "prod": NUMBERS,
     "logsumexp": FLOATS,
     "softmax": FLOATS,
     "log_softmax": FLOATS,
@@ -280,7 +285,7 @@ REDUCTIONS: dict[str, tuple[str, ...]] = {
     "min_dim": ("float32", "float64", "int64"),
     "any": ("bool",),
     "all": ("bool",),
-    "count_nonzero": ("float32", "float64", "int64", "bool"),
+    "count_nonzero": (*NUMBERS, "bool"),
 }
 SINGLE_DIM = ("prod", "softmax", "log_softmax", "max_dim", "min_dim", "any", "all")
 
@@ -397,6 +402,13 @@ def _check_blocks(what: str, value: torch.Tensor) -> str | None:
     return None
 
 
+def _real_sum(value: torch.Tensor) -> torch.Tensor:
+    """A real loss: the sum, over the real and imaginary parts of a complex value (of the
+    complex sum: ``view_as_real(empty).sum()`` has no dense backward in torch 2.13)."""
+    total = value.sum()
+    return total.real + total.imag if value.is_complex() else total
+
+
 def _whole(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, ds.ShardedTensor) else value
 
@@ -434,8 +446,8 @@ def _verdict(program: dict[str, Any], group: dist.ProcessGroup) -> str | None:
         return f"the result's requires_grad is {value.requires_grad}, dense's {dense.requires_grad}"
     if not backward or not dense.requires_grad:
         return None
-    dense.sum().backward()
-    value.sum().backward()
+    _real_sum(dense).backward()
+    _real_sum(value).backward()
     for number, (leaf, dense_leaf) in enumerate(zip(sharded_side.leaves, dense_side.leaves,
                                                     strict=True)):
         if dense_leaf.grad is None or leaf.grad is None:
@@ -514,9 +526,15 @@ def meta(shape: Shape, dtype: str) -> torch.Tensor:
     return torch.empty(shape, dtype=DTYPES[dtype], device="meta")
 
 
+def _partial_ops(dtype: str) -> list[str]:
+    """The pending reductions a value of ``dtype`` can hold (complex numbers have no order)."""
+    return [] if dtype == "bool" else ["sum", "avg"] if dtype == "complex64" \
+        else ["sum", "avg", "max", "min"]
+
+
 @st.composite
 def layouts(draw: st.DrawFn, shape: Shape, world_size: int, dtype: str) -> Layout:
-    kinds = ["replicate"] + (["partial"] if dtype != "bool" else [])
+    kinds = ["replicate"] + (["partial"] if _partial_ops(dtype) else [])
     if shape:
         kinds += ["chunk", "chunk", "chunk", "grid", "grid"]
     if world_size == 4 and shape:
@@ -525,8 +543,7 @@ def layouts(draw: st.DrawFn, shape: Shape, world_size: int, dtype: str) -> Layou
     if kind == "mesh":
         placement = st.sampled_from(
             [("shard", d) for d in range(len(shape))] + [("replicate", 0)]
-            + ([("partial", op) for op in ("sum", "avg", "max", "min")]
-               if dtype != "bool" else []))
+            + ([("partial", op) for op in _partial_ops(dtype)]))
         first = draw(placement)
         second = draw(placement)
         if first[0] == second[0] == "partial" and first[1] != second[1]:
@@ -548,7 +565,7 @@ def layouts(draw: st.DrawFn, shape: Shape, world_size: int, dtype: str) -> Layou
         owners = draw(st.lists(rank, min_size=blocks, max_size=blocks))
         return ("grid", tuple(cuts), tuple(owners))
     if kind == "partial":
-        return ("partial", draw(st.sampled_from(["sum", "avg", "max", "min"])))
+        return ("partial", draw(st.sampled_from(_partial_ops(dtype))))
     return ("replicate",)
 
 
@@ -714,9 +731,10 @@ def _shaped(side: Side, x: torch.Tensor, step: tuple[Any, ...]) -> torch.Tensor:
 def programs(draw: st.DrawFn, max_steps: int = 4, step_kinds: tuple[str, ...] | None = None,
              world_sizes: tuple[int, ...] = WORLD_SIZES) -> dict[str, Any]:
     world_size = draw(st.sampled_from(world_sizes))
-    dtype = draw(st.sampled_from(["float32", "float64", "float64", "int64", "bool"]))
+    dtype = draw(st.sampled_from(["float32", "float64", "float64", "complex64", "int64",
+                                  "bool"]))
     shape = tuple(draw(st.lists(st.integers(0, 9), min_size=1, max_size=3)))
-    backward = dtype in FLOATS and draw(st.integers(0, 3)) > 0
+    backward = dtype in INEXACT and draw(st.integers(0, 3)) > 0
     x_operand = draw(operands(shape, dtype, world_size, plain=False))
     side = MetaSide(False)
     x = side.operand(x_operand)
@@ -736,7 +754,7 @@ def programs(draw: st.DrawFn, max_steps: int = 4, step_kinds: tuple[str, ...] | 
 def matmul_programs(draw: st.DrawFn) -> dict[str, Any]:
     """``a @ b`` (then maybe a reshard and a reduction) with both operands sharded."""
     world_size = draw(st.sampled_from(WORLD_SIZES))
-    dtype = draw(st.sampled_from(["float32", "float64", "float64", "int64"]))
+    dtype = draw(st.sampled_from(["float32", "float64", "float64", "complex64", "int64"]))
     batch, m, k, n = (draw(st.integers(0, 6)) for _ in range(4))
     shapes = draw(st.sampled_from([((m, k), (k, n)), ((m, k), (k,)), ((k,), (k,)),
                                    ((k,), (batch, k, n)), ((batch, m, k), (batch, k, n)),
@@ -751,7 +769,7 @@ def matmul_programs(draw: st.DrawFn) -> dict[str, Any]:
         _shaped(side, value, step)
         program_steps.append(step)
     return {"world_size": world_size, "input": a, "steps": program_steps,
-            "backward": dtype in FLOATS}
+            "backward": dtype in INEXACT}
 
 
 # -- the tests ----------------------------------------------------------------------------

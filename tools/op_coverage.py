@@ -1,8 +1,9 @@
 """The op coverage report: the OpInfo differential run over all of ``op_db``.
 
 Runs :mod:`dispatch_shard.testing.opinfo` for every float32 OpInfo of
-``op_db``, for dispatch_shard and for DTensor, on world sizes 2 and 3 (each
-tensor argument sharded along dim 0 in uneven blocks), and writes
+``op_db`` (``--dtype complex64``: every complex64 one), for dispatch_shard and for
+DTensor, on world sizes 2 and 3 (each tensor argument sharded along dim 0 in uneven
+blocks), and writes
 
 - ``<out-dir>/results.jsonl``: one line per (library, world size, op) as it
   finishes (``--resume`` skips those already there);
@@ -45,7 +46,7 @@ from dispatch_shard.testing.opinfo import (
     UNSUPPORTED,
     WRONG,
     OpResult,
-    float32_ops,
+    dtype_ops,
     op_key,
     registration,
     run_op,
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace, jsonl: str) -> None:
     done = load(jsonl) if args.resume else {}
     if not args.resume and os.path.exists(jsonl):
         os.remove(jsonl)
-    ops = float32_ops()
+    ops = dtype_ops(args.dtype)
     if args.ops:
         wanted = set(args.ops.split(","))
         ops = [op for op in ops if op_key(op) in wanted]
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace, jsonl: str) -> None:
             try:
                 for position, op in enumerate(todo):
                     result = run_op(op, pool, library, max_samples=args.max_samples,
-                                    timeout_s=args.timeout)
+                                    timeout_s=args.timeout, dtype=args.dtype)
                     with open(jsonl, "a") as f:
                         f.write(json.dumps(result.to_json()) + "\n")
                     print(f"[{library} w{world_size} {position + 1}/{len(todo)} "
@@ -106,10 +107,10 @@ def run(args: argparse.Namespace, jsonl: str) -> None:
 # -- the report -----------------------------------------------------------------
 
 def table(results: dict[tuple[str, int, str], OpResult], worlds: Sequence[int],
-          libraries: Sequence[str]) -> list[dict[str, Any]]:
+          libraries: Sequence[str], dtype: str = "float32") -> list[dict[str, Any]]:
     """One row per op: the merged outcomes per library, and per world size."""
     ops = sorted({key[2] for key in results})
-    by_key = {op_key(op): op for op in float32_ops()}
+    by_key = {op_key(op): op for op in dtype_ops(dtype)}
     rows = []
     for name in ops:
         dispatched: dict[str, str] = {}
@@ -223,11 +224,12 @@ class Coverage:
     rows: list[dict[str, Any]]  # table()'s rows
     samples: dict[str, tuple[Counter[str], Counter[str]]]  # library -> forward, backward
     wrong: dict[str, list[WrongSample]] = field(default_factory=dict)
+    dtype: str = "float32"  # the samples' dtype
 
 
 def coverage_from_results(results: dict[tuple[str, int, str], OpResult], worlds: Sequence[int],
-                          libraries: Sequence[str]) -> Coverage:
-    rows = table(results, worlds, libraries)
+                          libraries: Sequence[str], dtype: str = "float32") -> Coverage:
+    rows = table(results, worlds, libraries, dtype)
     numbers = summary(rows, results, libraries)
     return Coverage(
         torch.__version__, list(worlds),
@@ -238,7 +240,7 @@ def coverage_from_results(results: dict[tuple[str, int, str], OpResult], worlds:
                    Counter(numbers[library]["samples_backward"])) for library in libraries},
         {library: [WrongSample(name, world, s.index, s.sample, s.detail)
                    for name, world, s in problems(results, library, WRONG)]
-         for library in libraries})
+         for library in libraries}, dtype)
 
 
 def families(row: dict[str, Any]) -> list[str]:
@@ -302,7 +304,7 @@ def rst(coverage: Coverage, dtensor_page: str | None = None) -> str:
     """The op coverage page: the per-op table, the summary by family, the outcomes."""
     libraries, rows = coverage.libraries, coverage.rows
     ours = [lib for lib in libraries if lib != DTENSOR]
-    title = "Op coverage"
+    title = "Op coverage" if coverage.dtype == "float32" else f"Op coverage: {coverage.dtype}"
     worlds = "; ".join(f"{_label(lib)} on {' and '.join(map(str, coverage.ran[lib]))} ranks"
                        for lib in libraries)
     main = ours[0] if ours else libraries[0]
@@ -316,7 +318,7 @@ def rst(coverage: Coverage, dtensor_page: str | None = None) -> str:
         "   regenerate it with ``nox -s coverage``.",
         "",
         title, "=" * len(title), "",
-        f"Every float32 OpInfo of PyTorch's ``op_db`` (torch {coverage.torch_version}), "
+        f"Every {coverage.dtype} OpInfo of PyTorch's ``op_db`` (torch {coverage.torch_version}), "
         f"{len(rows)} ops, run by",
         ":mod:`dispatch_shard.testing.opinfo` with each tensor argument sharded along dim 0",
         f"in uneven blocks ({worlds}), and compared with the op on the dense sample.",
@@ -365,7 +367,8 @@ def rst(coverage: Coverage, dtensor_page: str | None = None) -> str:
     out += _list_table(["Family", "Ops", "PASS", "PARTIAL", "UNSUPPORTED", "SKIP or other"],
                        body, "40 12 12 12 12 12")
     out += ["", ".. _coverage-outcomes:", "", "Outcomes", "--------", "",
-            "``PASS``: every sample equals dense (within the OpInfo's float32 tolerances);",
+            f"``PASS``: every sample equals dense (within the OpInfo's {coverage.dtype} "
+            "tolerances);",
             "``(whole)``: some of the work went through the whole-value family.",
             "``UNSUPPORTED``: the op raises ``NotImplementedError`` (allowed). ``PARTIAL``: "
             "some",
@@ -450,7 +453,7 @@ def dtensor_rst(coverage: Coverage) -> str:
         "",
         f"* torch {coverage.torch_version} (DTensor as it ships with it), on CPU with gloo;",
         f"* {' and '.join(map(str, coverage.ran.get(DTENSOR, [])))} ranks, a 1-D mesh;",
-        "* float32 samples of PyTorch's OpInfo ``op_db``;",
+        f"* {coverage.dtype} samples of PyTorch's OpInfo ``op_db``;",
         "* every tensor argument of ``ndim >= 1`` distributed with ``distribute_tensor(t,",
         "  mesh, [Shard(0)])``: split along dim 0 in ``torch.chunk`` blocks, uneven when the",
         "  size does not divide (0-dim tensors and other arguments passed as they are);",
@@ -556,8 +559,9 @@ def coverage_from_pages(path: str) -> Coverage:
             found = re.search(rf"{re.escape(_label(library))} on ([\d and]+) ranks", text)
             ran[library] = [int(n) for n in found.group(1).split(" and ")] if found else []
     worlds = sorted({w for ws in ran.values() for w in ws})
+    dtype = re.search(r"Every (\w+) OpInfo", text)
     return Coverage(version.group(1) if version else "?", worlds, ran, libraries, rows,
-                    samples, wrong)
+                    samples, wrong, dtype.group(1) if dtype else "float32")
 
 
 def _sections(text: str) -> dict[str, str]:
@@ -598,10 +602,10 @@ def report(args: argparse.Namespace, jsonl: str) -> dict[str, Any]:
         raise SystemExit(f"no results in {jsonl}")
     worlds = sorted({key[1] for key in results})
     libraries = [lib for lib in LIBRARIES if any(key[0] == lib for key in results)]
-    rows = table(results, worlds, libraries)
+    rows = table(results, worlds, libraries, args.dtype)
     numbers = summary(rows, results, libraries)
     meta = {"torch": torch.__version__, "worlds": worlds, "libraries": libraries,
-            "dtype": "float32", "device": "cpu", "sharding": "dim 0, uneven chunks"}
+            "dtype": args.dtype, "device": "cpu", "sharding": "dim 0, uneven chunks"}
     with open(os.path.join(args.out_dir, "op_coverage.json"), "w") as f:
         json.dump({"meta": meta, "summary": numbers, "ops": rows,
                    "results": [r.to_json() for r in results.values()]}, f, indent=1)
@@ -612,7 +616,7 @@ def report(args: argparse.Namespace, jsonl: str) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(rows)
     if args.rst:
-        write_pages(coverage_from_results(results, worlds, libraries), args.rst)
+        write_pages(coverage_from_results(results, worlds, libraries, args.dtype), args.rst)
     return numbers
 
 
@@ -630,6 +634,8 @@ def write_pages(coverage: Coverage, path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--dtype", choices=("float32", "complex64"), default="float32",
+                        help="the samples' dtype (default float32)")
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
     parser.add_argument("--ops", help="comma-separated OpInfo names (name.variant); default all")
     parser.add_argument("--max-samples", type=int, default=None,
