@@ -173,6 +173,8 @@ class ShardedTensor(torch.Tensor):
         try:
             if grad_reduction.AWAITING[0]:  # a gradient's bucketed reduction is in flight
                 grad_reduction.wait_operands(args, kwargs or {})
+            if func in _LAZY_VIEW_AWARE:  # NOTE [plain operands with lazy conjugates]
+                args = tuple(_resolved_plain(a) for a in args)
             if _mesh_layouts_made[0]:
                 from dispatch_shard import holders
 
@@ -740,6 +742,25 @@ def _share_process_group(group: ProcessGroup, memo: dict[int, Any]) -> ProcessGr
 
 if not hasattr(ProcessGroup, "__deepcopy__"):
     ProcessGroup.__deepcopy__ = _share_process_group  # type: ignore[attr-defined]
+
+
+# NOTE [plain operands with lazy conjugates]
+# torch resolves a plain operand's lazy conjugate (or negative) bit before most ops reach
+# ``__torch_dispatch__``, but hands it through to the ops whose kernels read the bit
+# themselves (the BLAS products, ``copy_``). Ours run on blocks with those keys excluded
+# (NOTE [no lazy conjugate blocks] in dispatch_shard.ops.complex), where ``add_`` of such
+# an operand (``addmm``'s bias) would read its stored values: those ops get it resolved.
+_aten = torch.ops.aten
+_LAZY_VIEW_AWARE = frozenset((
+    _aten.mm.default, _aten.addmm.default, _aten.addmm_.default, _aten.bmm.default,
+    _aten.baddbmm.default, _aten.baddbmm_.default, _aten.dot.default, _aten.vdot.default,
+    _aten.mv.default, _aten.addmv.default, _aten.copy_.default))
+
+
+def _resolved_plain(value: Any) -> Any:
+    if type(value) is torch.Tensor and (value.is_conj() or value.is_neg()):
+        return value.resolve_conj().resolve_neg()
+    return value
 
 
 def _resolved(blocks: list[torch.Tensor]) -> list[torch.Tensor]:

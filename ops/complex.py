@@ -87,11 +87,12 @@ for _func in _PHYSICAL:
 # -- real and complex views ------------------------------------------------------------
 
 def _viewable(block: torch.Tensor, view: Any) -> torch.Tensor:
-    """``view(block)``, or of a contiguous copy where torch cannot view its strides."""
+    """``view(block)``, or of a fresh copy where torch cannot view its strides or storage
+    offset (``contiguous()`` would keep an odd offset: an error on this rank only)."""
     try:
         return view(block)  # type: ignore[no-any-return]
     except RuntimeError:
-        return view(block.contiguous())  # type: ignore[no-any-return]
+        return view(block.clone(memory_format=torch.contiguous_format))  # type: ignore[no-any-return]
 
 
 def _with_trailing(layout: Layout) -> Layout:
@@ -106,6 +107,8 @@ def _without_trailing(layout: Layout) -> Layout:
     """``layout`` without its trailing dim, which every block spans (``view_as_complex``)."""
     size = list(layout.size[:-1])
     chunk_dim = _chunk_dim(layout)
+    if chunk_dim == len(size):  # chunked along the dim that goes (one block spans it)
+        chunk_dim = None
     return relayout(layout, size, chunk_dim, lambda o, s: (o[:-1], s[:-1]))
 
 
@@ -172,14 +175,15 @@ def fft(func: torch._ops.OpOverload) -> None:
         dims = [d % x.dim() for d in dims]
         meta = func(torch.empty(x.shape, dtype=x.dtype, device="meta"), dims, *extra)
         x = _linear_operand(x)
-        if set(dims) & split_dims(x._layout):
+        length = _fft_size(func, x, dims, extra)
+        resized_chunk = length is not None and _chunk_dim(x._layout) == dims[-1]
+        if set(dims) & split_dims(x._layout) or resized_chunk:
             spec = x._layout.spec
             others = [d for d in range(x.dim()) if d not in dims]
             if not isinstance(spec, ChunkShardingSpec) or not others:
                 return replicated_fallback(func, (x, dims, *extra), kwargs)
             target = max(others, key=lambda d: (x.shape[d], -d))
             x = x._redistributed(ChunkShardingSpec(target, spec.placements))
-        length = _fft_size(func, x, dims, extra)
         layout = x._layout if length is None else resized_layout(x._layout, dims[-1], length)
         blocks = [func(b, dims, *extra) if b.numel() else  # (MKL refuses empty transforms)
                   torch.empty(layout.shards[i].shard_sizes, dtype=meta.dtype, device=b.device)

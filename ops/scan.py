@@ -7,8 +7,9 @@ input's layout.
 * ``dim`` split: a block must also fold in everything before it along ``dim``
   (the *carry*). Each rank writes the total of each of its blocks (its last
   scanned row, ``[..., 1, ...]``) into a small tensor with one slot per block
-  start along ``dim``; one sum all-reduce (each element of a slot has one writer
-  and the others hold 0, so the sum is exact, for any dtype, complex included)
+  start along ``dim``; one sum all-reduce (each element of a slot has at most one
+  writer and the others hold 0, so the sum is exact, for any dtype, complex included;
+  elements no block writes, in irregular tilings, then take the scan's identity)
   gives every rank all totals, and an exclusive scan
   of them over the slots is each block's carry, combined into the block (``+``,
   ``*``, ``logaddexp``). Collectives: one all-reduce of ``numel / dim_length *
@@ -77,6 +78,16 @@ def _scan(name: str, x: ShardedTensor, dim: int, dtype: torch.dtype | None) -> S
             totals[box] = block.narrow(dim, block.shape[dim] - 1, 1)
         slots.append(box)
     collectives.all_reduce(totals, "sum", x._process_group)  # one writer per element
+    # An irregular tiling leaves elements no block writes (a block spanning that slot's
+    # start began earlier): they hold the identity (every rank derives the same mask).
+    written = torch.zeros(slot_size, dtype=torch.bool, device=x.device)
+    for i, shard in enumerate(layout.shards):
+        if 0 not in shard.shard_sizes:
+            slot = starts.index(shard.shard_offsets[dim])
+            written[(*layout.shard_box(i)[:dim], slice(slot, slot + 1),
+                     *layout.shard_box(i)[dim + 1:])] = True
+    if not bool(written.all()):
+        totals.masked_fill_(~written, identity)
     # Exclusive scan over the slots: the carry into the block starting at starts[k].
     first = torch.full_like(totals.narrow(dim, 0, 1), identity)
     carries = torch.cat([first, local_scan(totals.narrow(dim, 0, len(starts) - 1), dim)], dim)

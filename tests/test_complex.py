@@ -74,7 +74,7 @@ def test_complex_ops_equal_dense_on_every_layout(rank: int, world_size: int) -> 
                                        rtol=1e-5, atol=1e-5)
 
 
-@multi_rank(world_size=[2, 3])
+@multi_rank(world_size=[1, 2, 3])
 def test_view_as_complex_of_sharded_pairs(rank: int, world_size: int) -> None:
     torch.manual_seed(1)
     pairs = torch.randn(7, 5, 2)
@@ -230,3 +230,33 @@ def test_a_complex_linear_with_weights_chunked_along_dim0(rank: int, world_size:
         _loss(expected).backward()
         torch.testing.assert_close(whole(w.grad), dense_w.grad, msg=f"weight, batch {batch}")
         torch.testing.assert_close(whole(b.grad), dense_b.grad, msg=f"bias, batch {batch}")
+
+
+@multi_rank(world_size=[2, 3])
+def test_plain_operands_with_lazy_conjugates(rank: int, world_size: int) -> None:
+    """torch hands the BLAS products and ``copy_`` a plain operand's lazy conjugate bit
+    unresolved; the sharded ops read its values (``addmm``'s bias is added block by
+    block, where the bit would be ignored)."""
+    torch.manual_seed(6)
+    a, b = torch.randn(5, 4, dtype=torch.complex64), torch.randn(4, 3, dtype=torch.complex64)
+    bias = torch.randn(5, 3, dtype=torch.complex64)
+    for layout in (rows(world_size), cols(world_size)):
+        x = shard(a, layout)
+        torch.testing.assert_close(whole(torch.addmm(bias.conj(), x, b)),
+                                   torch.addmm(bias.conj(), a, b), msg=str(layout))
+        torch.testing.assert_close(whole(x @ b.conj()), a @ b.conj(), msg=str(layout))
+        target = shard(torch.zeros(5, 4, dtype=torch.complex64), layout)
+        target.copy_(a.conj())
+        torch.testing.assert_close(whole(target), a.conj().resolve_conj())
+        torch.testing.assert_close(whole(x + a.conj().imag), a + a.conj().imag)
+
+
+@multi_rank(world_size=[2, 3])
+def test_an_inverse_fft_that_resizes_a_chunked_dim(rank: int, world_size: int) -> None:
+    """``irfft`` along a dim chunked in one non-empty block (the other blocks empty): the
+    new length is not re-chunked over the ranks."""
+    torch.manual_seed(7)
+    dense = torch.randn(4, 1, dtype=torch.complex64)
+    x = shard(dense, cols(world_size))
+    torch.testing.assert_close(whole(torch.fft.irfft(x, n=8, dim=1)),
+                               torch.fft.irfft(dense, n=8, dim=1))

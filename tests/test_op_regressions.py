@@ -281,3 +281,21 @@ def test_linear_weight_gradient_reduced_from_a_strided_summand(rank: int, world_
                                       target).backward()
     torch.testing.assert_close(_full(sharded_x.grad), dense_x.grad)
     torch.testing.assert_close(_full(sharded_matrix.grad), dense_matrix.grad)
+
+
+@multi_rank(world_size=[2, 3])
+def test_scans_on_an_irregular_tiling(rank: int, world_size: int) -> None:
+    """Blocks that start at different rows in different columns (no grid): some
+    (slot, column) totals have no writer, and take the scan's identity (a 0 there made
+    cumprod 0 and logcumsumexp too large below it)."""
+    boxes = [((0, 0), (2, 1)), ((0, 1), (1, 1)), ((1, 1), (3, 1)), ((2, 0), (2, 1))]
+    spec = ds.EnumerableShardingSpec([
+        ds.ShardMetadata(list(offsets), list(sizes), f"rank:{i % world_size}/cpu")
+        for i, (offsets, sizes) in enumerate(boxes)])
+    x = torch.rand(4, 2, generator=torch.Generator().manual_seed(1)) + 0.5
+    sx = shard(x, spec)
+    for scan in (torch.cumsum, torch.cumprod, torch.logcumsumexp):
+        torch.testing.assert_close(_full(scan(sx, 0)), scan(x, 0), msg=scan.__name__)
+        complex_x = x.to(torch.complex64) * (1 + 0.5j)
+        torch.testing.assert_close(_full(scan(shard(complex_x, spec), 0)), scan(complex_x, 0),
+                                   msg=f"complex {scan.__name__}")

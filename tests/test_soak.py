@@ -41,4 +41,5 @@ def test_training_stays_flat(rank: int, world_size: int) -> None:
     soak = soak_module()
     result = soak.soak_rank(rank=rank, world_size=world_size, steps=200, sample_every=25,
                             warmup=100)
-    assert soak.check([result]) == [], soak.table([result])
+    problems = soak.check([result])
+    assert problems == [], "\n".join([*problems, soak.table([result])])
