@@ -739,9 +739,11 @@ def _vector_norm(func: torch._ops.OpOverload, args: tuple[Any, ...],
 def _shift_and_total(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype,
                      mask_infinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``max`` over ``dims`` and ``sum(exp(x - max))`` (keepdim, full size): two all-reduces.
-    With ``mask_infinite`` an infinite max shifts by 0 (as dense ``logsumexp``)."""
-    shift = _all_reduced(x, dims, dtype, "max",
-                         lambda block, _: block.to(dtype).amax(dims, keepdim=True))
+    With ``mask_infinite`` an infinite max shifts by 0 (as dense ``logsumexp``). A complex
+    ``x`` shifts by the max of its real parts, as dense ``logsumexp`` does."""
+    real = dtype.to_real() if dtype.is_complex else dtype
+    shift = _all_reduced(x, dims, real, "max", lambda block, _: (
+        block.real if block.is_complex() else block).to(real).amax(dims, keepdim=True))
     if mask_infinite:
         shift.masked_fill_(shift.abs() == math.inf, 0)
     total = _all_reduced(x, dims, dtype, "sum", lambda block, box: (
@@ -763,10 +765,6 @@ def _logsumexp(func: torch._ops.OpOverload, args: tuple[Any, ...],
     served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
     if served is not None:
         return served
-    if x.is_complex():
-        raise NotImplementedError(
-            "aten.logsumexp of a complex tensor along a split dim not supported for "
-            "ShardedTensor!")
     shift, total = _shift_and_total(x, dims, dtypes[0], mask_infinite=True)
     return _replicated(x, total.log_().add_(shift), _out_size(x.shape, dims, keepdim),
                        dtypes[0])

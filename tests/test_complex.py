@@ -29,6 +29,7 @@ CASES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sum": lambda z: z.sum(),
     "sum_dims": lambda z: z.sum(0) * 2 + z.sum(1, keepdim=True).sum(0),
     "mean": lambda z: z.mean(),
+    "logsumexp": lambda z: torch.logsumexp(z, 0) + torch.logsumexp(z, 1, keepdim=True).sum(),
     "matmul": lambda z: z @ z.t().conj(),
     "contract_split": lambda z: z.t() @ z,
     "fft_dim0": lambda z: torch.fft.fft(z, dim=0),
