@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from layouts import cols, grid, rows, several, train_side_by_side
 from torch import nn
 
@@ -191,3 +193,75 @@ def _per_rank_draw(rank: int, world_size: int) -> list[float]:
         x.uniform_()
     assert counted.counts == {}
     return x.local_tensor().flatten().tolist()
+
+
+# -- property test: random ops under dense_equivalent() on drawn layouts ---------------
+
+RANDOM_OPS: dict[str, Any] = {
+    "dropout": lambda t: F.dropout(t, 0.3, training=True),
+    "bernoulli_": lambda t: t.clone().bernoulli_(0.4),
+    "rand_like": torch.rand_like,
+    "randn_like": torch.randn_like,
+    "normal_": lambda t: t.clone().normal_(1.0, 2.0),
+    "uniform_": lambda t: t.clone().uniform_(-2, 3),
+    "exponential_": lambda t: t.clone().exponential_(1.5),
+    "log_normal_": lambda t: t.clone().log_normal_(0.5, 0.3),
+    "cauchy_": lambda t: t.clone().cauchy_(),
+    "geometric_": lambda t: t.clone().geometric_(0.3),
+    "random_": lambda t: t.clone().random_(0, 10),
+}
+
+
+def _random_program(rank: int, world_size: int, shape: tuple[int, ...], layout: tuple[Any, ...],
+                    op: str, seed: int) -> str | None:
+    """The drawn program on one rank: None when it equals dense, else what differs."""
+    torch.manual_seed(seed)
+    dense = torch.randn(shape, dtype=torch.float64)
+    if layout[0] == "partial":  # integer summands: their sum is dense to the bit
+        dense = dense.round()
+        summand = dense if rank == 0 else torch.zeros_like(dense)
+        x = ShardedTensor.from_local_tensor(summand.clone(), ds.Partial(), *shape)
+    elif layout[0] == "chunk":
+        x = ShardedTensor.from_replicated(
+            dense, ds.ChunkShardingSpec(layout[1], [f"rank:{r}/cpu" for r in layout[2]]))
+    else:
+        x = ShardedTensor.from_replicated(dense, ds.Replicate())
+    with ds.random.dense_equivalent():
+        torch.manual_seed(seed + 1)
+        ours = RANDOM_OPS[op](x)
+        next_ours = torch.rand(3)  # the generator advanced as the dense one does
+    torch.manual_seed(seed + 1)
+    theirs = RANDOM_OPS[op](dense)
+    next_theirs = torch.rand(3)
+    value = ours.full_tensor()
+    if not torch.equal(value, theirs):
+        return f"{op} on {layout}: values differ from dense"
+    if not torch.equal(next_ours, next_theirs):
+        return f"{op} on {layout}: the generator advanced differently"
+    return None
+
+
+@st.composite
+def _random_programs(draw: st.DrawFn) -> dict[str, Any]:
+    world_size = draw(st.sampled_from([2, 3]))
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=1, max_size=3)))
+    kind = draw(st.sampled_from(["chunk", "chunk", "replicate", "partial"]))
+    layout: tuple[Any, ...] = (kind,)
+    if kind == "chunk":
+        ranks = draw(st.lists(st.integers(0, world_size - 1), min_size=1,
+                              max_size=2 * world_size))
+        layout = ("chunk", draw(st.integers(0, len(shape) - 1)), tuple(ranks))
+    return {"world_size": world_size, "shape": shape, "layout": layout,
+            "op": draw(st.sampled_from(sorted(RANDOM_OPS))), "seed": draw(st.integers(0, 999))}
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(program=_random_programs())
+def test_random_ops_under_dense_equivalent_on_drawn_layouts(program: dict[str, Any]) -> None:
+    """Hypothesis draws a shape (empty dims too), a layout (chunks along any dim over a
+    rank list with repeats, replicated, partial), a random op and a seed: inside
+    dense_equivalent() the values equal dense's to the bit, and so does the next draw."""
+    world_size = program.pop("world_size")
+    verdicts = get_pool(world_size).run(_random_program, timeout_s=60, **program)
+    assert verdicts == [None] * world_size, verdicts
