@@ -261,3 +261,29 @@ def test_an_inverse_fft_that_resizes_a_chunked_dim(rank: int, world_size: int) -
     x = shard(dense, cols(world_size))
     torch.testing.assert_close(whole(torch.fft.irfft(x, n=8, dim=1)),
                                torch.fft.irfft(dense, n=8, dim=1))
+
+
+@multi_rank(world_size=[4])
+def test_complex_ops_on_a_2x2_mesh(rank: int, world_size: int) -> None:
+    """The cases above on N-D layouts: split on both mesh dims (uneven), replicated over
+    one, and a pending sum over one; forward and backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (2, 2))
+    dense = _dense(8)
+    names = ("arithmetic", "conj_times_self", "real_imag", "view_as_real", "real_roundtrip",
+             "sum_dims", "matmul", "fft_dim0", "fft_dim1", "rfft_irfft", "logsumexp")
+    for placements in ([Shard(0), Shard(1)], [Replicate(), Shard(0)], [Partial(), Shard(1)]):
+        for name in names:
+            where = f"{name} on {placements}"
+            leaf = dense.clone().requires_grad_(True)
+            expected = CASES[name](leaf)
+            x = ds.distribute_tensor(dense, mesh, placements).requires_grad_(True)
+            got = CASES[name](x)
+            torch.testing.assert_close(whole(got), expected.detach(), msg=where,
+                                       rtol=1e-5, atol=1e-5)
+            _loss(expected).backward()
+            _loss(got).backward()
+            torch.testing.assert_close(whole(x.grad), leaf.grad, msg=f"grad of {where}",
+                                       rtol=1e-5, atol=1e-5)
