@@ -610,11 +610,18 @@ class ShardedTensor(torch.Tensor):
         group = collectives.resolve_group(process_group)
         rank = dist.get_rank()
         # NOTE [rank-consistent creation] in dispatch_shard.collectives
+        def build() -> Layout:
+            if tensor.layout != torch.strided:
+                raise NotImplementedError(
+                    f"dispatch_shard shards strided tensors only, not {tensor.layout}: "
+                    "pass tensor.to_dense()")
+            return layout_of(spec, tensor.shape, collectives.group_ranks(group),
+                             device=str(tensor.device))
+
         layout = collectives.checked_creation(
             "from_replicated", (("sharding_spec", spec), ("size", tuple(tensor.shape)),
-                                ("dtype", tensor.dtype)), group,
-            lambda: layout_of(spec, tensor.shape, collectives.group_ranks(group),
-                              device=str(tensor.device)))
+                                ("dtype", tensor.dtype), ("layout", str(tensor.layout))),
+            group, build)
         source = tensor.detach()
         blocks = [source[layout.shard_box(i)].clone() for i in layout.local_indices(rank)]
         if layout.pending and blocks and layout.reduce_op == "sum":

@@ -8,6 +8,8 @@ These three keep any layout, N-D ones (and their pending terms) included.
 ``resize_``/``resize_as_``: ``x`` takes the blocks and layout of its first ``prod(size)``
 elements reshaped (zeros past its end, where dense leaves memory uninitialised); the
 collectives are those of that reshape (none where the view stays in the blocks).
+``to_sparse`` and the other sparse conversions raise NotImplementedError: blocks are
+strided tensors.
 """
 
 from __future__ import annotations
@@ -169,3 +171,18 @@ def resize_as_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     if not isinstance(x, ShardedTensor):
         return x.resize_(size, memory_format=bound["memory_format"])
     return aten.resize_.default(x, size, memory_format=bound["memory_format"])
+
+
+def to_sparse(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+              process_group: Any) -> Any:
+    """Sparse layouts are not supported: a ShardedTensor's blocks are strided tensors.
+    Raises the same NotImplementedError on every rank, with no collective."""
+    raise NotImplementedError(
+        "dispatch_shard: sparse layouts are not supported (a ShardedTensor's blocks are "
+        "strided tensors); to get a sparse tensor, convert the whole value: "
+        "x.full_tensor().to_sparse()")
+
+
+for _packet in (aten._to_sparse, aten._to_sparse_csr, aten._to_sparse_csc, aten._to_sparse_bsr,
+                aten._to_sparse_bsc, aten.to_sparse, aten.sparse_mask):
+    custom_sharded_op_impl(_packet, handles_partial=True, handles_mesh=True)(to_sparse)

@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard as TShard
 
 import dispatch_shard as ds
 from dispatch_shard import ShardedTensor, collectives
@@ -177,6 +179,24 @@ def _int_into_foreach(rank: int, world_size: int, case: str) -> tuple[str, str]:
     return outcome(lambda: torch._foreach_div_([target], 2))
 
 
+def _sparse(rank: int, world_size: int, case: str) -> tuple[str, str]:
+    """Sparse layouts: a clear NotImplementedError on every rank (blocks are strided)."""
+    group = short_group(world_size)
+    mesh = DeviceMesh.from_group(group, "cpu")
+    dense = seeded(6, 4)
+    if case == "distribute a sparse tensor":
+        return outcome(lambda: ds.distribute_tensor(dense.to_sparse(), mesh, [TShard(0)]))
+    if case == "sparse on one rank":
+        value = dense.to_sparse() if rank == 1 else dense
+        return outcome(lambda: ds.distribute_tensor(value, mesh, [TShard(0)]))
+    sharded = ds.distribute_tensor(dense, mesh, [TShard(0)])
+    if case == "to_sparse":
+        return outcome(lambda: sharded.to_sparse())
+    if case == "to_sparse_csr":
+        return outcome(lambda: sharded.to_sparse_csr())
+    raise AssertionError(case)
+
+
 # (body, case, world size, ranks expected to raise (None: all), error type, message regex)
 CASES: list[tuple[Callable[..., tuple[str, str]], str, int, list[int] | None, str, str]] = [
     (_from_local_shards, "dtype within a rank", 3, None, "ValueError",
@@ -221,6 +241,13 @@ CASES: list[tuple[Callable[..., tuple[str, str]], str, int, list[int] | None, st
      r"aten._foreach_add_.List: .*ranks \[0, 1, 2\] and \[0, 1\]"),
     (_int_into_foreach, "int destination", 3, None, "RuntimeError",
      r"result type Float can't be cast to the desired output type Long"),
+    (_sparse, "distribute a sparse tensor", 3, None, "NotImplementedError",
+     r"shards strided tensors only, not torch.sparse_coo: pass tensor.to_dense\(\)"),
+    (_sparse, "sparse on one rank", 3, None, "NotImplementedError",
+     r"shards strided tensors only, not torch.sparse_coo"),
+    (_sparse, "to_sparse", 3, None, "NotImplementedError",
+     r"sparse layouts are not supported .*x.full_tensor\(\).to_sparse\(\)"),
+    (_sparse, "to_sparse_csr", 3, None, "NotImplementedError", r"sparse layouts are not supported"),
 ]
 
 
