@@ -38,8 +38,9 @@ _NAMES = (
     "linalg_qr.default", "linalg_solve_triangular.default", "lu_unpack.default",
     "ormqr.default", "triangular_solve.default",
     # outputs sized by the data
-    "_unique2.default", "unique_consecutive.default", "unique_dim.default", "nonzero.default",
-    "nonzero_static.default", "masked_select.default", "repeat_interleave.Tensor",
+    "_unique.default", "_unique2.default", "unique_consecutive.default", "unique_dim.default",
+    "nonzero.default", "nonzero_static.default", "masked_select.default",
+    "repeat_interleave.Tensor",
     # order statistics of all elements
     "median.default", "nanmedian.default",
     # histograms and searches
