@@ -17,6 +17,7 @@ from dispatch_shard.ops import (
     losses,
     matmul,
     pointwise,
+    random_ops,
     reduction,
     scan,
     sorting,
@@ -34,6 +35,6 @@ from dispatch_shard.ops import (
 from dispatch_shard.ops import decomposed
 
 __all__ = ["attention", "complex", "decomposed", "embedding", "factory", "foreach",
-           "indexing", "linear_cross_entropy", "losses", "matmul", "pointwise", "reduction",
-           "scan", "sorting", "spatial", "spatial_backward", "strided", "tensor_basics",
-           "view", "whole"]
+           "indexing", "linear_cross_entropy", "losses", "matmul", "pointwise", "random_ops",
+           "reduction", "scan", "sorting", "spatial", "spatial_backward", "strided",
+           "tensor_basics", "view", "whole"]

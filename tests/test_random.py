@@ -209,7 +209,80 @@ RANDOM_OPS: dict[str, Any] = {
     "cauchy_": lambda t: t.clone().cauchy_(),
     "geometric_": lambda t: t.clone().geometric_(0.3),
     "random_": lambda t: t.clone().random_(0, 10),
+    # the draws that make a new tensor (ops/random_ops.py)
+    "randint_like": lambda t: torch.randint_like(t, -3, 9),
+    "bernoulli(p)": lambda t: t.bernoulli(0.3),
+    "poisson": lambda t: torch.poisson(t.abs()),
+    "rrelu": lambda t: F.rrelu(t, training=True),
+    "_standard_gamma": lambda t: torch._standard_gamma(t.abs() + 0.5),
+    "binomial": lambda t: torch.binomial(t.abs().round(), torch.full_like(t, 0.3)),
 }
+
+# Draws on a positive [7, 5] matrix: the ops above and those whose draws read whole rows.
+NEW_TENSOR_DRAWS: dict[str, Any] = {
+    **{name: RANDOM_OPS[name] for name in ("randint_like", "bernoulli(p)", "poisson", "rrelu",
+                                           "_standard_gamma", "binomial")},
+    "rrelu of negatives": lambda t: F.rrelu(t - 1.0, 0.1, 0.4, training=True),
+    "multinomial": lambda t: torch.multinomial(t, 3),
+    "multinomial, replacement": lambda t: torch.multinomial(t, 9, replacement=True),
+    "_sample_dirichlet": torch._sample_dirichlet,
+}
+
+
+@multi_rank(world_size=[2, 3])
+def test_new_tensor_draws_give_the_dense_values(rank: int, world_size: int) -> None:
+    """randint_like, bernoulli(p), poisson, rrelu, multinomial...: inside dense_equivalent()
+    the dense values on every layout (and the dense gradient of rrelu)."""
+    torch.manual_seed(0)
+    dense = torch.rand(7, 5, dtype=torch.float64) + 0.1
+    for name, spec in _layouts(world_size).items():
+        for what, draw in NEW_TENSOR_DRAWS.items():
+            x = ShardedTensor.from_replicated(dense, spec)
+            with ds.random.dense_equivalent():
+                torch.manual_seed(11)
+                ours = draw(x)
+                again = draw(x)
+            torch.manual_seed(11)
+            theirs = draw(dense)
+            _same(ours, theirs, f"{what} on {name}")
+            _same(again, draw(dense), f"second {what} on {name}")
+        leaf = ShardedTensor.from_replicated(dense - 0.5, spec).requires_grad_()
+        reference = (dense - 0.5).requires_grad_()
+        with ds.random.dense_equivalent():
+            torch.manual_seed(5)
+            (F.rrelu(leaf, training=True) * 3).sum().backward()
+        torch.manual_seed(5)
+        (F.rrelu(reference, training=True) * 3).sum().backward()
+        _same(leaf.grad, reference.grad, f"rrelu's gradient on {name}")
+
+
+@multi_rank(world_size=[3])
+def test_new_tensor_draws_outside_the_context(rank: int, world_size: int) -> None:
+    """Without dense_equivalent(): a replicated result is one draw, the same on every rank;
+    an elementwise draw on sharded blocks needs no collective; the values are valid."""
+    torch.manual_seed(rank)  # the ranks' generators differ
+    dense = torch.rand(7, 5) + 0.1
+    replicated = ShardedTensor.from_replicated(dense, ds.Replicate())
+    for what, draw in NEW_TENSOR_DRAWS.items():
+        local = draw(replicated).local_tensor()
+        copies = [torch.empty_like(local) for _ in range(world_size)]
+        torch.distributed.all_gather(copies, local)
+        assert all(torch.equal(c, copies[0]) for c in copies), what
+    sharded = ShardedTensor.from_replicated(dense, rows(world_size))
+    with ds.count_collectives() as counted:
+        ints = torch.randint_like(sharded, 2, 6)
+        coins = sharded.bernoulli(0.5)
+        counts = torch.poisson(sharded * 4)
+    assert counted.counts == {}
+    value = ints.full_tensor()
+    assert value.dtype == dense.dtype and ((value >= 2) & (value < 6)).all()
+    assert (value == value.round()).all()
+    assert set(coins.full_tensor().unique().tolist()) <= {0.0, 1.0}
+    assert (counts.full_tensor() >= 0).all()
+    rows_ = torch.multinomial(ShardedTensor.from_replicated(dense, rows(world_size)), 2)
+    picked = rows_.full_tensor()
+    assert picked.shape == (7, 2) and picked.dtype == torch.int64
+    assert all(len(set(r)) == 2 for r in picked.tolist())  # without replacement
 
 
 def _random_program(rank: int, world_size: int, shape: tuple[int, ...], layout: tuple[Any, ...],
