@@ -4,9 +4,10 @@ By default a random op on a sharded tensor draws each block from its rank's
 generator, in block order: cheap, but the values depend on the layout and the world
 size, so a model with dropout trains differently at every world size and cannot be
 compared with its dense self. Inside :func:`dense_equivalent`, a random op on a
-ShardedTensor (``dropout``, ``bernoulli_``, ``rand_like``, ``randn_like``,
-``normal_``, ``uniform_``, ...) gives exactly the values the dense op gives after the
-same ``torch.manual_seed``, at any world size and layout:
+ShardedTensor (``dropout``, ``rrelu``, the in-place fills ``bernoulli_``, ``normal_``,
+``uniform_``..., ``rand_like``, ``randn_like``, ``randint_like``, ``bernoulli``,
+``poisson``, ``binomial``, ``multinomial``...) gives exactly the values the dense op
+gives after the same ``torch.manual_seed``, at any world size and layout:
 
 - every rank draws the whole tensor from its default generator, as the dense op
   does, and keeps its blocks (so every rank's generator advances as the dense

@@ -15,9 +15,10 @@ blocks), and writes
 Run with ``nox -s coverage`` (or ``python tools/op_coverage.py``). It takes a
 while: on a 2-core machine, about 10 minutes per world size for dispatch_shard and
 an hour per world size for DTensor. ``--report-only`` rewrites the outputs from
-``results.jsonl``; ``--from-pages docs/op_coverage.rst`` rewrites the pages from the
-tables of the pages themselves (every figure they show is in them), for changing how
-they look without rerunning.
+``results.jsonl``; ``--libraries dispatch_shard --keep-dtensor`` reruns ours alone and
+keeps DTensor's columns of the page it rewrites; ``--from-pages docs/op_coverage.rst``
+rewrites the pages from the tables of the pages themselves (every figure they show is in
+them), for changing how they look without rerunning.
 """
 
 from __future__ import annotations
@@ -189,14 +190,15 @@ def problems(results: dict[tuple[str, int, str], OpResult], library: str, outcom
 # The ops/ families in the order an op is filed under (the most specific it reached first).
 # ``whole`` first: an op that reached it gathered whole values and computed on every rank.
 FAMILY_ORDER = ("whole", "matmul", "attention", "embedding", "spatial", "sorting", "scan",
-                "indexing", "reduction", "pointwise", "foreach", "factory", "decomposed",
-                "view", "tensor_basics")
+                "indexing", "reduction", "pointwise", "random_ops", "foreach", "factory",
+                "decomposed", "view", "tensor_basics")
 FAMILY_TITLES = {
     "whole": "whole value (gathers, computes on every rank)",
     "matmul": "matrix products", "attention": "attention", "embedding": "embeddings",
     "spatial": "convolution and pooling", "sorting": "sorting and selection",
     "scan": "scans (cumulative ops)", "indexing": "indexing", "reduction": "reductions",
-    "pointwise": "pointwise", "foreach": "optimizer kernels", "factory": "``*_like`` factories",
+    "pointwise": "pointwise", "random_ops": "random draws", "foreach": "optimizer kernels",
+    "factory": "``*_like`` factories",
     "decomposed": "torch's decompositions", "view": "views and shape ops",
     "tensor_basics": "aliasing, copying, queries",
     "composite": "decomposed by torch before the dispatch",
@@ -225,6 +227,7 @@ class Coverage:
     samples: dict[str, tuple[Counter[str], Counter[str]]]  # library -> forward, backward
     wrong: dict[str, list[WrongSample]] = field(default_factory=dict)
     dtype: str = "float32"  # the samples' dtype
+    kept: list[str] = field(default_factory=list)  # libraries whose columns an earlier run gave
 
 
 def coverage_from_results(results: dict[tuple[str, int, str], OpResult], worlds: Sequence[int],
@@ -282,6 +285,8 @@ def _list_table(header: list[str], body: list[list[str]], widths: str,
 def _outcome_cell(row: dict[str, Any], library: str) -> str:
     """``forward / backward`` (``n/a``: the op has no backward), a whole-value pass marked."""
     forward = row[f"{library}_forward"]
+    if not forward:
+        return "not run"
     if forward == PARTIAL:
         forward += f" ({row[f'{library}_samples_pass']}/{row[f'{library}_samples']})"
     if library != DTENSOR and WHOLE in families(row) and forward.startswith(PASS):
@@ -333,6 +338,9 @@ def rst(coverage: Coverage, dtensor_page: str | None = None) -> str:
         f"{_label(main)} gives {wrong_ours or 'no'} wrong results."
         + (f" DTensor's wrong results, and the conditions they occur in, are on "
            f":doc:`{dtensor_page}`." if dtensor_page else ""),
+        *([f"{' and '.join(_label(lib) for lib in coverage.kept)}'s columns are kept from an "
+           "earlier run (``--keep-dtensor``); ``not run``: an op that run did not have."]
+          if coverage.kept else []),
         "",
         "Per op",
         "------",
@@ -390,6 +398,19 @@ def rst(coverage: Coverage, dtensor_page: str | None = None) -> str:
             "the forward reached none, it names the families registered for the op's aten",
             "name (``composite``: torch decomposes the op before it reaches the dispatch;",
             "``none``: nothing registered).",
+            "",
+            "What the run leaves out, by design:",
+            "",
+            "* **Sparse layouts.** A ShardedTensor's blocks are strided tensors: ``to_sparse``",
+            "  and the other sparse conversions, and sharding a sparse tensor, raise",
+            "  ``NotImplementedError`` on every rank with a message that says so.",
+            "* **Host arguments.** ``tensor_split``'s ``tensor_indices_or_sections`` is read on",
+            "  the host by torch's own kernel before any ``__torch_dispatch__`` sees it, so it",
+            "  stays a plain tensor in the run (a ShardedTensor there fails inside torch, as a",
+            "  DTensor does; pass a plain tensor or ``indices.tolist()``).",
+            "* **Random ops** (``SKIP``: nothing to compare draw for draw). Inside",
+            "  :func:`dispatch_shard.random.dense_equivalent` they give exactly the dense values;",
+            "  ``tests/test_random.py`` checks that for each of them.",
             "",
             "Totals",
             "------",
@@ -520,7 +541,7 @@ def coverage_from_pages(path: str) -> Coverage:
         for library, (forward, backward) in zip(libraries, pairs, strict=True):
             forward = forward.replace(" (whole)", "")
             counts = re.search(r"\((\d+)/(\d+)\)", forward)
-            row[f"{library}_forward"] = forward.split(" ")[0]
+            row[f"{library}_forward"] = "" if forward == "not run" else forward.split(" ")[0]
             row[f"{library}_backward"] = "" if backward == "n/a" else backward
             row[f"{library}_samples_pass"] = int(counts.group(1)) if counts else 0
             row[f"{library}_samples"] = int(counts.group(2)) if counts else 0
@@ -564,8 +585,10 @@ def coverage_from_pages(path: str) -> Coverage:
             ran[library] = [int(n) for n in found.group(1).split(" and ")] if found else []
     worlds = sorted({w for ws in ran.values() for w in ws})
     dtype = re.search(r"Every (\w+) OpInfo", text)
+    kept = re.search(r"\n(.*)'s columns are kept from an earlier run", text)
     return Coverage(version.group(1) if version else "?", worlds, ran, libraries, rows,
-                    samples, wrong, dtype.group(1) if dtype else "float32")
+                    samples, wrong, dtype.group(1) if dtype else "float32",
+                    [lib for lib in libraries if kept and _label(lib) in kept.group(1)])
 
 
 def _sections(text: str) -> dict[str, str]:
@@ -620,8 +643,36 @@ def report(args: argparse.Namespace, jsonl: str) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(rows)
     if args.rst:
-        write_pages(coverage_from_results(results, worlds, libraries, args.dtype), args.rst)
+        coverage = coverage_from_results(results, worlds, libraries, args.dtype)
+        if args.keep_dtensor and os.path.exists(args.rst):
+            coverage = keep_columns(coverage, coverage_from_pages(args.rst), [DTENSOR])
+        write_pages(coverage, args.rst)
     return numbers
+
+
+def keep_columns(new: Coverage, old: Coverage, libraries: Sequence[str]) -> Coverage:
+    """``new`` with the columns, sample totals and wrong results of ``libraries`` taken from
+    ``old`` (pages read by coverage_from_pages): rerunning dispatch_shard (minutes) keeps
+    DTensor's figures (hours) from the last run that had them. An op that ``old`` lacks gets
+    empty cells for them."""
+    kept = [lib for lib in libraries if lib in old.libraries and lib not in new.libraries]
+    old_rows = {row["op"]: row for row in old.rows}
+    rows = []
+    for row in new.rows:
+        row = dict(row)
+        before = old_rows.get(row["op"], {})
+        for library in kept:
+            for key in ("forward", "backward", "samples_pass", "samples"):
+                row[f"{library}_{key}"] = before.get(f"{library}_{key}",
+                                                     0 if key.startswith("samples") else "")
+        rows.append(row)
+    return Coverage(new.torch_version, sorted({*new.worlds, *(w for lib in kept
+                                                               for w in old.ran[lib])}),
+                    {**new.ran, **{lib: old.ran[lib] for lib in kept}},
+                    [*new.libraries, *kept], rows,
+                    {**new.samples, **{lib: old.samples[lib] for lib in kept}},
+                    {**new.wrong, **{lib: old.wrong.get(lib, []) for lib in kept}}, new.dtype,
+                    [*new.kept, *kept])
 
 
 def write_pages(coverage: Coverage, path: str) -> None:
@@ -659,6 +710,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--from-pages", metavar="RST", default=None,
                         help="rewrite the pages from the tables of the pages at RST (and its "
                         "DTensor page beside it), running nothing: for changing how they look")
+    parser.add_argument("--keep-dtensor", action="store_true",
+                        help="keep DTensor's columns of the page at --rst (when this run has "
+                        "no DTensor results): rerun dispatch_shard alone and keep the rest")
     args = parser.parse_args(argv)
     if args.from_pages:
         write_pages(coverage_from_pages(args.from_pages), args.rst or args.from_pages)
