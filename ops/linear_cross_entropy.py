@@ -37,6 +37,27 @@ __all__ = ["chunked_linear_cross_entropy", "chunked_linear_cross_entropy_no_redu
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as nll_loss takes it
 
 
+def _accumulated(bound: dict[str, Any]) -> tuple[dict[str, Any], torch.dtype]:
+    """The arguments in ``acc_dtype`` (dense's rule: float16/bfloat16 inputs may accumulate
+    in float32; its error otherwise), and the dtype the results are given in (the
+    input's, as dense gives them)."""
+    dtype, acc_dtype = bound["input"].dtype, bound["acc_dtype"]
+    if dtype != acc_dtype and not (dtype in (torch.float16, torch.bfloat16)
+                                   and acc_dtype == torch.float32):
+        raise RuntimeError("linear_cross_entropy supports float32 acc_dtype with float16/"
+                           f"bfloat16 inputs, but got {acc_dtype} acc_dtype and {dtype} inputs.")
+    if dtype == acc_dtype:
+        return bound, dtype
+    upcast = {name: value.to(acc_dtype) if isinstance(value, torch.Tensor)
+              and value.is_floating_point() else value for name, value in bound.items()}
+    return upcast, dtype
+
+
+def _given_in(dtype: torch.dtype, *results: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The results in ``dtype`` (those computed in ``acc_dtype`` rounded once)."""
+    return tuple(r if r.dtype == dtype else r.to(dtype) for r in results)
+
+
 def _log_probs(bound: dict[str, Any]) -> torch.Tensor:
     """``log_softmax(linear(input, linear_weight, linear_bias), 1)``: what
     ``F.cross_entropy(F.linear(...))`` computes before the loss."""
@@ -53,7 +74,7 @@ def chunked_linear_cross_entropy(types: Any, args: tuple[Any, ...], kwargs: dict
     (``[0]``) replicated tensors, as dense returns them. Per-rank shapes and collectives:
     those of ``linear``, ``log_softmax``, ``nll_loss`` and their backward on these layouts."""
     func = torch.ops.torch_nn._linear_cross_entropy_batch_chunked.default
-    bound = bind_arguments(func, args, kwargs)
+    bound, out_dtype = _accumulated(bind_arguments(func, args, kwargs))
     x, weight_matrix = bound["input"], bound["linear_weight"]
     if bound["label_smoothing"]:  # (torch takes the reference path for these)
         raise NotImplementedError(f"{func} with label_smoothing not supported for "
@@ -63,7 +84,7 @@ def chunked_linear_cross_entropy(types: Any, args: tuple[Any, ...], kwargs: dict
     loss, total_weight = aten.nll_loss_forward.default(
         log_probs, bound["target"], bound["weight"], reduction, bound["ignore_index"])
     anchor = first_sharded(args, kwargs)
-    dtype = x.dtype
+    dtype = out_dtype
 
     def empty(*size: int) -> torch.Tensor:
         return replicated_result(anchor, torch.empty(size, dtype=dtype, device=x.device),
@@ -72,7 +93,7 @@ def chunked_linear_cross_entropy(types: Any, args: tuple[Any, ...], kwargs: dict
     wanted = (bound["compute_input_grad"], bound["compute_linear_weight_grad"],
               bound["compute_linear_bias_grad"] and bound["linear_bias"] is not None)
     if not any(wanted):
-        return loss, empty(0, 0), empty(0, 0), empty(0)
+        return _given_in(dtype, loss, empty(0, 0), empty(0, 0), empty(0))
     one = torch.ones((), dtype=loss.dtype, device=x.device)  # d loss / d loss
     grad_log_probs = aten.nll_loss_backward.default(
         one, log_probs, bound["target"], bound["weight"], reduction, bound["ignore_index"],
@@ -83,7 +104,7 @@ def chunked_linear_cross_entropy(types: Any, args: tuple[Any, ...], kwargs: dict
     grad_weight = (aten.t.default(aten.mm.default(aten.t.default(x), grad_logits))
                    if wanted[1] else empty(0, 0))
     grad_bias = aten.sum.dim_IntList(grad_logits, [0]) if wanted[2] else empty(0)
-    return loss, grad_input, grad_weight, grad_bias
+    return _given_in(dtype, loss, grad_input, grad_weight, grad_bias)
 
 
 @custom_sharded_op_impl(torch.ops.torch_nn._linear_cross_entropy_batch_chunked_no_reduction
@@ -99,7 +120,7 @@ def chunked_linear_cross_entropy_no_reduction(types: Any, args: tuple[Any, ...],
     mode off either way). ``options=None`` (the unfused reference path) serves
     ``reduction="none"`` with gradients."""
     func = torch.ops.torch_nn._linear_cross_entropy_batch_chunked_no_reduction.default
-    bound = bind_arguments(func, args, kwargs)
+    bound, dtype = _accumulated(bind_arguments(func, args, kwargs))
     loss, _ = aten.nll_loss_forward.default(_log_probs(bound), bound["target"],
                                             bound["weight"], 0, bound["ignore_index"])
-    return loss
+    return _given_in(dtype, loss)[0]

@@ -267,3 +267,36 @@ def test_fused_linear_cross_entropy_matches_dense_and_the_unfused_collectives(
         F.linear(x, matrix, bias), target, reduction="none"))
     with pytest.raises(NotImplementedError, match="not supported for ShardedTensor"):
         got.sum().backward()
+
+
+@multi_rank(world_size=[2, 3])
+def test_fused_linear_cross_entropy_accumulates_in_acc_dtype(rank: int, world_size: int) -> None:
+    """bfloat16 inputs with ``acc_dtype=torch.float32`` compute in float32 as dense does
+    (per-sample losses equal the float32 computation rounded once), results come back in
+    bfloat16; an acc_dtype dense refuses raises dense's error on every rank."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 48, generator=generator).bfloat16()
+    matrix = torch.randn(300, 48, generator=generator).bfloat16()
+    target = torch.randint(0, 300, (9,), generator=generator)
+    options = torch.nn.LinearCrossEntropyOptions(acc_dtype=torch.float32)
+    rows_ = ds.ChunkShardingSpec(0, [f"rank:{r}/cpu" for r in range(world_size)])
+    sharded_x, replicated = shard(x, rows_), shard(matrix, ds.Replicate())
+    losses = F.linear_cross_entropy(sharded_x, replicated, target, reduction="none",
+                                    options=options)
+    in_float32 = F.cross_entropy(F.linear(x.float(), matrix.float()), target, reduction="none")
+    assert losses.dtype == torch.bfloat16
+    assert torch.equal(losses.full_tensor(), in_float32.bfloat16())
+    leaf = shard(x, rows_, requires_grad=True)
+    loss = F.linear_cross_entropy(leaf, replicated, target, options=options)
+    loss.backward()
+    dense_leaf = x.float().requires_grad_(True)
+    F.cross_entropy(F.linear(dense_leaf, matrix.float()), target).backward()
+    assert loss.dtype == leaf.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.full_tensor().float(),
+                               F.cross_entropy(F.linear(x.float(), matrix.float()), target),
+                               atol=0, rtol=2**-8)
+    torch.testing.assert_close(leaf.grad.full_tensor(), dense_leaf.grad.bfloat16())
+    wrong = torch.nn.LinearCrossEntropyOptions(acc_dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="supports float32 acc_dtype with float16/bfloat16"):
+        F.linear_cross_entropy(shard(x.float(), rows_), shard(matrix.float(), ds.Replicate()),
+                               target, options=wrong)
