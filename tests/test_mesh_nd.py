@@ -579,3 +579,52 @@ def test_in_place_views_of_mesh_tensors(rank: int, world_size: int) -> None:
         z = ds.distribute_tensor(dense, mesh, [Replicate(), Shard(1)])
         assert z.unsqueeze_(0) is z and z.shape == (1, rows, 2)
         assert torch.equal(z.full_tensor(), dense.unsqueeze(0))
+
+
+@multi_rank(world_size=[4])
+def test_strided_views_and_fused_cross_entropy_on_a_2x2_mesh(rank: int, world_size: int) -> None:
+    """``as_strided`` (a view inside blocks and one across them), ``unfold``, ``stft`` and
+    torch's fused linear + cross-entropy on mixed 2x2-mesh placements, uneven sizes and a
+    Partial on one mesh dim: forward and backward equal dense."""
+    mesh = _mesh()
+    signal, matrix = _dense(7, 12, seed=1), _dense(9, 5, seed=2)
+    x_dense, bias = _dense(7, 5, seed=3), _dense(9, seed=4)
+    target = torch.tensor([0, 4, 8, 3, 2, 7, 1])
+    window = torch.hann_window(8, dtype=torch.float64)
+
+    def strided(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"as_strided within rows": t.as_strided((7, 5), (12, 2), 1),
+                "as_strided across rows": t.as_strided((10, 6), (7, 3), 2),
+                "unfold": t.unfold(1, 4, 3),
+                "stft": torch.view_as_real(torch.stft(t, 8, 4, window=window,
+                                                      return_complex=True))}
+
+    options = torch.nn.LinearCrossEntropyOptions()
+    for placements in ([Shard(0), Replicate()], [Replicate(), Shard(1)], [Shard(0), Shard(1)],
+                       [Partial(), Shard(0)]):
+        leaf = ds.distribute_tensor(signal, mesh, placements).requires_grad_()
+        reference = signal.clone().requires_grad_()
+        got, want = strided(leaf), strided(reference)
+        for name in want:
+            torch.testing.assert_close(got[name].full_tensor(), want[name],
+                                       msg=f"{name} on {placements}")
+        sum(v.sum() * (i + 1) for i, v in enumerate(got.values())).backward()
+        sum(v.sum() * (i + 1) for i, v in enumerate(want.values())).backward()
+        torch.testing.assert_close(leaf.grad.full_tensor(), reference.grad,
+                                   msg=f"strided gradients on {placements}")
+    for x_pl, w_pl in (([Shard(0), Replicate()], [Replicate(), Shard(0)]),
+                       ([Replicate(), Shard(1)], [Replicate(), Shard(1)]),
+                       ([Shard(0), Shard(0)], [Replicate(), Replicate()])):
+        leaves = [ds.distribute_tensor(v, mesh, pl).requires_grad_()
+                  for v, pl in ((x_dense, x_pl), (matrix, w_pl), (bias, [Replicate(),
+                                                                           Replicate()]))]
+        dense = [v.clone().requires_grad_() for v in (x_dense, matrix, bias)]
+        loss = F.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2],
+                                      options=options)
+        want_loss = F.cross_entropy(F.linear(*dense), target)
+        torch.testing.assert_close(loss.full_tensor(), want_loss, msg=f"{x_pl}, {w_pl}")
+        loss.backward()
+        want_loss.backward()
+        for ours, theirs in zip(leaves, dense, strict=True):
+            torch.testing.assert_close(ours.grad.full_tensor(), theirs.grad,
+                                       msg=f"fused CE gradients on {x_pl}, {w_pl}")
