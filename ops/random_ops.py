@@ -109,7 +109,7 @@ def _on_whole_values(packet: Any, anchor: ShardedTensor, args: tuple[Any, ...],
     if not is_dense_equivalent():
         for tensor in [*pytree.tree_leaves(value), *written]:
             collectives.broadcast(tensor, first, anchor._process_group)
-    if written and isinstance(args[mutated], ShardedTensor):
+    if mutated is not None and isinstance(args[mutated], ShardedTensor):
         target: ShardedTensor = args[mutated]
         for block, piece in zip(target._local_tensors,
                                 pieces_of(written[0], target._layout, target._rank),
