@@ -54,11 +54,11 @@ _NAMES = (
     # the rest
     "_cdist_forward.default", "_pdist_forward.default", "_trilinear.default",
     "addbmm.default", "segment_reduce.default", "index_reduce.default",
-    "masked_scatter.default", "fractional_max_pool2d.default",
+    "masked_scatter.default", "fractional_max_pool2d.default", "hash_tensor.default",
     "fractional_max_pool3d.default", "put.default",
     # backward kernels of ops above: each gradient element can depend on every element
     # (the masked positions before it, a segment's other values, every pair's distance)
-    "_cdist_backward.default", "_segment_reduce_backward.default",
+    "_cdist_backward.default", "_pdist_backward.default", "_segment_reduce_backward.default",
     "masked_scatter_backward.default",
 )
 
