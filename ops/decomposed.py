@@ -14,13 +14,17 @@ primitive we do not serve raises ``NotImplementedError`` instead of computing
 something else. What a decomposition cannot promise is speed: a decomposition
 that materializes a whole tensor does so here too.
 
-Two sources, in order of preference:
+Three sources, in order of preference:
 
 1. CompositeImplicitAutograd ops (``aten.to.dtype``, ``aten.log_sigmoid``...).
    Above autograd torch decomposes them itself; below it, inside our dispatch,
    they can still arrive, and ``OpOverload.decompose`` runs the same kernel.
 2. ``torch._decomp.decomposition_table``: Python decompositions of the rest.
    Some are references built on ``prims.*`` ops, which we refuse (they raise).
+3. ``out=`` overloads (``aten.mm.out``...) of served functional ops: the functional op,
+   then ``copy_`` into each ``out`` (resized first where its size differs, as dense
+   does). An ``out`` may be a ShardedTensor (the result moves to its layout) or a plain
+   tensor, a replicated value (it receives the whole result on every rank).
 
 This module is imported last: it only fills in ops no other family registered.
 """
@@ -191,6 +195,71 @@ for _func in _composite_implicit_overloads():
     if not _served(_func):
         _register(_func, _func.decompose)
 
+def _functional_of(func: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """The functional overload of an ``out=`` overload (``mm.out`` -> ``mm.default``,
+    ``add.out`` -> ``add.Tensor``...): the same arguments less the ``out`` ones."""
+    wanted = [(a.name, str(a.type)) for a in func._schema.arguments if not a.is_out]
+    packet = func.overloadpacket
+    for name in packet.overloads():
+        candidate = getattr(packet, name)
+        schema = candidate._schema
+        if (not any(a.is_out for a in schema.arguments) and not schema.is_mutable
+                and [(a.name, str(a.type)) for a in schema.arguments] == wanted):
+            return candidate  # type: ignore[no-any-return]
+    return None
+
+
+def out_variant_impl(func: torch._ops.OpOverload, functional: torch._ops.OpOverload
+                     ) -> Callable[..., Any]:
+    """``func`` (an ``out=`` overload) as ``functional`` followed by ``copy_`` into its
+    outs: source 3 of this module."""
+    out_names = [a.name for a in func._schema.arguments if a.is_out]
+
+    def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+        named = dict(kwargs)
+        outs = [named.pop(name) for name in out_names]
+        result = functional(*args, **named)
+        results = result if isinstance(result, tuple | list) else (result,)
+        for out, value in zip(outs, results, strict=True):
+            if out.shape != value.shape:
+                out.resize_(value.shape)
+            out.copy_(value)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    impl.__name__ = impl.__qualname__ = f"out_{func.name().replace('::', '_')}"
+    impl.__doc__ = (f"``{func}``: ``{functional}``, then ``copy_`` into the outs; the "
+                    "collectives are those of the two.")
+    return impl
+
+
+def _out_overloads() -> list[tuple[torch._ops.OpOverload, torch._ops.OpOverload]]:
+    found = []
+    for name in sorted(torch._C._dispatch_get_all_op_names()):
+        if not name.startswith("aten::"):
+            continue
+        packet_name, _, overload = name[len("aten::"):].partition(".")
+        packet = getattr(torch.ops.aten, packet_name, None)
+        func = getattr(packet, overload or "default", None) if packet is not None else None
+        if (not isinstance(func, torch._ops.OpOverload) or _served(func)
+                or not any(a.is_out for a in func._schema.arguments)):
+            continue
+        functional = _functional_of(func)
+        if functional is not None and _served(functional):
+            found.append((func, functional))
+    return found
+
+
+def _register_out_variants() -> None:
+    for func, functional in _out_overloads():
+        custom_sharded_op_impl(func, handles_partial=True)(out_variant_impl(func, functional))
+        _DECOMPOSED.append(func)
+
+
+# Source 3 before source 2 where it can: torch's decompositions of ``out=`` overloads are
+# references built on ``prims`` ops (``amax.out``), which we refuse; and after it, for the
+# functional ops only source 2 serves.
+_register_out_variants()
 for _op, _decomposition in sorted(decomposition_table.items(), key=lambda kv: str(kv[0])):
     if isinstance(_op, torch._ops.OpOverload) and not _served(_op):
         _register(_op, _decomposition)
+_register_out_variants()

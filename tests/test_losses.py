@@ -258,15 +258,21 @@ def test_fused_linear_cross_entropy_matches_dense_and_the_unfused_collectives(
             for leaf, reference in zip(leaves, dense, strict=True):
                 assert leaf.grad is not None and leaf.grad._layout is leaf._layout
                 torch.testing.assert_close(leaf.grad.full_tensor(), reference.grad)
-    # reduction="none": the losses; torch's chunked backward (mm.out) is not served
+    # reduction="none": the losses, and torch's chunked backward (its out= ops write into
+    # plain buffers: replicated values)
     leaves = [shard(value, spec, requires_grad=True)
               for value, spec in zip((x, matrix, bias), specs, strict=True)]
     got = F.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2],
                                  reduction="none", options=options)
-    torch.testing.assert_close(got.full_tensor(), F.cross_entropy(
-        F.linear(x, matrix, bias), target, reduction="none"))
-    with pytest.raises(NotImplementedError, match="not supported for ShardedTensor"):
-        got.sum().backward()
+    dense = [value.clone().requires_grad_(True) for value in (x, matrix, bias)]
+    want = F.cross_entropy(F.linear(*dense), target, reduction="none")
+    torch.testing.assert_close(got.full_tensor(), want)
+    scale = torch.linspace(0.5, 1.5, batch)
+    (got * scale).sum().backward()
+    (want * scale).sum().backward()
+    for leaf, reference in zip(leaves, dense, strict=True):
+        assert isinstance(leaf.grad, ds.ShardedTensor)
+        torch.testing.assert_close(leaf.grad.full_tensor(), reference.grad)
 
 
 @multi_rank(world_size=[2, 3])

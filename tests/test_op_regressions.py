@@ -299,3 +299,32 @@ def test_scans_on_an_irregular_tiling(rank: int, world_size: int) -> None:
         complex_x = x.to(torch.complex64) * (1 + 0.5j)
         torch.testing.assert_close(_full(scan(shard(complex_x, spec), 0)), scan(complex_x, 0),
                                    msg=f"complex {scan.__name__}")
+
+
+@multi_rank(world_size=[2, 3])
+def test_out_variants_write_into_sharded_and_plain_outs(rank: int, world_size: int) -> None:
+    """``out=`` overloads (ops/decomposed.py, source 3): the functional op, then ``copy_``
+    into each out: a ShardedTensor out keeps its own layout, a plain out (a replicated value)
+    gets the whole result on every rank, an out of another size is resized as in dense."""
+    generator = torch.Generator().manual_seed(3)
+    a, b = torch.randn(7, 4, generator=generator), torch.randn(4, 5, generator=generator)
+    x = shard(a, rows(world_size))
+    w = shard(b, ds.Replicate())
+    plain = torch.empty(7, 5)
+    assert torch.mm(x, w, out=plain) is plain
+    torch.testing.assert_close(plain, a @ b)
+    sharded_out = shard(torch.zeros(7, 5), several(world_size))
+    assert torch.mm(x, w, out=sharded_out) is sharded_out
+    assert sharded_out.sharding_spec() == several(world_size)
+    torch.testing.assert_close(_full(sharded_out), a @ b)
+    resized = torch.empty(0)
+    torch.amax(x, 1, out=resized)
+    torch.testing.assert_close(resized, a.amax(1))
+    values, indices = torch.empty(7), torch.empty(7, dtype=torch.long)
+    torch.max(x, 1, out=(values, indices))
+    want_values, want_indices = a.max(1)
+    assert torch.equal(values, want_values) and torch.equal(indices, want_indices)
+    bias = torch.randn(5, generator=generator)
+    into = torch.empty(7, 5)
+    torch.addmm(bias, x, w, out=into)
+    torch.testing.assert_close(into, torch.addmm(bias, a, b))
