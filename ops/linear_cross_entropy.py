@@ -114,11 +114,11 @@ def chunked_linear_cross_entropy_no_reduction(types: Any, args: tuple[Any, ...],
     """Per-sample losses ``[N]`` (``reduction="none"``): ``linear``, ``log_softmax`` and
     ``nll_loss`` as the unfused pair runs them, with their collectives.
 
-    Its backward is torch's Python recomputation, which writes through ``out=`` buffers
-    (``mm.out``) that no family serves: it raises ``NotImplementedError`` naming that op
-    (the op cannot tell here whether a gradient will be needed: torch runs it with grad
-    mode off either way). ``options=None`` (the unfused reference path) serves
-    ``reduction="none"`` with gradients."""
+    Its backward is torch's Python recomputation, chunk by chunk, which writes through
+    ``out=`` overloads (``mm.out``, ``addmm.out``) into plain buffers: served by the
+    ``out=`` source of ops/decomposed.py (a plain buffer is a replicated value, so each
+    chunk's product is gathered into it). Right, but it communicates more than the
+    unfused pair; ``reduction="mean"``/``"sum"``, or ``options=None``, do not."""
     func = torch.ops.torch_nn._linear_cross_entropy_batch_chunked_no_reduction.default
     bound, dtype = _accumulated(bind_arguments(func, args, kwargs))
     loss, _ = aten.nll_loss_forward.default(_log_probs(bound), bound["target"],
