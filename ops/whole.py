@@ -40,7 +40,7 @@ _NAMES = (
     # outputs sized by the data
     "_unique.default", "_unique2.default", "unique_consecutive.default", "unique_dim.default",
     "nonzero.default", "nonzero_static.default", "masked_select.default",
-    "repeat_interleave.Tensor",
+    "repeat_interleave.Tensor", "bincount.default",
     # order statistics of all elements
     "median.default", "nanmedian.default",
     # histograms and searches

@@ -170,7 +170,8 @@ BUILTIN_OPS = {
         "aten._linalg_solve_ex.default", "aten._linalg_svd.default",
         "aten._pdist_backward.default", "aten._pdist_forward.default",
         "aten._segment_reduce_backward.default", "aten._trilinear.default", "aten._unique.default",
-        "aten._unique2.default", "aten.addbmm.default", "aten.cholesky.default",
+        "aten._unique2.default", "aten.addbmm.default", "aten.bincount.default",
+        "aten.cholesky.default",
         "aten.cholesky_inverse.default", "aten.cholesky_solve.default",
         "aten.fractional_max_pool2d.default", "aten.fractional_max_pool3d.default",
         "aten.geqrf.default", "aten.hash_tensor.default", "aten.histc.default",
@@ -311,8 +312,8 @@ def _one_argument(types: Any) -> None:
     return None
 
 
-# hash_tensor: an op no built-in family serves (no decomposition either).
-UNSERVED = torch.ops.aten.hash_tensor
+# _compute_linear_combination: an op no built-in family serves (no decomposition either).
+UNSERVED = torch.ops.aten._compute_linear_combination
 
 
 @pytest.mark.parametrize("op", [torch.asin, UNSERVED.default, UNSERVED,
@@ -608,7 +609,12 @@ def test_insufficient_sharding_dims(rank: int, world_size: int) -> None:
     assert torch.equal(st.full_tensor(), dense)
 
 
-UNSUPPORTED_OP = torch.hash_tensor  # aten.hash_tensor.default: no sharded implementation
+
+
+def unsupported_op(tensor: torch.Tensor) -> torch.Tensor:
+    """aten._compute_linear_combination.default: no sharded implementation."""
+    return torch._compute_linear_combination(tensor, torch.ones(1, tensor.shape[0]))
+
 
 
 @multi_rank(world_size=4)
@@ -625,13 +631,14 @@ def test_invalid_sharding(rank: int, world_size: int) -> None:
         ds.empty(ChunkShardingSpec(dim=0, placements=["rank:5/cpu"]), 10, 20)
 
     st = ds.empty(ChunkShardingSpec(dim=0, placements=["rank:0/cpu"]), 10, 20)
-    assert torch.ops.aten.hash_tensor.default not in registry.OVERLOADS
-    assert torch.ops.aten.hash_tensor not in registry.PACKETS
-    unsupported = r"^aten\.hash_tensor\.default not supported for ShardedTensor!$"
+    assert UNSERVED.default not in registry.OVERLOADS
+    assert UNSERVED not in registry.PACKETS
+    unsupported = (r"^aten\._compute_linear_combination\.default not supported for "
+                   r"ShardedTensor!$")
     with pytest.raises(RuntimeError, match=unsupported):
-        UNSUPPORTED_OP(st)
+        unsupported_op(st)
     with pytest.raises(NotImplementedError, match=r".*not supported for ShardedTensor!$"):
-        UNSUPPORTED_OP(st)
+        unsupported_op(st)
 
     with pytest.raises(ValueError, match=STRIDED_ONLY):
         ds.empty(ChunkShardingSpec(dim=0, placements=["rank:0/cpu"]), 10, 20,

@@ -31,6 +31,10 @@ OPS: dict[str, Callable[[torch.Tensor], Any]] = {
                                                  torch.zeros(5, 1)),
     "cdist": lambda t: torch.cdist(t, t[:2]), "repeat_interleave": lambda t: t.repeat_interleave(
         torch.tensor([1, 0, 2, 1, 1]), dim=0),
+    "bincount": lambda t: torch.bincount((t.abs() * 2).long().flatten()),
+    "bincount, weights": lambda t: torch.bincount((t.abs() * 2).long()[:, 0], weights=t[:, 1]),
+    "hash_tensor": torch.hash_tensor, "hash_tensor, dim": lambda t: torch.hash_tensor(t, 1),
+    "_unique": lambda t: torch._unique(t.round(), return_inverse=True),
 }
 
 
