@@ -7,6 +7,7 @@ public :func:`dispatch_shard.custom_sharded_op_impl` decorator, exactly as users
 from __future__ import annotations
 
 from dispatch_shard.ops import (
+    advanced_indexing,
     attention,
     complex,
     embedding,
@@ -34,7 +35,7 @@ from dispatch_shard.ops import (
 # no family above serves (see ops/decomposed.py).
 from dispatch_shard.ops import decomposed
 
-__all__ = ["attention", "complex", "decomposed", "embedding", "factory", "foreach",
-           "indexing", "linear_cross_entropy", "losses", "matmul", "pointwise", "random_ops",
-           "reduction", "scan", "sorting", "spatial", "spatial_backward", "strided",
-           "tensor_basics", "view", "whole"]
+__all__ = ["advanced_indexing", "attention", "complex", "decomposed", "embedding", "factory",
+           "foreach", "indexing", "linear_cross_entropy", "losses", "matmul", "pointwise",
+           "random_ops", "reduction", "scan", "sorting", "spatial", "spatial_backward",
+           "strided", "tensor_basics", "view", "whole"]

@@ -85,6 +85,9 @@ def seeded(*size: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> tor
 # ``ops/__init__.py`` (or an op moving family) fails the test below; extend it
 # with each new op family.
 BUILTIN_OPS = {
+    "dispatch_shard.ops.advanced_indexing": [
+        "aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default",
+    ],
     "dispatch_shard.ops.attention": [
         "aten._scaled_dot_product_flash_attention_for_cpu.default",
         "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
@@ -108,8 +111,7 @@ BUILTIN_OPS = {
         "aten.embedding_dense_backward.default",
     ],
     "dispatch_shard.ops.indexing": [
-        "aten.gather.default", "aten.index.Tensor", "aten.index_add.default",
-        "aten.index_add_.default", "aten.index_put.default", "aten.index_put_.default",
+        "aten.gather.default", "aten.index_add.default", "aten.index_add_.default",
         "aten.index_select.default", "aten.scatter.reduce", "aten.scatter.src",
         "aten.scatter.value", "aten.scatter.value_reduce", "aten.scatter_.reduce",
         "aten.scatter_.src", "aten.scatter_.value", "aten.scatter_.value_reduce",
