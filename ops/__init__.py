@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dispatch_shard.ops import (
     advanced_indexing,
+    arg_reduction,
     attention,
     complex,
     embedding,
@@ -17,10 +18,12 @@ from dispatch_shard.ops import (
     linear_cross_entropy,
     losses,
     matmul,
+    norms,
     pointwise,
     random_ops,
     reduction,
     scan,
+    softmax,
     sorting,
     spatial,
     spatial_backward,
@@ -35,7 +38,8 @@ from dispatch_shard.ops import (
 # no family above serves (see ops/decomposed.py).
 from dispatch_shard.ops import decomposed
 
-__all__ = ["advanced_indexing", "attention", "complex", "decomposed", "embedding", "factory",
-           "foreach", "indexing", "linear_cross_entropy", "losses", "matmul", "pointwise",
-           "random_ops", "reduction", "scan", "sorting", "spatial", "spatial_backward",
-           "strided", "tensor_basics", "view", "whole"]
+__all__ = ["advanced_indexing", "arg_reduction", "attention", "complex", "decomposed",
+           "embedding", "factory", "foreach", "indexing", "linear_cross_entropy", "losses",
+           "matmul", "norms", "pointwise", "random_ops", "reduction", "scan", "softmax",
+           "sorting", "spatial", "spatial_backward", "strided", "tensor_basics", "view",
+           "whole"]

@@ -135,16 +135,23 @@ BUILTIN_OPS = {
         "aten.dot.default", "aten.mm.default", "aten.mv.default",
     ],
     "dispatch_shard.ops.reduction": [
+        "aten.all.default", "aten.all.dim", "aten.all.dims", "aten.amax.default",
+        "aten.amin.default", "aten.any.default", "aten.any.dim", "aten.any.dims",
+        "aten.count_nonzero.default", "aten.count_nonzero.dim_IntList", "aten.max.default",
+        "aten.mean.default", "aten.mean.dim", "aten.min.default", "aten.nansum.default",
+        "aten.prod.default", "aten.prod.dim_int", "aten.sum.default", "aten.sum.dim_IntList",
+    ],
+    "dispatch_shard.ops.arg_reduction": [
+        "aten.argmax.default", "aten.argmin.default", "aten.max.dim", "aten.min.dim",
+    ],
+    "dispatch_shard.ops.norms": [
+        "aten.linalg_vector_norm.default", "aten.std.correction", "aten.std_mean.correction",
+        "aten.var.correction", "aten.var_mean.correction",
+    ],
+    "dispatch_shard.ops.softmax": [
         "aten._log_softmax.default", "aten._log_softmax_backward_data.default",
-        "aten._softmax.default", "aten._softmax_backward_data.default", "aten.all.default",
-        "aten.all.dim", "aten.all.dims", "aten.amax.default", "aten.amin.default",
-        "aten.any.default", "aten.any.dim", "aten.any.dims", "aten.argmax.default",
-        "aten.argmin.default", "aten.count_nonzero.default", "aten.count_nonzero.dim_IntList",
-        "aten.linalg_vector_norm.default", "aten.logsumexp.default", "aten.max.default",
-        "aten.max.dim", "aten.mean.default", "aten.mean.dim", "aten.min.default",
-        "aten.min.dim", "aten.nansum.default", "aten.prod.default", "aten.prod.dim_int",
-        "aten.std.correction", "aten.std_mean.correction", "aten.sum.default",
-        "aten.sum.dim_IntList", "aten.var.correction", "aten.var_mean.correction",
+        "aten._softmax.default", "aten._softmax_backward_data.default",
+        "aten.logsumexp.default",
     ],
     "dispatch_shard.ops.tensor_basics": [
         "aten._local_scalar_dense.default", "aten.alias.default", "aten.allclose.default",
