@@ -11,6 +11,7 @@ from dispatch_shard.ops import (
     arg_reduction,
     attention,
     complex,
+    copies,
     embedding,
     factory,
     foreach,
@@ -22,6 +23,7 @@ from dispatch_shard.ops import (
     pointwise,
     random_ops,
     reduction,
+    reshape,
     scan,
     softmax,
     sorting,
@@ -38,8 +40,8 @@ from dispatch_shard.ops import (
 # no family above serves (see ops/decomposed.py).
 from dispatch_shard.ops import decomposed
 
-__all__ = ["advanced_indexing", "arg_reduction", "attention", "complex", "decomposed",
-           "embedding", "factory", "foreach", "indexing", "linear_cross_entropy", "losses",
-           "matmul", "norms", "pointwise", "random_ops", "reduction", "scan", "softmax",
-           "sorting", "spatial", "spatial_backward", "strided", "tensor_basics", "view",
-           "whole"]
+__all__ = ["advanced_indexing", "arg_reduction", "attention", "complex", "copies",
+           "decomposed", "embedding", "factory", "foreach", "indexing", "linear_cross_entropy",
+           "losses", "matmul", "norms", "pointwise", "random_ops", "reduction", "reshape",
+           "scan", "softmax", "sorting", "spatial", "spatial_backward", "strided",
+           "tensor_basics", "view", "whole"]

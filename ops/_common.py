@@ -8,7 +8,8 @@
   :func:`in_group`, :func:`is_block_sharded`.
 - Results: :func:`replicated_result`, :func:`partial_result`, :func:`outside_result`
   (what a rank outside the group returns), :func:`meta_results` (sizes and dtypes
-  from a meta run: dense's errors, on every rank alike), :func:`map_blocks`.
+  from a meta run: dense's errors, on every rank alike), :func:`map_blocks`,
+  :func:`view_blocks` (each block through a view, into the view's layout).
 - :func:`replicated_fallback`: an op on the whole values (NOTE [replicated fallback]),
   run under :func:`conjugate_views_resolved`.
 - :func:`blockwise`: an op run on each block, for ops that mix values only after their
@@ -36,7 +37,7 @@ __all__ = [
     "bind_arguments", "blockwise", "conjugate_views_resolved", "dense_value", "first_sharded",
     "in_group", "is_block_sharded", "map_blocks", "meta_results", "outside_result",
     "partial_result", "pieces_of", "reduction_identity", "replicated_fallback",
-    "replicated_result", "replicated_value", "whole",
+    "replicated_result", "replicated_value", "view_blocks", "whole",
 ]
 
 
@@ -48,6 +49,18 @@ def map_blocks(
     if dtype is None:
         dtype = blocks[0].dtype if blocks else tensor.dtype
     return tensor._like(blocks, dtype=dtype)
+
+
+def view_blocks(x: ShardedTensor, layout: Layout, view: Callable[..., torch.Tensor]) -> Any:
+    """``x`` in ``layout``, a view's layout with one block per block of ``x`` (on the same
+    rank): ``view(block, block_metadata_in, block_metadata_out)`` applied to each local
+    block; no collective."""
+    rank = x._rank
+    ins = x._layout.local_indices(rank)
+    outs = layout.local_indices(rank)
+    blocks = [view(t, x._layout.shards[i], layout.shards[j])
+              for t, i, j in zip(x._local_tensors, ins, outs, strict=True)]
+    return x._like(blocks, layout)
 
 
 def whole(value: Any) -> Any:

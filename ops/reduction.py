@@ -288,7 +288,7 @@ def all_reduced(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype, op:
 # A reduced dim split into blocks needs no collective when every block meeting the
 # same output positions is on one rank: a rank holding every batch entry of some
 # columns as several blocks (the pieces of NOTE [views that cut blocks into pieces]
-# in ops/view.py) sums its columns alone. The blocks are grouped by their extent
+# in ops/reshape.py) sums its columns alone. The blocks are grouped by their extent
 # along the kept dims; when groups are disjoint and each lies on one rank, each group
 # becomes one block of the result, on that rank, combining its blocks with the op.
 

@@ -233,16 +233,18 @@ BUILTIN_OPS = {
         "prims.as_strided_scatter.default",
     ],
     "dispatch_shard.ops.view": [
-        "aten._to_copy.default", "aten._unsafe_view.default", "aten.cat.default",
-        "aten.copy_.default", "aten.detach_.default", "aten.diagonal.default",
-        "aten.diagonal_scatter.default", "aten.expand.default",
-        "aten.flip.default", "aten.permute.default", "aten.repeat.default",
-        "aten.select.int", "aten.slice.Tensor", "aten.split.Tensor",
-        "aten.split_with_sizes.default", "aten.squeeze.default", "aten.squeeze.dim",
-        "aten.squeeze.dims", "aten.squeeze_.default", "aten.squeeze_.dim", "aten.squeeze_.dims",
-        "aten.stack.default", "aten.t.default", "aten.t_.default", "aten.transpose.int",
+        "aten.detach_.default", "aten.diagonal.default", "aten.diagonal_scatter.default",
+        "aten.expand.default", "aten.permute.default", "aten.select.int", "aten.slice.Tensor",
+        "aten.split.Tensor", "aten.split_with_sizes.default", "aten.squeeze.default",
+        "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze_.default", "aten.squeeze_.dim",
+        "aten.squeeze_.dims", "aten.t.default", "aten.t_.default", "aten.transpose.int",
         "aten.transpose_.default", "aten.unbind.int", "aten.unsqueeze.default",
-        "aten.unsqueeze_.default", "aten.view.default", "prims.copy_to.default",
+        "aten.unsqueeze_.default",
+    ],
+    "dispatch_shard.ops.reshape": ["aten._unsafe_view.default", "aten.view.default"],
+    "dispatch_shard.ops.copies": [
+        "aten._to_copy.default", "aten.cat.default", "aten.copy_.default", "aten.flip.default",
+        "aten.repeat.default", "aten.stack.default", "prims.copy_to.default",
     ],
 }
 # ops/pointwise.py serves every overload torch tags pointwise, and ops/foreach.py every

@@ -192,7 +192,7 @@ def problems(results: dict[tuple[str, int, str], OpResult], library: str, outcom
 FAMILY_ORDER = ("whole", "matmul", "attention", "embedding", "spatial", "sorting", "scan",
                 "indexing", "advanced_indexing", "reduction", "arg_reduction", "norms",
                 "softmax", "pointwise", "random_ops", "foreach", "factory", "decomposed",
-                "view", "tensor_basics")
+                "view", "reshape", "copies", "tensor_basics")
 FAMILY_TITLES = {
     "whole": "whole value (gathers, computes on every rank)",
     "matmul": "matrix products", "attention": "attention", "embedding": "embeddings",
@@ -204,6 +204,7 @@ FAMILY_TITLES = {
     "pointwise": "pointwise", "random_ops": "random draws", "foreach": "optimizer kernels",
     "factory": "``*_like`` factories",
     "decomposed": "torch's decompositions", "view": "views and shape ops",
+    "reshape": "``view`` and ``reshape``", "copies": "shape ops that copy",
     "tensor_basics": "aliasing, copying, queries",
     "composite": "decomposed by torch before the dispatch",
     "none": "not served (nothing registered)",
