@@ -47,7 +47,7 @@ class TransformerBlock(nn.Module):
         # ``F.scaled_dot_product_attention`` (True), or the same math spelled out with
         # ``@`` and ``softmax`` (False; on sharded heads, ``@`` of 4-D tensors folds the
         # split head dim into the batch, which cuts each rank's heads into per-batch
-        # pieces: NOTE [views that cut blocks into pieces] in ops/view.py).
+        # pieces: NOTE [views that cut blocks into pieces] in ops/reshape.py).
         self.fused_attention = fused_attention
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         # No key bias: its exact gradient is zero (softmax ignores a per-query shift).

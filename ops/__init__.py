@@ -7,8 +7,11 @@ public :func:`dispatch_shard.custom_sharded_op_impl` decorator, exactly as users
 from __future__ import annotations
 
 from dispatch_shard.ops import (
+    advanced_indexing,
+    arg_reduction,
     attention,
     complex,
+    copies,
     embedding,
     factory,
     foreach,
@@ -16,10 +19,13 @@ from dispatch_shard.ops import (
     linear_cross_entropy,
     losses,
     matmul,
+    norms,
     pointwise,
     random_ops,
     reduction,
+    reshape,
     scan,
+    softmax,
     sorting,
     spatial,
     spatial_backward,
@@ -34,7 +40,8 @@ from dispatch_shard.ops import (
 # no family above serves (see ops/decomposed.py).
 from dispatch_shard.ops import decomposed
 
-__all__ = ["attention", "complex", "decomposed", "embedding", "factory", "foreach",
-           "indexing", "linear_cross_entropy", "losses", "matmul", "pointwise", "random_ops",
-           "reduction", "scan", "sorting", "spatial", "spatial_backward", "strided",
+__all__ = ["advanced_indexing", "arg_reduction", "attention", "complex", "copies",
+           "decomposed", "embedding", "factory", "foreach", "indexing", "linear_cross_entropy",
+           "losses", "matmul", "norms", "pointwise", "random_ops", "reduction", "reshape",
+           "scan", "softmax", "sorting", "spatial", "spatial_backward", "strided",
            "tensor_basics", "view", "whole"]

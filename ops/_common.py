@@ -2,14 +2,18 @@
 
 - Operands: :func:`whole` and :func:`dense_value` (the whole value of a ShardedTensor
   as a plain tensor: one all-gather, or all-reduce for a Partial),
+  :func:`replicated_value` (a replicated one as a plain tensor, no collective),
   :func:`pieces_of` (an operand cut into a layout's local blocks),
   :func:`bind_arguments` (an op's arguments by name), :func:`first_sharded`,
   :func:`in_group`, :func:`is_block_sharded`.
 - Results: :func:`replicated_result`, :func:`partial_result`, :func:`outside_result`
   (what a rank outside the group returns), :func:`meta_results` (sizes and dtypes
-  from a meta run: dense's errors, on every rank alike), :func:`map_blocks`.
+  from a meta run: dense's errors, on every rank alike), :func:`map_blocks`,
+  :func:`view_blocks` (each block through a view, into the view's layout).
 - :func:`replicated_fallback`: an op on the whole values (NOTE [replicated fallback]),
   run under :func:`conjugate_views_resolved`.
+- :func:`blockwise`: an op run on each block, for ops that mix values only after their
+  leading dims (convolution, pooling, resampling, per-row losses); no collective.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ import torch.utils._pytree as pytree
 
 from dispatch_shard import collectives
 from dispatch_shard.layout import Layout, layout_of
+from dispatch_shard.ops.layouts import leading_boxes, like_leading, split_dims
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import Partial, Replicate
 
 __all__ = [
-    "bind_arguments", "conjugate_views_resolved", "dense_value", "first_sharded", "in_group",
-    "is_block_sharded", "map_blocks", "meta_results", "outside_result", "partial_result",
-    "pieces_of", "reduction_identity", "replicated_fallback", "replicated_result", "whole",
+    "bind_arguments", "blockwise", "conjugate_views_resolved", "dense_value", "first_sharded",
+    "in_group", "is_block_sharded", "map_blocks", "meta_results", "outside_result",
+    "partial_result", "pieces_of", "reduction_identity", "replicated_fallback",
+    "replicated_result", "replicated_value", "view_blocks", "whole",
 ]
 
 
@@ -43,6 +49,18 @@ def map_blocks(
     if dtype is None:
         dtype = blocks[0].dtype if blocks else tensor.dtype
     return tensor._like(blocks, dtype=dtype)
+
+
+def view_blocks(x: ShardedTensor, layout: Layout, view: Callable[..., torch.Tensor]) -> Any:
+    """``x`` in ``layout``, a view's layout with one block per block of ``x`` (on the same
+    rank): ``view(block, block_metadata_in, block_metadata_out)`` applied to each local
+    block; no collective."""
+    rank = x._rank
+    ins = x._layout.local_indices(rank)
+    outs = layout.local_indices(rank)
+    blocks = [view(t, x._layout.shards[i], layout.shards[j])
+              for t, i, j in zip(x._local_tensors, ins, outs, strict=True)]
+    return x._like(blocks, layout)
 
 
 def whole(value: Any) -> Any:
@@ -168,6 +186,18 @@ def dense_value(value: Any) -> Any:
     return value
 
 
+def replicated_value(value: Any) -> Any:
+    """A replicated ShardedTensor as a plain tensor (its block; an empty tensor of its size
+    on a rank outside the group); None for a ShardedTensor laid out otherwise; anything
+    else as it is. No collective."""
+    if isinstance(value, ShardedTensor):
+        if not value._layout.is_replicate:
+            return None
+        return value._local_tensors[0] if value._local_tensors else torch.empty(
+            value.shape, dtype=value.dtype, device=value.device)
+    return value
+
+
 def is_block_sharded(value: Any) -> bool:
     """Whether ``value`` is a ShardedTensor laid out in blocks (not replicated or partial)."""
     return isinstance(value, ShardedTensor) and value._layout.is_sharded
@@ -228,3 +258,86 @@ def outside_result(anchor: ShardedTensor, results: list[tuple[torch.Size, torch.
     """What a rank outside the group returns: the sizes, no blocks."""
     outs = [replicated_result(anchor, None, size, dtype) for size, dtype in results]
     return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+# -- ops per block along leading dims (convolution, pooling, resampling, per-row losses) --
+
+def blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
+              split: tuple[int, ...], lead: int, whole: tuple[int, ...],
+              outputs: tuple[int | str, ...]) -> Any:
+    """``func`` on each block, for an op that mixes values only after its first ``lead``
+    dims (one sample of a convolution or pooling, one row of a loss).
+
+    The arguments at ``split`` are ShardedTensors in the same blocks along their first
+    ``lead`` dims (on the same ranks) and whole after them; those at ``whole`` are plain
+    or replicated (or None) and go to every block as they are. Output ``k`` takes the
+    leading blocks of argument ``outputs[k]`` (``x [b_i..., *rest] -> [b_i..., *out]``
+    per block), or for ``"sum"`` is this rank's share of a ``Partial("sum")`` (its blocks'
+    results summed: a weight's gradient over the batch). Collectives: none. Dense's
+    errors, and the outputs' trailing sizes, come from ``func`` on a one-sample stand-in
+    (leading dims of size <= 1), on every rank alike. Any other layout (a pending sum, a
+    split trailing dim, operands in other blocks, a ``whole`` argument that is sharded):
+    :func:`replicated_fallback`.
+    """
+    operands = [args[i] for i in split]
+    first = operands[0]
+    if not all(type(t) is ShardedTensor and not t._layout.is_partial for t in operands) \
+            or not first._layout.is_sharded or first.dim() <= lead:
+        return replicated_fallback(func, args, kwargs)
+    boxes = leading_boxes(first._layout, lead)
+    if any(split_dims(t._layout) - set(range(lead)) or leading_boxes(t._layout, lead) != boxes
+           or t._layout.group_ranks != first._layout.group_ranks for t in operands):
+        return replicated_fallback(func, args, kwargs)
+    plain = list(args)
+    for i in whole:
+        if args[i] is not None:
+            plain[i] = replicated_value(args[i])
+            if plain[i] is None:
+                return replicated_fallback(func, args, kwargs)
+    # Dense's errors on every rank, and the results' trailing sizes and dtypes: the op on
+    # one sample (leading dims of size <= 1).
+    sample = list(plain)
+    for i in split:
+        t = args[i]
+        sample[i] = torch.zeros([min(n, 1) if d < lead else n for d, n in enumerate(t.shape)],
+                                dtype=t.dtype, device=t.device)
+    probe = func(*sample, **kwargs)
+    probes = probe if isinstance(probe, tuple | list) else (probe,)
+    results: list[Any] = []
+    for b in range(len(first._local_tensors)):
+        block_args = list(plain)
+        for i in split:
+            block_args[i] = args[i]._local_tensors[b]
+        if first._local_tensors[b].numel() == 0:
+            results.append(None)
+            continue
+        out = func(*block_args, **kwargs)
+        results.append(out if isinstance(out, tuple | list) else (out,))
+    outs: list[Any] = []
+    for k, source in enumerate(outputs):
+        p = probes[k]
+        if p is None:
+            outs.append(None)
+            continue
+        if source == "sum":
+            share = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            for r in results:
+                if r is not None and r[k] is not None:
+                    share += r[k]
+            layout = layout_of(Partial(), p.shape, first._layout.group_ranks,
+                               first._layout.device or str(first.device))
+            member = bool(layout.local_indices(first._rank))
+            outs.append(first._like([share] if member else [], layout, p.dtype))
+            continue
+        anchor: ShardedTensor = args[source]  # type: ignore[index]
+        size = torch.Size([*anchor.shape[:lead], *p.shape[lead:]])
+        layout = like_leading(anchor._layout, lead, size)
+        blocks = []
+        for r, j in zip(results, layout.local_indices(first._rank), strict=True):
+            if r is None:
+                blocks.append(torch.empty(layout.shards[j].shard_sizes, dtype=p.dtype,
+                                          device=p.device))
+            else:
+                blocks.append(r[k])
+        outs.append(anchor._like(blocks, layout, p.dtype))
+    return tuple(outs) if isinstance(probe, tuple | list) else outs[0]

@@ -1,7 +1,8 @@
-"""Indexing ops: ``gather``, ``scatter`` (also with ``reduce=``) / ``scatter_add`` /
-``scatter_reduce`` (and their in-place forms), ``index_select``, ``index`` (advanced
-indexing, boolean masks), ``index_put(_)`` and ``index_add(_)``. (``nll_loss``, which picks
-one class per sample, lives with the losses.)
+"""Indexing along one dim with an index tensor: ``gather``, ``scatter`` (also with
+``reduce=``) / ``scatter_add`` / ``scatter_reduce`` (and their in-place forms),
+``index_select`` and ``index_add(_)``. (Advanced indexing, ``x[indices]`` and
+``index_put``, lives in :mod:`dispatch_shard.ops.advanced_indexing`, which shares the
+notes below; ``nll_loss``, which picks one class per sample, lives with the losses.)
 
 Per rank, for ``x`` indexed along ``dim`` by an index tensor (``R`` ranks; "replicated"
 includes plain tensors, see NOTE [index operands are replicated values]):
@@ -10,12 +11,12 @@ includes plain tensors, see NOTE [index operands are replicated values]):
   indexed along dim 0): block by block, with the index (and ``src``) sliced by the
   block's box along the other dims. The result keeps ``x``'s blocks along the other dims.
   Collectives: none.
-* Along a split dim, reading (``gather``, ``index_select``, ``index``): each rank reads the
-  entries its blocks hold and leaves zeros elsewhere -> ``Partial("sum")`` of the result's
-  size. Collectives: none (the consumer reduces, or not).
-* Along a split dim, writing (``scatter*``, ``index_put``, ``index_add``): each block takes
-  the writes that land in it (the others go to a scratch slot and are dropped); the result
-  keeps ``x``'s layout. Collectives: none.
+* Along a split dim, reading (``gather``, ``index_select``): each rank reads the entries
+  its blocks hold and leaves zeros elsewhere -> ``Partial("sum")`` of the result's size.
+  Collectives: none (the consumer reduces, or not).
+* Along a split dim, writing (``scatter*``, ``index_add``): each block takes the writes
+  that land in it (the others go to a scratch slot and are dropped); the result keeps
+  ``x``'s layout. Collectives: none.
 * Replicated ``x`` with an index / ``src`` sharded along the other dims (the backward of
   the blockwise case: ``new_zeros(x.shape).scatter_add(dim, index, grad)``): block by block
   along the sharded operand's blocks, so the gradient comes out sharded like ``x`` was.
@@ -68,7 +69,6 @@ from dispatch_shard.ops._common import (
     outside_result,
     partial_result,
     pieces_of,
-    replicated_fallback,
     replicated_result,
 )
 from dispatch_shard.ops.layouts import (
@@ -80,7 +80,7 @@ from dispatch_shard.ops.layouts import (
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 
-__all__: list[str] = []
+__all__ = ["Check", "bounds_check", "into_partial_error"]
 
 aten = torch.ops.aten
 
@@ -88,14 +88,6 @@ Check = Callable[[torch.Tensor], None]
 
 
 # -- operands ------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
 
 def _index_pieces(index: Any, layout: Layout, rank: int, check: Check,
                   anchor: ShardedTensor) -> list[torch.Tensor]:
@@ -117,25 +109,7 @@ def _index_pieces(index: Any, layout: Layout, rank: int, check: Check,
     return [whole[layout.shard_box(i)] for i in layout.local_indices(rank)]
 
 
-
-
-
-
-# -- results ----------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
 # -- layouts ----------------------------------------------------------------------------------
-
-
-
-
 
 @functools.lru_cache(maxsize=1024)
 def _with_dim_length(layout: Layout, dim: int, length: int) -> Layout:
@@ -164,54 +138,6 @@ def _gathered_layout(layout: Layout, dim: int, shape: tuple[int, ...]) -> Layout
     return _with_dim_length(layout, dim, shape[dim])
 
 
-@functools.lru_cache(maxsize=1024)
-def _indexed_layout(layout: Layout, indexed: tuple[int, ...], broadcast: tuple[int, ...],
-                    position: int, size: tuple[int, ...]) -> Layout:
-    """The blocks of ``x[indices]`` for ``x`` laid out by ``layout`` whose ``indexed`` dims
-    no block splits: the other dims keep their blocks, the ``broadcast`` dims of the index
-    (at ``position`` of the result) are whole."""
-    ndim = len(layout.size)
-    others = [d for d in range(ndim) if d not in indexed]
-    chunk = chunk_dim_of(layout)
-    chunk_dim = None
-    if chunk is not None and chunk not in indexed:
-        at = others.index(chunk)
-        chunk_dim = at + len(broadcast) if at >= position else at
-
-    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        new_offsets = [offsets[d] for d in others]
-        new_sizes = [sizes[d] for d in others]
-        new_offsets[position:position] = [0] * len(broadcast)
-        new_sizes[position:position] = list(broadcast)
-        return new_offsets, new_sizes
-
-    return derived_layout(layout, size, chunk_dim, block_map)
-
-
-@functools.lru_cache(maxsize=1024)
-def _unindexed_layout(layout: Layout, indexed: tuple[int, ...], broadcast: int, position: int,
-                      size: tuple[int, ...]) -> Layout:
-    """The inverse of :func:`_indexed_layout`: blocks of ``x`` (of ``size``) from the blocks
-    of ``x[indices]`` whose ``broadcast`` index dims (at ``position``) no block splits."""
-    ndim = len(size)
-    others = [d for d in range(ndim) if d not in indexed]
-    chunk = chunk_dim_of(layout)
-    chunk_dim = None
-    if chunk is not None and not position <= chunk < position + broadcast:
-        at = chunk - broadcast if chunk >= position + broadcast else chunk
-        chunk_dim = others[at]
-
-    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        kept_offsets = offsets[:position] + offsets[position + broadcast:]
-        kept_sizes = sizes[:position] + sizes[position + broadcast:]
-        new_offsets, new_sizes = [0] * ndim, list(size)
-        for at, d in enumerate(others):
-            new_offsets[d], new_sizes[d] = kept_offsets[at], kept_sizes[at]
-        return new_offsets, new_sizes
-
-    return derived_layout(layout, size, chunk_dim, block_map)
-
-
 def _region(box: Box, dim: int, shape: Sequence[int]) -> tuple[Box, Box]:
     """For a block ``box`` of ``x`` and an index of ``shape`` along ``dim``: the part of the
     index (global coordinates) the block serves, and the same part relative to the block.
@@ -228,10 +154,10 @@ def _region(box: Box, dim: int, shape: Sequence[int]) -> tuple[Box, Box]:
     return tuple(in_index), tuple(in_block)
 
 
-# -- bounds -----------------------------------------------------------------------------------
+# -- checks (also for ops/advanced_indexing.py) ------------------------------------------
 
-def _bounds_check(size: int, dim: int, *, negative: bool = False,
-                  error: type[Exception] = RuntimeError) -> Check:
+def bounds_check(size: int, dim: int, *, negative: bool = False,
+                 error: type[Exception] = RuntimeError) -> Check:
     """A check that raises dense's "index ... is out of bounds" for values outside
     ``[0, size)`` (``[-size, size)`` with ``negative``)."""
 
@@ -247,8 +173,11 @@ def _bounds_check(size: int, dim: int, *, negative: bool = False,
     return check
 
 
-def _normalized(index: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.where(index < 0, index + size, index)
+def into_partial_error(func: torch._ops.OpOverload) -> NotImplementedError:
+    """The error an in-place write into a ``Partial`` ``x`` raises (its blocks hold
+    summands, not the value)."""
+    return NotImplementedError(f"{func} into a Partial ShardedTensor not supported for "
+                               "ShardedTensor!")
 
 
 # -- gather --------------------------------------------------------------------------------------
@@ -276,7 +205,7 @@ def gather(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     if not in_group(anchor):
         return outside_result(anchor, results)
     dim = bound["dim"] % max(x.dim(), 1)
-    check = _bounds_check(x.shape[dim] if x.dim() else 1, dim)
+    check = bounds_check(x.shape[dim] if x.dim() else 1, dim)
     rank = anchor._rank
     if 0 in size:
         # An empty index picks nothing (dense allows any dims and integer dtype then).
@@ -352,11 +281,6 @@ _SCATTER: dict[torch._ops.OpOverload, tuple[torch._ops.OpOverload, bool]] = {
 }
 
 
-def _into_partial(func: torch._ops.OpOverload) -> NotImplementedError:
-    return NotImplementedError(f"{func} into a Partial ShardedTensor not supported for "
-                               "ShardedTensor!")
-
-
 def _scatter(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``x.scatter(dim, index, src|value)``, ``scatter_add``, ``scatter_reduce`` and the
     in-place forms; the result has ``x``'s layout.
@@ -383,7 +307,7 @@ def _scatter(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
     if not in_group(anchor):
         return x if inplace else outside_result(anchor, results)
     dim = bound["dim"] % max(x.dim(), 1)
-    check = _bounds_check(x.shape[dim] if x.dim() else 1, dim)
+    check = bounds_check(x.shape[dim] if x.dim() else 1, dim)
     rank = anchor._rank
     tensor_src = isinstance(src, torch.Tensor)
     index_size = tuple(index.shape)
@@ -403,7 +327,7 @@ def _scatter(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
 
     if isinstance(x, ShardedTensor) and x._layout.is_partial:
         if inplace:
-            raise _into_partial(func)
+            raise into_partial_error(func)
         x = x._reduced()
     if is_block_sharded(x):
         layout = x._layout
@@ -504,7 +428,7 @@ def index_select(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: 
         return outside_result(anchor, results)
     dim = bound["dim"] % max(x.dim(), 1)
     idx = dense_value(bound["index"])
-    _bounds_check(x.shape[dim] if x.dim() else 1, dim)(idx)
+    bounds_check(x.shape[dim] if x.dim() else 1, dim)(idx)
     if not isinstance(x, ShardedTensor) or x._layout.is_replicate:
         return replicated_result(anchor, dense_value(x).index_select(dim, idx), size, dtype)
     if x._layout.is_partial:
@@ -554,11 +478,11 @@ def _index_add(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
         return x if inplace else outside_result(anchor, results)
     dim = bound["dim"] % max(x.dim(), 1)
     idx = dense_value(bound["index"])
-    _bounds_check(x.shape[dim] if x.dim() else 1, dim)(idx)
+    bounds_check(x.shape[dim] if x.dim() else 1, dim)(idx)
     rank = anchor._rank
     if isinstance(x, ShardedTensor) and x._layout.is_partial:
         if inplace:
-            raise _into_partial(func)
+            raise into_partial_error(func)
         x = x._reduced()
     if is_block_sharded(x):
         layout = x._layout
@@ -613,229 +537,3 @@ def index_add_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: An
 index_add.__doc__ = index_add_.__doc__ = _index_add.__doc__
 
 
-# -- advanced indexing: index, index_put ------------------------------------------------------
-
-def _long_indices(x: Any, indices: Sequence[Any]) -> list[torch.Tensor | None] | None:
-    """The indices as whole long tensors (``None`` kept); a boolean mask becomes one long
-    index per masked dim, as dense does. None when a 0-dim mask asks for dense's special
-    case (served by the replicated fallback)."""
-    result: list[torch.Tensor | None] = []
-    for position, index in enumerate(indices):
-        if index is None:
-            result.append(None)
-            continue
-        whole = dense_value(index)
-        if whole.dtype in (torch.bool, torch.uint8):
-            if whole.dim() == 0:
-                return None
-            start = len(result)
-            expected = list(x.shape[start:start + whole.dim()])
-            if list(whole.shape) != expected:
-                raise IndexError(
-                    f"The shape of the mask {list(whole.shape)} at index {position} does not "
-                    f"match the shape of the indexed tensor {list(x.shape)} at index {start}")
-            result.extend(whole.nonzero().unbind(1))
-        else:
-            result.append(whole)
-    return result
-
-
-class _Indexing:
-    """What advanced indexing with ``indices`` does to ``x``'s dims (dense's rules)."""
-
-    def __init__(self, x: Any, indices: list[torch.Tensor | None]) -> None:
-        ndim = x.dim()
-        self.indexed = tuple(d for d, i in enumerate(indices) if i is not None)
-        self.others = tuple(d for d in range(ndim) if d not in self.indexed)
-        tensors = [i for i in indices if i is not None]
-        self.broadcast = tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
-        adjacent = self.indexed == tuple(range(self.indexed[0], self.indexed[-1] + 1))
-        self.position = sum(1 for d in self.others if d < self.indexed[0]) if adjacent else 0
-        for d in self.indexed:
-            index = indices[d]
-            assert index is not None
-            _bounds_check(x.shape[d], d, negative=True, error=IndexError)(index)
-        # Flat, non-negative coordinates of every indexed element, one tensor per indexed dim.
-        self.flat = [_normalized(t, x.shape[d]).expand(self.broadcast).reshape(-1)
-                     for t, d in zip(tensors, self.indexed, strict=True)]
-
-    def hits(self, box: Box) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Positions (into the flat indexed elements) that fall in ``box``, and their
-        coordinates relative to the block."""
-        hit = torch.ones(self.flat[0].shape, dtype=torch.bool, device=self.flat[0].device)
-        for coordinate, d in zip(self.flat, self.indexed, strict=True):
-            hit &= (coordinate >= box[d].start) & (coordinate < box[d].stop)
-        where = hit.nonzero().reshape(-1)
-        return where, tuple(c[where] - box[d].start
-                            for c, d in zip(self.flat, self.indexed, strict=True))
-
-    def flat_first(self, value: torch.Tensor) -> torch.Tensor:
-        """A value of the indexing result's shape as ``[n_indexed, *other dims]``."""
-        count = len(self.broadcast)
-        moved = value.movedim(tuple(range(self.position, self.position + count)),
-                              tuple(range(count)))
-        return moved.reshape(-1, *moved.shape[count:])
-
-    def unflatten(self, value: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`flat_first`."""
-        count = len(self.broadcast)
-        shaped = value.reshape(*self.broadcast, *value.shape[1:])
-        return shaped.movedim(tuple(range(count)),
-                              tuple(range(self.position, self.position + count))).contiguous()
-
-
-@custom_sharded_op_impl(aten.index.Tensor, handles_partial=True)
-def index(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``x[indices]``: advanced indexing; boolean masks become long indices (a sharded mask
-    or index is gathered whole: one all-to-all).
-
-    * no indexed dim split (``x [M/R, N]`` as ``x[:, idx]``) -> ``x``'s blocks along the
-      other dims, the index dims whole; collectives: none.
-    * an indexed dim split (``x [M/R, N]`` as ``x[idx]``, ``x[mask]``) -> ``Partial("sum")``:
-      each rank reads the elements it holds, zeros elsewhere; collectives: none.
-    * ``Partial`` ``x`` -> ``Partial`` of the same op; replicated ``x`` -> replicated; none.
-    """
-    func = aten.index.Tensor
-    bound = bind_arguments(func, args, kwargs)
-    x = bound["self"]
-    anchor = first_sharded(args, kwargs)
-    indices = _long_indices(x, bound["indices"])
-    if indices is None or not any(i is not None for i in indices):
-        return replicated_fallback(func, args, kwargs)
-    results = meta_results(func, (x, indices), {})
-    ((size, dtype),) = results
-    if not in_group(anchor):
-        return outside_result(anchor, results)
-    plan = _Indexing(x, indices)
-    if not isinstance(x, ShardedTensor) or x._layout.is_replicate:
-        return replicated_result(anchor, aten.index.Tensor(dense_value(x), indices), size, dtype)
-    if x._layout.is_partial:
-        return partial_result(anchor, aten.index.Tensor(x._local_tensors[0], indices), dtype,
-                        x._layout.spec.reduce_op)  # type: ignore[attr-defined]
-    layout, rank = x._layout, x._rank
-    if size and not set(plan.indexed) & split_dims(layout):
-        out_layout = _indexed_layout(layout, plan.indexed, plan.broadcast, plan.position,
-                                     tuple(size))
-        blocks = [aten.index.Tensor(block, indices) if block.numel()
-                  else block.new_empty(out_layout.shards[j].shard_sizes)
-                  for block, j in zip(x._local_tensors, out_layout.local_indices(rank),
-                                      strict=True)]
-        return x._like(blocks, out_layout, dtype)
-    order = plan.indexed + plan.others
-    summand = torch.zeros(plan.flat[0].numel(), *(x.shape[d] for d in plan.others),
-                          dtype=dtype, device=x.device)
-    for block, i in zip(x._local_tensors, layout.local_indices(rank), strict=True):
-        if block.numel() == 0:
-            continue
-        box = layout.shard_box(i)
-        where, coordinates = plan.hits(box)
-        if where.numel() == 0:
-            continue
-        region = (slice(None), *(box[d] for d in plan.others))
-        summand[region][where] = block.permute(order)[coordinates]
-    return partial_result(anchor, plan.unflatten(summand), dtype)
-
-
-def _index_put(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
-               inplace: bool) -> Any:
-    """``x[indices] = values`` (``index_put_``) and ``index_put``; ``x``'s layout.
-
-    * a boolean mask of ``x``'s size and a one-element value (``x[x > 0] = 0``): the mask is
-      moved to ``x``'s blocks (nothing to move when it is laid out like ``x`` or plain) and
-      each block writes its part; collectives: none.
-    * ``x`` sharded: each block writes the indexed elements that fall in it (indices and
-      values whole: gathered when sharded); collectives: none.
-    * replicated ``x`` (out of place), ``values`` sharded with the index dims whole (the
-      backward of ``x[:, idx]``): block by block along ``values``' blocks -> sharded like
-      ``x`` was; collectives: none.
-    * otherwise: whole operands -> replicated (in place: written into ``x`` as it is).
-    """
-    bound = bind_arguments(func, args, kwargs)
-    x, values, accumulate = bound["self"], bound["values"], bound["accumulate"]
-    anchor = first_sharded(args, kwargs)
-    raw = list(bound["indices"])
-    if isinstance(x, ShardedTensor) and x._layout.is_partial:
-        if inplace:
-            raise _into_partial(func)
-        x = x._reduced()
-    if is_block_sharded(x) and _is_full_mask(x, raw) and values.numel() == 1:
-        if values.dtype != x.dtype:
-            raise RuntimeError("Index put requires the source and destination dtypes match, got "
-                               f"{x.dtype} for the destination and {values.dtype} for the source.")
-        if not in_group(anchor):
-            return x
-        rank = x._rank
-        value = dense_value(values)
-        targets = x._local_tensors if inplace else [b.clone() for b in x._local_tensors]
-        for target, mask in zip(targets, pieces_of(raw[0], x._layout, rank), strict=True):
-            aten.index_put_.default(target, [mask], value, accumulate)
-        return x if inplace else x._like(targets)
-    indices = _long_indices(x, raw)
-    if indices is None or not any(i is not None for i in indices):
-        if inplace:
-            raise NotImplementedError(f"{func} with a 0-dim boolean index not supported for "
-                                      "ShardedTensor!")
-        return replicated_fallback(func, (x, raw, values, accumulate), {})
-    results = meta_results(aten.index_put.default, (x, indices, values, accumulate), {})
-    ((size, dtype),) = results
-    if not in_group(anchor):
-        return x if inplace else outside_result(anchor, results)
-    plan = _Indexing(x, indices)
-    rank = anchor._rank
-    if is_block_sharded(x):
-        layout = x._layout
-        (indexed_size, _), = meta_results(aten.index.Tensor, (x, indices), {})
-        flat = plan.flat_first(dense_value(values).expand(indexed_size))
-        order = plan.indexed + plan.others
-        targets = x._local_tensors if inplace else [b.clone() for b in x._local_tensors]
-        for target, i in zip(targets, layout.local_indices(rank), strict=True):
-            if target.numel() == 0:
-                continue
-            box = layout.shard_box(i)
-            where, coordinates = plan.hits(box)
-            if where.numel() == 0:
-                continue
-            piece = flat[where][(slice(None), *(box[d] for d in plan.others))]
-            target.permute(order).index_put_(coordinates, piece, accumulate)
-        return x if inplace else x._like(targets, dtype=dtype)
-    count = len(plan.broadcast)
-    if not inplace and is_block_sharded(values) and count:
-        (indexed_size, _), = meta_results(aten.index.Tensor, (x, indices), {})
-        index_dims = set(range(plan.position, plan.position + count))
-        if values.shape == indexed_size and not index_dims & split_dims(values._layout):
-            out_layout = _unindexed_layout(values._layout, plan.indexed, count, plan.position,
-                                           tuple(x.shape))
-            whole_x = dense_value(x)
-            blocks = []
-            for piece, j in zip(values._local_tensors, out_layout.local_indices(rank),
-                                strict=True):
-                block = whole_x[out_layout.shard_box(j)].clone()
-                if block.numel() and piece.numel():
-                    aten.index_put_.default(block, indices, piece, accumulate)
-                blocks.append(block)
-            return values._like(blocks, out_layout, dtype)
-    whole_values = dense_value(values)
-    if inplace:
-        for target in (x._local_tensors if isinstance(x, ShardedTensor) else [x]):
-            aten.index_put_.default(target, indices, whole_values, accumulate)
-        return x
-    result = aten.index_put.default(dense_value(x), indices, whole_values, accumulate)
-    return replicated_result(anchor, result, size, dtype)
-
-
-def _is_full_mask(x: ShardedTensor, indices: Sequence[Any]) -> bool:
-    return (len(indices) == 1 and isinstance(indices[0], torch.Tensor)
-            and indices[0].dtype == torch.bool and indices[0].shape == x.shape)
-
-
-@custom_sharded_op_impl(aten.index_put_.default, handles_partial=True)
-def index_put_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    return _index_put(aten.index_put_.default, args, kwargs, inplace=True)
-
-
-@custom_sharded_op_impl(aten.index_put.default, handles_partial=True)
-def index_put(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    return _index_put(aten.index_put.default, args, kwargs, inplace=False)
-
-
-index_put.__doc__ = index_put_.__doc__ = _index_put.__doc__

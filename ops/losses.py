@@ -42,6 +42,7 @@ from dispatch_shard import collectives
 from dispatch_shard.layout import Box, layout_of
 from dispatch_shard.ops._common import (
     bind_arguments,
+    blockwise,
     dense_value,
     first_sharded,
     in_group,
@@ -54,7 +55,6 @@ from dispatch_shard.ops._common import (
     replicated_result,
 )
 from dispatch_shard.ops.layouts import reduced_layout, split_dims
-from dispatch_shard.ops.spatial import _blockwise
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import Partial
@@ -307,7 +307,7 @@ def _per_row_backward(func: torch._ops.OpOverload, args: tuple[Any, ...],
         return replicated_fallback(func, args, kwargs)
     reduction = bound[reduction_at]
     if reduction == _NONE:
-        return _blockwise(func, tuple(bound), {}, (1, 0, *rows), 1, replicated, (1,))
+        return blockwise(func, tuple(bound), {}, (1, 0, *rows), 1, replicated, (1,))
     grad = bound[0]
     if type(grad) is ShardedTensor and grad._layout.is_partial and grad.dim() == 0:
         grad = grad._reduced()  # the loss's pending sum: one all-reduce of a scalar
@@ -317,7 +317,7 @@ def _per_row_backward(func: torch._ops.OpOverload, args: tuple[Any, ...],
     if reduction == _MEAN:
         scalar, bound[reduction_at] = scalar / x.shape[0], _SUM
     bound[0] = scalar
-    return _blockwise(func, tuple(bound), {}, (1, *rows), 1, (0, *replicated), (1,))
+    return blockwise(func, tuple(bound), {}, (1, *rows), 1, (0, *replicated), (1,))
 
 
 @custom_sharded_op_impl(aten.multi_margin_loss_backward.default, handles_partial=True)
@@ -355,7 +355,7 @@ def multilabel_margin_loss_forward(types: Any, args: tuple[Any, ...], kwargs: di
     if type(x) is not ShardedTensor or x.dim() != 2:
         return replicated_fallback(func, args, kwargs)
     meta_results(func, args, kwargs)  # dense's errors, every rank
-    losses, is_target = _blockwise(func, (x, target, _NONE), {}, (0, 1), 1, (), (0, 0))
+    losses, is_target = blockwise(func, (x, target, _NONE), {}, (0, 1), 1, (), (0, 0))
     if reduction == _NONE:
         return losses, is_target
     total = aten.sum.default(losses)

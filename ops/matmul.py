@@ -1,8 +1,8 @@
 """Matrix products: ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``mv``, ``addmv``, ``dot``.
 
 ``torch.matmul``, ``F.linear`` and ``torch.einsum`` decompose into these (plus
-``t``/``view``/``expand``/``_unsafe_view``/``permute``, served by ``ops/view.py``)
-before they reach ``__torch_dispatch__``.
+``t``/``expand``/``permute``, served by ``ops/view.py``, and ``view``/``_unsafe_view``,
+served by ``ops/reshape.py``) before they reach ``__torch_dispatch__``.
 
 Per rank, for ``a [B?, M, K] @ b [B?, K, N]`` over ``R`` ranks (``B?``: the batch
 dim 0 of ``bmm``; "replicated" includes plain tensors):
@@ -220,7 +220,7 @@ def choose_strategy(a: Layout, b: Layout, a_itemsize: int, b_itemsize: int,
         candidates.append(("contraction", cols, rows, Partial("sum")))
     if ndim == 3:
         # Blocks that split the batch dim only, kept as they are (several per rank: the
-        # pieces of NOTE [views that cut blocks into pieces] in ops/view.py); the other
+        # pieces of NOTE [views that cut blocks into pieces] in ops/reshape.py); the other
         # operand laid out on the same batch blocks.
         for position, layout in enumerate((a, b)):
             # (An empty block must be empty along the batch dim: the other operand's

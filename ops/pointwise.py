@@ -29,7 +29,7 @@ import torch
 
 from dispatch_shard.holders import by_mesh_rule, flattened_call, has_mesh
 from dispatch_shard.layout import Layout
-from dispatch_shard.ops._common import whole
+from dispatch_shard.ops._common import replicated_value, whole
 from dispatch_shard.registry import LATE_FAMILIES, _binding, _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, _first_group
 from dispatch_shard.specs import Replicate
@@ -356,24 +356,16 @@ def _summable(value: Any) -> bool:
 
 
 def _factor(value: Any, partial: ShardedTensor) -> Any:
-    """``value`` as a plain replicated value that does not broadcast ``partial``; else None."""
-    value = _replicated_value(value)
+    """``value`` as a plain value (a number, a plain tensor, a replicated ShardedTensor)
+    that does not broadcast ``partial``; else None."""
+    if type(value) is ShardedTensor:
+        value = replicated_value(value)
+    elif not isinstance(value, int | float | bool) and type(value) is not torch.Tensor:
+        return None
     if isinstance(value, torch.Tensor) and _broadcast_shapes(
             value.shape, partial.shape) != partial.shape:
         return None
     return value
-
-
-def _replicated_value(value: Any) -> Any:
-    """``value`` as a plain value, when it is replicated; else None."""
-    if isinstance(value, int | float | bool):
-        return value
-    if type(value) is torch.Tensor:
-        return value
-    if type(value) is ShardedTensor and value._layout.is_replicate:
-        return value._local_tensors[0] if value._local_tensors else torch.empty(
-            value.shape, dtype=value.dtype, device=value.device)
-    return None
 
 
 def _linear_on_partial(func: torch._ops.OpOverload, args: tuple[Any, ...],

@@ -1,6 +1,8 @@
-"""Reductions: sum, mean, nansum, count_nonzero, prod, amax/amin, max/min (with indices),
-argmax/argmin, var/std (and their ``_mean`` forms), vector norms, all/any, logsumexp, and
-softmax/log_softmax with their backward.
+"""Reductions over dims whose across-rank step is one collective or none: sum, mean,
+nansum, count_nonzero, prod, amax/amin, max/min of the whole tensor, all/any; and the
+machinery the other reduction modules build on (:mod:`dispatch_shard.ops.arg_reduction`:
+max/min with indices, argmax/argmin; :mod:`dispatch_shard.ops.norms`: var/std, vector
+norms; :mod:`dispatch_shard.ops.softmax`: logsumexp, softmax/log_softmax).
 
 Per rank, with ``D`` the reduced dims and ``R`` the size of the process group:
 
@@ -37,13 +39,6 @@ A mean over split dims is ``sum(block) / N`` per rank with ``N`` the *global*
 number of reduced elements, summed across ranks: never a mean of per-block means,
 which is wrong on uneven blocks. ``var``/``std`` use the global mean (two passes:
 one all-reduce for the mean, one for the squared deviations).
-
-NOTE [NaN and ties across ranks]
-Float max/min all-reduces propagate NaN (NOTE [NaN in max/min] in
-:mod:`dispatch_shard.collectives`). ``max.dim``/``argmax`` first all-reduce the
-extreme value, then each rank offers the smallest global index at which its
-blocks hold that value (or a NaN, when the value is NaN) and a ``min``
-all-reduce picks the first one: torch's tie-breaking, whatever the layout.
 """
 
 from __future__ import annotations
@@ -59,13 +54,17 @@ import torch
 from dispatch_shard import collectives
 from dispatch_shard.layout import Box, Layout, layout_of
 from dispatch_shard.metadata import ShardMetadata
-from dispatch_shard.ops._common import bind_arguments, reduction_identity
+from dispatch_shard.ops._common import bind_arguments, in_group, reduction_identity
 from dispatch_shard.ops.layouts import reduced_layout, split_dims
 from dispatch_shard.registry import _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, _first_group
 from dispatch_shard.specs import EnumerableShardingSpec, Partial, Replicate
 
-__all__: list[str] = []
+# The vocabulary ops/arg_reduction.py, ops/norms.py and ops/softmax.py build on.
+__all__ = [
+    "Local", "all_reduced", "extreme", "implements", "keep_box", "layout_for", "probe",
+    "reduced_dims", "reduced_result", "reduced_size", "served_without_communication",
+]
 
 aten = torch.ops.aten
 
@@ -76,8 +75,9 @@ OpImpl = Callable[..., Any]
 Local = Callable[[torch.Tensor, Box], torch.Tensor]
 
 
-def _implements(*overloads: torch._ops.OpOverload, **fixed: Any) -> Callable[[OpImpl], OpImpl]:
-    """Register ``fn(func, args, kwargs, **fixed)`` for each overload ``func``."""
+def implements(*overloads: torch._ops.OpOverload, **fixed: Any) -> Callable[[OpImpl], OpImpl]:
+    """Register ``fn(func, args, kwargs, **fixed)`` for each overload ``func`` (as
+    ``sharded_<op>``, with ``handles_partial=True``, in ``fn``'s module)."""
 
     def decorate(fn: OpImpl) -> OpImpl:
         for overload in overloads:
@@ -99,18 +99,13 @@ def _serving(fn: OpImpl, func: torch._ops.OpOverload, fixed: dict[str, Any]) -> 
 
     impl.__name__ = impl.__qualname__ = f"sharded_{func.name().split('::')[1]}"
     impl.__doc__ = fn.__doc__
+    impl.__module__ = fn.__module__  # the family is the module that defines ``fn``
     return impl
 
 
-# -- arguments ------------------------------------------------------------------------
+# -- dims, sizes and result dtypes ---------------------------------------------------
 
-
-
-
-
-
-
-def _dims(ndim: int, dim: Any, empty_means_all: bool = True) -> tuple[int, ...]:
+def reduced_dims(ndim: int, dim: Any, empty_means_all: bool = True) -> tuple[int, ...]:
     """The reduced dims, non-negative and sorted (``None``: all dims)."""
     if dim is None:
         return tuple(range(ndim))
@@ -122,12 +117,13 @@ def _dims(ndim: int, dim: Any, empty_means_all: bool = True) -> tuple[int, ...]:
     return tuple(sorted({d % ndim for d in listed}))
 
 
-def _out_size(size: Sequence[int], dims: tuple[int, ...], keepdim: bool) -> torch.Size:
+def reduced_size(size: Sequence[int], dims: tuple[int, ...], keepdim: bool) -> torch.Size:
+    """``size`` with ``dims`` reduced: dropped, or of size 1 with ``keepdim``."""
     return torch.Size([1 if d in dims else n for d, n in enumerate(size)
                        if keepdim or d not in dims])
 
 
-def _keep_box(box: Box, dims: tuple[int, ...]) -> Box:
+def keep_box(box: Box, dims: tuple[int, ...]) -> Box:
     """The part of a keepdim-shaped full-size output that a block's ``box`` reduces into."""
     return tuple(slice(None) if d in dims else s for d, s in enumerate(box))
 
@@ -140,11 +136,11 @@ def _probe_key(value: Any) -> Any:
     return value
 
 
-_PROBES: dict[Any, tuple[torch.dtype, ...]] = {}  # bounded: see _probe
+_PROBES: dict[Any, tuple[torch.dtype, ...]] = {}  # bounded: see probe
 
 
-def _probe(func: torch._ops.OpOverload, args: tuple[Any, ...],
-           kwargs: dict[str, Any]) -> tuple[torch.dtype, ...]:
+def probe(func: torch._ops.OpOverload, args: tuple[Any, ...],
+          kwargs: dict[str, Any]) -> tuple[torch.dtype, ...]:
     """The dtypes of ``func``'s results, from small dense stand-ins of the tensor operands
     (same dtypes, dims and emptiness): dense errors, raised on every rank alike. Results
     are cached by the stand-ins' facts (errors are not: they raise again)."""
@@ -181,21 +177,17 @@ def _pack(outs: Sequence[ShardedTensor]) -> Any:
 
 # -- layouts and results -----------------------------------------------------------------
 
-def _is_member(x: ShardedTensor) -> bool:
-    return collectives.is_member(x._process_group, x._rank)
-
-
-def _layout_for(x: ShardedTensor, spec: Replicate | Partial, size: torch.Size) -> Layout:
+def layout_for(x: ShardedTensor, spec: Replicate | Partial, size: torch.Size) -> Layout:
+    """The ``Replicate`` or ``Partial`` layout of ``size`` over ``x``'s group."""
     return layout_of(spec, size, x._layout.group_ranks, x._layout.device or str(x.device))
 
 
-def _replicated(x: ShardedTensor, value: torch.Tensor | None, size: torch.Size,
-                dtype: torch.dtype) -> ShardedTensor:
-    """A replicated result; ``value`` is None on ranks outside the group."""
-    layout = _layout_for(x, Replicate(), size)
+def reduced_result(x: ShardedTensor, value: torch.Tensor | None, size: torch.Size,
+                   dtype: torch.dtype) -> ShardedTensor:
+    """A replicated result of ``size``: ``value`` (keepdim-shaped) reshaped to it; ``value``
+    is None on ranks outside the group."""
+    layout = layout_for(x, Replicate(), size)
     return x._like([] if value is None else [value.reshape(size)], layout, dtype)
-
-
 
 
 def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -224,35 +216,34 @@ def _on_replicated(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: d
     if value is None and x._local_tensors:
         value = x._local_tensors[0]
     if value is None:
-        return _pack([_replicated(x, None, size, dtype) for dtype in dtypes])
+        return _pack([reduced_result(x, None, size, dtype) for dtype in dtypes])
     result = func(value, *args[1:], **kwargs)
     results = tuple(result) if isinstance(result, tuple) else (result,)
-    return _pack([_replicated(x, r, size, dtype) for r, dtype in zip(results, dtypes, strict=True)])
+    return _pack([reduced_result(x, r, size, dtype)
+                  for r, dtype in zip(results, dtypes, strict=True)])
 
 
-def _served_without_communication(
+def served_without_communication(
     func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
     dims: tuple[int, ...], keepdim: bool, dtypes: tuple[torch.dtype, ...],
 ) -> Any | None:
     """The result when the (non-partial) input needs no across-rank step: an empty tensor
     (dense on the empty value), a replicated one, or blockwise; else None."""
     x: ShardedTensor = args[0]
-    size = _out_size(x.shape, dims, keepdim)
+    size = reduced_size(x.shape, dims, keepdim)
     if x.numel() == 0:
-        empty = torch.empty(x.shape, dtype=x.dtype, device=x.device) if _is_member(x) else None
+        empty = torch.empty(x.shape, dtype=x.dtype, device=x.device) if in_group(x) else None
         return _on_replicated(func, args, kwargs, x, size, dtypes, empty)
     if x._layout.is_replicate:
         return _on_replicated(func, args, kwargs, x, size, dtypes)
     if size and not set(dims) & split_dims(x._layout):
         return _blockwise(func, args, kwargs, x, dims, keepdim, dtypes)
-    if not _is_member(x):
-        return _pack([_replicated(x, None, size, dtype) for dtype in dtypes])
+    if not in_group(x):
+        return _pack([reduced_result(x, None, size, dtype) for dtype in dtypes])
     return None
 
 
 # -- summands -------------------------------------------------------------------------------
-
-
 
 def _combine(target: torch.Tensor, value: torch.Tensor, op: str) -> None:
     if op == "sum":
@@ -281,12 +272,12 @@ def _summand(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype, op: st
         if block.numel() == 0:
             continue
         box = layout.shard_box(index)
-        _combine(summand[_keep_box(box, dims)], local(block, box), op)
+        _combine(summand[keep_box(box, dims)], local(block, box), op)
     return summand
 
 
-def _all_reduced(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype, op: str,
-                 local: Local, blocks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+def all_reduced(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype, op: str,
+                local: Local, blocks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`_summand` all-reduced with ``op``: the whole keepdim-shaped result (one
     all-reduce; members of the group only)."""
     return collectives.all_reduce(_summand(x, dims, dtype, op, local, blocks), op,
@@ -297,7 +288,7 @@ def _all_reduced(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype, op
 # A reduced dim split into blocks needs no collective when every block meeting the
 # same output positions is on one rank: a rank holding every batch entry of some
 # columns as several blocks (the pieces of NOTE [views that cut blocks into pieces]
-# in ops/view.py) sums its columns alone. The blocks are grouped by their extent
+# in ops/reshape.py) sums its columns alone. The blocks are grouped by their extent
 # along the kept dims; when groups are disjoint and each lies on one rank, each group
 # becomes one block of the result, on that rank, combining its blocks with the op.
 
@@ -377,14 +368,14 @@ def _reduction(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     reduction runs on directly (NOTE [partial inputs]).
     """
     x: ShardedTensor = args[0]
-    size = _out_size(x.shape, dims, keepdim)
+    size = reduced_size(x.shape, dims, keepdim)
     if x._layout.is_partial:
         reduce_op = x._layout.spec.reduce_op  # type: ignore[attr-defined]
         if reduce_op in commutes_with:
             return _on_summand(func, args, kwargs, x, reduce_op, size, dtype)
         x = x._reduced()
         args = (x, *args[1:])
-    served = _served_without_communication(func, args, kwargs, dims, keepdim, (dtype,))
+    served = served_without_communication(func, args, kwargs, dims, keepdim, (dtype,))
     if served is not None:
         return served  # type: ignore[no-any-return]
     combined = _combined_within_ranks(x, dims, size, dtype, op, local)
@@ -392,12 +383,12 @@ def _reduction(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
         return combined
     summand = _summand(x, dims, dtype, op, local).reshape(size)
     if stays_partial:
-        return x._like([summand], _layout_for(x, Partial(op), size), dtype)
+        return x._like([summand], layout_for(x, Partial(op), size), dtype)
     if op == "product" and dtype.is_complex:
         summand = _product_of_gathered(x, summand)
     else:
         collectives.all_reduce(summand, op, x._process_group)
-    return _replicated(x, summand, size, dtype)
+    return reduced_result(x, summand, size, dtype)
 
 
 def _product_of_gathered(x: ShardedTensor, summand: torch.Tensor) -> torch.Tensor:
@@ -416,12 +407,12 @@ def _on_summand(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict
     """``func`` on each rank's summand of a partial ``x``: partial again (no collective)."""
     value = func(x._local_tensors[0], *args[1:], **kwargs) if x._local_tensors else None
     blocks = [] if value is None else [value]
-    return x._like(blocks, _layout_for(x, Partial(reduce_op), size), dtype)
+    return x._like(blocks, layout_for(x, Partial(reduce_op), size), dtype)
 
 
 # -- sum, mean, nansum, count_nonzero, prod --------------------------------------------------
 
-@_implements(aten.sum.default, aten.sum.dim_IntList)
+@implements(aten.sum.default, aten.sum.dim_IntList)
 def _sum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``x.sum(dims, keepdim, dtype)``. Blockwise ``[m_i, N] -> [m_i]`` when no block splits a
     reduced dim (collectives: none); else each rank's blocks summed into a full-size summand
@@ -432,8 +423,8 @@ def _sum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, A
         if served is not None:
             return served
     bound = bind_arguments(func, args, kwargs)
-    dims = _dims(args[0].dim(), bound.get("dim"))
-    (dtype,) = _probe(func, args, kwargs)
+    dims = reduced_dims(args[0].dim(), bound.get("dim"))
+    (dtype,) = probe(func, args, kwargs)
     return _reduction(func, args, kwargs, dims, bound.get("keepdim", False), "sum",
                       lambda block, _: block.sum(dims, keepdim=True, dtype=dtype),
                       dtype=dtype, stays_partial=True, commutes_with=("sum", "avg"))
@@ -457,13 +448,13 @@ def _full_sum(x: ShardedTensor) -> ShardedTensor | None:
         for block in blocks[1:]:
             total = total + block.sum()
         return x._like([total], share, total.dtype)
-    (dtype,) = _probe(aten.sum.default, (x,), {})
-    if not _is_member(x):
+    (dtype,) = probe(aten.sum.default, (x,), {})
+    if not in_group(x):
         return x._like([], share, dtype)
     return x._like([torch.zeros((), dtype=dtype, device=x.device)], share, dtype)
 
 
-@_implements(aten.mean.default, aten.mean.dim)
+@implements(aten.mean.default, aten.mean.dim)
 def _mean(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``x.mean(dims, keepdim, dtype)``. Blockwise when no block splits a reduced dim
     (collectives: none); else each rank's ``sum(blocks) / N``, ``N`` the global count (NOTE
@@ -471,33 +462,33 @@ def _mean(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, 
     too). ``Partial("sum"|"avg")`` inputs stay partial."""
     bound = bind_arguments(func, args, kwargs)
     x = args[0]
-    dims = _dims(x.dim(), bound.get("dim"))
-    (dtype,) = _probe(func, args, kwargs)
+    dims = reduced_dims(x.dim(), bound.get("dim"))
+    (dtype,) = probe(func, args, kwargs)
     count = math.prod(x.shape[d] for d in dims)
     return _reduction(func, args, kwargs, dims, bound.get("keepdim", False), "sum",
                       lambda block, _: block.sum(dims, keepdim=True, dtype=dtype).div_(count),
                       dtype=dtype, stays_partial=True, commutes_with=("sum", "avg"))
 
 
-@_implements(aten.nansum.default)
+@implements(aten.nansum.default)
 def _nansum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``x.nansum(dims, keepdim, dtype)``: as ``sum`` (blockwise, or ``Partial("sum")`` across
     ranks; collectives: none); a partial input is reduced first (its summands may be NaN)."""
     bound = bind_arguments(func, args, kwargs)
-    dims = _dims(args[0].dim(), bound["dim"])
-    (dtype,) = _probe(func, args, kwargs)
+    dims = reduced_dims(args[0].dim(), bound["dim"])
+    (dtype,) = probe(func, args, kwargs)
     return _reduction(func, args, kwargs, dims, bound["keepdim"], "sum",
                       lambda block, _: block.nansum(dims, keepdim=True, dtype=dtype),
                       dtype=dtype, stays_partial=True)
 
 
-@_implements(aten.count_nonzero.default, aten.count_nonzero.dim_IntList)
+@implements(aten.count_nonzero.default, aten.count_nonzero.dim_IntList)
 def _count_nonzero(func: torch._ops.OpOverload, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
     """``torch.count_nonzero(x, dims)``: blockwise when no block splits a reduced dim; else
     per-rank counts -> ``Partial("sum")`` int64 (collectives: none, 0-dim results too)."""
-    dims = _dims(args[0].dim(), bind_arguments(func, args, kwargs)["dim"])
-    (dtype,) = _probe(func, args, kwargs)
+    dims = reduced_dims(args[0].dim(), bind_arguments(func, args, kwargs)["dim"])
+    (dtype,) = probe(func, args, kwargs)
 
     def local(block: torch.Tensor, _: Box) -> torch.Tensor:
         keep = [1 if d in dims else n for d, n in enumerate(block.shape)]
@@ -507,14 +498,14 @@ def _count_nonzero(func: torch._ops.OpOverload, args: tuple[Any, ...],
                       stays_partial=True)
 
 
-@_implements(aten.prod.default, aten.prod.dim_int)
+@implements(aten.prod.default, aten.prod.dim_int)
 def _prod(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``x.prod(dim, keepdim, dtype)``: blockwise when no block splits ``dim`` (collectives:
     none); else per-rank products (identity 1) and one product all-reduce -> replicated
     (complex: one sum all-reduce gathering the ``R`` per-rank products)."""
     bound = bind_arguments(func, args, kwargs)
-    dims = _dims(args[0].dim(), bound.get("dim"))
-    (dtype,) = _probe(func, args, kwargs)
+    dims = reduced_dims(args[0].dim(), bound.get("dim"))
+    (dtype,) = probe(func, args, kwargs)
 
     def local(block: torch.Tensor, _: Box) -> torch.Tensor:
         if len(dims) == 1:
@@ -527,12 +518,13 @@ def _prod(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, 
 
 # -- amax, amin, max, min, all, any ---------------------------------------------------------
 
-def _extreme(block: torch.Tensor, dims: tuple[int, ...], op: str) -> torch.Tensor:
+def extreme(block: torch.Tensor, dims: tuple[int, ...], op: str) -> torch.Tensor:
+    """``block``'s ``amax`` (``op="max"``) or ``amin`` over ``dims``, keepdim."""
     return block.amax(dims, keepdim=True) if op == "max" else block.amin(dims, keepdim=True)
 
 
-@_implements(aten.amax.default, op="max")
-@_implements(aten.amin.default, op="min")
+@implements(aten.amax.default, op="max")
+@implements(aten.amin.default, op="min")
 def _amax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
           op: str) -> Any:
     """``x.amax(dims, keepdim)`` / ``amin``: blockwise when no block splits a reduced dim
@@ -540,304 +532,38 @@ def _amax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, 
     +inf, where the rank holds nothing) -> ``Partial("max"|"min")`` (collectives: none, 0-dim
     results too; reducing it is NaN-aware). A partial input of the same op stays partial."""
     bound = bind_arguments(func, args, kwargs)
-    dims = _dims(args[0].dim(), bound["dim"])
-    (dtype,) = _probe(func, args, kwargs)
+    dims = reduced_dims(args[0].dim(), bound["dim"])
+    (dtype,) = probe(func, args, kwargs)
     return _reduction(func, args, kwargs, dims, bound["keepdim"], op,
-                      lambda block, _: _extreme(block, dims, op),
+                      lambda block, _: extreme(block, dims, op),
                       dtype=dtype, stays_partial=True, commutes_with=(op,))
 
 
-@_implements(aten.max.default, op="max")
-@_implements(aten.min.default, op="min")
+@implements(aten.max.default, op="max")
+@implements(aten.min.default, op="min")
 def _max(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
          op: str) -> Any:
     """``x.max()`` / ``x.min()``: per-rank extremes and one NaN-aware scalar all-reduce ->
     replicated 0-dim (a replicated input: none; a ``Partial`` of the same op: partial, none)."""
     dims = tuple(range(args[0].dim()))
-    (dtype,) = _probe(func, args, kwargs)
+    (dtype,) = probe(func, args, kwargs)
     return _reduction(func, args, kwargs, dims, False, op,
-                      lambda block, _: _extreme(block, dims, op),
+                      lambda block, _: extreme(block, dims, op),
                       dtype=dtype, stays_partial=False, commutes_with=(op,))
 
 
-@_implements(aten.all.default, aten.all.dim, aten.all.dims, op="all")
-@_implements(aten.any.default, aten.any.dim, aten.any.dims, op="any")
+@implements(aten.all.default, aten.all.dim, aten.all.dims, op="all")
+@implements(aten.any.default, aten.any.dim, aten.any.dims, op="any")
 def _all(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
          op: str) -> Any:
     """``x.all(dims, keepdim)`` / ``any``: blockwise when no block splits a reduced dim
     (collectives: none); else per-rank verdicts and one min (all) / max (any) all-reduce ->
     replicated bool (uint8 for uint8 input)."""
     bound = bind_arguments(func, args, kwargs)
-    dims = _dims(args[0].dim(), bound.get("dim"), empty_means_all=False)  # default: all
-    (dtype,) = _probe(func, args, kwargs)
+    dims = reduced_dims(args[0].dim(), bound.get("dim"), empty_means_all=False)  # default: all
+    (dtype,) = probe(func, args, kwargs)
     reduce = torch.all if op == "all" else torch.any
     return _reduction(func, args, kwargs, dims, bound.get("keepdim", False),
                       "min" if op == "all" else "max",
                       lambda block, _: reduce(block, dims, keepdim=True),
                       dtype=dtype, stays_partial=False)
-
-
-# -- max.dim / min.dim / argmax / argmin ---------------------------------------------------
-
-def _positions(size: torch.Size, box: Box, dims: tuple[int, ...], flat: bool,
-               device: torch.device) -> torch.Tensor:
-    """Global indices of a block's elements: along ``dims[0]``, or row-major flat indices."""
-    ndim = len(size)
-    if not flat:
-        d = dims[0]
-        shape = [-1 if e == d else 1 for e in range(ndim)]
-        return torch.arange(box[d].start, box[d].stop, device=device).reshape(shape)
-    index = torch.zeros([], dtype=torch.int64, device=device)
-    for e in range(ndim):
-        shape = [-1 if f == e else 1 for f in range(ndim)]
-        stride = math.prod(size[e + 1:])
-        index = index + (torch.arange(box[e].start, box[e].stop, device=device)
-                         * stride).reshape(shape)
-    return index
-
-
-def _arg_extreme(x: ShardedTensor, dims: tuple[int, ...], op: str,
-                 flat: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The extreme value over ``dims`` and the first global index holding it (NOTE [NaN and
-    ties across ranks]); both keepdim-shaped and full-size. Two all-reduces."""
-    values = _all_reduced(x, dims, x.dtype, op, lambda block, _: _extreme(block, dims, op))
-    floating = x.dtype.is_floating_point
-
-    def first(block: torch.Tensor, box: Box) -> torch.Tensor:
-        target = values[_keep_box(box, dims)]
-        hit = block == target
-        if floating:
-            hit |= block.isnan() & target.isnan()
-        positions = _positions(x.shape, box, dims, flat, block.device)
-        return torch.where(hit, positions, x.numel()).amin(dims, keepdim=True)
-
-    return values, _all_reduced(x, dims, torch.int64, "min", first)
-
-
-@_implements(aten.max.dim, op="max")
-@_implements(aten.min.dim, op="min")
-def _max_dim(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
-             op: str) -> Any:
-    """``x.max(dim, keepdim) -> (values, indices)`` / ``min``: blockwise when no block splits
-    ``dim`` (a block spans it, so its indices are global; collectives: none); else two
-    all-reduces (NaN-aware extreme of the values, then min of the first global index that
-    holds it) -> both replicated."""
-    bound = bind_arguments(func, args, kwargs)
-    dtypes = _probe(func, args, kwargs)
-    x: ShardedTensor = args[0]._reduced()
-    args = (x, *args[1:])
-    dims, keepdim = _dims(x.dim(), bound["dim"]), bound["keepdim"]
-    served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
-    if served is not None:
-        return served
-    size = _out_size(x.shape, dims, keepdim)
-    values, indices = _arg_extreme(x, dims, op, flat=False)
-    return _replicated(x, values, size, dtypes[0]), _replicated(x, indices, size, dtypes[1])
-
-
-@_implements(aten.argmax.default, op="max")
-@_implements(aten.argmin.default, op="min")
-def _argmax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
-            op: str) -> Any:
-    """``x.argmax(dim, keepdim)`` / ``argmin``: blockwise when ``dim`` is given and no block
-    splits it (collectives: none); else two all-reduces (the NaN-aware extreme, then min of
-    the first global index holding it; row-major over all dims without ``dim``) ->
-    replicated int64."""
-    bound = bind_arguments(func, args, kwargs)
-    dtypes = _probe(func, args, kwargs)
-    x: ShardedTensor = args[0]._reduced()
-    args = (x, *args[1:])
-    flat = bound["dim"] is None
-    dims, keepdim = _dims(x.dim(), bound["dim"]), bound["keepdim"]
-    size = _out_size(x.shape, dims, keepdim)
-    if flat and x.numel() and x._layout.is_sharded and x.dim() > 1:
-        served = None  # a flat index: never blockwise
-        if not _is_member(x):
-            return _replicated(x, None, size, dtypes[0])
-    else:
-        served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
-    if served is not None:
-        return served
-    _, indices = _arg_extreme(x, dims, op, flat)
-    return _replicated(x, indices, size, dtypes[0])
-
-
-# -- var, std, vector norms, logsumexp -------------------------------------------------------
-
-def _moments(x: ShardedTensor, dims: tuple[int, ...], correction: float,
-             var_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global variance and mean over ``dims`` (keepdim, full size); two sum all-reduces."""
-    count = math.prod(x.shape[d] for d in dims)
-    mean = _all_reduced(x, dims, x.dtype, "sum",
-                        lambda block, _: block.sum(dims, keepdim=True)).div_(count)
-
-    def squares(block: torch.Tensor, box: Box) -> torch.Tensor:
-        deviation = block - mean[_keep_box(box, dims)]
-        if deviation.is_complex():
-            deviation = deviation.abs()
-        return deviation.square().sum(dims, keepdim=True)
-
-    m2 = _all_reduced(x, dims, var_dtype, "sum", squares)
-    return m2.div_(max(0, count - correction)), mean
-
-
-@_implements(aten.var.correction, aten.var_mean.correction, root=False)
-@_implements(aten.std.correction, aten.std_mean.correction, root=True)
-def _var(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
-         root: bool) -> Any:
-    """``x.var(dims, correction, keepdim)``, ``std``, ``var_mean``, ``std_mean``: blockwise
-    when no block splits a reduced dim (collectives: none); else two passes with the global
-    mean (NOTE [means weight by element counts]): one sum all-reduce for the mean, one for
-    the squared deviations -> replicated."""
-    bound = bind_arguments(func, args, kwargs)
-    dtypes = _probe(func, args, kwargs)
-    x: ShardedTensor = args[0]._reduced()
-    args = (x, *args[1:])
-    dims, keepdim = _dims(x.dim(), bound["dim"]), bound["keepdim"]
-    served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
-    if served is not None:
-        return served
-    size = _out_size(x.shape, dims, keepdim)
-    correction = 1 if bound["correction"] is None else bound["correction"]
-    var, mean = _moments(x, dims, correction, dtypes[0])
-    spread = _replicated(x, var.sqrt_() if root else var, size, dtypes[0])
-    return (spread, _replicated(x, mean, size, dtypes[1])) if len(dtypes) > 1 else spread
-
-
-@_implements(aten.linalg_vector_norm.default)
-def _vector_norm(func: torch._ops.OpOverload, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> Any:
-    """``torch.linalg.vector_norm(x, ord, dims, keepdim, dtype)``: blockwise when no block
-    splits a reduced dim (collectives: none); else per-rank ``sum |x|^ord``, one sum
-    all-reduce and the ``1/ord`` power (``ord`` = +-inf: one NaN-aware max/min all-reduce;
-    0: a count) -> replicated."""
-    bound = bind_arguments(func, args, kwargs)
-    dtypes = _probe(func, args, kwargs)
-    x: ShardedTensor = args[0]._reduced()
-    args = (x, *args[1:])
-    dims, keepdim = _dims(x.dim(), bound["dim"]), bound["keepdim"]
-    served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
-    if served is not None:
-        return served
-    size, (dtype,) = _out_size(x.shape, dims, keepdim), dtypes
-    order, cast = bound["ord"], bound["dtype"]
-    if order in (math.inf, -math.inf, 0):
-        op = "max" if order == math.inf else "min" if order == -math.inf else "sum"
-        total = _all_reduced(x, dims, dtype, op, lambda block, _: torch.linalg.vector_norm(
-            block, order, dims, keepdim=True, dtype=cast))
-        return _replicated(x, total, size, dtype)
-
-    def powers(block: torch.Tensor, _: Box) -> torch.Tensor:
-        value = block if cast is None else block.to(cast)
-        return value.abs().to(dtype).pow(order).sum(dims, keepdim=True)
-
-    total = _all_reduced(x, dims, dtype, "sum", powers)
-    norm = total if order == 1 else total.sqrt_() if order == 2 else total.pow_(1 / order)
-    return _replicated(x, norm, size, dtype)
-
-
-def _shift_and_total(x: ShardedTensor, dims: tuple[int, ...], dtype: torch.dtype,
-                     mask_infinite: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``max`` over ``dims`` and ``sum(exp(x - max))`` (keepdim, full size): two all-reduces.
-    With ``mask_infinite`` an infinite max shifts by 0 (as dense ``logsumexp``). A complex
-    ``x`` shifts by the max of its real parts, as dense ``logsumexp`` does."""
-    real = dtype.to_real() if dtype.is_complex else dtype
-    shift = _all_reduced(x, dims, real, "max", lambda block, _: (
-        block.real if block.is_complex() else block).to(real).amax(dims, keepdim=True))
-    if mask_infinite:
-        shift.masked_fill_(shift.abs() == math.inf, 0)
-    total = _all_reduced(x, dims, dtype, "sum", lambda block, box: (
-        block.to(dtype) - shift[_keep_box(box, dims)]).exp().sum(dims, keepdim=True))
-    return shift, total
-
-
-@_implements(aten.logsumexp.default)
-def _logsumexp(func: torch._ops.OpOverload, args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> Any:
-    """``x.logsumexp(dims, keepdim)``: blockwise when no block splits a reduced dim
-    (collectives: none); else two all-reduces (a NaN-aware max for the shift, then the sum of
-    ``exp(x - shift)``) -> replicated."""
-    bound = bind_arguments(func, args, kwargs)
-    dtypes = _probe(func, args, kwargs)
-    x: ShardedTensor = args[0]._reduced()
-    args = (x, *args[1:])
-    dims, keepdim = _dims(x.dim(), bound["dim"]), bound["keepdim"]
-    served = _served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
-    if served is not None:
-        return served
-    shift, total = _shift_and_total(x, dims, dtypes[0], mask_infinite=True)
-    return _replicated(x, total.log_().add_(shift), _out_size(x.shape, dims, keepdim),
-                       dtypes[0])
-
-
-# -- softmax, log_softmax and their backward ----------------------------------------------------
-
-@_implements(aten._softmax.default, log=False)
-@_implements(aten._log_softmax.default, log=True)
-def _softmax(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
-             log: bool) -> Any:
-    """``x.softmax(dim)`` / ``log_softmax``, in ``x``'s layout: blockwise when no block splits
-    ``dim`` (collectives: none); else two all-reduces of the ``dim``-reduced size (a
-    NaN-aware max, then the sum of ``exp(x - max)``), then each block normalized locally."""
-    bound = bind_arguments(func, args, kwargs)
-    (dtype,) = _probe(func, args, kwargs)
-    x: ShardedTensor = args[0]._reduced()
-    dims = _dims(x.dim(), bound["dim"])
-    if x._layout.is_replicate or not set(dims) & split_dims(x._layout):
-        return x._like([func(block, *args[1:], **kwargs) for block in x._local_tensors],
-                       dtype=dtype)
-    if not _is_member(x):
-        return x._like([], dtype=dtype)
-    shift, total = _shift_and_total(x, dims, dtype, mask_infinite=False)
-    if log:
-        total.log_()
-    layout = x._layout
-    blocks = []
-    for block, index in zip(x._local_tensors, layout.local_indices(x._rank), strict=True):
-        keep = _keep_box(layout.shard_box(index), dims)
-        shifted = block.to(dtype) - shift[keep]
-        blocks.append(shifted - total[keep] if log else shifted.exp_().div_(total[keep]))
-    return x._like(blocks, dtype=dtype)
-
-
-def _operand(value: Any, anchor: ShardedTensor) -> ShardedTensor:
-    """``value`` as a non-partial ShardedTensor (a plain tensor is a replicated value)."""
-    if isinstance(value, ShardedTensor):
-        return value._reduced()
-    blocks = [value] if _is_member(anchor) else []
-    return anchor._like(blocks, _layout_for(anchor, Replicate(), value.shape), value.dtype)
-
-
-@_implements(aten._softmax_backward_data.default, log=False)
-@_implements(aten._log_softmax_backward_data.default, log=True)
-def _softmax_backward(func: torch._ops.OpOverload, args: tuple[Any, ...],
-                      kwargs: dict[str, Any], log: bool) -> Any:
-    """``_softmax_backward_data(grad_output, output, dim, input_dtype)`` / the log form, in
-    ``output``'s layout (``grad_output`` is moved there: local slicing when replicated, an
-    all-to-all when sharded differently): blockwise when no block splits ``dim``
-    (collectives: none); else one sum all-reduce of the ``dim``-reduced size of
-    ``grad_output * output`` (log: of ``grad_output``), then locally per block."""
-    bound = bind_arguments(func, args, kwargs)
-    (dtype,) = _probe(func, args, kwargs)
-    anchor = next(a for a in args if isinstance(a, ShardedTensor))
-    grad, output = _operand(bound["grad_output"], anchor), _operand(bound["output"], anchor)
-    base = grad if grad._layout.is_sharded and not output._layout.is_sharded else output
-    grad, output = (t if t._layout is base._layout else t._redistributed(base._layout.spec)
-                    for t in (grad, output))
-    dims = _dims(base.dim(), bound["dim"])
-    pairs = list(zip(grad._local_tensors, output._local_tensors, strict=True))
-    if base._layout.is_replicate or not set(dims) & split_dims(base._layout):
-        rest = (bound["dim"], bound["input_dtype"])
-        return base._like([func(g, o, *rest) for g, o in pairs], dtype=dtype)
-    if not _is_member(base):
-        return base._like([], dtype=dtype)
-    terms = [g if log else g * o for g, o in pairs]
-    term_dtype = grad.dtype if log else torch.promote_types(grad.dtype, output.dtype)
-    total = _all_reduced(base, dims, term_dtype, "sum",
-                         lambda block, _: block.sum(dims, keepdim=True), terms)
-    layout = base._layout
-    blocks = []
-    for (g, o), index in zip(pairs, layout.local_indices(base._rank), strict=True):
-        part = total[_keep_box(layout.shard_box(index), dims)]
-        blocks.append((g - o.exp() * part if log else o * (g - part)).to(dtype))
-    return base._like(blocks, dtype=dtype)

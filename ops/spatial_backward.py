@@ -36,9 +36,13 @@ from typing import Any
 
 import torch
 
-from dispatch_shard.ops._common import bind_arguments, meta_results, replicated_fallback
+from dispatch_shard.ops._common import (
+    bind_arguments,
+    blockwise,
+    meta_results,
+    replicated_fallback,
+)
 from dispatch_shard.ops.layouts import like_leading, split_dims
-from dispatch_shard.ops.spatial import _blockwise
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
 
@@ -106,7 +110,7 @@ def _per_block(func: torch._ops.OpOverload, spatial: int | None, split: tuple[in
         if kwargs or len(args) <= max(split) or not isinstance(args[anchor], ShardedTensor):
             return replicated_fallback(func, args, kwargs)
         lead = 1 if spatial is None else args[anchor].dim() - spatial
-        return _blockwise(func, args, kwargs, split, lead, (), outputs)
+        return blockwise(func, args, kwargs, split, lead, (), outputs)
 
     impl.__name__ = impl.__qualname__ = f"resample_{func.name().split('::')[1]}"
     impl.__doc__ = (f"``{func}`` per block when no block splits the dims it mixes "

@@ -1,5 +1,7 @@
-"""Views and shape ops: transpose/permute, (un)squeeze, view/reshape, expand, slice/select,
-split/unbind, cat, dtype conversion and copy.
+"""Views: transpose/permute, (un)squeeze (and the in-place views), expand, slice/select,
+split/unbind, diagonal. (``view``/``reshape`` live in :mod:`dispatch_shard.ops.reshape`;
+``cat``, ``flip``, dtype conversion and ``copy_``, which copy, in
+:mod:`dispatch_shard.ops.copies`.)
 
 Per rank: each block is viewed the same way as the whole (``block.t()``...), so
 the result's blocks alias the input's and in-place ops on a view reach the
@@ -18,9 +20,6 @@ but it moves data and the result no longer aliases the input.
 from __future__ import annotations
 
 import functools
-import itertools
-import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from torch.utils._mode_utils import no_dispatch
 
 from dispatch_shard.layout import Layout, layout_of
 from dispatch_shard.metadata import ShardMetadata
-from dispatch_shard.ops._common import replicated_fallback, whole
+from dispatch_shard.ops._common import replicated_fallback, view_blocks
 from dispatch_shard.ops.layouts import relayout, resized_layout, sliced_layout, split_dims
 from dispatch_shard.registry import _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
@@ -37,33 +36,6 @@ from dispatch_shard.specs import ChunkShardingSpec, EnumerableShardingSpec
 aten = torch.ops.aten
 
 __all__ = ["replicated_fallback"]
-
-
-
-
-
-
-
-
-
-
-
-
-
-def _view_blocks(x: ShardedTensor, layout: Layout, view: Callable[..., torch.Tensor]) -> Any:
-    """Apply ``view(block, block_metadata_in, block_metadata_out)`` to each local block."""
-    rank = x._rank
-    ins = x._layout.local_indices(rank)
-    outs = layout.local_indices(rank)
-    blocks = [view(t, x._layout.shards[i], layout.shards[j])
-              for t, i, j in zip(x._local_tensors, ins, outs, strict=True)]
-    return x._like(blocks, layout)
-
-
-# -- blocks along leading dims (ops/attention.py, ops/spatial.py) ------------------
-
-
-
 
 
 # -- permutations ------------------------------------------------------------------
@@ -236,250 +208,7 @@ for _func, _view_op in _INPLACE_VIEWS.items():
     _register_inplace_view(_func, _view_op)
 
 
-# -- view / reshape -------------------------------------------------------------------
-
-def _dim_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
-    """Pair runs of old dims with runs of new dims of equal product (size-1 dims attach to a
-    neighbour); None when the sizes do not match."""
-    groups: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(old) or j < len(new):
-        gi, gj = [], []
-        pi = pj = 1
-        if i < len(old):
-            gi.append(i)
-            pi *= old[i]
-            i += 1
-        if j < len(new):
-            gj.append(j)
-            pj *= new[j]
-            j += 1
-        while pi != pj:
-            if pi < pj and i < len(old):
-                gi.append(i)
-                pi *= old[i]
-                i += 1
-            elif pj < pi and j < len(new):
-                gj.append(j)
-                pj *= new[j]
-                j += 1
-            else:
-                return None
-        groups.append((gi, gj))
-    return groups
-
-
-@functools.lru_cache(maxsize=1024)
-def _viewed(layout: Layout, size: tuple[int, ...]) -> Layout | None:
-    """The layout of ``x.view(size)`` when every block stays a block; else None.
-
-    A view pairs runs of old dims with runs of new dims of equal product (a group).
-    Blocks survive when, in each group, only the outermost real (size > 1) old dim
-    may be split, and each block's range of the group's flattened index starts and
-    ends on a multiple of the product of the new group's inner dims: splitting a
-    column-parallel ``[B, S, H * Dh]`` into heads ``[B, S, H, Dh]`` (blocks on head
-    boundaries), and merging ``[B, S, H, Dh]`` back.
-    """
-    groups = _dim_groups(list(layout.size), list(size))
-    if groups is None:
-        return None
-    split = split_dims(layout)
-    chunk_dim = None
-    spec_dim = layout.spec.dim % len(layout.size) \
-        if isinstance(layout.spec, ChunkShardingSpec) else None
-    # Per group: (outermost real old dim, its inner product, outermost real new dim, its
-    # inner product); None for a group no block splits (the new dims are whole).
-    plans: list[tuple[list[int], list[int], tuple[int, int, int, int] | None]] = []
-    for old_dims, new_dims in groups:
-        real_old = [d for d in old_dims if layout.size[d] != 1]
-        real_new = [e for e in new_dims if size[e] != 1]
-        cut = [d for d in old_dims if d in split]
-        if len(real_old) == 1 and len(real_new) == 1:  # one dim of unchanged size
-            plans.append((old_dims, new_dims, (real_old[0], 1, real_new[0], 1)))
-            if spec_dim == real_old[0]:
-                chunk_dim = real_new[0]
-            continue
-        if not cut or not real_new:
-            plans.append((old_dims, new_dims, None))
-            continue
-        if cut != real_old[:1]:
-            return None  # an inner dim is split: a block is no box of the new dims
-        inner_old = math.prod(layout.size[d] for d in real_old[1:])
-        inner_new = math.prod(size[e] for e in real_new[1:])
-        for shard in layout.shards:
-            if 0 in shard.shard_sizes:
-                continue
-            lo = shard.shard_offsets[real_old[0]] * inner_old
-            hi = lo + shard.shard_sizes[real_old[0]] * inner_old
-            if lo % inner_new or hi % inner_new:
-                return None  # a block ends inside a row of the new inner dims
-        plans.append((old_dims, new_dims, (real_old[0], inner_old, real_new[0], inner_new)))
-        if spec_dim == real_old[0]:
-            chunk_dim = real_new[0]
-
-    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        new_offsets, new_sizes = [0] * len(size), list(size)
-        for _, _, plan in plans:
-            if plan is None:
-                continue
-            old, inner_old, new, inner_new = plan
-            lo = offsets[old] * inner_old
-            # (one-to-one: offsets as they are, a chunk's empty blocks' unclamped ones too)
-            new_offsets[new] = lo if inner_new == inner_old == 1 else min(lo // inner_new,
-                                                                           size[new])
-            new_sizes[new] = sizes[old] * inner_old // inner_new
-        if 0 in sizes and new_sizes and 0 not in new_sizes:
-            new_sizes[0] = 0  # an empty block stays empty
-        return new_offsets, new_sizes
-
-    enumerated = relayout(layout, size, None, block_map)
-    if chunk_dim is not None and enumerated.is_sharded:
-        chunked = relayout(layout, size, chunk_dim, block_map)
-        if [(s.shard_offsets, s.shard_sizes, s.placement) for s in chunked.shards] == [
-                (s.shard_offsets, s.shard_sizes, s.placement) for s in enumerated.shards]:
-            return chunked
-    return enumerated
-
-
-# NOTE [views that cut blocks into pieces]
-# A block of ``[B, H, S, Dh]`` holding every batch entry and a range of heads is no
-# box of ``[B * H, S, Dh]``: in row-major order it is B separate runs. Torch's
-# ``matmul`` of 4-D tensors makes exactly this view (it folds the leading dims into
-# one batch dim for ``bmm``). Such a block is cut into pieces, one per run (here
-# ``block[b]`` for each b), and each piece is a block of the view: a rank then holds
-# several blocks, and the pieces are views of its block (no copy, no collective).
-# A run maps onto the new dims as a box when it starts and ends on whole rows of
-# the new dims inside one outer index (the same rule in both directions), so
-# merging the pieces back (``[B * H, S, S] -> [B, H, S, S]``) keeps them blocks.
-_MAX_PIECES = 4096  # beyond this many blocks, gathering is cheaper than bookkeeping
-
-
-def _runs(offsets: Sequence[int], sizes: Sequence[int], full: Sequence[int]
-          ) -> list[tuple[tuple[tuple[int, int], ...], int, int]]:
-    """A box (``offsets``, ``sizes`` within dims of extents ``full``) as row-major runs:
-    (the run's box relative to the block, as (offset, length) per dim; its flat start;
-    its length)."""
-    strides = [math.prod(full[d + 1:]) for d in range(len(full))]
-    cut = [d for d in range(len(full)) if sizes[d] != full[d]]
-    if not cut:
-        return [(tuple((0, n) for n in sizes), 0, math.prod(full))]
-    m = cut[-1]  # the innermost cut dim: the dims inside it are whole
-    runs = []
-    outer = [range(sizes[d]) for d in range(m)]
-    for index in itertools.product(*outer):
-        start = sum((offsets[d] + i) * strides[d] for d, i in enumerate(index))
-        start += offsets[m] * strides[m]
-        box = tuple((i, 1) for i in index) + tuple((0, sizes[d]) for d in range(m, len(full)))
-        runs.append((box, start, sizes[m] * strides[m]))
-    return runs
-
-
-def _run_box(start: int, length: int, full: Sequence[int]
-             ) -> tuple[list[int], list[int]] | None:
-    """The box of dims of extents ``full`` that the row-major run covers, or None when
-    it is no box."""
-    strides = [math.prod(full[d + 1:]) for d in range(len(full))]
-    real = [d for d in range(len(full)) if full[d] != 1]
-    if not real:
-        return [0] * len(full), [1] * len(full)
-    m = next((d for d in real if strides[d] <= length), real[-1])
-    if start % strides[m] or length % strides[m]:
-        return None
-    first, count = (start // strides[m]) % full[m], length // strides[m]
-    if first + count > full[m]:
-        return None
-    offsets = [(start // strides[d]) % full[d] if d < m else 0 for d in range(len(full))]
-    sizes = [1 if d < m else full[d] for d in range(len(full))]
-    offsets[m], sizes[m] = first, count
-    return offsets, sizes
-
-
-Piece = tuple[tuple[slice, ...], tuple[int, ...]]
-
-
-@functools.lru_cache(maxsize=1024)
-def _cut_viewed(layout: Layout, size: tuple[int, ...]
-                ) -> tuple[Layout, tuple[tuple[Piece, ...], ...]] | None:
-    """The layout of ``x.view(size)`` with blocks cut into pieces (NOTE [views that cut
-    blocks into pieces]), and per old block its pieces: (the piece's slices of the
-    block, the piece's sizes in the view). None when a run is no box of the new dims."""
-    groups = _dim_groups(list(layout.size), list(size))
-    if groups is None or not layout.is_sharded or not size:
-        return None
-    blocks: list[ShardMetadata] = []
-    pieces: list[tuple[Piece, ...]] = []
-    for shard in layout.shards:
-        if 0 in shard.shard_sizes:  # an empty block stays one empty block
-            empty = [0, *size[1:]]
-            blocks.append(ShardMetadata([0] * len(size), empty, shard.placement))
-            pieces.append(((tuple(slice(None) for _ in layout.size), tuple(empty)),))
-            continue
-        # Per group: the block's runs, each with its box in the new dims.
-        per_group = []
-        for old_dims, new_dims in groups:
-            found = []
-            for box, start, length in _runs([shard.shard_offsets[d] for d in old_dims],
-                                            [shard.shard_sizes[d] for d in old_dims],
-                                            [layout.size[d] for d in old_dims]):
-                mapped = _run_box(start, length, [size[e] for e in new_dims])
-                if mapped is None:
-                    return None
-                found.append((box, mapped))
-            per_group.append(found)
-        own: list[Piece] = []
-        for combination in itertools.product(*per_group):
-            relative = [r for box, _ in combination for r in box]
-            offsets = [o for _, (offs, _) in combination for o in offs]
-            sizes = [n for _, (_, ns) in combination for n in ns]
-            blocks.append(ShardMetadata(offsets, sizes, shard.placement))
-            own.append((tuple(slice(o, o + n) for o, n in relative), tuple(sizes)))
-        pieces.append(tuple(own))
-        if len(blocks) > _MAX_PIECES:
-            return None
-    new_layout = layout_of(EnumerableShardingSpec(blocks), torch.Size(size),
-                           layout.group_ranks)
-    return new_layout, tuple(pieces)
-
-
-def _cut_view(x: ShardedTensor, size: tuple[int, ...]) -> ShardedTensor | None:
-    """``x.view(size)`` by NOTE [views that cut blocks into pieces]; None where it does
-    not apply."""
-    cut = _cut_viewed(x._layout, size)
-    if cut is None:
-        return None
-    layout, pieces = cut
-    blocks = [block[box].reshape(sizes)
-              for block, i in zip(x._local_tensors, x._layout.local_indices(x._rank),
-                                  strict=True)
-              for box, sizes in pieces[i]]
-    return x._like(blocks, layout)
-
-
-def _view(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``x.view(size)``: each block viewed to its extent when no block is cut; no collectives
-    (else see NOTE [replicated fallback])."""
-    x, size = args[0], list(args[1])
-    if -1 in size:
-        known = math.prod(s for s in size if s != -1)
-        size[size.index(-1)] = x.numel() // known if known else 0
-    if not size and x._layout.is_sharded:
-        return _only_element(x)
-    layout = _viewed(x._layout, tuple(size))
-    if layout is None:
-        cut = _cut_view(x, tuple(size))
-        if cut is not None:
-            return cut
-        return replicated_fallback(aten.reshape.default, (x, size), {})
-    # NOTE: a ShardedTensor always has contiguous strides, so a view of it is legal
-    # even where a block is strided (a transposed block): such a block is
-    # reshaped, a copy, as dense reshape would do for a strided tensor.
-    return _view_blocks(x, layout, lambda t, _, out: t.reshape(out.shard_sizes))
-
-
-_group_free(_view)  # one operand: NOTE [implementations that find their own group]
-for _overload in (aten.view.default, aten._unsafe_view.default):
-    custom_sharded_op_impl(_overload, handles_partial=True)(_view)
-
+# -- expand ----------------------------------------------------------------------------
 
 @custom_sharded_op_impl(aten.expand.default, handles_partial=True)
 def expand(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
@@ -495,7 +224,7 @@ def expand(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     def view(t: torch.Tensor, _: ShardMetadata, out: ShardMetadata) -> torch.Tensor:
         return t.expand(out.shard_sizes)
 
-    return _view_blocks(x, layout, view)
+    return view_blocks(x, layout, view)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -518,10 +247,6 @@ def _expanded(layout: Layout, size: tuple[int, ...]) -> Layout:
 
 
 # -- slicing ---------------------------------------------------------------------------
-
-
-
-
 
 def _normalize_slice(length: int, start: int | None, stop: int | None) -> tuple[int, int]:
     start = 0 if start is None else start
@@ -554,7 +279,7 @@ def slice_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
         begin = min(max(lo - old.shard_offsets[dim], 0), t.shape[dim])
         return t.narrow(dim, begin, new.shard_sizes[dim])
 
-    return _view_blocks(x, new_layout, view)
+    return view_blocks(x, new_layout, view)
 
 
 @custom_sharded_op_impl(aten.select.int, handles_partial=True)
@@ -572,7 +297,7 @@ def select(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
         return _select_element(x, index)
     narrowed = slice_(types, (x, dim, index, index + 1, 1), {}, pg)
     layout = _selected(narrowed._layout, dim)
-    return _view_blocks(narrowed, layout,
+    return view_blocks(narrowed, layout,
                         lambda t, _, new: t.narrow(dim, 0, min(1, t.shape[dim])).reshape(
                             new.shard_sizes) if t.shape[dim] != 1 else t.squeeze(dim))
 
@@ -589,19 +314,6 @@ def _select_element(x: ShardedTensor, index: int) -> ShardedTensor:
     local = layout.local_indices(x._rank)
     blocks = [x._local_tensors[local.index(owner)][index - shard.shard_offsets[0]]] \
         if owner in local else []
-    return x._like(blocks, new_layout)
-
-
-def _only_element(x: ShardedTensor) -> ShardedTensor:
-    """``x.view(())`` of a sharded one-element ``x``: a 0-dim block on the rank holding the
-    element (a 0-dim block cannot be empty: the empty blocks go); no collectives."""
-    layout = x._layout
-    owner = next(i for i, s in enumerate(layout.shards) if math.prod(s.shard_sizes) == 1)
-    new_layout = layout_of(
-        EnumerableShardingSpec([ShardMetadata([], [], layout.shards[owner].placement)]),
-        torch.Size([]), layout.group_ranks)
-    local = layout.local_indices(x._rank)
-    blocks = [x._local_tensors[local.index(owner)].reshape(())] if owner in local else []
     return x._like(blocks, new_layout)
 
 
@@ -651,122 +363,6 @@ def unbind(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -
     x = args[0]
     dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % x.dim()
     return [select(types, (x, dim, i), {}, pg) for i in range(x.shape[dim])]
-
-
-# -- joining, conversion, copy -------------------------------------------------------------
-
-@custom_sharded_op_impl(aten.cat.default, handles_partial=True)
-def cat(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``torch.cat(tensors, dim)``: blockwise when all operands are chunk-sharded along another
-    dim (operands are moved to the first one's spec); else NOTE [replicated fallback]."""
-    tensors = list(args[0])
-    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    first = next(t for t in tensors if isinstance(t, ShardedTensor))
-    ndim = first.dim()
-    dim %= max(ndim, 1)
-    spec = first._layout.spec
-    if (isinstance(spec, ChunkShardingSpec) and spec.dim % ndim != dim
-            and all(isinstance(t, ShardedTensor) and t.dim() == ndim for t in tensors)):
-        moved = [t if t._layout.spec == spec else t._redistributed(spec) for t in tensors]
-        size = list(first.shape)
-        size[dim] = sum(t.shape[dim] for t in moved)
-        layout = layout_of(spec, torch.Size(size), first._layout.group_ranks)
-        blocks = [torch.cat(parts, dim) for parts in
-                  zip(*(t._local_tensors for t in moved), strict=True)]
-        dtype = functools.reduce(torch.promote_types, [t.dtype for t in moved])
-        return first._like(blocks, layout, dtype)
-    return replicated_fallback(aten.cat.default, (tensors, dim), {})
-
-
-@custom_sharded_op_impl(aten._to_copy.default, handles_partial=True, handles_mesh="pending")
-def to_copy(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``x.to(dtype)`` and friends: each block converted (a copy); same layout; no collectives.
-    Moving to another device would leave the placements behind: not supported."""
-    x = args[0]
-    if kwargs.get("device") is not None and torch.device(kwargs["device"]) != x.device:
-        raise NotImplementedError(
-            f"aten._to_copy to device {kwargs['device']} not supported for ShardedTensor!")
-    options = {k: v for k, v in kwargs.items() if k not in ("device", "layout")}
-    blocks = [aten._to_copy.default(t, **options) for t in x._local_tensors]
-    return x._like(blocks, dtype=options.get("dtype") or x.dtype)
-
-
-@custom_sharded_op_impl(aten.copy_.default, handles_partial=True, handles_mesh=True)
-def copy_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``x.copy_(src)``: ``src`` moved to ``x``'s layout (one all-to-all when they differ; a
-    plain or broadcasting ``src`` is sliced per block), then copied block by block."""
-    x, src = args[0], args[1]
-    if not isinstance(x, ShardedTensor):
-        return x.copy_(whole(src))
-    layout = x._layout
-    if isinstance(src, ShardedTensor) and src.shape == x.shape and not layout.is_partial:
-        if src._layout is not layout:
-            src = src._redistributed(layout.spec)
-        for target, block in zip(x._local_tensors, src._local_tensors, strict=True):
-            target.copy_(block)
-        return x
-    if layout.is_partial:
-        raise NotImplementedError("aten.copy_ into a Partial not supported for ShardedTensor!")
-    dense = whole(src)
-    lead = x.dim() - dense.dim()
-    for target, i in zip(x._local_tensors, layout.local_indices(x._rank), strict=True):
-        box = layout.shard_box(i)
-        index = tuple(slice(None) if dense.shape[d] == 1 else box[lead + d]
-                      for d in range(dense.dim()))
-        target.copy_(dense[index])
-    return x
-
-
-@custom_sharded_op_impl(torch.ops.prims.copy_to.default, handles_partial=True)
-def prims_copy_to(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``prims.copy_to(a, b)``, the copy into ``a`` of torch's references (``constant_pad_nd``
-    writes its input into a slice of a new plain tensor): ``a.copy_(b)``, see ``copy_``."""
-    return copy_(types, args, {}, pg)
-
-
-@custom_sharded_op_impl(aten.stack.default, handles_partial=True)
-def stack(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``torch.stack(tensors, dim)``: ``unsqueeze`` each (a view) then ``cat``; collectives as
-    ``cat``."""
-    tensors = list(args[0])
-    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    dim %= tensors[0].dim() + 1
-    return cat(types, ([t.unsqueeze(dim) for t in tensors], dim), {}, pg)
-
-
-@custom_sharded_op_impl(aten.flip.default, handles_partial=True)
-def flip(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``x.flip(dims)``: each block flipped (a copy, as dense), and mirrored to the other end
-    of each flipped dim (``offset -> length - offset - size``); no collectives. A chunk spec
-    along a flipped dim becomes the mirrored blocks (an enumerable spec)."""
-    x = args[0]
-    dims = args[1] if len(args) > 1 else kwargs["dims"]
-    torch.flip(torch.empty(x.shape, device="meta"), dims)  # dense's errors, on every rank
-    dims = tuple(sorted({d % max(x.dim(), 1) for d in dims}))
-    layout = _flipped(x._layout, dims) if x.dim() else x._layout
-    return x._like([t.flip(dims) for t in x._local_tensors], layout)
-
-
-@functools.lru_cache(maxsize=1024)
-def _flipped(layout: Layout, dims: tuple[int, ...]) -> Layout:
-    chunk_dim = None
-    if isinstance(layout.spec, ChunkShardingSpec):
-        chunk_dim = layout.spec.dim % len(layout.size)
-        chunk_dim = None if chunk_dim in dims else chunk_dim
-
-    def block_map(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
-        # (An empty block may sit past the end: it stays empty, at an offset inside.)
-        return ([max(layout.size[d] - o - sizes[d], 0) if d in dims else o
-                 for d, o in enumerate(offsets)], list(sizes))
-
-    return relayout(layout, layout.size, chunk_dim, block_map)
-
-
-@custom_sharded_op_impl(aten.repeat.default, handles_partial=True)
-def repeat(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
-    """``x.repeat(counts)``: NOTE [replicated fallback] (its decomposition returned a plain
-    tensor for zero counts: a result must always be a ShardedTensor)."""
-    return replicated_fallback(aten.repeat.default, args, kwargs)
 
 
 # -- diagonal ---------------------------------------------------------------------------

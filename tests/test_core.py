@@ -85,6 +85,9 @@ def seeded(*size: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> tor
 # ``ops/__init__.py`` (or an op moving family) fails the test below; extend it
 # with each new op family.
 BUILTIN_OPS = {
+    "dispatch_shard.ops.advanced_indexing": [
+        "aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default",
+    ],
     "dispatch_shard.ops.attention": [
         "aten._scaled_dot_product_flash_attention_for_cpu.default",
         "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
@@ -108,8 +111,7 @@ BUILTIN_OPS = {
         "aten.embedding_dense_backward.default",
     ],
     "dispatch_shard.ops.indexing": [
-        "aten.gather.default", "aten.index.Tensor", "aten.index_add.default",
-        "aten.index_add_.default", "aten.index_put.default", "aten.index_put_.default",
+        "aten.gather.default", "aten.index_add.default", "aten.index_add_.default",
         "aten.index_select.default", "aten.scatter.reduce", "aten.scatter.src",
         "aten.scatter.value", "aten.scatter.value_reduce", "aten.scatter_.reduce",
         "aten.scatter_.src", "aten.scatter_.value", "aten.scatter_.value_reduce",
@@ -133,16 +135,23 @@ BUILTIN_OPS = {
         "aten.dot.default", "aten.mm.default", "aten.mv.default",
     ],
     "dispatch_shard.ops.reduction": [
+        "aten.all.default", "aten.all.dim", "aten.all.dims", "aten.amax.default",
+        "aten.amin.default", "aten.any.default", "aten.any.dim", "aten.any.dims",
+        "aten.count_nonzero.default", "aten.count_nonzero.dim_IntList", "aten.max.default",
+        "aten.mean.default", "aten.mean.dim", "aten.min.default", "aten.nansum.default",
+        "aten.prod.default", "aten.prod.dim_int", "aten.sum.default", "aten.sum.dim_IntList",
+    ],
+    "dispatch_shard.ops.arg_reduction": [
+        "aten.argmax.default", "aten.argmin.default", "aten.max.dim", "aten.min.dim",
+    ],
+    "dispatch_shard.ops.norms": [
+        "aten.linalg_vector_norm.default", "aten.std.correction", "aten.std_mean.correction",
+        "aten.var.correction", "aten.var_mean.correction",
+    ],
+    "dispatch_shard.ops.softmax": [
         "aten._log_softmax.default", "aten._log_softmax_backward_data.default",
-        "aten._softmax.default", "aten._softmax_backward_data.default", "aten.all.default",
-        "aten.all.dim", "aten.all.dims", "aten.amax.default", "aten.amin.default",
-        "aten.any.default", "aten.any.dim", "aten.any.dims", "aten.argmax.default",
-        "aten.argmin.default", "aten.count_nonzero.default", "aten.count_nonzero.dim_IntList",
-        "aten.linalg_vector_norm.default", "aten.logsumexp.default", "aten.max.default",
-        "aten.max.dim", "aten.mean.default", "aten.mean.dim", "aten.min.default",
-        "aten.min.dim", "aten.nansum.default", "aten.prod.default", "aten.prod.dim_int",
-        "aten.std.correction", "aten.std_mean.correction", "aten.sum.default",
-        "aten.sum.dim_IntList", "aten.var.correction", "aten.var_mean.correction",
+        "aten._softmax.default", "aten._softmax_backward_data.default",
+        "aten.logsumexp.default",
     ],
     "dispatch_shard.ops.tensor_basics": [
         "aten._local_scalar_dense.default", "aten._to_sparse", "aten._to_sparse_bsc",
@@ -229,16 +238,18 @@ BUILTIN_OPS = {
         "prims.as_strided_scatter.default",
     ],
     "dispatch_shard.ops.view": [
-        "aten._to_copy.default", "aten._unsafe_view.default", "aten.cat.default",
-        "aten.copy_.default", "aten.detach_.default", "aten.diagonal.default",
-        "aten.diagonal_scatter.default", "aten.expand.default",
-        "aten.flip.default", "aten.permute.default", "aten.repeat.default",
-        "aten.select.int", "aten.slice.Tensor", "aten.split.Tensor",
-        "aten.split_with_sizes.default", "aten.squeeze.default", "aten.squeeze.dim",
-        "aten.squeeze.dims", "aten.squeeze_.default", "aten.squeeze_.dim", "aten.squeeze_.dims",
-        "aten.stack.default", "aten.t.default", "aten.t_.default", "aten.transpose.int",
+        "aten.detach_.default", "aten.diagonal.default", "aten.diagonal_scatter.default",
+        "aten.expand.default", "aten.permute.default", "aten.select.int", "aten.slice.Tensor",
+        "aten.split.Tensor", "aten.split_with_sizes.default", "aten.squeeze.default",
+        "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze_.default", "aten.squeeze_.dim",
+        "aten.squeeze_.dims", "aten.t.default", "aten.t_.default", "aten.transpose.int",
         "aten.transpose_.default", "aten.unbind.int", "aten.unsqueeze.default",
-        "aten.unsqueeze_.default", "aten.view.default", "prims.copy_to.default",
+        "aten.unsqueeze_.default",
+    ],
+    "dispatch_shard.ops.reshape": ["aten._unsafe_view.default", "aten.view.default"],
+    "dispatch_shard.ops.copies": [
+        "aten._to_copy.default", "aten.cat.default", "aten.copy_.default", "aten.flip.default",
+        "aten.repeat.default", "aten.stack.default", "prims.copy_to.default",
     ],
 }
 # ops/pointwise.py serves every overload torch tags pointwise, and ops/foreach.py every

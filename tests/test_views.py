@@ -252,7 +252,7 @@ def test_views_that_cut_blocks_into_pieces(rank: int, world_size: int, blocks: s
     """Folding a whole dim into a split inner one (``[B, H, ...] -> [B * H, ...]``, H
     split) cuts each block into one piece per B index: no collective, the pieces are
     views of the blocks, and the view back keeps them (NOTE [views that cut blocks into
-    pieces] in ops/view.py)."""
+    pieces] in ops/reshape.py)."""
     dense, x = _cut_case(world_size, blocks)
     with ds.count_collectives() as counted:
         folded = x.view(15, 2, 4)

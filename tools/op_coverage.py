@@ -190,16 +190,21 @@ def problems(results: dict[tuple[str, int, str], OpResult], library: str, outcom
 # The ops/ families in the order an op is filed under (the most specific it reached first).
 # ``whole`` first: an op that reached it gathered whole values and computed on every rank.
 FAMILY_ORDER = ("whole", "matmul", "attention", "embedding", "spatial", "sorting", "scan",
-                "indexing", "reduction", "pointwise", "random_ops", "foreach", "factory",
-                "decomposed", "view", "tensor_basics")
+                "indexing", "advanced_indexing", "reduction", "arg_reduction", "norms",
+                "softmax", "pointwise", "random_ops", "foreach", "factory", "decomposed",
+                "view", "reshape", "copies", "tensor_basics")
 FAMILY_TITLES = {
     "whole": "whole value (gathers, computes on every rank)",
     "matmul": "matrix products", "attention": "attention", "embedding": "embeddings",
     "spatial": "convolution and pooling", "sorting": "sorting and selection",
-    "scan": "scans (cumulative ops)", "indexing": "indexing", "reduction": "reductions",
+    "scan": "scans (cumulative ops)", "indexing": "indexing",
+    "advanced_indexing": "advanced indexing", "reduction": "reductions",
+    "arg_reduction": "reductions with indices", "norms": "variance and norms",
+    "softmax": "logsumexp and softmax",
     "pointwise": "pointwise", "random_ops": "random draws", "foreach": "optimizer kernels",
     "factory": "``*_like`` factories",
     "decomposed": "torch's decompositions", "view": "views and shape ops",
+    "reshape": "``view`` and ``reshape``", "copies": "shape ops that copy",
     "tensor_basics": "aliasing, copying, queries",
     "composite": "decomposed by torch before the dispatch",
     "none": "not served (nothing registered)",
