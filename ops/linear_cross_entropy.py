@@ -17,6 +17,13 @@ all-reduces, a Partial loss; ``grad_input`` ``[N, C/R] @ [C/R, K]`` Partial, ``g
 pair does not (``tests/test_losses.py`` counts both). What the fusion buys on one device,
 never holding ``[N, C]`` logits, the sharding buys per rank only for the layouts that
 split ``N`` or ``C``.
+
+The one exception is the backward of ``reduction="none"``: torch runs it as a Python
+recomputation, chunk by chunk, into plain buffers, above this module (see
+:func:`chunked_linear_cross_entropy_no_reduction`). It gives dense's gradients but gathers
+each chunk: with the batch split over 2 ranks (64 samples, chunks of 16) it takes 20
+all-to-alls where the unfused pair takes one all-reduce. Train with ``"mean"``/``"sum"``
+or ``options=None`` where that matters.
 """
 
 from __future__ import annotations
