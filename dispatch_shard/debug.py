@@ -89,6 +89,9 @@ def where(op: object) -> str:
     fn = registry._user_fn(served)
     reduces = served is not fn and op not in registry.TORCH_FUNCTIONS
     partial = "; Partial arguments are reduced before it runs" if reduces else ""
+    # (a family's registration helper may wrap the function that does the work, and say
+    # so with ``__defined_by__``: name that function)
+    fn = getattr(fn, "__defined_by__", fn)
     return f"{name}: {registry._where(fn)} ({how}{partial})"
 
 

@@ -100,6 +100,7 @@ def _serving(fn: OpImpl, func: torch._ops.OpOverload, fixed: dict[str, Any]) -> 
     impl.__name__ = impl.__qualname__ = f"sharded_{func.name().split('::')[1]}"
     impl.__doc__ = fn.__doc__
     impl.__module__ = fn.__module__  # the family is the module that defines ``fn``
+    impl.__defined_by__ = fn  # type: ignore[attr-defined]  # debug.where names ``fn``
     return impl
 
 

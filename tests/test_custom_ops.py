@@ -180,6 +180,9 @@ def test_writing_into_a_partial_argument_raises(rank: int, world_size: int) -> N
 def test_where_names_the_serving_implementation() -> None:
     assert ds.debug.where(torch.ops.aten.mm.default).startswith("aten.mm.default: ")
     assert "ops/matmul.py" in ds.debug.where(torch.ops.aten.mm.default)
+    # a family's registration helper wraps the function that does the work: that one is named
+    assert "_var at " in ds.debug.where(torch.ops.aten.var.correction)
+    assert "ops/norms.py" in ds.debug.where(torch.ops.aten.var.correction)
     assert ds.debug.where(torch.ops.dstest.twice_sin.default) == (
         "dstest.twice_sin.default: not supported for ShardedTensor")
     ds.custom_sharded_op_impl(torch.ops.dstest.twice_sin.default)(per_block_twice_sin)
