@@ -7,8 +7,9 @@
   :func:`bind_arguments` (an op's arguments by name), :func:`first_sharded`,
   :func:`in_group`, :func:`is_block_sharded`.
 - Results: :func:`replicated_result`, :func:`partial_result`, :func:`outside_result`
-  (what a rank outside the group returns), :func:`meta_results` (sizes and dtypes
-  from a meta run: dense's errors, on every rank alike), :func:`map_blocks`,
+  (what a rank outside the group returns), :func:`meta_call` and :func:`meta_results`
+  (results, or their sizes and dtypes, from a meta run: dense's errors, on every rank
+  alike), :func:`empty_results` (an empty block's results), :func:`map_blocks`,
   :func:`view_blocks` (each block through a view, into the view's layout).
 - :func:`replicated_fallback`: an op on the whole values (NOTE [replicated fallback]),
   run under :func:`conjugate_views_resolved`.
@@ -34,8 +35,9 @@ from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import Partial, Replicate
 
 __all__ = [
-    "bind_arguments", "blockwise", "conjugate_views_resolved", "dense_value", "first_sharded",
-    "in_group", "is_block_sharded", "map_blocks", "meta_results", "outside_result",
+    "bind_arguments", "blockwise", "conjugate_views_resolved", "dense_value", "empty_results",
+    "first_sharded", "in_group", "is_block_sharded", "map_blocks", "meta_call", "meta_results",
+    "outside_result",
     "partial_result", "pieces_of", "reduction_identity", "replicated_fallback",
     "replicated_result", "replicated_value", "view_blocks", "whole",
 ]
@@ -224,13 +226,27 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
-def meta_results(func: torch._ops.OpOverload, args: Sequence[Any],
-                 kwargs: dict[str, Any]) -> list[tuple[torch.Size, torch.dtype]]:
-    """Sizes and dtypes of ``func``'s results from meta tensors of the global sizes: dense's
-    shape and dtype errors, raised on every rank alike."""
+def meta_call(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """``func``'s results (a tuple) on meta tensors of its tensor arguments' sizes and dtypes
+    (global sizes for a ShardedTensor, a block's for a block): the one stand-in run of the
+    op families, for result shapes and dtypes and for dense's errors, raised on every rank
+    alike."""
     result = func(*_to_meta(list(args)), **{k: _to_meta(v) for k, v in kwargs.items()})
-    results = result if isinstance(result, tuple | list) else (result,)
-    return [(r.shape, r.dtype) for r in results]
+    return tuple(result) if isinstance(result, tuple | list) else (result,)
+
+
+def meta_results(func: Any, args: Sequence[Any],
+                 kwargs: dict[str, Any]) -> list[tuple[torch.Size, torch.dtype]]:
+    """Sizes and dtypes of ``func``'s results (:func:`meta_call`)."""
+    return [(r.shape, r.dtype) for r in meta_call(func, args, kwargs)]
+
+
+def empty_results(func: Any, args: Sequence[Any], kwargs: dict[str, Any],
+                  device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Empty tensors of ``func``'s result sizes and dtypes (:func:`meta_call`): the results
+    for an empty block, where CPU kernels differ from dense (or divide by zero)."""
+    return tuple(torch.empty(m.shape, dtype=m.dtype, device=device)
+                 for m in meta_call(func, args, kwargs))
 
 
 def _whole_layout(anchor: ShardedTensor, spec: Replicate | Partial, size: Sequence[int]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout
-from dispatch_shard.ops._common import replicated_fallback
+from dispatch_shard.ops._common import empty_results, meta_call, replicated_fallback
 from dispatch_shard.ops.layouts import leading_boxes, like_leading, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
@@ -62,12 +62,11 @@ def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
         if first._local_tensors[b].numel() == 0:
             # No (batch, head) pair here: empty results of the right shapes (the CPU
             # kernel divides by the head count: SIGFPE on an empty block).
-            results.append(tuple(torch.empty(m.shape, dtype=m.dtype, device=first.device)
-                                 for m in _on_meta(func, block_args, kwargs, tensors)))
+            results.append(empty_results(func, block_args, kwargs, first.device))
             continue
         results.append(func(*block_args, **kwargs))
     if not results:  # this rank holds no block: shapes and dtypes from meta stand-ins
-        shapes = _on_meta(func, list(args), kwargs, tensors)
+        shapes = meta_call(func, args, kwargs)
     else:
         shapes = results[0]
     outs = []
@@ -77,15 +76,6 @@ def _blockwise(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
         layout = like_leading(anchor._layout, 2, size)
         outs.append(anchor._like([r[k] for r in results], layout, shapes[k].dtype))
     return tuple(outs)
-
-
-def _on_meta(func: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any],
-             tensors: tuple[int, ...]) -> Any:
-    """``func``'s results on meta stand-ins of the tensor arguments (shapes and dtypes)."""
-    meta = list(args)
-    for i in tensors:
-        meta[i] = torch.empty(args[i].shape, dtype=args[i].dtype, device="meta")
-    return func(*meta, **kwargs)
 
 
 def _global_size(anchor: ShardedTensor, local: torch.Tensor) -> list[int]:

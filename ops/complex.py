@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout
-from dispatch_shard.ops._common import replicated_fallback
+from dispatch_shard.ops._common import meta_call, replicated_fallback
 from dispatch_shard.ops.layouts import relayout, resized_layout, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
@@ -121,7 +121,7 @@ def _chunk_dim(layout: Layout) -> int | None:
 def view_as_real(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``torch.view_as_real(x)``: each block viewed, a trailing dim of 2; no collectives."""
     x = args[0]
-    torch.view_as_real(torch.empty(x.shape, dtype=x.dtype, device="meta"))  # dense's errors
+    meta_call(torch.view_as_real, (x,), {})  # dense's errors
     x = _linear_operand(x)
     blocks = [_viewable(b, torch.view_as_real) for b in x._local_tensors]
     return x._like(blocks, _with_trailing(x._layout), torch.empty(
@@ -134,7 +134,7 @@ def view_as_complex(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     """``torch.view_as_complex(x)``: each block viewed, the trailing dim of 2 dropped; no
     collectives (the whole value, replicated, when a block splits that dim)."""
     x = args[0]
-    meta = torch.view_as_complex(torch.empty(x.shape, dtype=x.dtype, device="meta"))
+    meta = meta_call(torch.view_as_complex, (x,), {})[0]
     if x.dim() - 1 in split_dims(x._layout):
         return replicated_fallback(aten.view_as_complex.default, args, kwargs)
     x = _linear_operand(x)
@@ -173,7 +173,7 @@ def fft(func: torch._ops.OpOverload) -> None:
     def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
         x, dims, *extra = args
         dims = [d % x.dim() for d in dims]
-        meta = func(torch.empty(x.shape, dtype=x.dtype, device="meta"), dims, *extra)
+        meta = meta_call(func, (x, dims, *extra), {})[0]
         x = _linear_operand(x)
         length = _fft_size(func, x, dims, extra)
         resized_chunk = length is not None and _chunk_dim(x._layout) == dims[-1]

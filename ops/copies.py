@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout, layout_of
-from dispatch_shard.ops._common import replicated_fallback, whole
+from dispatch_shard.ops._common import meta_call, replicated_fallback, whole
 from dispatch_shard.ops.layouts import relayout
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
@@ -126,7 +126,7 @@ def flip(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> 
     along a flipped dim becomes the mirrored blocks (an enumerable spec)."""
     x = args[0]
     dims = args[1] if len(args) > 1 else kwargs["dims"]
-    torch.flip(torch.empty(x.shape, device="meta"), dims)  # dense's errors, on every rank
+    meta_call(torch.flip, (x, dims), {})  # dense's errors, on every rank
     dims = tuple(sorted({d % max(x.dim(), 1) for d in dims}))
     layout = _flipped(x._layout, dims) if x.dim() else x._layout
     return x._like([t.flip(dims) for t in x._local_tensors], layout)

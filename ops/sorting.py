@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout
-from dispatch_shard.ops._common import replicated_fallback
+from dispatch_shard.ops._common import empty_results, meta_call, replicated_fallback
 from dispatch_shard.ops.layouts import reduced_layout, resized_layout, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
@@ -28,13 +28,6 @@ from dispatch_shard.sharded_tensor import ShardedTensor
 aten = torch.ops.aten
 
 __all__: list[str] = []
-
-
-def _on_meta(func: torch._ops.OpOverload, x: torch.Tensor | torch.Size, dtype: torch.dtype,
-             args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    shape = x.shape if isinstance(x, torch.Tensor) else x
-    out = func(torch.empty(shape, dtype=dtype, device="meta"), *args[1:], **kwargs)
-    return tuple(out)
 
 
 def _check_like_dense(func: torch._ops.OpOverload, x: ShardedTensor, dim: Any,
@@ -62,7 +55,7 @@ def _along_dim(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
         x = x._reduced()
         args = (x, *args[1:])
     _check_like_dense(func, x, dim, args, kwargs)
-    metas = _on_meta(func, x, x.dtype, args, kwargs)
+    metas = meta_call(func, args, kwargs)
     layout = x._layout
     if x.dim() == 0 or not layout.is_sharded:
         return replicated_fallback(func, args, kwargs)
@@ -72,8 +65,7 @@ def _along_dim(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[
     results = []
     for block in x._local_tensors:
         if block.numel() == 0:  # kernels differ on empty inputs: shapes from meta
-            results.append(tuple(torch.empty(m.shape, dtype=m.dtype, device=block.device)
-                                 for m in _on_meta(func, block, block.dtype, args, kwargs)))
+            results.append(empty_results(func, (block, *args[1:]), kwargs, block.device))
         else:
             results.append(tuple(func(block, *args[1:], **kwargs)))
     out_layout = _out_layout(layout, d, metas[0].shape)
