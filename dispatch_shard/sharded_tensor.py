@@ -108,6 +108,7 @@ class ShardedTensor(torch.Tensor):
                  "_local_tensors", "_process_group", "_rank", "_reduced_cache")
     _local_tensors: list[torch.Tensor]
     _layout: Layout
+    _awaiting: Any  # the gradient bucket this tensor awaits (dispatch_shard.grad_reduction)
     _process_group: ProcessGroup
     _rank: int
     # The wrapper's dtype and device, which never change, as plain attributes: ``_like``
@@ -140,6 +141,7 @@ class ShardedTensor(torch.Tensor):
         tensor._layout = layout
         tensor._process_group = process_group
         tensor._rank = rank
+        tensor._awaiting = None  # (set: reading an unset slot goes through __getattr__)
         return tensor
 
     def _like(
@@ -160,6 +162,11 @@ class ShardedTensor(torch.Tensor):
         tensor._layout = layout
         tensor._process_group = self._process_group
         tensor._rank = self._rank
+        # NOTE [an unset slot costs an exception]: reading an unset slot raises inside
+        # the slot's descriptor and falls back to ``__getattr__``, which raises again
+        # (about 3 us). While a gradient bucket is in flight every dispatch reads
+        # ``_awaiting`` of every operand, so it is always set.
+        tensor._awaiting = None
         return tensor
 
     @classmethod
