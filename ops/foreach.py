@@ -162,7 +162,27 @@ def _flat_many(args: tuple[Any, ...], lists: int) -> list[list[Any]] | None:
     return flat
 
 
-_FLATTENERS: dict[int, Any] = {1: _flat_one, 2: _flat_two}
+def _flat_three(args: tuple[Any, ...]) -> list[list[Any]] | None:
+    base, second, third = args[0], args[1], args[2]
+    if len(second) != len(base) or len(third) != len(base):
+        return None
+    blocks: list[Any] = []
+    second_blocks: list[Any] = []
+    third_blocks: list[Any] = []
+    for element, other, last in zip(base, second, third, strict=True):
+        if type(element) is not ShardedTensor or type(other) is not ShardedTensor \
+                or type(last) is not ShardedTensor:
+            return None
+        layout = element._layout
+        if other._layout is not layout or last._layout is not layout or layout.is_partial:
+            return None
+        blocks += element._local_tensors
+        second_blocks += other._local_tensors
+        third_blocks += last._local_tensors
+    return [blocks, second_blocks, third_blocks]
+
+
+_FLATTENERS: dict[int, Any] = {1: _flat_one, 2: _flat_two, 3: _flat_three}
 _NOT_SCALAR = (torch.Tensor, list, tuple)
 
 
@@ -216,11 +236,15 @@ def _register(func: torch._ops.OpOverload) -> None:
     fused = func.name().startswith("aten::_fused_")
     positional = [a for a in arguments if not a.kwarg_only]
     kinds = [str(a.type) for a in positional]
-    # The fast path: positional tensor lists first, then numbers (no scalar tensor, no
-    # per-tensor scalar list, whose entries would repeat per block); scalar keywords.
+    # The fast path: positional tensor lists first, then numbers (no scalar tensor);
+    # scalar keywords. A per-tensor scalar list (``_foreach_div_.ScalarList`` of an Adam
+    # step) goes as it is where every tensor has one block (else its entries would
+    # repeat per block: the general path).
     lists = sum(kind == "List[Tensor]" for kind in kinds)
     simple = not fused and lists > 0 and all(kind == "List[Tensor]" for kind in kinds[:lists]) \
-        and all("Tensor" not in kind and "List" not in kind for kind in kinds[lists:])
+        and all("Tensor" not in kind and (kind == "List[number]" or "List" not in kind)
+                for kind in kinds[lists:])
+    per_tensor_scalars = any(kind == "List[number]" for kind in kinds[lists:])
     flatten = _FLATTENERS.get(lists) or functools.partial(_flat_many, lists=lists)
     call = _binding(func)
     arity = len(positional)
@@ -245,7 +269,9 @@ def _register(func: torch._ops.OpOverload) -> None:
                         return None
         if simple and len(args) == arity and type(args[0]) is list:
             fast: list[Any] | None = flatten(args) if _scalars(kwargs) else None
-            if fast is not None and fast[0]:  # (no block here, uneven: general path)
+            if fast is not None and fast[0] and (
+                    not per_tensor_scalars or len(fast[0]) == len(args[0])):
+                # (no block here, uneven, scalars per tensor of several blocks: general)
                 if trailing:
                     fast += args[lists:]
                 if not returns_list:

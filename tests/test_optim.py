@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 from layouts import rows, shard, specs_2d
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import dispatch_shard as ds
 from dispatch_shard.ops.foreach import foreach_overloads
@@ -71,6 +72,44 @@ def test_optimizer_steps_match_dense(rank: int, world_size: int, name: str, mode
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 assert isinstance(value, ds.ShardedTensor), key  # state keeps the sharding
                 torch.testing.assert_close(value.full_tensor(), dense_opt.state[dense[0]][key])
+
+
+@multi_rank(world_size=[2])
+def test_default_step_takes_the_foreach_path_on_cpu(rank: int, world_size: int) -> None:
+    """NOTE [optimizers take their foreach path]: torch's default on CPU is the for-loop
+    (about nine dispatches per parameter); a group of ShardedTensors left to the default
+    takes the foreach path for the step, and reads ``foreach=None`` again after it; a group
+    with a plain tensor, or an explicit choice, is left alone."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(*SIZE, generator=generator)
+    sharded = [shard(weight, rows(world_size), requires_grad=True)]
+    dense = [weight.clone().requires_grad_()]
+    plain = [torch.randn(7, requires_grad=True)]
+    sharded_opt = torch.optim.AdamW([{"params": sharded}, {"params": plain}], lr=0.1)
+    explicit = torch.optim.AdamW([shard(weight, rows(world_size), requires_grad=True)],
+                                 lr=0.1, foreach=False)
+    dense_opt = torch.optim.AdamW(dense, lr=0.1)
+    seen: list[Any] = []
+
+    def spy(optimizer: Any, args: Any, kwargs: Any) -> None:
+        seen.append([group["foreach"] for group in optimizer.param_groups])
+
+    handle = register_optimizer_step_pre_hook(spy)
+    try:
+        for step in range(3):
+            grad = _grads(step)[0]
+            sharded[0].grad = shard(grad, rows(world_size))
+            plain[0].grad = torch.ones(7)
+            dense[0].grad = grad.clone()
+            explicit.param_groups[0]["params"][0].grad = shard(grad, rows(world_size))
+            sharded_opt.step()
+            explicit.step()
+            dense_opt.step()
+    finally:
+        handle.remove()
+    assert seen == [[True, None], [False], [None]] * 3  # (the last: the dense optimizer)
+    assert [group["foreach"] for group in sharded_opt.param_groups] == [None, None]
+    torch.testing.assert_close(sharded[0].detach().full_tensor(), dense[0].detach())
 
 
 @multi_rank(world_size=[3])
