@@ -15,7 +15,8 @@ Per rank (``R`` ranks):
   device is refused.)
 * ``x.copy_(src)``: ``src`` of ``x``'s size is moved to ``x``'s layout (one all-to-all when
   its layout differs); a plain or broadcasting ``src`` is sliced per block (gathered whole
-  first when sharded). Then block by block. Into a ``Partial``: refused.
+  first when sharded). Then block by block. Into a ``Partial``: refused, but for a source
+  of the same layout and dtype (its terms, copied term by term).
 * ``repeat``: on the whole value, a replicated result (NOTE [replicated fallback] in
   :mod:`dispatch_shard.ops.view`).
 """
@@ -91,6 +92,13 @@ def copy_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) ->
             target.copy_(block)
         return x
     if layout.is_partial:
+        if (isinstance(src, ShardedTensor) and src._layout is layout
+                and src.dtype == x.dtype):
+            # The same terms of the same pending reduction: a copy of each term is a
+            # copy of the value (autograd's gradient accumulation does this).
+            for target, block in zip(x._local_tensors, src._local_tensors, strict=True):
+                target.copy_(block)
+            return x
         raise NotImplementedError("aten.copy_ into a Partial not supported for ShardedTensor!")
     dense = whole(src)
     lead = x.dim() - dense.dim()

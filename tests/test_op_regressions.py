@@ -328,3 +328,22 @@ def test_out_variants_write_into_sharded_and_plain_outs(rank: int, world_size: i
     into = torch.empty(7, 5)
     torch.addmm(bias, x, w, out=into)
     torch.testing.assert_close(into, torch.addmm(bias, a, b))
+
+
+@multi_rank(world_size=[2, 3])
+def test_copy_into_a_partial_from_its_own_layout(rank: int, world_size: int) -> None:
+    """``partial.copy_(other)`` where ``other`` is a Partial of the same layout and dtype
+    copies the terms (the value follows; autograd's gradient accumulation does this);
+    any other source into a Partial is still refused, on every rank."""
+    dense = torch.arange(12.0).reshape(3, 4)
+    term = dense if rank == 0 else torch.zeros(3, 4)
+    target = ds.ShardedTensor.from_local_tensor(torch.ones(3, 4), ds.Partial(), 3, 4)
+    source = ds.ShardedTensor.from_local_tensor(term.clone(), ds.Partial(), 3, 4)
+    with ds.count_collectives() as counted:
+        assert target.copy_(source) is target
+    assert counted.counts == {}
+    torch.testing.assert_close(_full(target), dense)
+    with pytest.raises(NotImplementedError, match="copy_ into a Partial"):
+        target.copy_(shard(dense, rows(world_size)))
+    with pytest.raises(NotImplementedError, match="copy_ into a Partial"):
+        target.copy_(source.double())
