@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import copy
 import functools
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
@@ -674,6 +675,11 @@ class ShardedTensor(torch.Tensor):
     def __tensor_flatten__(self) -> tuple[list[str], Any]:
         if not _dynamo_skips[0]:
             _skip_in_dynamo()
+        if _in_compiled_autograd():
+            raise NotImplementedError(
+                "dispatch_shard: compiled autograd (torch._dynamo.compiled_autograd) does not "
+                "support ShardedTensor yet; run backward without it (torch.compile of the "
+                "model and of the optimizer step works: see docs/compile.rst)")
         self._ready()
         names = [f"_block_{i}" for i in range(len(self._local_tensors))]
         return names, (self._layout, self._process_group, self._rank, self._dtype)
@@ -856,6 +862,12 @@ def _skip_in_dynamo() -> None:
 # the plain value is a replicated one (the same on every rank), laid out as expected
 # with no communication for a replicated, split or partial target. Asked for any other
 # type it declines, as the missing method did, so other subclasses see no change.
+
+def _in_compiled_autograd() -> bool:
+    """Whether torch's compiled autograd is tracing a backward (read only while tracing)."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    return module is not None and bool(module.in_compiled_autograd_region)
+
 
 def _plain_tangent_as_sharded(self: torch.Tensor, expected_metadata: Any,
                               expected_type: Any = None) -> torch.Tensor | None:

@@ -158,6 +158,19 @@ def _tp_mlp(world_size: int) -> tuple[nn.Module, nn.Module]:
                               world_size)
 
 
+@multi_rank(world_size=[2])
+def test_compiled_autograd_raises_a_clear_error(rank: int, world_size: int) -> None:
+    """Compiled autograd does not support ShardedTensor yet: our error, on every rank,
+    instead of a tangent-metadata or Dynamo internal error deep in its trace."""
+    from torch._dynamo import compiled_autograd
+
+    _, sharded = _tp_mlp(world_size)
+    loss = sharded(torch.randn(4, 8)).pow(2).mean()
+    with pytest.raises(Exception, match=r"compiled autograd .* does not support ShardedTensor"):
+        with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            loss.backward()
+
+
 @multi_rank(world_size=[2, 4])
 def test_tensor_parallel_mlp_fullgraph_has_functional_collectives(rank: int,
                                                                   world_size: int) -> None:
