@@ -36,6 +36,7 @@ from dispatch_shard.layout import Box
 from dispatch_shard.ops._common import bind_arguments, in_group
 from dispatch_shard.ops.reduction import (
     all_reduced,
+    begin_dim_reduction,
     extreme,
     implements,
     keep_box,
@@ -95,14 +96,10 @@ def _max_dim(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
     ``dim`` (a block spans it, so its indices are global; collectives: none); else two
     all-reduces (NaN-aware extreme of the values, then min of the first global index that
     holds it) -> both replicated."""
-    bound = bind_arguments(func, args, kwargs)
-    dtypes = probe(func, args, kwargs)
-    x: ShardedTensor = args[0]._reduced()
-    args = (x, *args[1:])
-    dims, keepdim = reduced_dims(x.dim(), bound["dim"]), bound["keepdim"]
-    served = served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
-    if served is not None:
-        return served
+    begun = begin_dim_reduction(func, args, kwargs)
+    if begun.served is not None:
+        return begun.served
+    _, dtypes, x, _, dims, keepdim, _ = begun
     size = reduced_size(x.shape, dims, keepdim)
     values, indices = _arg_extreme(x, dims, op, flat=False)
     return reduced_result(x, values, size, dtypes[0]), reduced_result(x, indices, size, dtypes[1])

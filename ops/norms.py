@@ -29,16 +29,13 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Box
-from dispatch_shard.ops._common import bind_arguments
 from dispatch_shard.ops.reduction import (
     all_reduced,
+    begin_dim_reduction,
     implements,
     keep_box,
-    probe,
-    reduced_dims,
     reduced_result,
     reduced_size,
-    served_without_communication,
 )
 from dispatch_shard.sharded_tensor import ShardedTensor
 
@@ -72,14 +69,10 @@ def _var(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, A
     when no block splits a reduced dim (collectives: none); else two passes with the global
     mean (NOTE [means weight by element counts] in :mod:`dispatch_shard.ops.reduction`):
     one sum all-reduce for the mean, one for the squared deviations -> replicated."""
-    bound = bind_arguments(func, args, kwargs)
-    dtypes = probe(func, args, kwargs)
-    x: ShardedTensor = args[0]._reduced()
-    args = (x, *args[1:])
-    dims, keepdim = reduced_dims(x.dim(), bound["dim"]), bound["keepdim"]
-    served = served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
-    if served is not None:
-        return served
+    begun = begin_dim_reduction(func, args, kwargs)
+    if begun.served is not None:
+        return begun.served
+    bound, dtypes, x, _, dims, keepdim, _ = begun
     size = reduced_size(x.shape, dims, keepdim)
     correction = 1 if bound["correction"] is None else bound["correction"]
     var, mean = _moments(x, dims, correction, dtypes[0])
@@ -94,14 +87,10 @@ def _vector_norm(func: torch._ops.OpOverload, args: tuple[Any, ...],
     splits a reduced dim (collectives: none); else per-rank ``sum |x|^ord``, one sum
     all-reduce and the ``1/ord`` power (``ord`` = +-inf: one NaN-aware max/min all-reduce;
     0: a count) -> replicated."""
-    bound = bind_arguments(func, args, kwargs)
-    dtypes = probe(func, args, kwargs)
-    x: ShardedTensor = args[0]._reduced()
-    args = (x, *args[1:])
-    dims, keepdim = reduced_dims(x.dim(), bound["dim"]), bound["keepdim"]
-    served = served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
-    if served is not None:
-        return served
+    begun = begin_dim_reduction(func, args, kwargs)
+    if begun.served is not None:
+        return begun.served
+    bound, dtypes, x, _, dims, keepdim, _ = begun
     size, (dtype,) = reduced_size(x.shape, dims, keepdim), dtypes
     order, cast = bound["ord"], bound["dtype"]
     if order in (math.inf, -math.inf, 0):

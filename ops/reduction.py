@@ -47,7 +47,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -62,8 +62,9 @@ from dispatch_shard.specs import EnumerableShardingSpec, Partial, Replicate
 
 # The vocabulary ops/arg_reduction.py, ops/norms.py and ops/softmax.py build on.
 __all__ = [
-    "Local", "all_reduced", "extreme", "implements", "keep_box", "layout_for", "probe",
-    "reduced_dims", "reduced_result", "reduced_size", "served_without_communication",
+    "DimReduction", "Local", "all_reduced", "begin_dim_reduction", "extreme", "implements",
+    "keep_box", "layout_for", "probe", "reduced_dims", "reduced_result", "reduced_size",
+    "served_without_communication",
 ]
 
 aten = torch.ops.aten
@@ -242,6 +243,34 @@ def served_without_communication(
     if not in_group(x):
         return _pack([reduced_result(x, None, size, dtype) for dtype in dtypes])
     return None
+
+
+class DimReduction(NamedTuple):
+    """What :func:`begin_dim_reduction` found: the op's arguments by name, dense's result
+    dtypes, the (reduced) input and arguments, the reduced dims, and the result when no
+    across-rank step is needed (else None)."""
+
+    bound: dict[str, Any]
+    dtypes: tuple[torch.dtype, ...]
+    x: ShardedTensor
+    args: tuple[Any, ...]
+    dims: tuple[int, ...]
+    keepdim: bool
+    served: Any
+
+
+def begin_dim_reduction(func: torch._ops.OpOverload, args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> DimReduction:
+    """The first steps of a reduction over ``dim``/``keepdim`` that does not commute with
+    sums (var, norms, logsumexp, max.dim...): dense's dtypes and errors (:func:`probe`), a
+    Partial input reduced, then :func:`served_without_communication`."""
+    bound = bind_arguments(func, args, kwargs)
+    dtypes = probe(func, args, kwargs)
+    x: ShardedTensor = args[0]._reduced()
+    args = (x, *args[1:])
+    dims, keepdim = reduced_dims(x.dim(), bound["dim"]), bound["keepdim"]
+    served = served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
+    return DimReduction(bound, dtypes, x, args, dims, keepdim, served)
 
 
 # -- summands -------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from dispatch_shard.ops._common import bind_arguments, in_group
 from dispatch_shard.ops.layouts import split_dims
 from dispatch_shard.ops.reduction import (
     all_reduced,
+    begin_dim_reduction,
     implements,
     keep_box,
     layout_for,
@@ -37,7 +38,6 @@ from dispatch_shard.ops.reduction import (
     reduced_dims,
     reduced_result,
     reduced_size,
-    served_without_communication,
 )
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import Replicate
@@ -70,14 +70,10 @@ def _logsumexp(func: torch._ops.OpOverload, args: tuple[Any, ...],
     """``x.logsumexp(dims, keepdim)``: blockwise when no block splits a reduced dim
     (collectives: none); else two all-reduces (a NaN-aware max for the shift, then the sum of
     ``exp(x - shift)``) -> replicated."""
-    bound = bind_arguments(func, args, kwargs)
-    dtypes = probe(func, args, kwargs)
-    x: ShardedTensor = args[0]._reduced()
-    args = (x, *args[1:])
-    dims, keepdim = reduced_dims(x.dim(), bound["dim"]), bound["keepdim"]
-    served = served_without_communication(func, args, kwargs, dims, keepdim, dtypes)
-    if served is not None:
-        return served
+    begun = begin_dim_reduction(func, args, kwargs)
+    if begun.served is not None:
+        return begun.served
+    _, dtypes, x, _, dims, keepdim, _ = begun
     shift, total = _shift_and_total(x, dims, dtypes[0], mask_infinite=True)
     return reduced_result(x, total.log_().add_(shift), reduced_size(x.shape, dims, keepdim),
                           dtypes[0])
