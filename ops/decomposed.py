@@ -176,12 +176,11 @@ def _served(func: torch._ops.OpOverload) -> bool:
     return func in OVERLOADS or func.overloadpacket in PACKETS
 
 
-def _composite_implicit_overloads() -> list[torch._ops.OpOverload]:
+def _aten_overloads() -> list[torch._ops.OpOverload]:
+    """Every registered ``aten`` overload, by name."""
     found = []
     for name in sorted(torch._C._dispatch_get_all_op_names()):
         if not name.startswith("aten::"):
-            continue
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd"):
             continue
         packet_name, _, overload = name[len("aten::"):].partition(".")
         packet = getattr(torch.ops.aten, packet_name, None)
@@ -191,8 +190,12 @@ def _composite_implicit_overloads() -> list[torch._ops.OpOverload]:
     return found
 
 
-for _func in _composite_implicit_overloads():
-    if not _served(_func):
+_ATEN_OVERLOADS = _aten_overloads()
+
+
+for _func in _ATEN_OVERLOADS:
+    if not _served(_func) and torch._C._dispatch_has_kernel_for_dispatch_key(
+            _func.name(), "CompositeImplicitAutograd"):
         _register(_func, _func.decompose)
 
 def _functional_of(func: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
@@ -232,27 +235,18 @@ def out_variant_impl(func: torch._ops.OpOverload, functional: torch._ops.OpOverl
     return impl
 
 
-def _out_overloads() -> list[tuple[torch._ops.OpOverload, torch._ops.OpOverload]]:
-    found = []
-    for name in sorted(torch._C._dispatch_get_all_op_names()):
-        if not name.startswith("aten::"):
-            continue
-        packet_name, _, overload = name[len("aten::"):].partition(".")
-        packet = getattr(torch.ops.aten, packet_name, None)
-        func = getattr(packet, overload or "default", None) if packet is not None else None
-        if (not isinstance(func, torch._ops.OpOverload) or _served(func)
-                or not any(a.is_out for a in func._schema.arguments)):
-            continue
-        functional = _functional_of(func)
-        if functional is not None and _served(functional):
-            found.append((func, functional))
-    return found
+# (``out=`` overload, its functional overload) pairs, for source 3
+_OUT_VARIANTS = [(func, functional) for func in _ATEN_OVERLOADS
+                 if any(a.is_out for a in func._schema.arguments)
+                 and (functional := _functional_of(func)) is not None]
 
 
 def _register_out_variants() -> None:
-    for func, functional in _out_overloads():
-        custom_sharded_op_impl(func, handles_partial=True)(out_variant_impl(func, functional))
-        _DECOMPOSED.append(func)
+    for func, functional in _OUT_VARIANTS:
+        if not _served(func) and _served(functional):
+            custom_sharded_op_impl(func, handles_partial=True)(
+                out_variant_impl(func, functional))
+            _DECOMPOSED.append(func)
 
 
 # Source 3 before source 2 where it can: torch's decompositions of ``out=`` overloads are
