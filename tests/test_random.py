@@ -37,15 +37,8 @@ def test_random_ops_give_the_dense_values(rank: int, world_size: int) -> None:
     dense = torch.randn(7, 5)
     for name, spec in _layouts(world_size).items():
         x = ShardedTensor.from_replicated(dense, spec)
-        draws: dict[str, Any] = {
-            "dropout": lambda t: F.dropout(t, 0.3, training=True),
-            "bernoulli_": lambda t: t.clone().bernoulli_(0.4),
-            "rand_like": torch.rand_like,
-            "randn_like": torch.randn_like,
-            "normal_": lambda t: t.clone().normal_(2.0, 3.0),
-            "uniform_": lambda t: t.clone().uniform_(-1, 1),
-        }
-        for what, draw in draws.items():
+        for what in ("dropout", "bernoulli_", "rand_like", "randn_like", "normal_", "uniform_"):
+            draw = RANDOM_OPS[what]
             with ds.random.dense_equivalent():
                 torch.manual_seed(11)
                 ours = draw(x)
