@@ -23,7 +23,8 @@ The dispatch loop hands such a call to :func:`serve`:
   then moved back into the original N-D blocks (an all-to-all that gives every holder
   of a box the written pieces), so copies stay equal. Into a pending N-D value, the
   ops linear in it run term by term (``+=`` a value of its layout, ``*=`` a number,
-  ``neg_``); any other write raises, as writing into a Partial does.
+  ``neg_``, ``copy_`` of a value of its layout and dtype); any other write raises, as
+  writing into a Partial does.
 
 Per rank: flattening keeps one view per operand; the write-back and a pending operand's
 sum are one all-to-all each on the layout's group.
@@ -163,11 +164,12 @@ def flattened_call(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[st
 
 _aten = torch.ops.aten
 # In-place ops that are linear in their destination: term by term on a pending value
-# (``Σa += Σb`` with the same layout, ``Σa *= r`` for a number ``r``, ``-Σa``).
+# (``Σa += Σb`` with the same layout, ``Σa *= r`` for a number ``r``, ``-Σa``, ``Σa := Σb``
+# with the same layout and dtype).
 _LINEAR_INPLACE = {_aten.add_.Tensor: "same", _aten.sub_.Tensor: "same",
                    _aten.mul_.Scalar: "number", _aten.div_.Scalar: "number",
                    _aten.mul_.Tensor: "number", _aten.div_.Tensor: "number",
-                   _aten.neg_.default: "alone"}
+                   _aten.neg_.default: "alone", _aten.copy_.default: "copy"}
 
 
 def _term_by_term(func: Any, args: tuple[Any, ...]) -> bool:
@@ -177,8 +179,9 @@ def _term_by_term(func: Any, args: tuple[Any, ...]) -> bool:
     if kind == "alone":
         return len(args) == 1
     other = args[1] if len(args) == 2 else None
-    if kind == "same":
-        return isinstance(other, ShardedTensor) and other._layout is args[0]._layout
+    if kind in ("same", "copy"):
+        return (isinstance(other, ShardedTensor) and other._layout is args[0]._layout
+                and (kind == "same" or other.dtype == args[0].dtype))
     return isinstance(other, int | float) and not isinstance(other, bool)
 
 

@@ -628,3 +628,46 @@ def test_strided_views_and_fused_cross_entropy_on_a_2x2_mesh(rank: int, world_si
         for ours, theirs in zip(leaves, dense, strict=True):
             torch.testing.assert_close(ours.grad.full_tensor(), theirs.grad,
                                        msg=f"fused CE gradients on {x_pl}, {w_pl}")
+
+
+@multi_rank(world_size=[4])
+def test_new_tensor_draws_out_variants_and_partial_copies_on_a_2x2_mesh(rank: int,
+                                                                         world_size: int) -> None:
+    """On mixed 2x2-mesh placements (uneven, a Partial on one mesh dim): random draws that
+    make a new tensor give dense's values inside dense_equivalent(); an ``out=`` overload
+    writes into a mesh tensor and into a plain one; ``copy_`` between Partials of one layout
+    copies the terms."""
+    mesh = _mesh()
+    dense = _dense(7, 5, seed=8).abs() + 0.1
+    draws = {"randint_like": lambda t: torch.randint_like(t, 0, 9),
+             "bernoulli(p)": lambda t: t.bernoulli(0.3),
+             "poisson": torch.poisson,
+             "multinomial": lambda t: torch.multinomial(t, 3)}
+    for placements in ([Shard(0), Replicate()], [Replicate(), Shard(1)], [Shard(0), Shard(1)],
+                       [Partial(), Shard(0)]):
+        x = ds.distribute_tensor(dense, mesh, placements)
+        for name, draw in draws.items():
+            torch.manual_seed(3)
+            with ds.random.dense_equivalent():
+                ours = draw(x)
+            torch.manual_seed(3)
+            assert torch.equal(ours.full_tensor(), draw(dense)), f"{name} on {placements}"
+        weight = ds.distribute_tensor(_dense(5, 3, seed=9), mesh, [Replicate(), Replicate()])
+        plain = torch.empty(7, 3, dtype=dense.dtype)
+        torch.mm(x, weight, out=plain)
+        torch.testing.assert_close(plain, dense @ _dense(5, 3, seed=9))
+        into = ds.distribute_tensor(torch.zeros(7, 3, dtype=dense.dtype), mesh,
+                                    [Shard(0), Replicate()])
+        torch.mm(x, weight, out=into)
+        assert into.placements == (Shard(0), Replicate())
+        torch.testing.assert_close(into.full_tensor(), dense @ _dense(5, 3, seed=9))
+    pending = ds.distribute_tensor(dense, mesh, [Partial(), Shard(0)])
+    target = ds.distribute_tensor(torch.zeros(7, 5, dtype=dense.dtype), mesh,
+                                  [Partial(), Shard(0)])
+    assert target._layout is pending._layout  # (layouts are interned)
+    with ds.count_collectives() as counted:
+        target.copy_(pending)
+    assert counted.counts == {}
+    torch.testing.assert_close(target.full_tensor(), dense)
+    with pytest.raises(NotImplementedError, match="reduction pending over a mesh dim"):
+        target.copy_(ds.distribute_tensor(dense, mesh, [Shard(0), Replicate()]))
