@@ -555,28 +555,57 @@ def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup) -> torch.Tens
 # NOTE [sub-groups of a mesh]
 # A move between N-D layouts whose pieces all travel along one mesh dim (an all-gather
 # over tp, a reduce over dp) runs on the process group of this rank's peers along that
-# dim, when the mesh spans the whole world. The groups of that dim are made together,
-# on first use, by every rank (new_group is a collective of the world, and every rank
-# runs the same move), and made again if a destroy_process_group took them.
+# dim, not on the whole mesh's group. The group comes from:
+# - the torch DeviceMesh the layout was made on: its per-dim groups (``get_group``),
+#   which every DeviceMesh makes when it is built, are remembered by their lines of
+#   ranks (``remember_subgroups``), so a mesh that spans only some of the world's ranks
+#   moves on its own sub-groups too;
+# - else, when the mesh spans the whole world, groups made here on first use, by every
+#   rank (new_group is a collective of the world, and every rank runs the same move);
+# - else the mesh's group (a mesh over some of the ranks laid out by a bare
+#   MeshShardingSpec, with no DeviceMesh: only the ranks outside the mesh could make
+#   its sub-groups with it, and they take no part in the move).
+# Groups that a destroy_process_group took are made or looked up again.
 _subgroups: dict[tuple[tuple[int, ...], ...], dict[tuple[int, ...], ProcessGroup]] = {}
+_given_subgroups: dict[tuple[tuple[int, ...], ...], ProcessGroup] = {}
 
 
-def _subgroup(lines: tuple[tuple[int, ...], ...], mine: tuple[int, ...]) -> ProcessGroup:
-    """The process group of ``mine``, one of the sub-groups ``lines`` of the world."""
-    made = _subgroups.get(lines)
-    if made is not None:
-        try:
-            dist.get_process_group_ranks(made[mine])
-        except (KeyError, RuntimeError, ValueError):
-            made = None
+def remember_subgroups(lines: tuple[tuple[int, ...], ...], group: ProcessGroup) -> None:
+    """``group`` is this rank's process group among the sub-groups ``lines`` (sorted
+    tuples of global ranks, one per line of a mesh dim)."""
+    _given_subgroups[lines] = group
+
+
+def _alive(group: ProcessGroup) -> bool:
+    try:
+        dist.get_process_group_ranks(group)
+    except (KeyError, RuntimeError, ValueError):
+        return False
+    return True
+
+
+def subgroup(lines: Sequence[Sequence[int]], mine: Sequence[int],
+             spans_world: bool) -> ProcessGroup | None:
+    """The process group of ``mine``, one of the sub-groups ``lines``; None when there is
+    none to use (NOTE [sub-groups of a mesh])."""
+    key = tuple(sorted(tuple(sorted(line)) for line in lines))
+    own = tuple(sorted(mine))
+    given = _given_subgroups.get(key)
+    if given is not None and _alive(given):
+        return given
+    if not spans_world:
+        return None
+    made = _subgroups.get(key)
+    if made is not None and not _alive(made[own]):
+        made = None
     if made is None:
         made = {}
-        for line in lines:
+        for line in key:
             group = dist.new_group(list(line))
             if group is not None and dist.get_rank() in line:
                 made[line] = group
-        _subgroups[lines] = made
-    return made[mine]
+        _subgroups[key] = made
+    return made[own]
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -627,14 +656,19 @@ def redistribute(
         send = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
         received = torch.empty(sum(recv_splits), dtype=torch.uint8, device=device)
         on = group
-        if plan.peers is not None and len(src.group_ranks) == dist.get_world_size():
+        if plan.peers is not None:
             # Only peers along one mesh dim exchange (NOTE [sub-groups of a mesh]).
             mine = next(line for line in plan.peers if rank in line)
+            sub = None
             if len(mine) < len(src.group_ranks):
+                sub = subgroup(plan.peers, mine,
+                               len(src.group_ranks) == dist.get_world_size())
+            if sub is not None:
                 index = {r: g for g, r in enumerate(src.group_ranks)}
-                on = _subgroup(plan.peers, mine)
-                send_splits = [send_splits[index[r]] for r in mine]
-                recv_splits = [recv_splits[index[r]] for r in mine]
+                on = sub
+                order = group_ranks(sub)
+                send_splits = [send_splits[index[r]] for r in order]
+                recv_splits = [recv_splits[index[r]] for r in order]
         _record("all_to_all", sum(send_splits), on)
         try:
             if traced(send):

@@ -160,8 +160,6 @@ def _reduction(grad: Any, leaf: Any) -> tuple[str, Any, str, int] | None:
             return "reduce_scatter", group, op, len(ranks)
         return None
     if isinstance(spec, MeshShardingSpec) and src.value_layout() is dst:
-        if len(spec.mesh_ranks) != dist.get_world_size():
-            return None  # sub-groups are made by the whole world (NOTE [sub-groups of a mesh])
         coordinates = spec.coordinates()
         kept = [d for d, (kind, _) in enumerate(spec.placements) if kind != "partial"]
         lines: dict[tuple[int, ...], list[int]] = {}
@@ -171,7 +169,11 @@ def _reduction(grad: Any, leaf: Any) -> tuple[str, Any, str, int] | None:
         mine = next(line for line in all_lines if grad._rank in line)
         if len(mine) == 1:
             return "all_reduce", None, op, 1
-        return "all_reduce", collectives._subgroup(all_lines, mine), op, len(mine)
+        sub = collectives.subgroup(all_lines, mine,
+                                   len(spec.mesh_ranks) == dist.get_world_size())
+        # (none: a mesh over some of the ranks without a DeviceMesh's groups for these lines,
+        # NOTE [sub-groups of a mesh]; the gradient is then reduced when read, unbucketed)
+        return None if sub is None else ("all_reduce", sub, op, len(mine))
     return None
 
 

@@ -25,6 +25,8 @@ The dispatch loop hands such a call to :func:`serve`:
   ops linear in it run term by term (``+=`` a value of its layout, ``*=`` a number,
   ``neg_``, ``copy_`` of a value of its layout and dtype); any other write raises, as
   writing into a Partial does.
+* Out of place, the same linear ops of a pending sum run term by term too: the result
+  stays pending (no collective), as a 1-D Partial's does.
 
 Per rank: flattening keeps one view per operand; the write-back and a pending operand's
 sum are one all-to-all each on the layout's group.
@@ -163,19 +165,27 @@ def flattened_call(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[st
 
 
 _aten = torch.ops.aten
-# In-place ops that are linear in their destination: term by term on a pending value
-# (``Σa += Σb`` with the same layout, ``Σa *= r`` for a number ``r``, ``-Σa``, ``Σa := Σb``
-# with the same layout and dtype).
-_LINEAR_INPLACE = {_aten.add_.Tensor: "same", _aten.sub_.Tensor: "same",
-                   _aten.mul_.Scalar: "number", _aten.div_.Scalar: "number",
-                   _aten.mul_.Tensor: "number", _aten.div_.Tensor: "number",
-                   _aten.neg_.default: "alone", _aten.copy_.default: "copy"}
+# Ops linear in a pending sum (or mean) run term by term and keep it pending, with no
+# collective: ``Σa + Σb`` with the same layout, ``Σa * r`` and ``Σa / r`` for a number
+# ``r``, ``-Σa``; in place too (``Σa += Σb``, ``Σa *= r``, ``neg_``), and ``Σa := Σb``
+# (``copy_`` with the same layout and dtype, which also serves max/min terms).
+_LINEAR = {_aten.add_.Tensor: "same", _aten.sub_.Tensor: "same",
+           _aten.mul_.Scalar: "number", _aten.div_.Scalar: "number",
+           _aten.mul_.Tensor: "number", _aten.div_.Tensor: "number",
+           _aten.neg_.default: "alone", _aten.copy_.default: "copy",
+           _aten.add.Tensor: "same", _aten.sub.Tensor: "same",
+           _aten.mul.Scalar: "number", _aten.div.Scalar: "number",
+           _aten.mul.Tensor: "number", _aten.div.Tensor: "number",
+           _aten.neg.default: "alone"}
 
 
-def _term_by_term(func: Any, args: tuple[Any, ...]) -> bool:
-    kind = _LINEAR_INPLACE.get(func)
+def _term_by_term(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    kind = _LINEAR.get(func)
     if kind is None or not args or not _is_mesh(args[0]) or not args[0]._layout.pending:
         return False
+    if kind != "copy" and (args[0]._layout.reduce_op not in ("sum", "avg") or any(
+            k != "alpha" or not isinstance(v, int | float) for k, v in kwargs.items())):
+        return False  # max(a) + max(b) is not max(a + b)
     if kind == "alone":
         return len(args) == 1
     other = args[1] if len(args) == 2 else None
@@ -183,6 +193,20 @@ def _term_by_term(func: Any, args: tuple[Any, ...]) -> bool:
         return (isinstance(other, ShardedTensor) and other._layout is args[0]._layout
                 and (kind == "same" or other.dtype == args[0].dtype))
     return isinstance(other, int | float) and not isinstance(other, bool)
+
+
+def _run_term_by_term(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    first = args[0]
+    others = [a._local_tensors if isinstance(a, ShardedTensor) else None for a in args]
+    results = [func(*[block if i == 0 else a if o is None else o[b]
+                      for i, (a, o) in enumerate(zip(args, others, strict=True))], **kwargs)
+               for b, block in enumerate(first._local_tensors)]
+    if func._schema.is_mutable:
+        with contextlib.suppress(AttributeError):  # its cached reduction is stale now
+            del first._reduced_cache
+        return first
+    dtype = results[0].dtype if results else first.dtype
+    return first._like(results, first._layout, dtype)
 
 
 def by_mesh_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -221,15 +245,8 @@ def serve(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
           dispatch: Dispatch) -> Any:
     """A call with N-D operands (NOTE [serving N-D operands]); ``dispatch`` runs the
     registered implementation as the dispatch loop does."""
-    if _term_by_term(func, args):
-        destination = args[0]
-        others = [a._local_tensors if isinstance(a, ShardedTensor) else None for a in args]
-        for b, block in enumerate(destination._local_tensors):
-            func(*[block if i == 0 else a if o is None else o[b]
-                   for i, (a, o) in enumerate(zip(args, others, strict=True))], **kwargs)
-        with contextlib.suppress(AttributeError):  # its cached reduction is stale now
-            del destination._reduced_cache
-        return destination
+    if _term_by_term(func, args, kwargs):
+        return _run_term_by_term(func, args, kwargs)
     served = by_mesh_rule(func, args, kwargs)
     if served is not None:
         return served

@@ -76,7 +76,10 @@ _MESH_KEY = ("device mesh",)  # where a layout keeps the mesh view it was made w
 
 
 def mesh_group(mesh: DeviceMesh) -> dist.ProcessGroup:
-    """The process group of all of ``mesh``'s ranks."""
+    """The process group of all of ``mesh``'s ranks. Also remembers the mesh's per-dim
+    groups, on which moves along one mesh dim run (NOTE [sub-groups of a mesh] in
+    :mod:`dispatch_shard.collectives`)."""
+    _remember_dim_groups(mesh)
     if mesh.ndim == 1:
         return mesh.get_group()
     ranks = sorted(int(r) for r in mesh.mesh.flatten().tolist())
@@ -84,6 +87,22 @@ def mesh_group(mesh: DeviceMesh) -> dist.ProcessGroup:
         return collectives.resolve_group(None)
     return mesh._flatten().get_group()
 
+
+
+def _remember_dim_groups(mesh: DeviceMesh) -> None:
+    grid = mesh.mesh
+    if mesh.ndim < 2 or mesh.get_coordinate() is None:
+        return  # a 1-D mesh's moves run on its group; a rank outside the mesh moves nothing
+    for mesh_dim in range(mesh.ndim):
+        if grid.shape[mesh_dim] < 2:
+            continue
+        lines = grid.movedim(mesh_dim, -1).reshape(-1, grid.shape[mesh_dim]).tolist()
+        try:
+            group = mesh.get_group(mesh_dim)
+        except (RuntimeError, ValueError, AttributeError):
+            return  # a mesh made without process groups (``_init_backend=False``)
+        collectives.remember_subgroups(
+            tuple(sorted(tuple(sorted(int(r) for r in line)) for line in lines)), group)
 
 
 def _torch_placements() -> tuple[Any, Any, Any]:

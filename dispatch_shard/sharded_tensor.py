@@ -902,6 +902,7 @@ def _release_groups_at_exit() -> None:
         if type(obj) is ShardedTensor:
             obj._process_group = None  # type: ignore[assignment]
     collectives._subgroups.clear()
+    collectives._given_subgroups.clear()
     grad_reduction.release()
 
 

@@ -23,7 +23,7 @@ from torch.distributed.tensor import distribute_tensor as dtensor_distribute
 
 import dispatch_shard as ds
 from dispatch_shard import ShardedTensor, holders
-from dispatch_shard.collectives import all_gather_object, resolve_group
+from dispatch_shard.collectives import all_gather_object
 from dispatch_shard.testing import get_pool, multi_rank
 
 ONE_DIM = [Shard(0), Shard(1), Replicate(), Partial()]
@@ -46,7 +46,7 @@ def _copies_agree(tensor: ShardedTensor) -> None:
             for i, block in zip(layout.local_indices(tensor._rank), tensor._local_tensors,
                                 strict=True)]
     seen: dict[tuple[int, ...], torch.Tensor] = {}
-    for theirs in all_gather_object(mine, resolve_group(None)):
+    for theirs in all_gather_object(mine, tensor._process_group):
         for box, block in theirs:
             if box in seen:
                 assert torch.equal(seen[box], block), f"copies of box {box} differ"
@@ -172,6 +172,36 @@ def test_ops_on_mixed_layouts_match_dense(rank: int, world_size: int) -> None:
 
 
 @multi_rank(world_size=[4])
+def test_linear_ops_keep_a_pending_mesh_value_pending(rank: int, world_size: int) -> None:
+    """``Σa * r``, ``Σa / r``, ``-Σa``, ``Σa + Σb`` (same layout), and their in-place
+    forms, run term by term on a value pending over dp: no collective, and the value is
+    dense's. A pending max is not linear: the same ops reduce it first (or refuse the
+    write), and give dense's value."""
+    mesh = _mesh()
+    a, b = _dense(7, 5, seed=21), _dense(7, 5, seed=22)
+    for op in ("sum", "avg"):
+        p = ds.distribute_tensor(a, mesh, [Partial(op), Shard(0)])
+        q = ds.distribute_tensor(b, mesh, [Partial(op), Shard(0)])
+        with ds.count_collectives() as counted:
+            got = [p * 3.0, p / 4, -p, p + q, p - q, torch.add(p, q, alpha=2), 2 * p]
+            inplace = p.clone()
+            inplace.mul_(2.0).add_(q).neg_()
+        assert counted.events == [], (op, counted.events)
+        expected = [a * 3.0, a / 4, -a, a + b, a - b, a + 2 * b, 2 * a]
+        for ours, theirs in zip(got, expected, strict=True):
+            assert ours._layout is p._layout
+            torch.testing.assert_close(ours.full_tensor(), theirs)
+        torch.testing.assert_close(inplace.full_tensor(), -(2 * a + b))
+        _copies_agree(ours.redistribute(mesh, [Replicate(), Shard(0)]))
+    m = ds.distribute_tensor(a, mesh, [Partial("max"), Shard(0)])
+    for ours, theirs in ((-m, -a), (m * -2.0, a * -2.0), (m + m, a + a)):
+        assert not ours._layout.pending
+        torch.testing.assert_close(ours.full_tensor(), theirs)
+    with pytest.raises(NotImplementedError, match="pending"):
+        m.mul_(-1.0)
+
+
+@multi_rank(world_size=[4])
 def test_writes_into_nd_tensors_keep_copies_equal(rank: int, world_size: int) -> None:
     mesh = _mesh()
     dense = _dense(7, 5, seed=8)
@@ -289,11 +319,11 @@ def test_state_of_mixed_layouts(rank: int, world_size: int, tmp_path: Any) -> No
 # -- training on a 2x2 ("dp", "tp") mesh ------------------------------------------------
 
 def _train(model: nn.Module, plan: dict[str, list[Any]], batch: list[Any], steps: int = 3,
-           inputs: Any = None) -> None:
+           inputs: Any = None, mesh: Any = None) -> None:
     """AdamW steps of ``model`` float32 dense, float32 sharded by ``plan`` (parameter
     name -> placements), and float64 dense (the reference); batches laid out by
     ``batch``. The sharded model must be as close to the reference as dense is."""
-    mesh = _mesh()
+    mesh = mesh or _mesh()
     reference = copy.deepcopy(model).double()
     sharded = copy.deepcopy(model)
     for name, placements in plan.items():
@@ -514,7 +544,16 @@ def test_dp_x_tp_mlp_step_is_served_per_mesh_dim(rank: int, world_size: int) -> 
     (broadcast), the loss and the bias gradients' sums run per mesh dim. The step then
     moves the minimum: the row-parallel output's sum over tp, the loss's over dp, each
     rank sending to its one peer, and the gradients' sum over dp, in one bucket."""
-    mesh = _mesh()
+    _mlp_step_moves_the_minimum(_mesh())
+
+
+def _peers(mesh: Any, mesh_dim: int) -> list[int]:
+    """This rank's peers along ``mesh_dim`` (itself included), sorted."""
+    line = mesh.mesh.movedim(mesh_dim, -1)[mesh.get_coordinate()[1 - mesh_dim]]
+    return sorted(int(r) for r in line)
+
+
+def _mlp_step_moves_the_minimum(mesh: Any) -> None:
     model = _mlp()  # Linear(8, 12), GELU, Linear(12, 8)
     plan = {"0.weight": [Replicate(), Shard(0)], "0.bias": [Replicate(), Shard(0)],
             "2.weight": [Replicate(), Shard(1)], "2.bias": [Replicate(), Replicate()]}
@@ -539,7 +578,39 @@ def test_dp_x_tp_mlp_step_is_served_per_mesh_dim(rank: int, world_size: int) -> 
     assert sorted(e.nbytes for e in counted.events) == sorted(expected.values()), \
         counted.events
     bucket = counted.events[-1]
-    assert bucket.kind == "all_reduce" and bucket.ranks == (rank % 2, rank % 2 + 2), bucket
+    assert bucket.kind == "all_reduce" and sorted(bucket.ranks) == _peers(mesh, 0), bucket
+    for event in counted.events[:-1]:  # each of the others on this rank's tp or dp peers
+        assert sorted(event.ranks) in (_peers(mesh, 0), _peers(mesh, 1)), event
+
+
+@multi_rank(world_size=[5])
+def test_a_mesh_over_some_ranks_moves_on_its_own_sub_groups(rank: int,
+                                                            world_size: int) -> None:
+    """A 2x2 mesh over ranks 1-4 of 5, in no rank order. Moves along one mesh dim run on
+    that dim's process groups of the DeviceMesh, not on the whole mesh's group, with the
+    minimum bytes; a DP x TP MLP step does too (its gradient bucket on the dp peers), and
+    trains like dense. Rank 0, outside the mesh, takes no part after making the mesh."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = DeviceMesh("cpu", torch.tensor([[1, 3], [4, 2]]), mesh_dim_names=("dp", "tp"))
+    if mesh.get_coordinate() is None:
+        return
+    dense = _dense(8, 6, seed=3)  # float64: a 4x6 half is 192 bytes
+    y = ds.distribute_tensor(dense, mesh, [Replicate(), Shard(0)])
+    with ds.count_collectives() as counted:
+        gathered = y.redistribute(mesh, [Replicate(), Replicate()])
+    assert [(sorted(e.ranks), e.nbytes) for e in counted.events] == [(_peers(mesh, 1), 192)]
+    torch.testing.assert_close(gathered.local_tensor(), dense, rtol=0, atol=0)
+    p = ds.distribute_tensor(dense, mesh, [Partial(), Shard(0)]) * 3.0
+    with ds.count_collectives() as counted:
+        summed = p.redistribute(mesh, [Replicate(), Shard(0)])
+    assert [(sorted(e.ranks), e.nbytes) for e in counted.events] == [(_peers(mesh, 0), 192)], \
+        counted.events
+    torch.testing.assert_close(summed.full_tensor(), 3.0 * dense)
+    _mlp_step_moves_the_minimum(mesh)
+    plan = {"0.weight": [Replicate(), Shard(0)], "0.bias": [Replicate(), Shard(0)],
+            "2.weight": [Replicate(), Shard(1)], "2.bias": [Replicate(), Replicate()]}
+    _train(_mlp(), plan, batch=[Shard(0), Replicate()], mesh=mesh)
 
 
 @multi_rank(world_size=[4])
