@@ -178,6 +178,8 @@ def _create_chunk_list(tensor: ShardedTensor) -> list[ChunkStorageMetadata]:
     if not _is_member(tensor) or tensor.numel() == 0:
         return []
     layout = tensor._layout
+    if layout.pending and not layout.local_indices(tensor._rank):
+        return []  # (a mesh position that holds no block of a spec placement)
     if layout.pending:
         with contextlib.suppress(AttributeError):  # the summand is about to be overwritten
             del tensor._reduced_cache
@@ -198,7 +200,9 @@ def _get_tensor_shard(tensor: ShardedTensor, index: MetadataIndex) -> torch.Tens
     if tensor._layout.pending:
         reduced = _fresh_reduction(tensor)
         # Save: the reduction made while planning. Load: the summand itself.
-        return (reduced if reduced is not None else tensor)._local_tensors[0]
+        tensor = reduced if reduced is not None else tensor
+        if len(tensor._local_tensors) == 1:
+            return tensor._local_tensors[0]  # (else one of several blocks, by its offset)
     if tensor.numel() == 0:
         return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
     offsets = torch.Size(index.offset) if index.offset is not None else None

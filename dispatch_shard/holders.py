@@ -26,7 +26,9 @@ The dispatch loop hands such a call to :func:`serve`:
   ``neg_``, ``copy_`` of a value of its layout and dtype); any other write raises, as
   writing into a Partial does.
 * Out of place, the same linear ops of a pending sum run term by term too: the result
-  stays pending (no collective), as a 1-D Partial's does.
+  stays pending (no collective), as a 1-D Partial's does. ``Σa += b`` with ``b`` in
+  another layout (a gradient accumulated into a pending leaf's) adds ``b``'s value to
+  one term of each box: ``b`` moves (is reduced) once.
 
 Per rank: flattening keeps one view per operand; the write-back and a pending operand's
 sum are one all-to-all each on the layout's group.
@@ -86,15 +88,19 @@ def flatten(tensor: ShardedTensor) -> ShardedTensor:
     if layout.pending:
         return tensor._like(tensor._moved_to(target), target)
     rank = tensor._rank
-    blocks = []
+    views: dict[int, torch.Tensor] = {}  # target piece -> the view of the block holding it
     for index, block in zip(layout.local_indices(rank), tensor._local_tensors, strict=True):
-        origin = layout.shards[index].shard_offsets
+        origin, extent = layout.shards[index].shard_offsets, layout.shards[index].shard_sizes
         for piece in target.local_indices(rank):
             shard = target.shards[piece]
-            blocks.append(block[tuple(
+            if piece in views or not all(
+                    b <= o and o + n <= b + e for o, n, b, e in
+                    zip(shard.shard_offsets, shard.shard_sizes, origin, extent, strict=True)):
+                continue  # (several blocks per rank: a piece of another of them)
+            views[piece] = block[tuple(
                 slice(o - b, o - b + n) for o, n, b in
-                zip(shard.shard_offsets, shard.shard_sizes, origin, strict=True))])
-    return tensor._like(blocks, target)
+                zip(shard.shard_offsets, shard.shard_sizes, origin, strict=True))]
+    return tensor._like([views[piece] for piece in target.local_indices(rank)], target)
 
 
 def _map(value: Any, one: Callable[[ShardedTensor], Any]) -> Any:
@@ -195,6 +201,43 @@ def _term_by_term(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
     return isinstance(other, int | float) and not isinstance(other, bool)
 
 
+def _adds_a_value(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``Σa += b`` (or ``-=``) with ``b`` of ``Σa``'s shape in another layout (gradient
+    accumulation into a pending leaf's gradient): ``b``'s value, laid out as ``Σa``'s
+    value, is added to one term of each box (to every term of a mean)."""
+    if _LINEAR.get(func) != "same" or not func._schema.is_mutable or len(args) != 2:
+        return False
+    destination, other = args
+    return (_is_mesh(destination) and destination._layout.pending
+            and destination._layout.reduce_op in ("sum", "avg")
+            and isinstance(other, torch.Tensor) and other.shape == destination.shape
+            and all(k == "alpha" and isinstance(v, int | float) for k, v in kwargs.items()))
+
+
+def _add_a_value(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    destination, other = args
+    layout = destination._layout
+    value = layout.value_layout()
+    rank = destination._rank
+    if isinstance(other, ShardedTensor):
+        if other._layout.is_partial:
+            other = other._reduced()
+        addends = list(other._local_tensors) if other._layout is value else \
+            other._moved_to(value)
+    else:
+        addends = [other[value.shard_box(i)] for i in value.local_indices(rank)]
+    classes = layout.summand_classes()
+    for index, block, addend in zip(layout.local_indices(rank), destination._local_tensors,
+                                    addends, strict=True):
+        if layout.reduce_op == "avg" or classes[index] == 0:
+            func(block, addend, **kwargs)
+        else:
+            torch.autograd.graph.increment_version(block)  # (moved on every holder alike)
+    with contextlib.suppress(AttributeError):  # its cached reduction is stale now
+        del destination._reduced_cache
+    return destination
+
+
 def _run_term_by_term(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     first = args[0]
     others = [a._local_tensors if isinstance(a, ShardedTensor) else None for a in args]
@@ -247,6 +290,8 @@ def serve(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     registered implementation as the dispatch loop does."""
     if _term_by_term(func, args, kwargs):
         return _run_term_by_term(func, args, kwargs)
+    if _adds_a_value(func, args, kwargs):
+        return _add_a_value(func, args, kwargs)
     served = by_mesh_rule(func, args, kwargs)
     if served is not None:
         return served

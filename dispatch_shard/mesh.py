@@ -53,6 +53,7 @@ from dispatch_shard.metadata import TensorProperties
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import (
     ChunkShardingSpec,
+    EnumerableShardingSpec,
     MeshPlacement,
     MeshShardingSpec,
     Partial,
@@ -123,7 +124,7 @@ def _check(mesh: Any, given: MeshPlacements, size: Sequence[int]) -> list[Any]:
         raise ValueError(
             f"placements has {len(placements)} entries but the device mesh has {mesh.ndim} "
             f"dims ({tuple(mesh.shape)}): give one placement per mesh dim")
-    for placement in placements:
+    for mesh_dim, placement in enumerate(placements):
         if isinstance(placement, TorchShard):
             if type(placement) is not TorchShard:
                 raise NotImplementedError(f"{placement!r}: strided shards are not supported")
@@ -131,10 +132,21 @@ def _check(mesh: Any, given: MeshPlacements, size: Sequence[int]) -> list[Any]:
                 raise ValueError(f"{placement!r}: Shard dim {placement.dim} is out of range "
                                  f"for a tensor of {len(size)} dims")
         elif isinstance(placement, ShardingSpec):
+            if mesh.ndim != 1 and not isinstance(placement, ChunkShardingSpec |
+                                                 EnumerableShardingSpec):
+                raise TypeError(
+                    f"{placement!r} as the placement of one dim of a {mesh.ndim}-D mesh: "
+                    "use torch's Replicate() or Partial(), or a ChunkShardingSpec or "
+                    "EnumerableShardingSpec (whose rank k is position k along that dim)")
             if mesh.ndim != 1:
-                raise NotImplementedError(
-                    f"a sharding spec ({placement!r}) as the placement of one dim of a "
-                    f"{mesh.ndim}-D mesh needs the N-D layout model (issue #14)")
+                placed = placement.placements if isinstance(placement, ChunkShardingSpec) \
+                    else [s.placement for s in placement.shards]  # type: ignore[attr-defined]
+                beyond = sorted({p.rank() for p in placed} - set(range(mesh.shape[mesh_dim])))
+                if beyond:
+                    raise ValueError(
+                        f"{placement!r} places blocks on rank {beyond[0]}, but on mesh dim "
+                        f"{mesh_dim} of a {tuple(mesh.shape)} mesh its rank k is position k "
+                        f"along that dim: give ranks 0 to {mesh.shape[mesh_dim] - 1}")
         elif not isinstance(placement, TorchReplicate | TorchPartial):
             raise TypeError(f"unknown placement {placement!r}: use Shard(dim), Replicate(), "
                             "Partial() from torch.distributed.tensor, or a sharding spec")
@@ -155,6 +167,8 @@ def mesh_spec(mesh: DeviceMesh, placements: MeshPlacements, size: Sequence[int],
             ours.append(("shard", placement.dim % len(size)))
         elif isinstance(placement, TorchReplicate):
             ours.append(("replicate", 0))
+        elif isinstance(placement, ShardingSpec):
+            ours.append(("spec", placement))
         else:
             ours.append(("partial", placement.reduce_op))
     grid = mesh.mesh
@@ -196,7 +210,8 @@ def mesh_view(tensor: ShardedTensor) -> tuple[DeviceMesh, tuple[Any, ...]]:
         mesh = DeviceMesh(torch.device(device).type, grid, _init_backend=False)
         return mesh, tuple(
             TorchShard(int(arg)) if kind == "shard" else TorchReplicate() if kind == "replicate"
-            else TorchPartial(str(arg)) for kind, arg in spec.placements)
+            else arg if kind == "spec" else TorchPartial(str(arg))
+            for kind, arg in spec.placements)
     placement: Any
     if isinstance(spec, Replicate):
         placement = TorchReplicate()
@@ -259,6 +274,9 @@ def from_local(local_tensor: torch.Tensor, device_mesh: DeviceMesh,
     placements = _check(device_mesh, placements, local_tensor.shape)
     TorchShard = _torch_placements()[0]
     if shape is None:
+        if any(isinstance(p, ShardingSpec) for p in placements):
+            raise ValueError("from_local with a sharding spec placement needs shape=: the "
+                             "global size cannot be told from one block")
         size = list(local_tensor.shape)
         for mesh_dim, placement in enumerate(placements):
             if isinstance(placement, TorchShard):

@@ -108,9 +108,10 @@ def _placements(value: Any, mesh: Mesh) -> tuple[MeshPlacement, ...] | None:
         return None
     spec = layout.spec
     if isinstance(spec, MeshShardingSpec):
-        if (spec.mesh_shape, spec.mesh_ranks) == mesh:
+        if (spec.mesh_shape, spec.mesh_ranks) == mesh and all(
+                kind != "spec" for kind, _ in spec.placements):
             return spec.placements
-        return None
+        return None  # (a 1-D spec on a mesh dim: served flattened)
     if isinstance(spec, Replicate):
         return (_REPLICATE,) * len(shape)
     if isinstance(spec, Partial):
@@ -212,7 +213,7 @@ def run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, An
             if letter in letters[k]:
                 targets[k][dim] = ("shard", letters[k].index(letter))
         result.append(("shard", output.index(letter)) if letter in output
-                      else ("partial", rule.contract))  # type: ignore[arg-type]
+                      else ("partial", rule.contract))
     anchor = next(t for t in tensors if isinstance(t, ShardedTensor))
     device = anchor._layout.device or str(anchor.device)
     call = list(args)

@@ -24,13 +24,14 @@ cached: an invalid call raises every time.
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import functools
 import heapq
 import itertools
 import math
 from collections.abc import Sequence
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 import torch
 
@@ -516,8 +517,13 @@ class Partial(ShardingSpec):
 # The 1-D specs are its special cases, kept as their own classes because they are
 # what the op families read (see dispatch_shard.holders for how an op that knows
 # only them serves a MeshShardingSpec operand).
+# A 1-D spec may also be the placement of one mesh dim ("spec"), its "rank:k" naming
+# position k along that dim, with Replicate or Partial on the others: the ranks at
+# position k hold the spec's blocks of rank k (several per rank, a grid, any order),
+# as copies or terms. Then a mesh position may hold several blocks, or none.
 
-MeshPlacement = tuple[str, int | str]  # ("shard", dim), ("replicate", 0), ("partial", op)
+# ("shard", dim), ("replicate", 0), ("partial", op), ("spec", a chunk or enumerable spec)
+MeshPlacement = tuple[str, Any]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -556,8 +562,17 @@ class MeshShardingSpec(ShardingSpec):
             if kind == "partial" and arg not in _REDUCE_OPS:
                 raise ValueError(f"Unsupported reduce_op {arg!r} for Partial; "
                                  f"expected one of {', '.join(_REDUCE_OPS)}")
-            if kind not in ("shard", "replicate", "partial"):
+            if kind == "spec" and not isinstance(arg, ChunkShardingSpec | EnumerableShardingSpec):
+                raise TypeError(f"the sharding spec of a mesh dim must be a ChunkShardingSpec or "
+                                f"an EnumerableShardingSpec, got {arg!r}")
+            if kind not in ("shard", "replicate", "partial", "spec"):
                 raise ValueError(f"unknown mesh placement {kind!r}")
+        kinds = [kind for kind, _ in self.placements]
+        if "spec" in kinds and (kinds.count("spec") > 1 or "shard" in kinds):
+            raise NotImplementedError(
+                "a sharding spec as the placement of one mesh dim composes with Replicate and "
+                "Partial on the other mesh dims; with Shard or a second spec it is not "
+                "supported (use Shard placements, or one spec)")
 
     @property
     def partial_op(self) -> str | None:
@@ -582,14 +597,31 @@ class MeshShardingSpec(ShardingSpec):
             lows[dim], highs[dim] = lows[dim] + start, lows[dim] + stop
         return lows, [h - lo for lo, h in zip(lows, highs, strict=True)]
 
+    def _spec_dim(self) -> tuple[int, ChunkShardingSpec | EnumerableShardingSpec] | None:
+        """The mesh dim placed by a 1-D spec, and that spec; None when none is."""
+        return next(((d, arg) for d, (kind, arg) in enumerate(self.placements)
+                     if kind == "spec"), None)
+
+    def blocks_per_position(self) -> tuple[int, ...]:
+        """How many blocks each mesh position holds (1 unless a mesh dim has a spec)."""
+        found = self._spec_dim()
+        if found is None:
+            return (1,) * len(self.mesh_ranks)
+        mesh_dim, inner = found
+        placed = inner.placements if isinstance(inner, ChunkShardingSpec) else [
+            s.placement for s in inner.shards]
+        counts = collections.Counter(p.rank() for p in placed)  # type: ignore[union-attr]
+        return tuple(counts[c[mesh_dim]] for c in self.coordinates())
+
     def summand_classes(self) -> tuple[int, ...]:
-        """Per mesh position: which term of the pending reduction it holds (its
+        """Per block: which term of the pending reduction it holds (its position's
         coordinates along the partial mesh dims, numbered); all 0 when none is partial."""
         partial = [d for d, (kind, _) in enumerate(self.placements) if kind == "partial"]
         strides = [math.prod(self.mesh_shape[e] for e in partial[i + 1:])
                    for i in range(len(partial))]
         return tuple(sum(c[d] * s for d, s in zip(partial, strides, strict=True))
-                     for c in self.coordinates())
+                     for c, n in zip(self.coordinates(), self.blocks_per_position(),
+                                     strict=True) for _ in range(n))
 
     def _build_metadata(
         self,
@@ -606,7 +638,19 @@ class MeshShardingSpec(ShardingSpec):
                 raise ValueError(f"Shard dim {arg} is out of range for a tensor of "
                                  f"{len(size)} dims")
         device_text = "cpu" if device is None else device
-        shards = []
+        shards: list[ShardMetadata] = []
+        found = self._spec_dim()
+        if found is not None:  # the spec's blocks of "rank" k, at position k along its dim
+            mesh_dim, inner = found
+            inner_shards = inner.build_metadata(
+                size, tensor_properties, tuple(range(self.mesh_shape[mesh_dim])),
+                device=device).shards_metadata
+            for rank, coordinate in zip(self.mesh_ranks, self.coordinates(), strict=True):
+                shards.extend(ShardMetadata(list(s.shard_offsets), list(s.shard_sizes),
+                                            Placement(rank, device_text))
+                              for s in inner_shards
+                              if s.placement.rank() == coordinate[mesh_dim])  # type: ignore[union-attr]
+            return ShardedTensorMetadata(shards, size, tensor_properties)
         for rank, coordinate in zip(self.mesh_ranks, self.coordinates(), strict=True):
             offsets, sizes = self.box(size, coordinate)
             shards.append(ShardMetadata(offsets, sizes, Placement(rank, device_text)))
@@ -627,8 +671,14 @@ def mesh_sharding_spec(mesh_shape: Sequence[int], mesh_ranks: Sequence[int],
     mesh and serve it per mesh dim (dispatch_shard.mesh_rules).
     """
     spec = MeshShardingSpec(tuple(mesh_shape), tuple(mesh_ranks), tuple(placements))
-    kept = [d for d, n in enumerate(spec.mesh_shape) if n != 1]
+    kept = [d for d, n in enumerate(spec.mesh_shape) if n != 1 or spec.placements[d][0] == "spec"]
     kinds = {spec.placements[d][0] for d in kept}
+    if kinds == {"spec"} and len(kept) == 1:  # the spec alone, on the ranks along its dim
+        (mesh_dim,) = kept
+        inner = spec.placements[mesh_dim][1]
+        grid = torch.tensor(spec.mesh_ranks).reshape(spec.mesh_shape).movedim(mesh_dim, 0)
+        line = grid.reshape(spec.mesh_shape[mesh_dim], -1)[:, 0].tolist()
+        return _on_ranks(inner, line)
     if kinds <= {"replicate"}:
         return Replicate()
     if kinds == {"partial"}:
@@ -641,6 +691,20 @@ def mesh_sharding_spec(mesh_shape: Sequence[int], mesh_ranks: Sequence[int],
         spec = MeshShardingSpec(tuple(spec.mesh_shape[d] for d in kept), spec.mesh_ranks,
                                 tuple(spec.placements[d] for d in kept))
     return spec
+
+
+def _on_ranks(spec: ChunkShardingSpec | EnumerableShardingSpec, ranks: Sequence[int]
+              ) -> ShardingSpec:
+    """``spec`` with each placement's rank ``k`` made ``ranks[k]``."""
+    def moved(placement: Placement | None) -> Placement:
+        assert placement is not None
+        return Placement(ranks[placement.rank()], str(placement.device()))
+
+    if isinstance(spec, ChunkShardingSpec):
+        return ChunkShardingSpec(spec.dim, [moved(p) for p in spec.placements])
+    return EnumerableShardingSpec([
+        ShardMetadata(list(s.shard_offsets), list(s.shard_sizes), moved(s.placement))
+        for s in spec.shards])
 
 
 def _as_chunk(shards: list[ShardMetadata], size: torch.Size, device: str) -> ShardingSpec:

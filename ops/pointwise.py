@@ -328,6 +328,11 @@ def _linear_into_partial(call: Any, kind: str, args: tuple[Any, ...],
         for summand, addend in zip(summands, other._local_tensors, strict=True):
             call(summand, addend, **kwargs)
         return _written(destination)
+    if kind == "sum" and type(other) is ShardedTensor and other.shape == destination.shape \
+            and not other._layout.is_mesh:
+        # Another layout (a gradient accumulated into a Partial leaf's): its value, once.
+        other = other._reduced() if other._layout.is_partial else \
+            other._redistributed(Replicate())
     value = _factor(other, destination)
     if value is None:
         return None

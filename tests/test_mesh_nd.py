@@ -202,6 +202,23 @@ def test_linear_ops_keep_a_pending_mesh_value_pending(rank: int, world_size: int
 
 
 @multi_rank(world_size=[4])
+def test_gradients_accumulate_into_a_pending_leaf(rank: int, world_size: int) -> None:
+    """A leaf laid out as a pending sum (1-D Partial, or Partial over dp): backward runs
+    several times, and the later gradients arrive in other layouts; each is added into
+    one term of the accumulated gradient (they raised before), which equals dense's."""
+    mesh = _mesh()
+    dense = _dense(7, 5, seed=23)
+    for on, placements in ((mesh, [Partial(), Shard(0)]), (mesh, [Partial("avg"), Replicate()]),
+                           (mesh["dp"], [Partial()])):
+        x = ds.distribute_tensor(dense, on, placements).requires_grad_()
+        d = dense.clone().requires_grad_()
+        for op in (torch.sin, lambda t: t @ t.t(), lambda t: t.sum(0)):
+            (op(x) ** 2).sum().backward()
+            (op(d) ** 2).sum().backward()
+            torch.testing.assert_close(x.grad.full_tensor(), d.grad, msg=str(placements))
+
+
+@multi_rank(world_size=[4])
 def test_writes_into_nd_tensors_keep_copies_equal(rank: int, world_size: int) -> None:
     mesh = _mesh()
     dense = _dense(7, 5, seed=8)
@@ -246,6 +263,12 @@ def _bad(rank: int, world_size: int, case: str) -> tuple[str, str]:
         "mesh differs by rank": lambda: ds.distribute_tensor(
             dense, mesh if rank != 1 else column,
             [Replicate(), Shard(0)]),
+        "spec with shard": lambda: ds.distribute_tensor(
+            dense, mesh, [Shard(1), ds.ChunkShardingSpec(0, ["rank:0/cpu", "rank:1/cpu"])]),
+        "spec rank past its mesh dim": lambda: ds.distribute_tensor(
+            dense, mesh, [Replicate(), ds.ChunkShardingSpec(0, ["rank:0/cpu", "rank:2/cpu"])]),
+        "spec to DTensor": lambda: ds.to_dtensor(ds.distribute_tensor(
+            dense, mesh, [Replicate(), ds.ChunkShardingSpec(0, ["rank:1/cpu", "rank:0/cpu"])])),
     }
     return outcome(calls[case])
 
@@ -257,6 +280,9 @@ def _bad(rank: int, world_size: int, case: str) -> tuple[str, str]:
     ("placements differ by rank", "ValueError", "does not match from different ranks"),
     ("meshes share no ranks", "ValueError", "operands live on different process groups"),
     ("mesh differs by rank", "ValueError", "does not match from different ranks"),
+    ("spec with shard", "NotImplementedError", "composes with Replicate and Partial"),
+    ("spec rank past its mesh dim", "ValueError", "places blocks on rank 2, but on mesh dim 1"),
+    ("spec to DTensor", "NotImplementedError", "has no DTensor placements"),
 ])
 def test_bad_nd_input_raises_alike_on_every_rank(case: str, kind: str, pattern: str) -> None:
     outcomes = get_pool(4).run(_bad, timeout_s=60, case=case)
@@ -314,6 +340,115 @@ def test_state_of_mixed_layouts(rank: int, world_size: int, tmp_path: Any) -> No
         loaded = torch.load(buffer, weights_only=False)
         assert loaded.sharding_spec() == value.sharding_spec()
         torch.testing.assert_close(loaded.full_tensor(), value.full_tensor())
+
+
+# -- a 1-D spec as the placement of one mesh dim --------------------------------------
+
+def _grid(cut: tuple[int, int], size: tuple[int, int]) -> Any:
+    """A 2x2 grid cut at ``cut``, its blocks on ranks 1, 0 / 0, 1 (row-major)."""
+    (r, c), (rows, cols) = cut, size
+    boxes = [([0, 0], [r, c]), ([0, c], [r, cols - c]), ([r, 0], [rows - r, c]),
+             ([r, c], [rows - r, cols - c])]
+    return ds.EnumerableShardingSpec([ds.ShardMetadata(o, n, f"rank:{k}/cpu")
+                                      for (o, n), k in zip(boxes, (1, 0, 0, 1), strict=True)])
+
+
+def _one_dim_specs() -> dict[str, list[Any]]:
+    """Placement lists with a 1-D spec on one mesh dim (its rank k: position k along it)."""
+    grid = _grid((4, 3), (7, 5))
+    several = ds.ChunkShardingSpec(0, ["rank:1/cpu", "rank:0/cpu", "rank:1/cpu"])
+    with_empty = ds.ChunkShardingSpec(1, ["rank:0/cpu", "rank:1/cpu", "rank:0/cpu", "rank:1/cpu",
+                                          "rank:0/cpu", "rank:1/cpu"])  # 5 columns: one empty
+    return {"several blocks per rank, copies over dp": [Replicate(), several],
+            "grid, pending sum over dp": [Partial(), grid],
+            "chunks on dp (reversed), copies over tp": [
+                ds.ChunkShardingSpec(1, ["rank:1/cpu", "rank:0/cpu"]), Replicate()],
+            "grid on dp, pending max over tp": [grid, Partial("max")],
+            "an empty block, pending mean over dp": [Partial("avg"), with_empty]}
+
+
+@multi_rank(world_size=[4])
+def test_one_dim_specs_compose_with_replicate_and_partial(rank: int, world_size: int) -> None:
+    """A chunk spec (several blocks per rank, an empty block, any rank order) or a grid as
+    the placement of one mesh dim, with Replicate or Partial on the other: the blocks are
+    the spec's, copies stay equal, every move to and from other layouts and ops forward
+    and backward give dense's values; torch.save keeps the layout."""
+    import io
+
+    mesh = _mesh()
+    dense = _dense(7, 5, seed=30)
+    weight = _dense(5, 3, seed=31)
+    for name, placements in _one_dim_specs().items():
+        x = ds.distribute_tensor(dense, mesh, placements).requires_grad_()
+        assert list(x.placements) == placements, name
+        spec = placements[0] if isinstance(placements[0], ds.ShardingSpec) else placements[1]
+        along = 0 if spec is placements[0] else 1
+        position = mesh.get_coordinate()[along]
+        inner = spec.build_metadata(dense.shape, ds.TensorProperties(), (0, 1))
+        expected = [s for s in inner.shards_metadata if s.placement.rank() == position]
+        assert [list(s.shard_sizes) for s in (t.metadata for t in x.local_shards())] == \
+            [list(s.shard_sizes) for s in expected], name
+        torch.testing.assert_close(x.full_tensor(), dense, msg=name)
+        if not x._layout.pending:
+            _copies_agree(x.detach())
+            for shard, block in zip(expected, x.local_blocks(), strict=True):
+                box = tuple(slice(o, o + n) for o, n in zip(shard.shard_offsets,
+                                                             shard.shard_sizes, strict=True))
+                torch.testing.assert_close(block.detach(), dense[box], rtol=0, atol=0)
+        # Moves to and from a Shard layout and to the other spec layouts.
+        there = x.redistribute(mesh, [Shard(0), Shard(1)])
+        torch.testing.assert_close(there.full_tensor(), dense, msg=name)
+        back = there.redistribute(mesh, placements)
+        torch.testing.assert_close(back.full_tensor(), dense, msg=name)
+        for other in _one_dim_specs().values():
+            if not any(isinstance(p, Partial) for p in other):
+                torch.testing.assert_close(x.redistribute(mesh, other).full_tensor(), dense)
+        # Ops, forward and backward.
+        for op in (lambda t: (t * 2 + 1).sin(), lambda t: torch.softmax(t, 1),
+                   lambda t: t @ weight, lambda t: t.sum(0), lambda t: t.t().reshape(35)):
+            leaf = x.detach().requires_grad_()
+            d = dense.clone().requires_grad_()
+            got, want = op(leaf), op(d)
+            torch.testing.assert_close(got.full_tensor(), want, msg=name)
+            (got * got).sum().backward()
+            (want * want).sum().backward()
+            torch.testing.assert_close(leaf.grad.full_tensor(), d.grad, msg=name)
+        buffer = io.BytesIO()
+        torch.save(x.detach(), buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert loaded._layout is x._layout
+        torch.testing.assert_close(loaded.full_tensor(), dense)
+
+
+@multi_rank(world_size=[4])
+def test_one_dim_spec_layouts_save_load_and_train(rank: int, world_size: int,
+                                                  tmp_path: Any) -> None:
+    """DCP saves spec-on-a-mesh-dim layouts (copies, a pending sum) and loads them on
+    other meshes and into them; an MLP whose first weight is a grid over tp (copies over
+    dp) and whose second is chunked in several blocks per rank trains like dense."""
+    import torch.distributed.checkpoint as dcp
+
+    mesh = _mesh()
+    specs = _one_dim_specs()
+    a = _dense(7, 5, seed=32)
+    saved = {name: ds.distribute_tensor(a * (k + 1), mesh, placements)
+             for k, (name, placements) in enumerate(specs.items())}
+    dcp.save(saved, checkpoint_id=str(tmp_path / "ckpt"))
+    targets = [(init_device_mesh("cpu", (4, 1)), [Shard(0), Shard(1)]),
+               (mesh["dp"], [Shard(1)]), *((mesh, p) for p in specs.values())]
+    for target_mesh, placements in targets:
+        target = {name: ds.distribute_tensor(torch.zeros_like(a), target_mesh, placements)
+                  for name in saved}
+        dcp.load(target, checkpoint_id=str(tmp_path / "ckpt"))
+        for k, name in enumerate(saved):
+            torch.testing.assert_close(target[name].full_tensor(), a * (k + 1),
+                                       msg=f"{name} into {placements}")
+    grid = _grid((8, 4), (12, 8))
+    several = ds.ChunkShardingSpec(1, ["rank:0/cpu", "rank:1/cpu", "rank:0/cpu"])
+    plan = {"0.weight": [Replicate(), grid], "2.weight": [Replicate(), several],
+            "2.bias": [ds.ChunkShardingSpec(0, ["rank:1/cpu", "rank:0/cpu"]), Replicate()]}
+    _train(_mlp(), plan, batch=[Shard(0), Replicate()])
 
 
 # -- training on a 2x2 ("dp", "tp") mesh ------------------------------------------------
