@@ -24,6 +24,9 @@ placements                         layout (one model: specs over the mesh's rank
 a mix of them                      :class:`~dispatch_shard.MeshShardingSpec`: blocks
                                    with several holders (copies along Replicate
                                    dims, terms of the reduction along Partial ones)
+a chunk or enumerable spec on one  a MeshShardingSpec of the spec's blocks: its
+mesh dim, Replicate or Partial on  ``rank:k`` is position ``k`` along that dim (so
+the others                         several blocks per rank, or none, and grids)
 ================================== ===========================================
 
 Mesh dims of size 1 place nothing: ``[Shard(0), Replicate()]`` on a 4x1 mesh is a

@@ -307,7 +307,14 @@ def _mean(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     for d in reduced:
         count *= x.shape[d]
     total = aten.sum.dim_IntList(x, list(reduced), keepdim)
-    return aten.div.Tensor(total, count)
+    return aten.div.Tensor(_value(total), count)
+
+
+def _value(total: ShardedTensor) -> ShardedTensor:
+    """A mean's or a loss's sum, reduced where it is pending (over the mesh dims that split
+    its elements): the result is then the same value on every rank, so reading it
+    (``loss.item()`` on one rank) needs no collective."""
+    return total._reduced() if total._layout.pending else total
 
 
 def _mse_loss(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -319,7 +326,7 @@ def _mse_loss(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     squared = aten.mul.Tensor(difference, difference)
     if reduction == 0:
         return squared
-    total = aten.sum.dim_IntList(squared, list(range(x.dim())), False)
+    total = _value(aten.sum.dim_IntList(squared, list(range(x.dim())), False))
     return total if reduction == 2 else aten.div.Tensor(total, x.numel())
 
 

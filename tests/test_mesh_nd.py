@@ -702,9 +702,15 @@ def _mlp_step_moves_the_minimum(mesh: Any) -> None:
     before = holders.flattened.copy()
     with ds.count_collectives() as counted:
         optimizer.zero_grad()
-        F.mse_loss(model(x), y).backward()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
         optimizer.step()
     assert holders.flattened == before, holders.flattened - before
+    # The loss is the same value on every rank: one rank alone may read it.
+    assert not loss._layout.pending
+    with ds.count_collectives() as read:
+        loss.item()
+    assert read.events == []
     rows, floats = 3, 4  # 6 rows over dp; float32
     grads = {"0.weight": 6 * 8, "0.bias": 6, "2.weight": 8 * 6, "2.bias": 8}  # per rank
     expected = {"forward: row-parallel output over tp": rows * 8 * floats,
