@@ -551,3 +551,33 @@ def test_plain_tangents_become_sharded_only_for_sharded_outputs() -> None:
     assert plain.__coerce_same_metadata_as_tangent__(None) is None
 
 
+
+
+def test_stand_in_runs_skip_the_tracing_modes() -> None:
+    """NOTE [stand-in runs outside a trace]: the meta run of a product's check and the
+    dtype probe of a reduction reach no dispatch mode that is active (a trace's fake,
+    proxy and functionalization modes); a bad product still raises dense's error."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dispatch_shard.ops import matmul, reduction
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[Any] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    aten = torch.ops.aten
+    # Sizes no other test uses: the meta run and the probe are cached by size.
+    a, b = torch.empty(13, 17, device="meta"), torch.empty(17, 19, device="meta")
+    c = torch.empty(23, 29, device="meta")
+    with Record() as record:
+        assert matmul._checked(aten.mm.default, (a, b)) == torch.float32
+        assert reduction.probe(aten.sum.dim_IntList, (c, [1]), {}) == (torch.float32,)
+    assert record.ops == [], record.ops
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        matmul._checked(aten.mm.default, (a, a))
