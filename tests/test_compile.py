@@ -44,6 +44,10 @@ class _Recorder:
                 if node.op == "call_function" and "_c10d_functional" in str(node.target)
                 and "wait_tensor" not in str(node.target)]
 
+    def waits(self) -> int:
+        return sum(1 for graph in self.graphs for node in graph.graph.nodes
+                   if node.target is torch.ops._c10d_functional.wait_tensor.default)
+
 
 def _full(value: Any) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, ds.ShardedTensor) else value
@@ -200,6 +204,7 @@ def test_tensor_parallel_mlp_fullgraph_has_functional_collectives(rank: int,
     # replicated, as autograd hands it).
     assert recorder.collectives() == ["_c10d_functional.all_reduce.default"], \
         recorder.collectives()
+    assert recorder.waits() == 1  # NOTE [collectives under torch.compile]: one wait each
 
 
 @multi_rank(world_size=[2], timeout_s=240.0)
@@ -497,6 +502,7 @@ def test_dp_x_tp_on_a_mesh_trains_fullgraph(rank: int, world_size: int) -> None:
     if world_size == 4:  # (on a 1 x 2 mesh the module's output stays partial over "tp":
         # the loss, outside the graph, reduces it; the graph itself needs no collective)
         assert counter.recorder.collectives(), "the mesh moves run in the graph"
+        assert counter.recorder.waits() == len(counter.recorder.collectives())
 
 
 @multi_rank(world_size=[2])
