@@ -450,7 +450,10 @@ def _divide(tensor: torch.Tensor, count: int) -> torch.Tensor:
 # (``_c10d_functional``: a new tensor, the group by name), which the graph can hold and
 # inductor can schedule; the in-place ``dist`` calls would capture the process group
 # object. Each collective below takes that path when its tensor is such a stand-in, and
-# copies the result back where the eager call works in place.
+# copies the result back where the eager call works in place. A traced functional
+# collective already comes waited on (``funcol`` puts the ``wait_tensor`` in the graph);
+# :func:`_waited` adds a wait only where it did not (an ``AsyncCollectiveTensor``), so
+# the graph holds one ``wait_tensor`` per collective, not two.
 
 def traced(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a stand-in of a compiler's trace (fake or functionalized)."""
@@ -460,10 +463,18 @@ def traced(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, FakeTensor | FunctionalTensor)
 
 
+def _waited(result: torch.Tensor) -> torch.Tensor:
+    """A functional collective's result, waited on once (NOTE [collectives under
+    torch.compile])."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return result.wait() if isinstance(result, AsyncCollectiveTensor) else result
+
+
 def _traced_all_reduce(tensor: torch.Tensor, op: str, group: ProcessGroup) -> None:
     import torch.distributed._functional_collectives as funcol
 
-    tensor.copy_(funcol.wait_tensor(funcol.all_reduce(tensor, op, group)))
+    tensor.copy_(_waited(funcol.all_reduce(tensor, op, group)))
 
 
 def _all_reduce_in_place(tensor: torch.Tensor, op: str, group: ProcessGroup) -> None:
@@ -524,7 +535,7 @@ def reduce_scatter(
             import torch.distributed._functional_collectives as funcol
 
             flat = torch.cat([t.reshape(-1) for t in inputs])
-            output.copy_(funcol.wait_tensor(funcol.reduce_scatter_tensor(
+            output.copy_(_waited(funcol.reduce_scatter_tensor(
                 flat, "sum" if op == "avg" else op, 0, group)).view(output.shape))
         else:
             dist.reduce_scatter(output, inputs, op=_REDUCE_OPS[op], group=group)
@@ -542,7 +553,7 @@ def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup) -> torch.Tens
         if traced(tensor):
             import torch.distributed._functional_collectives as funcol
 
-            tensor.copy_(funcol.wait_tensor(funcol.broadcast(tensor, src, group)))
+            tensor.copy_(_waited(funcol.broadcast(tensor, src, group)))
         else:
             dist.broadcast(tensor, src=src, group=group)
     except RuntimeError as error:
@@ -674,7 +685,7 @@ def redistribute(
             if traced(send):
                 import torch.distributed._functional_collectives as funcol
 
-                received = funcol.wait_tensor(funcol.all_to_all_single(
+                received = _waited(funcol.all_to_all_single(
                     send, recv_splits, send_splits, on))
             else:
                 dist.all_to_all_single(received, send, recv_splits, send_splits, group=on)

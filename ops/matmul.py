@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout, layout_of
-from dispatch_shard.ops._common import first_sharded
+from dispatch_shard.ops._common import first_sharded, outside_trace
 from dispatch_shard.ops.layouts import like_leading, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
@@ -99,8 +99,9 @@ def _from_key(key: tuple[Any, ...], device: str) -> Any:
 @functools.lru_cache(maxsize=1024)
 def _meta_result(func: torch._ops.OpOverload, args: tuple[Any, ...],
                  kwargs: tuple[tuple[str, Any], ...]) -> tuple[torch.Size, torch.dtype]:
-    result = func(*[_from_key(a, "meta") for a in args],
-                  **{k: _from_key(v, "meta") for k, v in kwargs})
+    with outside_trace():  # NOTE [stand-in runs outside a trace] in ops/_common.py
+        result = func(*[_from_key(a, "meta") for a in args],
+                      **{k: _from_key(v, "meta") for k, v in kwargs})
     return result.shape, result.dtype
 
 

@@ -54,7 +54,12 @@ import torch
 from dispatch_shard import collectives
 from dispatch_shard.layout import Box, Layout, layout_of
 from dispatch_shard.metadata import ShardMetadata
-from dispatch_shard.ops._common import bind_arguments, in_group, reduction_identity
+from dispatch_shard.ops._common import (
+    bind_arguments,
+    in_group,
+    outside_trace,
+    reduction_identity,
+)
 from dispatch_shard.ops.layouts import reduced_layout, split_dims
 from dispatch_shard.registry import _group_free, custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, _first_group
@@ -166,7 +171,8 @@ def _probe_uncached(func: torch._ops.OpOverload, args: tuple[Any, ...],
             return torch.zeros([min(n, 2) for n in value.shape], dtype=value.dtype)
         return value
 
-    with warnings.catch_warnings():
+    # (NOTE [stand-in runs outside a trace] in ops/_common.py)
+    with warnings.catch_warnings(), outside_trace():
         warnings.simplefilter("ignore")  # e.g. var's "degrees of freedom" on the stand-in
         result = func(*[stand_in(a) for a in args],
                       **{k: stand_in(v) for k, v in kwargs.items()})

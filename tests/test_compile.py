@@ -44,6 +44,10 @@ class _Recorder:
                 if node.op == "call_function" and "_c10d_functional" in str(node.target)
                 and "wait_tensor" not in str(node.target)]
 
+    def waits(self) -> int:
+        return sum(1 for graph in self.graphs for node in graph.graph.nodes
+                   if node.target is torch.ops._c10d_functional.wait_tensor.default)
+
 
 def _full(value: Any) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, ds.ShardedTensor) else value
@@ -200,6 +204,7 @@ def test_tensor_parallel_mlp_fullgraph_has_functional_collectives(rank: int,
     # replicated, as autograd hands it).
     assert recorder.collectives() == ["_c10d_functional.all_reduce.default"], \
         recorder.collectives()
+    assert recorder.waits() == 1  # NOTE [collectives under torch.compile]: one wait each
 
 
 @multi_rank(world_size=[2], timeout_s=240.0)
@@ -497,6 +502,7 @@ def test_dp_x_tp_on_a_mesh_trains_fullgraph(rank: int, world_size: int) -> None:
     if world_size == 4:  # (on a 1 x 2 mesh the module's output stays partial over "tp":
         # the loss, outside the graph, reduces it; the graph itself needs no collective)
         assert counter.recorder.collectives(), "the mesh moves run in the graph"
+        assert counter.recorder.waits() == len(counter.recorder.collectives())
 
 
 @multi_rank(world_size=[2])
@@ -551,3 +557,33 @@ def test_plain_tangents_become_sharded_only_for_sharded_outputs() -> None:
     assert plain.__coerce_same_metadata_as_tangent__(None) is None
 
 
+
+
+def test_stand_in_runs_skip_the_tracing_modes() -> None:
+    """NOTE [stand-in runs outside a trace]: the meta run of a product's check and the
+    dtype probe of a reduction reach no dispatch mode that is active (a trace's fake,
+    proxy and functionalization modes); a bad product still raises dense's error."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dispatch_shard.ops import matmul, reduction
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[Any] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    aten = torch.ops.aten
+    # Sizes no other test uses: the meta run and the probe are cached by size.
+    a, b = torch.empty(13, 17, device="meta"), torch.empty(17, 19, device="meta")
+    c = torch.empty(23, 29, device="meta")
+    with Record() as record:
+        assert matmul._checked(aten.mm.default, (a, b)) == torch.float32
+        assert reduction.probe(aten.sum.dim_IntList, (c, [1]), {}) == (torch.float32,)
+    assert record.ops == [], record.ops
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        matmul._checked(aten.mm.default, (a, a))

@@ -747,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     c = compiled
     print(f"\n8. torch.compile (inductor) of the Megatron MLP step ({BATCH}x{D_MODEL} -> "
           f"{HIDDEN}), world 4: forward and backward compiled, AdamW eager (ms per step, "
-          f"slowest rank; ratios: median of {bench_compile.ROUNDS} alternating rounds)")
+          f"slowest rank; ratios: median of {bench_compile.ROUNDS} alternating rounds of "
+          f"{bench_compile.STEPS} steps; compile times after inductor's one-time costs)")
     print(_table(["figure", "value"], [
         ["dispatch_shard eager", f"{c['eager_ms']:.1f}"],
         ["dispatch_shard compiled", f"{c['compiled_ms']:.1f}"],
