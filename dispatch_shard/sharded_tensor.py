@@ -442,6 +442,10 @@ class ShardedTensor(torch.Tensor):
         dst = self._layout.with_spec(spec)
         if dst is self._layout:
             return self._like(list(self._local_tensors))
+        if not dst.pending and not self._layout.pending and dst.shards == self._layout.shards:
+            # The same blocks on the same ranks under another spec (on one rank: a single
+            # whole block is also the replicated layout): no move, as for the same layout.
+            return self._like(list(self._local_tensors), dst)
         if dst.pending:
             return self._like(_to_partial(self, dst), dst)
         value = self._reduced() if self._layout.is_partial else self
