@@ -442,9 +442,7 @@ class ShardedTensor(torch.Tensor):
         dst = self._layout.with_spec(spec)
         if dst is self._layout:
             return self._like(list(self._local_tensors))
-        if not dst.pending and not self._layout.pending and dst.shards == self._layout.shards:
-            # The same blocks on the same ranks under another spec (on one rank: a single
-            # whole block is also the replicated layout): no move, as for the same layout.
+        if self._layout.same_blocks(dst):  # no move, as for the same layout
             return self._like(list(self._local_tensors), dst)
         if dst.pending:
             return self._like(_to_partial(self, dst), dst)
@@ -931,14 +929,20 @@ def _grad_to_leaf_layout(leaf: torch.Tensor) -> None:
             leaf.grad = ShardedTensor.from_replicated(grad, leaf._layout.spec,
                                                       leaf._process_group)
         return
-    with torch.no_grad():
-        if grad._layout is not leaf._layout:
-            if grad._layout.pending and grad_reduction.offer(leaf, grad):
-                return  # reduced in a bucket, during the rest of backward
-            leaf.grad = grad = grad._redistributed(leaf._layout.spec)
-        blocks = grad._local_tensors
-        if not all(b.is_contiguous() for b in blocks):
-            grad._local_tensors = [b.contiguous() for b in blocks]
+    layout = leaf._layout
+    if grad._layout is not layout:
+        if grad._layout.same_blocks(layout):
+            # The same value, block for block (on one rank, a whole block and the
+            # replicated layout): relaid out in place, no new tensor and no .grad write.
+            grad._layout = layout
+        else:
+            with torch.no_grad():
+                if grad._layout.pending and grad_reduction.offer(leaf, grad):
+                    return  # reduced in a bucket, during the rest of backward
+                leaf.grad = grad = grad._redistributed(layout.spec)
+    blocks = grad._local_tensors
+    if not all(b.is_contiguous() for b in blocks):
+        grad._local_tensors = [b.contiguous() for b in blocks]
 
 
 def _torch_function_with_registry(
