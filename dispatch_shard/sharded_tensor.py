@@ -979,13 +979,34 @@ _on_torch_function_table_change(_switch_torch_function)
 # every param group that left the choice to torch (``foreach=None``, not fused, not
 # differentiable, no Tensor ``lr`` without ``capturable``) and whose parameters are
 # all ShardedTensors; the group's setting reads None again after the step.
+#
+# Adam and AdamW have a fused kernel on CPU too (``fused=True``): one dispatch and one
+# pass over the state per step where the foreach path makes about ten and allocates the
+# denominators of every parameter at once (the 8-layer MLP's step: 0.8 ms, against 1.9
+# for the foreach path and 1.5 for dense's for-loop). Where such a group also left
+# ``fused`` to torch (None) and its parameters are floating point, on devices with fused
+# kernels, the hook asks for the fused kernel instead, for that step only. Its arithmetic
+# is the same formula in another order: parameters differ from the for-loop's by float
+# rounding (about 1e-7 after 80 AdamW steps), as torch's own fused and for-loop paths do.
 for _types in (torch_optimizer._foreach_supported_types,
                torch_foreach_utils._foreach_supported_types):
     if ShardedTensor not in _types:
         _types.append(ShardedTensor)
 
-# The param groups set to foreach for the step now running, per optimizer (by id).
-_foreach_for_step: dict[int, list[dict[str, Any]]] = {}
+# The param groups set to foreach or fused for the step now running, per optimizer (by
+# id), with the key set.
+_foreach_for_step: dict[int, list[tuple[dict[str, Any], str]]] = {}
+# The optimizers whose fused CPU kernel the hook may choose (NOTE above).
+_FUSED_BY_DEFAULT = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _fused_fits(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Whether ``group`` (every parameter a ShardedTensor) may take the fused kernel."""
+    if type(optimizer) not in _FUSED_BY_DEFAULT or group.get("fused", False) is not None:
+        return False
+    devices = torch_foreach_utils._get_fused_kernels_supported_devices()
+    return all(p.dtype.is_floating_point and p.device.type in devices
+               and (p.grad is None or not p.grad.is_sparse) for p in group["params"])
 
 
 def _default_groups_to_foreach(optimizer: torch.optim.Optimizer, args: Any,
@@ -998,16 +1019,17 @@ def _default_groups_to_foreach(optimizer: torch.optim.Optimizer, args: Any,
                          and not group.get("capturable"))
                 and group["params"]
                 and all(type(p) is ShardedTensor for p in group["params"])):
-            group["foreach"] = True
-            forced.append(group)
+            key = "fused" if _fused_fits(optimizer, group) else "foreach"
+            group[key] = True
+            forced.append((group, key))
     if forced:
         _foreach_for_step[id(optimizer)] = forced
 
 
 def _restore_groups_after_step(optimizer: torch.optim.Optimizer, args: Any,
                                kwargs: Any) -> None:
-    for group in _foreach_for_step.pop(id(optimizer), ()):
-        group["foreach"] = None
+    for group, key in _foreach_for_step.pop(id(optimizer), ()):
+        group[key] = None
 
 
 if not getattr(torch_optimizer, "_dispatch_shard_foreach_hooks", False):
