@@ -33,8 +33,7 @@ from dispatch_shard.metadata import (
     TensorProperties,
 )
 from dispatch_shard.registry import (
-    GROUP_FREE_OVERLOADS,
-    OVERLOADS,
+    DISPATCH_TABLE,
     TORCH_FUNCTIONS,
     _on_torch_function_table_change,
     _op_name,
@@ -181,7 +180,7 @@ class ShardedTensor(torch.Tensor):
         try:
             if grad_reduction.AWAITING[0]:  # a gradient's bucketed reduction is in flight
                 grad_reduction.wait_operands(args, kwargs or {})
-            if func in _LAZY_VIEW_AWARE:  # NOTE [plain operands with lazy conjugates]
+            if id(func) in _LAZY_VIEW_AWARE:  # NOTE [plain operands with lazy conjugates]
                 args = tuple(_resolved_plain(a) for a in args)
             if _mesh_layouts_made[0]:
                 from dispatch_shard import holders
@@ -773,7 +772,8 @@ if not hasattr(ProcessGroup, "__deepcopy__"):
 # (NOTE [no lazy conjugate blocks] in dispatch_shard.ops.complex), where ``add_`` of such
 # an operand (``addmm``'s bias) would read its stored values: those ops get it resolved.
 _aten = torch.ops.aten
-_LAZY_VIEW_AWARE = frozenset((
+# (by id: NOTE [the dispatch loop's table is keyed by id] in dispatch_shard.registry)
+_LAZY_VIEW_AWARE = frozenset(id(op) for op in (
     _aten.mm.default, _aten.addmm.default, _aten.addmm_.default, _aten.bmm.default,
     _aten.baddbmm.default, _aten.baddbmm_.default, _aten.dot.default, _aten.vdot.default,
     _aten.mv.default, _aten.addmv.default, _aten.copy_.default))
@@ -798,14 +798,17 @@ def _resolved(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
 def _dispatch(func: torch._ops.OpOverload, types: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
     """The dispatch loop: the registered implementation of ``func``, called."""
-    impl = GROUP_FREE_OVERLOADS.get(func)
+    entry = DISPATCH_TABLE.get(id(func))  # NOTE [the dispatch loop's table is keyed by id]
     try:
-        if not _OBSERVERS:
-            if impl is not None:  # NOTE [implementations that find their own group]
+        if entry is None:
+            impl = lookup(func)  # (an op served by its packet, or by a late family)
+        else:
+            impl, group_free = entry
+            if group_free and not _OBSERVERS:
+                # NOTE [implementations that find their own group]
                 return impl(types, args, kwargs, None)
-            impl = OVERLOADS.get(func) or lookup(func)
+        if not _OBSERVERS:
             return impl(types, args, kwargs, _first_group(args, func))
-        impl = OVERLOADS.get(func) or lookup(func)
         return _observed_dispatch(func, impl, types, args, kwargs)
     except collectives.CollectiveError as error:
         error.add_op(func)  # NOTE [collective timeouts] in dispatch_shard.collectives

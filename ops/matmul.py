@@ -111,10 +111,25 @@ def _stand_in(value: Any) -> Any:
     return value
 
 
+# Verdicts already given, by the op's id (NOTE [the dispatch loop's table is keyed by id]
+# in dispatch_shard.registry) and each operand's layout and dtype (a layout fixes the
+# global size); bounded.
+_VERDICTS: dict[tuple[Any, ...], torch.dtype] = {}
+
+
 def _checked(func: torch._ops.OpOverload, args: tuple[Any, ...],
              kwargs: dict[str, Any] | None = None) -> torch.dtype:
     """The dense result's dtype, or dense's error (the same on every rank: global sizes)."""
     kwargs = kwargs or {}
+    key: tuple[Any, ...] | None = (
+        id(func), *[(a._layout, a._dtype) if type(a) is ShardedTensor else _key(a)
+                    for a in args], *kwargs.items())
+    try:
+        found = _VERDICTS.get(key)  # type: ignore[arg-type]
+    except TypeError:  # an unhashable argument
+        key, found = None, None
+    if found is not None:
+        return found
     try:
         _, dtype = _meta_result(func, tuple(_key(a) for a in args),
                                 tuple((k, _key(v)) for k, v in kwargs.items()))
@@ -122,6 +137,8 @@ def _checked(func: torch._ops.OpOverload, args: tuple[Any, ...],
         # Dense's own message: its checks run before any arithmetic.
         func(*[_stand_in(a) for a in args], **{k: _stand_in(v) for k, v in kwargs.items()})
         raise
+    if key is not None and len(_VERDICTS) < 4096:
+        _VERDICTS[key] = dtype
     return dtype
 
 

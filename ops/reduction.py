@@ -454,7 +454,7 @@ def _sum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, A
             return served
     x = args[0]
     try:
-        key: Any = (func, x._layout, x.dtype, *[tuple(a) if type(a) is list else a
+        key: Any = (id(func), x._layout, x.dtype, *[tuple(a) if type(a) is list else a
                                                  for a in args[1:]], *kwargs.items())
         plan = _SUM_PLANS.get(key)
     except TypeError:  # an unhashable argument
