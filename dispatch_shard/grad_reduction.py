@@ -189,9 +189,10 @@ def offer(leaf: Any, grad: Any) -> bool:
         return False
     kind, group, op, size = plan
     summands = grad._local_tensors
-    if size == 1:  # a group of one: the summand is the value
-        leaf.grad = grad._like([b if b.is_contiguous() else b.contiguous() for b in summands],
-                               leaf._layout)
+    if size == 1:  # a group of one: the summand is the value (relaid out in place)
+        if not all(b.is_contiguous() for b in summands):
+            grad._local_tensors = [b.contiguous() for b in summands]
+        grad._layout = leaf._layout
         return True
     _poll()
     task = torch._C._current_graph_task_id()

@@ -146,6 +146,13 @@ class Layout:
             device = str(self.shards[0].placement.device())
         return layout_of(spec, self.size, self.group_ranks, device)
 
+    def same_blocks(self, other: Layout) -> bool:
+        """Whether ``other`` is this value with the same blocks on the same ranks (nothing
+        pending in either), under another spec maybe: moving between them moves nothing.
+        (On a group of one rank, a single whole block is also the replicated layout.)"""
+        return self is other or (not self.pending and not other.pending
+                                 and self.shards == other.shards)
+
 
 # Whether any N-D layout was ever made: until one is, the dispatch loop skips the
 # check for N-D operands (see dispatch_shard.holders).

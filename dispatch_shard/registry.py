@@ -60,6 +60,15 @@ MESH_AWARE: set[ShardedOpImpl] = set()
 MESH_PENDING_AWARE: set[ShardedOpImpl] = set()  # ``handles_mesh="pending"``
 GROUP_FREE_OVERLOADS: dict[torch._ops.OpOverload, ShardedOpImpl] = {}
 
+# NOTE [the dispatch loop's table is keyed by id]
+# An OpOverload hashes in Python (``OpOverload.__hash__`` is a Python function, 0.2 us, and
+# several times that on a loaded machine), and the dispatch loop looked each op up two or
+# three times. ``DISPATCH_TABLE`` mirrors OVERLOADS for the loop, keyed by ``id(op)``:
+# ``(implementation, group-free)``. Overloads compare by identity (OpOverload defines no
+# ``__eq__``) and the ones registered are held by OVERLOADS, so an id names one op for as
+# long as its entry exists. Registration and removal keep both tables in step.
+DISPATCH_TABLE: dict[int, tuple[ShardedOpImpl, bool]] = {}
+
 
 def _group_free(fn: ShardedOpImpl) -> ShardedOpImpl:
     GROUP_FREE.add(fn)
@@ -193,6 +202,7 @@ def custom_sharded_op_impl(
                 GROUP_FREE_OVERLOADS[op] = fn  # type: ignore[index]
             else:
                 GROUP_FREE_OVERLOADS.pop(op, None)  # type: ignore[call-overload]
+            DISPATCH_TABLE[id(op)] = (served, served in GROUP_FREE)
         if table is TORCH_FUNCTIONS:
             for listener in _listeners:
                 listener(True)
@@ -206,6 +216,8 @@ def remove_sharded_op_impl(op: object) -> ShardedOpImpl:
     table = _table_for(op)
     fn = _user_fn(table.pop(op))
     GROUP_FREE_OVERLOADS.pop(op, None)  # type: ignore[call-overload]
+    if table is OVERLOADS:
+        DISPATCH_TABLE.pop(id(op), None)
     if table is TORCH_FUNCTIONS:
         for listener in _listeners:
             listener(bool(TORCH_FUNCTIONS))

@@ -112,10 +112,25 @@ def _stand_in(value: Any) -> Any:
     return value
 
 
+# Verdicts already given, by the op's id (NOTE [the dispatch loop's table is keyed by id]
+# in dispatch_shard.registry) and each operand's layout and dtype (a layout fixes the
+# global size); bounded.
+_VERDICTS: dict[tuple[Any, ...], torch.dtype] = {}
+
+
 def _checked(func: torch._ops.OpOverload, args: tuple[Any, ...],
              kwargs: dict[str, Any] | None = None) -> torch.dtype:
     """The dense result's dtype, or dense's error (the same on every rank: global sizes)."""
     kwargs = kwargs or {}
+    key: tuple[Any, ...] | None = (
+        id(func), *[(a._layout, a._dtype) if type(a) is ShardedTensor else _key(a)
+                    for a in args], *kwargs.items())
+    try:
+        found = _VERDICTS.get(key)  # type: ignore[arg-type]
+    except TypeError:  # an unhashable argument
+        key, found = None, None
+    if found is not None:
+        return found
     try:
         _, dtype = _meta_result(func, tuple(_key(a) for a in args),
                                 tuple((k, _key(v)) for k, v in kwargs.items()))
@@ -123,6 +138,8 @@ def _checked(func: torch._ops.OpOverload, args: tuple[Any, ...],
         # Dense's own message: its checks run before any arithmetic.
         func(*[_stand_in(a) for a in args], **{k: _stand_in(v) for k, v in kwargs.items()})
         raise
+    if key is not None and len(_VERDICTS) < 4096:
+        _VERDICTS[key] = dtype
     return dtype
 
 
@@ -283,6 +300,25 @@ def _laid_out(x: ShardedTensor, dst: Layout) -> list[torch.Tensor]:
     return x._redistributed(dst.spec)._local_tensors
 
 
+# NOTE [a product of a transposed block is column-major]
+# Dense autograd computes a weight's gradient in the weight's memory order: for
+# ``x @ w.t()`` it sees that ``w.t()`` is column-major and computes ``(g.t() @ x).t()``,
+# so that the gradient of ``w`` is contiguous. A ShardedTensor always reports contiguous
+# strides, so autograd takes the other form, ``x.t() @ g``, whose transpose (the
+# gradient of ``w``) would have transposed blocks, and AccumulateGrad, the leaf hook and
+# the optimizer would copy or read them strided every step. So a block product whose
+# left block is a column-major transpose is computed as dense does in that case,
+# ``(b.t() @ a.t()).t()``: the same kernel call (the same value, bit for bit, as the
+# dense formula), a column-major block, and its transpose, the gradient, contiguous.
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of two 2-D blocks; column-major when ``a`` is (NOTE above)."""
+    if a.stride(0) == 1 and a.stride(1) == a.shape[0] and a.shape[0] > 1 and a.shape[1] > 1 \
+            and b.is_contiguous():
+        return torch.mm(b.t(), a.t()).t()
+    return torch.mm(a, b)
+
+
 def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype,
              bias: tuple[Any, Any] | None = None) -> ShardedTensor:
     """``alpha * (a @ b)`` for 2-D or 3-D (batched) operands, by the chosen strategy;
@@ -299,7 +335,7 @@ def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype,
                                itemsize)
     a_blocks = _laid_out(a, strategy.a)
     b_blocks = _laid_out(b, strategy.b)
-    multiply: Callable[..., torch.Tensor] = aten.bmm.default if a.dim() == 3 else aten.mm.default
+    multiply: Callable[..., torch.Tensor] = aten.bmm.default if a.dim() == 3 else _mm
     out = strategy.out
     member = bool(out.local_indices(anchor._rank)) if not out.is_sharded else True
     kind = strategy.kind

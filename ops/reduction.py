@@ -458,12 +458,73 @@ def _sum(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, A
         served = _full_sum(args[0])
         if served is not None:
             return served
+    x = args[0]
+    try:
+        key: Any = (id(func), x._layout, x.dtype, *[tuple(a) if type(a) is list else a
+                                                 for a in args[1:]], *kwargs.items())
+        plan = _SUM_PLANS.get(key)
+    except TypeError:  # an unhashable argument
+        key = plan = None
+    if plan is not None:
+        return plan(x, args, kwargs)
     bound = bind_arguments(func, args, kwargs)
     dims = reduced_dims(args[0].dim(), bound.get("dim"))
     (dtype,) = probe(func, args, kwargs)
-    return _reduction(func, args, kwargs, dims, bound.get("keepdim", False), "sum",
-                      lambda block, _: block.sum(dims, keepdim=True, dtype=dtype),
-                      dtype=dtype, stays_partial=True, commutes_with=("sum", "avg"))
+    keepdim = bound.get("keepdim", False)
+    result = _reduction(func, args, kwargs, dims, keepdim, "sum",
+                        lambda block, _: block.sum(dims, keepdim=True, dtype=dtype),
+                        dtype=dtype, stays_partial=True, commutes_with=("sum", "avg"))
+    if key is not None and len(_SUM_PLANS) < 4096 and func is aten.sum.dim_IntList:
+        plan = _sum_plan(x, dims, keepdim, dtype)
+        if plan is not None:
+            _SUM_PLANS[key] = plan
+    return result
+
+
+# NOTE [sum plans]
+# Backward sums each bias gradient over the batch dim, every step with the same layouts.
+# What ``sum.dim_IntList`` does depends only on the input's layout and dtype and the
+# arguments (dense's dtype and errors, which path, the result's layout), so after a first
+# call has taken the general path (and raised dense's errors, if any) the decision is kept
+# per such key, and later calls only sum blocks and wrap. Two cases are planned: blockwise,
+# and a split dim summed where this rank holds one block spanning every kept position
+# (its sum is the whole summand: no identity-filled buffer to add it into). Other cases
+# keep the general path.
+Plan = Callable[[ShardedTensor, tuple[Any, ...], dict[str, Any]], ShardedTensor]
+_SUM_PLANS: dict[Any, Plan] = {}  # bounded, like probe's cache
+
+
+def _sum_plan(x: ShardedTensor, dims: tuple[int, ...], keepdim: bool,
+              dtype: torch.dtype) -> Plan | None:
+    """The plan of NOTE [sum plans] for a (non-partial) ``x``, or None."""
+    layout = x._layout
+    if not layout.is_sharded or x.numel() == 0 or not in_group(x):
+        return None
+    local = [layout.shards[i].shard_sizes for i in layout.local_indices(x._rank)]
+    if not local or any(0 in sizes for sizes in local):
+        return None
+    size = reduced_size(x.shape, dims, keepdim)
+    if size and not set(dims) & split_dims(layout):  # blockwise
+        out = reduced_layout(layout, dims, keepdim)
+
+        def blockwise(x: ShardedTensor, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> ShardedTensor:
+            return x._like([aten.sum.dim_IntList(block, *args[1:], **kwargs)
+                            for block in x._local_tensors], out, dtype)
+
+        return blockwise
+    kept = [n for d, n in enumerate(x.shape) if d not in dims]
+    if len(local) != 1 or [n for d, n in enumerate(local[0]) if d not in dims] != kept \
+            or (size and _combined_layout(layout, dims, size) is not None):
+        return None
+    partial = layout_for(x, Partial("sum"), size)
+
+    def summand(x: ShardedTensor, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> ShardedTensor:
+        block = x._local_tensors[0].sum(dims, keepdim=True, dtype=dtype)
+        return x._like([block.reshape(size)], partial, dtype)
+
+    return summand
 
 
 def _full_sum(x: ShardedTensor) -> ShardedTensor | None:

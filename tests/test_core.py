@@ -1275,3 +1275,34 @@ def test_override_of_a_group_free_builtin_gets_the_group(rank: int, world_size: 
     assert registry.GROUP_FREE_OVERLOADS[add] is existing
     assert torch.equal((st + st).full_tensor(), dense + dense)
     assert len(seen) == 1
+
+
+def _dispatch_table_mirrors_overloads() -> None:
+    assert registry.DISPATCH_TABLE == {
+        id(op): (impl, op in registry.GROUP_FREE_OVERLOADS)
+        for op, impl in registry.OVERLOADS.items()}
+
+
+def test_the_dispatch_table_follows_registration_and_removal() -> None:
+    """NOTE [the dispatch loop's table is keyed by id]: one entry per registered overload
+    (its implementation, and whether it is group-free), kept in step with OVERLOADS."""
+    add = torch.ops.aten.add.Tensor
+    existing = registry.OVERLOADS[add]
+    _dispatch_table_mirrors_overloads()
+
+    @ds.custom_sharded_op_impl(add, override=True, handles_partial=True)
+    def other_add(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  process_group: Any) -> Any:
+        return existing(types, args, kwargs, process_group)
+
+    try:
+        assert registry.DISPATCH_TABLE[id(add)] == (other_add, False)
+        _dispatch_table_mirrors_overloads()
+        ds.remove_sharded_op_impl(add)
+        assert id(add) not in registry.DISPATCH_TABLE
+        _dispatch_table_mirrors_overloads()
+    finally:
+        if add not in registry.OVERLOADS:
+            ds.custom_sharded_op_impl(add, handles_partial=True)(existing)
+    assert registry.DISPATCH_TABLE[id(add)] == (existing, True)
+    _dispatch_table_mirrors_overloads()

@@ -78,8 +78,9 @@ def test_optimizer_steps_match_dense(rank: int, world_size: int, name: str, mode
 def test_default_step_takes_the_foreach_path_on_cpu(rank: int, world_size: int) -> None:
     """NOTE [optimizers take their foreach path]: torch's default on CPU is the for-loop
     (about nine dispatches per parameter); a group of ShardedTensors left to the default
-    takes the foreach path for the step, and reads ``foreach=None`` again after it; a group
-    with a plain tensor, or an explicit choice, is left alone."""
+    takes the fused kernel for the step (Adam, AdamW) or the foreach path (others), and
+    reads ``fused=None`` / ``foreach=None`` again after it; a group with a plain tensor,
+    or an explicit choice, is left alone."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(*SIZE, generator=generator)
     sharded = [shard(weight, rows(world_size), requires_grad=True)]
@@ -89,10 +90,14 @@ def test_default_step_takes_the_foreach_path_on_cpu(rank: int, world_size: int) 
     explicit = torch.optim.AdamW([shard(weight, rows(world_size), requires_grad=True)],
                                  lr=0.1, foreach=False)
     dense_opt = torch.optim.AdamW(dense, lr=0.1)
+    sgd_params = [shard(weight, rows(world_size), requires_grad=True)]
+    sgd = torch.optim.SGD(sgd_params, lr=0.1, momentum=0.9)
+    dense_sgd_params = [weight.clone().requires_grad_()]
+    dense_sgd = torch.optim.SGD(dense_sgd_params, lr=0.1, momentum=0.9)
     seen: list[Any] = []
 
     def spy(optimizer: Any, args: Any, kwargs: Any) -> None:
-        seen.append([group["foreach"] for group in optimizer.param_groups])
+        seen.append([(group["foreach"], group["fused"]) for group in optimizer.param_groups])
 
     handle = register_optimizer_step_pre_hook(spy)
     try:
@@ -102,14 +107,22 @@ def test_default_step_takes_the_foreach_path_on_cpu(rank: int, world_size: int) 
             plain[0].grad = torch.ones(7)
             dense[0].grad = grad.clone()
             explicit.param_groups[0]["params"][0].grad = shard(grad, rows(world_size))
+            sgd_params[0].grad = shard(grad, rows(world_size))
+            dense_sgd_params[0].grad = grad.clone()
             sharded_opt.step()
             explicit.step()
             dense_opt.step()
+            sgd.step()
+            dense_sgd.step()
     finally:
         handle.remove()
-    assert seen == [[True, None], [False], [None]] * 3  # (the last: the dense optimizer)
-    assert [group["foreach"] for group in sharded_opt.param_groups] == [None, None]
+    # (AdamW: sharded and plain groups, explicit, dense; SGD: sharded, dense)
+    assert seen == [[(None, True), (None, None)], [(False, None)], [(None, None)],
+                    [(True, None)], [(None, None)]] * 3
+    assert [(group["foreach"], group["fused"]) for group in sharded_opt.param_groups] == \
+        [(None, None), (None, None)]
     torch.testing.assert_close(sharded[0].detach().full_tensor(), dense[0].detach())
+    torch.testing.assert_close(sgd_params[0].detach().full_tensor(), dense_sgd_params[0].detach())
 
 
 @multi_rank(world_size=[3])

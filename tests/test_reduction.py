@@ -158,6 +158,32 @@ def test_reductions_match_dense(rank: int, world_size: int, layout: str) -> None
     _check_cases(INT_CASES, shard(integers, spec), integers)
 
 
+@multi_rank(world_size=[1, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_planned_sums_match_the_general_path(rank: int, world_size: int, layout: str) -> None:
+    """NOTE [sum plans] in ops/reduction.py: later sums with the same layout and arguments
+    run the plan the first one made; each value matches dense, with the general path's
+    result layout."""
+    from dispatch_shard.ops import reduction
+
+    spec = specs_2d(SIZE, world_size)[layout]
+    arguments: list[tuple[Any, bool, torch.dtype | None]] = [
+        (0, True, None), (0, False, None), (1, False, None), (1, True, torch.float64),
+        ([0, 1], False, torch.float64)]
+    for dim, keepdim, dtype in arguments:
+        reduction._SUM_PLANS.clear()
+        layouts = set()
+        for seed in range(3):
+            x = _dense(*SIZE, seed=seed)
+            got = shard(x, spec).sum(dim, keepdim=keepdim, dtype=dtype)
+            _check(f"sum({dim}, {keepdim}, {dtype}) #{seed}", got,
+                   x.sum(dim, keepdim=keepdim, dtype=dtype))
+            layouts.add(got._layout)
+        assert len(layouts) == 1, (dim, keepdim, layouts)
+        if layout == "rows":  # blockwise (dim 1) or one whole-width block per rank: planned
+            assert len(reduction._SUM_PLANS) == 1, (dim, keepdim)
+
+
 @multi_rank(world_size=[2, 3])
 def test_ties_pick_the_first_index_like_dense(rank: int, world_size: int) -> None:
     x = torch.zeros(SIZE)
