@@ -319,9 +319,14 @@ def _run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, A
                         for n, meta in enumerate(metas))
         return wrapped if len(outputs) > 1 else wrapped[0]
     letter, source = split
-    count = max(len(moved[i]._local_tensors) for i in positions
-                if not moved[i]._layout.is_replicate)
-    per_block = [run_block(k) for k in range(count)]
+    first = next(i for i in positions if not moved[i]._layout.is_replicate)
+    blocks_there = moved[first]._local_tensors
+    along = letters[positions.index(first)].index(letter)
+    # Where every result contracts the split letter, a block empty along it adds the
+    # reduction's identity: it does not run (a max of no elements raises).
+    contracted = all(letter not in dims for dims in outputs)
+    per_block = [run_block(k) for k, block in enumerate(blocks_there)
+                 if not (contracted and block.shape[along] == 0)]
     results = []
     for n, (dims, contract, meta) in enumerate(zip(outputs, rule.contracts, metas,
                                                    strict=True)):

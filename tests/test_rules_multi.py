@@ -163,6 +163,23 @@ def test_the_helper_catches_a_wrong_multi_result_rule() -> None:
                          world_sizes=(4,), layouts=("rows", "mesh"), backward=False)
 
 
+@torch.library.custom_op("dsmulti::column_max", mutates_args=())
+def column_max(x: torch.Tensor) -> torch.Tensor:
+    return x.amax(0)
+
+
+# A split m gives a pending max; an empty block of rows (more blocks than rows) runs
+# nothing, where amax of no rows would raise.
+ds.register_sharding_rule(torch.ops.dsmulti.column_max.default, "m n -> n", contract="max")
+
+
+def test_empty_blocks_of_a_contracted_letter_add_nothing() -> None:
+    summary = check_sharded_op(torch.ops.dsmulti.column_max.default, one_matrix,
+                               world_sizes=(2, 4), layouts=("rows", "several", "empty"),
+                               backward=False)
+    assert set(summary.values()) == {"ok"}, summary
+
+
 def _wrong_count_sample() -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (_randn(6, 4, seed=4),), {}
 
