@@ -180,7 +180,7 @@ def softmax_sample() -> tuple[tuple[Any, ...], dict[str, Any]]:
     (torch.ops.aten.sum.dim_IntList, sum_sample),
     (torch.ops.aten._softmax.default, softmax_sample),
 ], ids=["mm", "mul", "sum", "softmax"])
-@pytest.mark.slow  # 28 layouts x world sizes each; the op families' own tests are quick
+@pytest.mark.slow  # 30 layout x world size runs each; the op families' own tests are quick
 def test_builtins_pass_the_helper(op: Any, sample: Any) -> None:
     summary = check_sharded_op(op, sample, world_sizes=(1, 2, 3, 4))
     # (the 2x2-mesh layouts run at 4 ranks only)
