@@ -54,6 +54,13 @@ def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x / norms.unsqueeze(1), norms
 
 
+@normalize_rows.register_fake
+def _normalize_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (with a fake kernel, the results' sizes come from a meta run; the other ops here
+    # have none, and their sizes come from the rule)
+    return torch.empty_like(x), x.new_empty(x.shape[0])
+
+
 def _normalize_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(*output)
 
