@@ -19,7 +19,6 @@ from dispatch_shard.testing import LAYOUTS, check_sharded_op, get_pool, multi_ra
 # -- four torch.library ops with several results, with derivatives -------------------------
 
 
-# [docs: multi]
 @torch.library.custom_op("dsmulti::row_max", mutates_args=())
 def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Like ``x.max(dim=1)``: each row's largest value and its column."""
@@ -44,7 +43,6 @@ torch.library.register_autograd("dsmulti::row_max", _row_max_backward,
 # them, so a split n is moved away first (to rows, one all-to-all).
 ds.register_sharding_rule(torch.ops.dsmulti.row_max.default, "m n -> m, m",
                           contract=("max", None))
-# [docs: multi end]
 
 
 @torch.library.custom_op("dsmulti::normalize_rows", mutates_args=())
