@@ -214,6 +214,13 @@ def run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, An
             placed_result.append(_REPLICATE if letter is None else
                                  ("shard", dims.index(letter)) if letter in dims else
                                  ("partial", contract))
+    if moves_elements and len({arg for kind, arg in results[0] if kind == "partial"}) > 1:
+        # A sum of a mean pending on one mesh dim, split along the summed dim on
+        # another: one layout holds one kind of pending reduction, so the mean is
+        # reduced first (along its own mesh dim only).
+        for dim, (kind, arg) in enumerate(targets[0]):
+            if kind == "partial" and arg != rule.contracts[0]:
+                targets[0][dim] = results[0][dim] = _REPLICATE
     anchor = next(t for t in tensors if isinstance(t, ShardedTensor))
     device = anchor._layout.device or str(anchor.device)
     call = list(args)

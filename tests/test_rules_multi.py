@@ -298,3 +298,17 @@ def test_multi_result_rules_per_mesh_dim(rank: int, world_size: int) -> None:
     assert list(totals.placements) == [Shard(0), Partial()]
     for got, want in zip((product, totals), mm_and_row_total(a, b), strict=True):
         torch.testing.assert_close(got.full_tensor(), want)
+
+
+@multi_rank(world_size=4)
+def test_a_sum_of_a_pending_mean_split_on_another_mesh_dim(rank: int, world_size: int) -> None:
+    """Terms of a mean on mesh dim 0, the summed dim split on mesh dim 1: the sum rule
+    would leave a pending sum there beside the pending mean; one layout holds one kind,
+    so the mean is reduced first."""
+    mesh = init_device_mesh("cpu", (2, 2))
+    (dense,), _ = one_matrix()
+    x = ds.distribute_tensor(dense, mesh, [Replicate(), Shard(1)])
+    x = x.redistribute(mesh, [Partial("avg"), Shard(1)])
+    total = x.sum(1)
+    assert list(total.placements) == [Replicate(), Partial()]
+    torch.testing.assert_close(total.full_tensor(), dense.sum(1))
