@@ -257,9 +257,8 @@ def by_mesh_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     """The call served by ``rule`` or ``func``'s N-D rule or handler, mesh dim by mesh dim
     (dispatch_shard.mesh_rules); None where there is none or it cannot serve."""
     from dispatch_shard import mesh_rules
-    from dispatch_shard.rules import ShardingRule
+    from dispatch_shard.rules import ShardingRule, result_letters, result_metas
     from dispatch_shard.rules import _letters as rule_letters
-    from dispatch_shard.rules import _result_meta as result_meta
 
     if rule == "pointwise":
         rule = mesh_rules.POINTWISE
@@ -277,11 +276,11 @@ def by_mesh_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     try:
         letters = rule_letters(rule, args, positions, func)
-        output = rule.output if rule.output is not None else max(letters, key=len)
-        meta = result_meta(func, args, kwargs, positions, letters, output)
+        metas = result_metas(func, args, kwargs, positions, letters,
+                             result_letters(rule, letters))
     except (RuntimeError, ValueError):
         return None  # (served flattened, which raises dense's errors)
-    return mesh_rules.run(func, rule, args, kwargs, meta)
+    return mesh_rules.run(func, rule, args, kwargs, metas)
 
 
 def serve(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -43,7 +43,7 @@ import torch
 from dispatch_shard import collectives
 from dispatch_shard.layout import layout_of
 from dispatch_shard.registry import OVERLOADS, PACKETS
-from dispatch_shard.rules import ShardingRule
+from dispatch_shard.rules import Letters, ShardingRule
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import (
     MeshPlacement,
@@ -120,8 +120,8 @@ def _placements(value: Any, mesh: Mesh) -> tuple[MeshPlacement, ...] | None:
 
 
 def _letters(rule: ShardingRule, tensors: list[Any], out_shape: torch.Size
-             ) -> tuple[list[tuple[str | None, ...]], tuple[str, ...]] | None:
-    """Each operand's letter per dim (None: a broadcast dim, never split), and the
+             ) -> tuple[list[tuple[str | None, ...]], tuple[Letters, ...]] | None:
+    """Each operand's letter per dim (None: a broadcast dim, never split), and each
     result's letters."""
     if rule.inputs is None:  # pointwise: the result's dims, right-aligned
         ndim = len(out_shape)
@@ -131,60 +131,63 @@ def _letters(rule: ShardingRule, tensors: list[Any], out_shape: torch.Size
             lead = ndim - t.dim()
             letters.append(tuple(names[lead + d] if t.shape[d] == out_shape[lead + d]
                                  else None for d in range(t.dim())))
-        return letters, names
-    if len(rule.inputs) != len(tensors) or rule.output is None or any(
+        return letters, (names,)
+    if len(rule.inputs) != len(tensors) or rule.outputs is None or any(
             len(dims) != t.dim() for dims, t in zip(rule.inputs, tensors, strict=True)):
         return None
-    return [tuple(dims) for dims in rule.inputs], rule.output
+    return [tuple(dims) for dims in rule.inputs], rule.outputs
 
 
-def _cheapest(split: dict[int, str], letters: list[tuple[str | None, ...]], sizes: list[int],
-              output: tuple[str, ...], out_numel: int, parts: int,
-              contract: str | None) -> str | None:
+def _cheapest(split: dict[int, str], sizes: list[int], rule: ShardingRule,
+              outputs: tuple[Letters, ...], out_numels: list[int], parts: int) -> str | None:
     """The letter to keep split along one mesh dim of ``parts`` ranks (None: none).
 
     Each candidate costs the elements of the operands it gathers (split by another
-    letter), plus what each rank then holds of the result: a ``parts``-th where the
-    letter is kept, all of it where the result is replicated, and twice that where it
-    is a pending sum (its reduction is still to come). So a weight-sized result (a
-    weight's gradient) is kept split, and small activations move instead.
+    letter), plus what each rank then holds of the results: a ``parts``-th where the
+    letter is kept, all of it where a result is replicated, and twice that where it
+    is a pending reduction (still to come). So a weight-sized result (a weight's
+    gradient) is kept split, and small activations move instead. A letter that a
+    result contracts with no reduction (an index) is no candidate.
     """
     def cost(letter: str | None) -> tuple[float, int]:
         moved = sum(sizes[k] for k, other in split.items() if other != letter)
-        if letter is not None and letter in output:
-            held = out_numel / parts
-        elif letter is not None:
-            held = 2 * out_numel
-        else:
-            held = out_numel
+        held = 0.0
+        for dims, numel in zip(outputs, out_numels, strict=True):
+            if letter is not None and letter in dims:
+                held += numel / parts
+            elif letter is not None:
+                held += 2 * numel
+            else:
+                held += numel
         return moved + held, -max((sizes[k] for k, o in split.items() if o == letter),
                                   default=0)
 
     candidates: list[str | None] = [letter for letter in dict.fromkeys(split.values())
-                                    if letter in output or contract is not None]
+                                    if rule.splittable(letter, outputs)]
     return min([*candidates, None], key=cost)
 
 
 def run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, Any],
-        out_meta: torch.Tensor) -> ShardedTensor | None:
+        metas: Sequence[torch.Tensor]) -> Any:
     """``op(*args, **kwargs)`` by ``rule`` per mesh dim (NOTE [applying a rule per mesh
-    dim]); ``out_meta`` has the result's size and dtype. None where it cannot serve."""
+    dim]); ``metas`` has each result's size and dtype. Its result (a tuple of them where
+    the rule names several), or None where it cannot serve."""
     mesh = _mesh_of(args)
     if mesh is None or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
         return None
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     tensors = [args[i] for i in positions]
-    found = _letters(rule, tensors, out_meta.shape)
+    found = _letters(rule, tensors, metas[0].shape)
     if found is None:
         return None
-    letters, output = found
+    letters, outputs = found
     placements = [_placements(t, mesh) for t in tensors]
     if any(p is None for p in placements):
         return None
     shape, ranks = mesh
     sizes = [t.numel() for t in tensors]
     targets: list[list[MeshPlacement]] = [[_REPLICATE] * len(shape) for _ in tensors]
-    result: list[MeshPlacement] = []
+    results: list[list[MeshPlacement]] = [[] for _ in outputs]
     moves_elements = op in _MOVES_ELEMENTS and len(tensors) == 1
     for dim in range(len(shape)):
         kind, arg = placements[0][dim]  # type: ignore[index]
@@ -193,7 +196,7 @@ def run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, An
             # A view or a sum of a value pending on this mesh dim: the same op of each
             # term, still pending (reduced once, where the value is needed).
             targets[0][dim] = (kind, arg)
-            result.append((kind, arg))
+            results[0].append((kind, arg))
             continue
         split: dict[int, str] = {}  # operand -> the letter it is split by here
         for k, placed in enumerate(placements):
@@ -201,38 +204,48 @@ def run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, An
             letter = letters[k][int(arg)] if kind == "shard" else None
             if letter is not None:
                 split[k] = letter
-        if not split:
-            result.append(_REPLICATE)
-            continue
-        letter = _cheapest(split, letters, sizes, output, out_meta.numel(),
-                           shape[dim], rule.contract)
-        if letter is None:
-            result.append(_REPLICATE)  # every operand gathered along this mesh dim
-            continue
+        letter = _cheapest(split, sizes, rule, outputs, [m.numel() for m in metas],
+                           shape[dim]) if split else None
         for k in range(len(tensors)):
-            if letter in letters[k]:
+            if letter is not None and letter in letters[k]:
                 targets[k][dim] = ("shard", letters[k].index(letter))
-        result.append(("shard", output.index(letter)) if letter in output
-                      else ("partial", rule.contract))
+        for placed_result, dims, contract in zip(results, outputs, rule.contracts,
+                                                 strict=True):
+            placed_result.append(_REPLICATE if letter is None else
+                                 ("shard", dims.index(letter)) if letter in dims else
+                                 ("partial", contract))
+    if moves_elements and len({arg for kind, arg in results[0] if kind == "partial"}) > 1:
+        # A sum of a mean pending on one mesh dim, split along the summed dim on
+        # another: one layout holds one kind of pending reduction, so the mean is
+        # reduced first (along its own mesh dim only).
+        for dim, (kind, arg) in enumerate(targets[0]):
+            if kind == "partial" and arg != rule.contracts[0]:
+                targets[0][dim] = results[0][dim] = _REPLICATE
     anchor = next(t for t in tensors if isinstance(t, ShardedTensor))
     device = anchor._layout.device or str(anchor.device)
     call = list(args)
     for k, (i, value) in enumerate(zip(positions, tensors, strict=True)):
         call[i] = _relaid(value, mesh, targets[k], anchor)  # (one block per rank of a mesh)
-    spec = mesh_sharding_spec(shape, ranks, result, out_meta.shape, device)
-    layout = layout_of(spec, out_meta.shape, anchor._layout.group_ranks, device)
-    expected = layout.shards[layout.local_indices(anchor._rank)[0]].shard_sizes
+    layouts = [layout_of(mesh_sharding_spec(shape, ranks, placed, meta.shape, device),
+                         meta.shape, anchor._layout.group_ranks, device)
+               for placed, meta in zip(results, metas, strict=True)]
+    expected = [layout.shards[layout.local_indices(anchor._rank)[0]].shard_sizes
+                for layout in layouts]
     if op in _SIZED:  # (a view's size argument is the global size: the block's here)
-        call[1] = list(expected)
-    block = op(*call, **kwargs)
-    if not isinstance(block, torch.Tensor):
+        call[1] = list(expected[0])
+    returned = op(*call, **kwargs)
+    blocks = (returned,) if isinstance(returned, torch.Tensor) else tuple(returned)
+    if len(blocks) != len(outputs) or not all(isinstance(b, torch.Tensor) for b in blocks):
         return None
-    if list(block.shape) != list(expected):
-        raise ValueError(
-            f"{op}: its sharding rule does not describe it: on rank {anchor._rank} the op "
-            f"gave a block of size {list(block.shape)} where the result's layout "
-            f"{spec!r} places {list(expected)}")
-    return anchor._like([block], layout, block.dtype)
+    for block, layout, sizes_there in zip(blocks, layouts, expected, strict=True):
+        if list(block.shape) != list(sizes_there):
+            raise ValueError(
+                f"{op}: its sharding rule does not describe it: on rank {anchor._rank} the "
+                f"op gave a block of size {list(block.shape)} where the result's layout "
+                f"{layout.spec!r} places {list(sizes_there)}")
+    wrapped = tuple(anchor._like([block], layout, block.dtype)
+                    for block, layout in zip(blocks, layouts, strict=True))
+    return wrapped if len(outputs) > 1 else wrapped[0]
 
 
 # -- rules that depend on the call's arguments ------------------------------------------
@@ -251,13 +264,13 @@ def transpose_rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ShardingRul
     a, b = a % x.dim(), b % x.dim()
     out = list(names)
     out[a], out[b] = names[b], names[a]
-    return ShardingRule((tuple(names),), tuple(out), None)
+    return ShardingRule((tuple(names),), (tuple(out),), (None,))
 
 
 def permute_rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ShardingRule | None:
     x, dims = args[0], args[1]
     names = _names(x.dim())
-    return ShardingRule((names,), tuple(names[d % x.dim()] for d in dims), None)
+    return ShardingRule((names,), (tuple(names[d % x.dim()] for d in dims),), (None,))
 
 
 def sum_rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ShardingRule | None:
@@ -272,7 +285,7 @@ def sum_rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ShardingRule | No
     reduced = set(range(x.dim())) if not dims else {d % x.dim() for d in dims}
     out = tuple(f"k{d}" if d in reduced else names[d] for d in range(x.dim())
                 if keepdim or d not in reduced)
-    return ShardingRule((names,), out, "sum")
+    return ShardingRule((names,), (out,), ("sum",))
 
 
 # -- ops composed of ruled ones -----------------------------------------------------------
@@ -345,7 +358,7 @@ for _op, _handler in ((aten.addmm.default, _addmm), (aten.mean.dim, _mean),
                       (aten.mse_loss_backward.default, _mse_loss_backward)):
     MESH_HANDLERS[_op] = (_handler, _implementation(_op))
 
-POINTWISE = ShardingRule(None, None, None)
+POINTWISE = ShardingRule(None, None, (None,))
 
 mesh_rule(aten.mm.default, ShardingRule.parse("m k, k n -> m n", "sum"))
 mesh_rule(aten.bmm.default, ShardingRule.parse("b m k, b k n -> b m n", "sum"))
@@ -417,7 +430,7 @@ def view_rule(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ShardingRule | N
         if in_dims and out_dims and (len(in_dims) == len(out_dims) == 1 or (
                 x.shape[in_dims[0]] % ranks == 0 and size[out_dims[0]] % ranks == 0)):
             outs[out_dims[0]] = ins[in_dims[0]]
-    return ShardingRule((tuple(ins),), tuple(outs), None)
+    return ShardingRule((tuple(ins),), (tuple(outs),), (None,))
 
 
 _SIZED = {aten.view.default, aten._unsafe_view.default}

@@ -1,38 +1,60 @@
 """Declarative sharding rules: say how an op's dims map, the library does the rest.
 
-A rule names each dim of each tensor argument and of the result, einsum-style::
+A rule names each dim of each tensor argument and of each result, einsum-style::
 
     ds.register_sharding_rule(torch.ops.mylib.matmul.default, "m k, k n -> m n",
                               contract="sum")
     ds.register_sharding_rule(torch.ops.mylib.gelu.default, "pointwise")
     ds.register_sharding_rule(torch.ops.mylib.row_max.default, "m n -> m", contract="max")
+    # several results, separated by commas after '->': (values, indices) of a max
+    ds.register_sharding_rule(torch.ops.mylib.max_dim.default, "m n -> m, m",
+                              contract=("max", None))
 
 Why this syntax: it is what an op author already knows about the op (which dims
 are kept, which are contracted, which belong together) and nothing about layouts;
 it reads like ``torch.einsum`` and JAX's ``custom_partitioning`` sharding rules,
 so one line says what DTensor's per-strategy ``register_sharding`` lists case by
-case.
+case. Several results read as a Python function's results do: ``"m n -> m, m"``.
+
+What a rule promises: the op may run on blocks. A letter kept in a result means
+the result's elements along it depend only on the inputs' elements at the same
+position along it; a letter an input has and a result lacks is *contracted*, and
+the result's ``contract`` (``"sum"``, ``"max"``, ``"min"``) combines the results of
+blocks split along it. A result with no contract (None) is never pending: a letter
+it contracts is never split (as for an index, or a value normalized over whole rows).
+
+``contract`` is one reduction, or one entry per result. A single one applies to the
+result that contracts letters; where several results contract letters it must be
+given per result (``ValueError`` otherwise): ``("max", None)`` for a max's values
+and indices says "the values could be a pending max, the indices cannot be pending"
+(the maximum of per-block indices is not the index of the maximum), so a split of
+the reduced dim is moved away before the op runs. An entry for a result that keeps
+every letter must be None. Parse errors name what is wrong.
 
 How an op with a rule runs, per rank (1-D layouts; on N-D layouts the same rule is
 applied per mesh dim: NOTE [applying a rule per mesh dim] in dispatch_shard.mesh_rules):
 
 - Partial arguments are reduced first (the safe default of every registration).
 - The *split letter* is the rule's name for the dim along which the first
-  chunk-sharded argument is split. Every argument with that letter is laid out
-  by the same chunks along it; every other tensor argument is replicated.
-  Arguments already laid out so move nothing; others move once (an all-to-all).
-- A letter kept in the result gives a result chunked the same way along its
-  position: no collective. A contracted letter (absent from the result) gives a
-  :class:`~dispatch_shard.Partial` result of the rule's ``contract`` reduction
-  (``"sum"`` for a matmul, ``"max"`` for a max-reduction): each rank combines its
-  blocks' results; no collective until the value is needed. A rule without
-  ``contract`` never splits a contracted letter: such inputs are replicated.
+  chunk-sharded argument is split, if the rule can split it (every result keeps it,
+  or contracts it with a reduction); if not, the largest letter of that argument
+  every result keeps, its blocks moved there (one all-to-all; e.g. a max's input
+  split along the reduced dim is moved to rows). Every argument with the split
+  letter is laid out by the same chunks along it; every other tensor argument is
+  replicated. Arguments already laid out so move nothing; others move once.
+- A result that keeps the split letter is chunked the same way along its position:
+  no collective. A result that contracts it is a :class:`~dispatch_shard.Partial`
+  of its ``contract`` reduction (``"sum"`` for a matmul, ``"max"`` for a
+  max-reduction): each rank combines its blocks' results; no collective until the
+  value is needed.
 - No argument split (replicated, or only enumerable grids, which are replicated
-  first): the op runs on the whole value on every rank; the result is replicated.
+  first, or no letter the rule can split): the op runs on the whole value on every
+  rank; the results are replicated.
 - The op runs block by block: the k-th local block of every split argument, with
   the whole local value of the replicated ones. A rank without blocks runs none.
-- The result's dtype and size come from a meta run of the op on the global
-  shapes, so ranks without blocks agree with those that have some.
+- The results' dtypes and sizes come from a meta run of the op on the global
+  shapes, so ranks without blocks agree with those that have some. An op with
+  several results returns a tuple of ShardedTensors, one per result.
 
 Check a rule with :func:`dispatch_shard.testing.check_sharded_op`.
 """
@@ -56,45 +78,111 @@ __all__ = ["ShardingRule", "register_sharding_rule"]
 
 _CONTRACTIONS = ("sum", "max", "min")
 
+Letters = tuple[str, ...]
+Contract = str | None
+
 
 @dataclasses.dataclass(frozen=True)
 class ShardingRule:
-    """A parsed rule: the dim letters of each tensor argument and of the result.
+    """A parsed rule: the dim letters of each tensor argument and of each result, and
+    each result's contraction.
 
-    ``inputs`` is None for ``"pointwise"`` (every tensor argument has the result's
-    shape, every dim kept).
+    ``inputs`` and ``outputs`` are None for ``"pointwise"`` (every tensor argument has
+    the result's shape, every dim kept). ``contracts`` has one entry per result (one for
+    ``"pointwise"``): the reduction that combines that result's per-block values where a
+    letter it does not keep is split, or None where the result can never be pending (a
+    letter it contracts is then never split).
     """
 
-    inputs: tuple[tuple[str, ...], ...] | None
-    output: tuple[str, ...] | None
-    contract: str | None
+    inputs: tuple[Letters, ...] | None
+    outputs: tuple[Letters, ...] | None
+    contracts: tuple[Contract, ...]
 
     @staticmethod
-    def parse(text: str, contract: str | None = None) -> ShardingRule:
-        """``"m k, k n -> m n"`` or ``"pointwise"``; ``ValueError`` naming what is wrong."""
-        if contract is not None and contract not in _CONTRACTIONS:
-            raise ValueError(f"sharding rule: contract must be one of {_CONTRACTIONS}, "
-                             f"got {contract!r}")
+    def parse(text: str, contract: Contract | Sequence[Contract] = None) -> ShardingRule:
+        """``"m k, k n -> m n"``, ``"m n -> m, m"`` (several results) or ``"pointwise"``;
+        ``contract`` a reduction for every result that contracts a letter, or one entry
+        per result. ``ValueError`` naming what is wrong."""
         if text.strip() == "pointwise":
-            return ShardingRule(None, None, contract)
+            if contract is not None:
+                raise ValueError("sharding rule 'pointwise': a pointwise op contracts no "
+                                 f"dim, so it takes no contract (got {contract!r})")
+            return ShardingRule(None, None, (None,))
         if text.count("->") != 1:
-            raise ValueError(f"sharding rule {text!r}: expected 'inputs -> output', e.g. "
-                             "'m k, k n -> m n', or 'pointwise'")
+            raise ValueError(f"sharding rule {text!r}: expected 'inputs -> results', e.g. "
+                             "'m k, k n -> m n', 'm n -> m, m', or 'pointwise'")
         left, right = text.split("->")
         inputs = tuple(tuple(part.split()) for part in left.split(","))
-        output = tuple(right.split())
-        for dims in (*inputs, output):
+        outputs = tuple(() if part.strip() == "()" else tuple(part.split())
+                        for part in right.split(","))  # ("()": a 0-dim result)
+        for dims in (*inputs, *outputs):
+            bad = [d for d in dims if not d.isidentifier()]
+            if bad:
+                raise ValueError(f"sharding rule {text!r}: {bad[0]!r} is not a dim name "
+                                 "(names are letters or words, separated by spaces)")
             if len(set(dims)) != len(dims):
                 raise ValueError(f"sharding rule {text!r}: a letter repeats within one "
                                  "tensor (diagonals are not expressible)")
+        if len(outputs) > 1 and any(not part.strip() for part in right.split(",")):
+            raise ValueError(f"sharding rule {text!r}: an empty result between commas; "
+                             "a rule with several results names each one's dims ('()' "
+                             "for a 0-dim result)")
         known = {d for dims in inputs for d in dims}
-        if not set(output) <= known:
-            raise ValueError(f"sharding rule {text!r}: the result's dims "
-                             f"{sorted(set(output) - known)} appear in no input")
-        return ShardingRule(inputs, output, contract)
+        for k, dims in enumerate(outputs):
+            if not set(dims) <= known:
+                which = "the result's" if len(outputs) == 1 else f"result {k}'s"
+                raise ValueError(f"sharding rule {text!r}: {which} dims "
+                                 f"{sorted(set(dims) - known)} appear in no input")
+        return ShardingRule(inputs, outputs, _contracts(text, contract, known, outputs))
+
+    def splittable(self, letter: str, outputs: Sequence[Letters]) -> bool:
+        """Whether the op may run block by block with ``letter`` split: every result
+        keeps it, or contracts it with a reduction (``outputs``: the results' letters)."""
+        return all(letter in dims or contract is not None
+                   for dims, contract in zip(outputs, self.contracts, strict=True))
 
 
-def register_sharding_rule(op: object, rule: str, *, contract: str | None = None,
+def _contracts(text: str, contract: Contract | Sequence[Contract], known: set[str],
+               outputs: tuple[Letters, ...]) -> tuple[Contract, ...]:
+    """One contract per result: a single one applies to the one result that contracts
+    letters; several results that contract letters need one each (ambiguous otherwise:
+    the maximum of a max's values is right, the maximum of its indices is not)."""
+    contracting = [k for k, dims in enumerate(outputs) if known - set(dims)]
+    several = len(outputs) > 1
+    if contract is None or isinstance(contract, str):
+        if contract is None:
+            return (None,) * len(outputs)
+        if len(contracting) > 1:
+            raise ValueError(
+                f"sharding rule {text!r}: contract={contract!r} is ambiguous: results "
+                f"{', '.join(map(str, contracting))} contract letters; give one "
+                "per result, e.g. "
+                f"contract=({contract!r}, None) (None: never pending, as indices)")
+        given: tuple[Contract, ...] = tuple(contract if k in contracting else None
+                                            for k in range(len(outputs)))
+        if not contracting:
+            given = (contract,) + (None,) * (len(outputs) - 1)
+    else:
+        given = tuple(contract)
+        if len(given) != len(outputs):
+            raise ValueError(f"sharding rule {text!r}: {len(given)} contracts for "
+                             f"{len(outputs)} results; give one per result")
+    for k, reduction in enumerate(given):
+        if reduction is None:
+            continue
+        if reduction not in _CONTRACTIONS:
+            raise ValueError(f"sharding rule {text!r}: contract must be one of "
+                             f"{_CONTRACTIONS} or None, got {reduction!r}")
+        if k not in contracting:
+            which = "the result" if not several else f"result {k}"
+            raise ValueError(f"sharding rule {text!r}: {which} "
+                             f"({' '.join(outputs[k]) or 'a scalar'}) keeps every letter, "
+                             f"so it contracts nothing: its contract must be None")
+    return given
+
+
+def register_sharding_rule(op: object, rule: str, *,
+                           contract: Contract | Sequence[Contract] = None,
                            override: bool = False) -> ShardingRule:
     """Serve ``op`` (an aten or ``torch.library`` overload) by ``rule``; see the module
     docstring for the syntax and what runs. Returns the parsed rule.
@@ -128,7 +216,7 @@ def _tensor_positions(args: Sequence[Any]) -> list[int]:
 
 
 def _letters(rule: ShardingRule, args: Sequence[Any], positions: list[int],
-             op: object) -> list[tuple[str, ...]]:
+             op: object) -> list[Letters]:
     if rule.inputs is None:  # pointwise: letters of the result's dims, right-aligned
         ndim = max(args[i].dim() for i in positions)
         names = tuple(f"d{j}" for j in range(ndim))
@@ -143,19 +231,48 @@ def _letters(rule: ShardingRule, args: Sequence[Any], positions: list[int],
     return list(rule.inputs)
 
 
-def _split_letter(args: Sequence[Any], positions: list[int],
-                  letters: list[tuple[str, ...]], rule: ShardingRule,
-                  output: tuple[str, ...]) -> tuple[str, ChunkShardingSpec] | None:
+def result_letters(rule: ShardingRule, letters: Sequence[Letters]) -> tuple[Letters, ...]:
+    """The letters of each result (for ``"pointwise"``: the longest argument's)."""
+    if rule.outputs is not None:
+        return rule.outputs
+    return (max(letters, key=len),)
+
+
+def _split_letter(args: Sequence[Any], positions: list[int], letters: list[Letters],
+                  rule: ShardingRule, outputs: tuple[Letters, ...]
+                  ) -> tuple[str, ChunkShardingSpec] | None:
+    """The letter to run split, and the chunks it is split by: the first chunked
+    argument's, or where the rule cannot split that one, the largest letter of that
+    argument every result keeps (its blocks move once, all-to-all, instead of every rank
+    gathering the whole); None where no argument is chunked."""
     for i, dims in zip(positions, letters, strict=True):
         value = args[i]
         if not isinstance(value, ShardedTensor):
             continue
         spec = value._layout.spec
-        if isinstance(spec, ChunkShardingSpec):
-            letter = dims[spec.dim % value.dim()]
-            if letter in output or rule.contract is not None:
-                return letter, spec
+        if not isinstance(spec, ChunkShardingSpec):
+            continue
+        letter = dims[spec.dim % value.dim()]
+        if rule.splittable(letter, outputs):
+            return letter, spec
+        kept = [d for d in dims if all(d in out for out in outputs)]
+        if kept:
+            return max(kept, key=lambda d: value.shape[dims.index(d)]), spec
     return None
+
+
+def _results(value: Any, count: int, op: object) -> tuple[torch.Tensor, ...]:
+    """The op's return value as a tuple of ``count`` tensors (what its rule names)."""
+    results = (value,) if isinstance(value, torch.Tensor) else tuple(value)
+    if len(results) != count or not all(isinstance(r, torch.Tensor) for r in results):
+        raise _count_error(op, len(results), count)
+    return results
+
+
+def _count_error(op: object, returned: int, count: int) -> ValueError:
+    return ValueError(f"{op}: returns {returned} value(s), but its sharding rule names "
+                      f"{count} result(s) (separate results by commas after '->', e.g. "
+                      "'m n -> m, m')")
 
 
 def _run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -163,15 +280,14 @@ def _run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, A
     sharded = [args[i] for i in positions if isinstance(args[i], ShardedTensor)]
     anchor = sharded[0]
     letters = _letters(rule, args, positions, op)
-    output = rule.output if rule.output is not None else letters[
-        max(range(len(positions)), key=lambda k: len(letters[k]))]
-    meta = _result_meta(op, args, kwargs, positions, letters, output)
-    split = _split_letter(args, positions, letters, rule, output)
+    outputs = result_letters(rule, letters)
+    metas = result_metas(op, args, kwargs, positions, letters, outputs)
+    split = _split_letter(args, positions, letters, rule, outputs)
     moved: dict[int, Any] = {}
     for i, dims in zip(positions, letters, strict=True):
         value = args[i]
         broadcast = rule.inputs is None and split is not None and split[0] in dims and \
-            value.shape[dims.index(split[0])] != meta.shape[output.index(split[0])]
+            value.shape[dims.index(split[0])] != metas[0].shape[outputs[0].index(split[0])]
         if split is not None and split[0] in dims and not broadcast:
             letter, source = split
             if rule.inputs is not None:
@@ -191,62 +307,86 @@ def _run(op: Any, rule: ShardingRule, args: tuple[Any, ...], kwargs: dict[str, A
         moved[i] = value
     call = list(args)
 
-    def run_block(k: int | None) -> torch.Tensor:
+    def run_block(k: int | None) -> tuple[torch.Tensor, ...]:
         for i in positions:
             blocks = moved[i]._local_tensors
             call[i] = blocks[0] if moved[i]._layout.is_replicate else blocks[k]
-        result: torch.Tensor = op(*call, **kwargs)
-        return result
+        return _results(op(*call, **kwargs), len(outputs), op)
 
     if split is None:  # every argument replicated: the whole op on every rank
-        blocks = [run_block(None)] if moved[positions[0]]._local_tensors else []
-        return _wrap(anchor, blocks, Replicate(), meta)
+        whole = [run_block(None)] if moved[positions[0]]._local_tensors else []
+        wrapped = tuple(_wrap(anchor, [r[n] for r in whole], Replicate(), meta)
+                        for n, meta in enumerate(metas))
+        return wrapped if len(outputs) > 1 else wrapped[0]
     letter, source = split
-    count = max(len(moved[i]._local_tensors) for i in positions
-                if not moved[i]._layout.is_replicate)
-    results = [run_block(k) for k in range(count)]
-    if letter in output:
-        out_spec = dataclasses.replace(source, dim=output.index(letter))
-        return _wrap(anchor, results, out_spec, meta)
-    # A contracted split letter: each rank combines its blocks' results into a summand.
-    contract = rule.contract
-    assert contract is not None
-    if results:
-        combined = results[0]
-        for extra in results[1:]:
-            combined = (combined + extra if contract == "sum" else
-                        torch.maximum(combined, extra) if contract == "max" else
-                        torch.minimum(combined, extra))
-    else:
-        fill = {"sum": 0.0, "max": float("-inf"), "min": float("inf")}[contract]
-        combined = torch.full(meta.shape, fill, dtype=meta.dtype, device=anchor.device)
-    return _wrap(anchor, [combined], Partial(contract), meta)
+    first = next(i for i in positions if not moved[i]._layout.is_replicate)
+    blocks_there = moved[first]._local_tensors
+    along = letters[positions.index(first)].index(letter)
+    # Where every result contracts the split letter, a block empty along it adds the
+    # reduction's identity: it does not run (a max of no elements raises).
+    contracted = all(letter not in dims for dims in outputs)
+    per_block = [run_block(k) for k, block in enumerate(blocks_there)
+                 if not (contracted and block.shape[along] == 0)]
+    results = []
+    for n, (dims, contract, meta) in enumerate(zip(outputs, rule.contracts, metas,
+                                                   strict=True)):
+        blocks = [r[n] for r in per_block]
+        if letter in dims:
+            out_spec = dataclasses.replace(source, dim=dims.index(letter))
+            results.append(_wrap(anchor, blocks, out_spec, meta))
+            continue
+        # A contracted split letter: each rank combines its blocks' results into a term.
+        assert contract is not None  # (_split_letter splits only what the rule can)
+        results.append(_wrap(anchor, [_combined(blocks, contract, meta, anchor.device)],
+                             Partial(contract), meta))
+    return tuple(results) if len(outputs) > 1 else results[0]
 
 
-def _result_meta(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], positions: list[int],
-                 letters: list[tuple[str, ...]], output: tuple[str, ...]) -> torch.Tensor:
-    """A meta tensor with the result's size and dtype: from a meta run of the op, or,
+def _combined(blocks: list[torch.Tensor], contract: str, meta: torch.Tensor,
+              device: torch.device) -> torch.Tensor:
+    """This rank's term of a pending ``contract`` reduction of its blocks' results (the
+    reduction's identity on a rank without blocks)."""
+    if not blocks:
+        dtype = meta.dtype
+        if contract == "sum":
+            return torch.zeros(meta.shape, dtype=dtype, device=device)
+        limits = (torch.finfo(dtype) if dtype.is_floating_point else
+                  torch.iinfo(dtype))
+        low, high = ((float("-inf"), float("inf")) if dtype.is_floating_point
+                     else (limits.min, limits.max))
+        return torch.full(meta.shape, low if contract == "max" else high, dtype=dtype,
+                          device=device)
+    combined = blocks[0]
+    for extra in blocks[1:]:
+        combined = (combined + extra if contract == "sum" else
+                    torch.maximum(combined, extra) if contract == "max" else
+                    torch.minimum(combined, extra))
+    return combined
+
+
+def result_metas(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 positions: list[int], letters: list[Letters],
+                 outputs: tuple[Letters, ...]) -> list[torch.Tensor]:
+    """Meta tensors with each result's size and dtype: from a meta run of the op, or,
     for an op with no meta kernel (a ``torch.library`` op without ``register_fake``),
-    the size from the rule and the dtype from a run on one-element stand-ins."""
+    the sizes from the rule and the dtypes from a run on one-element stand-ins."""
     try:  # (NotImplementedError is a RuntimeError: an op without a meta kernel)
         results: list[tuple[torch.Size, torch.dtype]] | None = meta_results(op, args, kwargs)
     except RuntimeError:
         results = None
     if results is not None:
-        if len(results) != 1:
-            raise NotImplementedError(f"{op}: sharding rules serve ops with one tensor result")
-        size, dtype = results[0]
-        meta = torch.empty(size, dtype=dtype, device="meta")
-    else:
-        sizes: dict[str, int] = {}
-        for i, dims in zip(positions, letters, strict=True):
-            for letter, n in zip(dims, args[i].shape, strict=True):
-                sizes[letter] = max(sizes.get(letter, n), n)
-        stand_ins = [torch.zeros([min(n, 1) for n in a.shape], dtype=a.dtype)
-                     if isinstance(a, torch.Tensor) else a for a in args]
-        dtype = op(*stand_ins, **kwargs).dtype
-        meta = torch.empty([sizes[letter] for letter in output], dtype=dtype, device="meta")
-    return meta
+        if len(results) != len(outputs):
+            raise _count_error(op, len(results), len(outputs))
+        return [torch.empty(size, dtype=dtype, device="meta") for size, dtype in results]
+    sizes: dict[str, int] = {}
+    for i, dims in zip(positions, letters, strict=True):
+        for letter, n in zip(dims, args[i].shape, strict=True):
+            sizes[letter] = max(sizes.get(letter, n), n)
+    stand_ins = [torch.zeros([min(n, 1) for n in a.shape], dtype=a.dtype)
+                 if isinstance(a, torch.Tensor) else a for a in args]
+    dtypes = [r.dtype for r in _results(op(*stand_ins, **kwargs), len(outputs), op)]
+    return [torch.empty([sizes[letter] for letter in dims], dtype=dtype, device="meta")
+            for dims, dtype in zip(outputs, dtypes, strict=True)]
 
 
 def _wrap(anchor: ShardedTensor, blocks: list[torch.Tensor], spec: ShardingSpec,

@@ -270,20 +270,31 @@ class ShardedTensor(torch.Tensor):
         return list(self._local_tensors)
 
     def with_blocks(self, blocks: Sequence[torch.Tensor], *,
-                    layout: ShardingSpec | None = None,
-                    dtype: torch.dtype | None = None) -> ShardedTensor:
+                    layout: ShardingSpec | Sequence[Any] | None = None,
+                    dtype: torch.dtype | None = None,
+                    size: Sequence[int] | None = None) -> ShardedTensor:
         """A ShardedTensor on this tensor's ranks whose blocks on this rank are ``blocks``.
 
         No communication: every rank passes its own blocks, with the shapes that
-        ``layout`` (a sharding spec; default: this tensor's) places on it, in the
-        order of :meth:`local_shards`. ``dtype`` defaults to this tensor's and must
-        be the blocks' dtype (pass it when an op changes the dtype, so that ranks
-        without blocks agree).
+        ``layout`` places on it for a tensor of ``size``, in the order of
+        :meth:`local_shards`.
+
+        Args:
+            layout: a sharding spec, or placements over this tensor's
+                :attr:`device_mesh`, one per mesh dim (``[Shard(0), Partial()]`` from
+                ``torch.distributed.tensor``, as :meth:`redistribute` takes them);
+                default: this tensor's layout.
+            dtype: the blocks' dtype; default: this tensor's (pass it when an op
+                changes the dtype, so that ranks without blocks agree).
+            size: the result's global size; default: this tensor's (pass it when an
+                op changes the size: a reduction, a product, a transpose).
 
         Raises:
-            ValueError: the number, shapes or dtype of ``blocks`` do not match.
+            ValueError: the number, shapes or dtype of ``blocks`` do not match, or the
+                layout does not fit ``size``.
         """
-        target = self._layout if layout is None else self._layout.with_spec(layout)
+        target = self._layout if layout is None and size is None else \
+            self._derived_layout(layout, size)
         dtype = self._dtype if dtype is None else dtype
         blocks = list(blocks)
         expected = [target.shards[i].shard_sizes for i in target.local_indices(self._rank)]
@@ -301,6 +312,25 @@ class ShardedTensor(torch.Tensor):
         if any(t.is_conj() or t.is_neg() for t in blocks):
             blocks = _resolved(blocks)
         return self._like(blocks, target, dtype)
+
+    def _derived_layout(self, layout: ShardingSpec | Sequence[Any] | None,
+                        size: Sequence[int] | None) -> Layout:
+        """The layout ``with_blocks(layout=, size=)`` names, on this tensor's ranks."""
+        if size is None and isinstance(layout, ShardingSpec):
+            return self._layout.with_spec(layout)
+        global_size = self._layout.size if size is None else torch.Size(size)
+        device = str(_placement_device(self._layout))
+        if layout is None or isinstance(layout, ShardingSpec):
+            spec = self._layout.spec if layout is None else layout
+            return layout_of(spec, global_size, self._layout.group_ranks, device)
+        from dispatch_shard.mesh import _remember, mesh_spec, remembered_mesh
+
+        mesh, placements = self.device_mesh, tuple(layout)
+        derived = layout_of(mesh_spec(mesh, placements, global_size, device), global_size,
+                            self._layout.group_ranks, device)
+        if remembered_mesh(self._layout) is not None:  # the result's device_mesh: this one
+            _remember(derived, mesh, placements)
+        return derived
 
     def sharding_spec(self) -> ShardingSpec:
         """The spec this tensor is laid out by: a :class:`~dispatch_shard.ChunkShardingSpec`,

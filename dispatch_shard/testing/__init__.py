@@ -15,10 +15,10 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from dispatch_shard.testing.check import check_sharded_op
+from dispatch_shard.testing.check import LAYOUTS, check_sharded_op
 from dispatch_shard.testing.pool import RankFailure, RankPool, get_pool, shutdown_pools
 
-__all__ = ["RankFailure", "RankPool", "check_sharded_op", "get_pool", "multi_rank",
+__all__ = ["LAYOUTS", "RankFailure", "RankPool", "check_sharded_op", "get_pool", "multi_rank",
            "shutdown_pools"]
 
 F = TypeVar("F", bound=Callable[..., Any])

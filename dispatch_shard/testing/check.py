@@ -14,9 +14,15 @@ empty      more blocks than rows: trailing blocks are empty
 grid       a 2x2 grid of uneven blocks (an enumerable spec; arguments of 2+ dims)
 replicate  every rank holds the whole value
 partial    every rank holds a different summand; the value is their sum
+mesh       on a 2x2 device mesh (4 ranks only): ``(Shard(0), Shard(-1))`` for
+           arguments of 2+ dims, ``(Shard(0), Replicate())`` for 1-D ones
+mesh-dp    on a 2x2 mesh: ``(Partial(), Shard(0))``, a data-parallel replica
+           holding summands and split within (4 ranks only)
 ========== ===========================================================================
 
-Integer and bool arguments (indices, masks) are replicated. Use it in your tests::
+Integer and bool arguments (indices, masks) are replicated. An op with several
+results (a tuple) is compared result by result (integer ones exactly), and its
+backward weights every floating result. Use it in your tests::
 
     def sample():  # module level: the ranks import it by name
         return (torch.randn(5, 4, dtype=torch.float64),), {}
@@ -40,7 +46,8 @@ from dispatch_shard.testing.pool import _resolve
 
 __all__ = ["LAYOUTS", "check_sharded_op"]
 
-LAYOUTS = ("rows", "cols", "several", "empty", "grid", "replicate", "partial")
+LAYOUTS = ("rows", "cols", "several", "empty", "grid", "replicate", "partial", "mesh",
+           "mesh-dp")
 
 
 def check_sharded_op(op: Any, sample: Callable[[], tuple[tuple[Any, ...], dict[str, Any]]],
@@ -105,6 +112,16 @@ def _spec_for(layout: str, value: torch.Tensor, world_size: int) -> Any:
     def chunk(dim: int, order: list[int]) -> Any:
         return ds.ChunkShardingSpec(dim, [f"rank:{r}/cpu" for r in order])
 
+    if layout.startswith("mesh"):
+        if world_size != 4:
+            return None
+        from torch.distributed.tensor import Partial, Replicate, Shard
+
+        if layout == "mesh-dp":
+            return (Partial(), Shard(0)) if value.dim() else None
+        if value.dim() == 0:
+            return None
+        return (Shard(0), Shard(value.dim() - 1) if value.dim() >= 2 else Replicate())
     if layout == "replicate":
         return ds.Replicate()
     if layout == "partial":
@@ -134,13 +151,36 @@ def _spec_for(layout: str, value: torch.Tensor, world_size: int) -> Any:
     raise AssertionError(layout)
 
 
-def _sharded(value: torch.Tensor, spec: Any, rank: int, world_size: int) -> Any:
-    import dispatch_shard as ds
+def _sharded(value: torch.Tensor, spec: Any, rank: int, world_size: int,
+             backward: bool, ds: Any) -> tuple[Any, Any]:
+    """The argument laid out by ``spec``, and the leaf its gradient reaches (None when
+    ``backward`` is False)."""
+    if isinstance(spec, tuple):  # placements on a 2x2 mesh
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Partial, Replicate
 
+        mesh = init_device_mesh("cpu", (2, 2))
+        pending = any(isinstance(p, Partial) for p in spec)
+        whole = [Replicate() if isinstance(p, Partial) else p for p in spec]
+        leaf = ds.distribute_tensor(value, mesh, whole if pending else list(spec))
+        leaf.requires_grad_(backward)
+        # (a Partial placement: the value on one term's ranks, zeros on the others')
+        return (leaf.redistribute(mesh, list(spec)) if pending else leaf,
+                leaf if backward else None)
     if isinstance(spec, ds.Partial):  # unequal summands that add up to the value
         weight = (rank + 1) / (world_size * (world_size + 1) / 2)
-        return ds.ShardedTensor.from_local_tensor(value * weight, spec, *value.shape)
-    return ds.ShardedTensor.from_replicated(value, spec)
+        argument = ds.ShardedTensor.from_local_tensor(value * weight, spec, *value.shape)
+        if not backward:
+            return argument, None
+        # Summands are made below autograd: the gradient reaches a replicated leaf
+        # through (source - source.detach()) as a Partial, which adds zero to the
+        # summands (Partial + Partial of one layout stays Partial).
+        source = ds.ShardedTensor.from_replicated(value, ds.Replicate()).requires_grad_()
+        argument = argument + (source - source.detach()).redistribute(ds.Partial())
+        assert isinstance(argument.sharding_spec(), ds.Partial), argument.sharding_spec()
+        return argument, source
+    leaf = ds.ShardedTensor.from_replicated(value, spec).requires_grad_(backward)
+    return leaf, leaf if backward else None
 
 
 def _check_on_rank(rank: int, world_size: int, op: str, sample: tuple[str, str],
@@ -160,46 +200,52 @@ def _check_on_rank(rank: int, world_size: int, op: str, sample: tuple[str, str],
     return outcomes
 
 
+def _tensors(value: Any) -> list[Any]:
+    """An op's tensor results, in order (a single tensor, or those in a tuple/list)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [v for v in value if isinstance(v, torch.Tensor)]
+
+
 def _check_one(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], layout: str,
                rank: int, world_size: int, backward: bool, ds: Any) -> str:
     floating = [i for i, a in enumerate(args)
                 if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex())]
     specs = {i: _spec_for(layout, args[i], world_size) for i in floating}
     if not floating or all(s is None for s in specs.values()):
-        return "skipped: no floating argument fits this layout"
+        why = "needs 4 ranks (a 2x2 mesh)" if layout.startswith("mesh") else \
+            "no floating argument fits this layout"
+        return f"skipped: {why}"
     dense_args = [a.clone().requires_grad_(backward) if i in floating else a
                   for i, a in enumerate(args)]
-    expected = func(*dense_args, **kwargs)
+    expected = _tensors(func(*dense_args, **kwargs))
     leaves: dict[int, Any] = {}
     sharded_args = list(args)
     for i in floating:
         spec = specs[i] if specs[i] is not None else ds.Replicate()
-        leaf = _sharded(args[i], spec, rank, world_size)
-        if backward and not isinstance(spec, ds.Partial):
-            leaf.requires_grad_(True)
+        sharded_args[i], leaf = _sharded(args[i], spec, rank, world_size, backward, ds)
+        if leaf is not None:
             leaves[i] = leaf
-        elif backward:
-            # Summands are made below autograd: the gradient reaches a replicated leaf
-            # through (source - source.detach()) as a Partial, which adds zero to the
-            # summands (Partial + Partial of one layout stays Partial).
-            source = ds.ShardedTensor.from_replicated(args[i], ds.Replicate()).requires_grad_()
-            leaves[i] = source
-            leaf = leaf + (source - source.detach()).redistribute(ds.Partial())
-            assert isinstance(leaf.sharding_spec(), ds.Partial), leaf.sharding_spec()
-        sharded_args[i] = leaf
-    result = func(*sharded_args, **kwargs)
-    value = result.full_tensor() if isinstance(result, ds.ShardedTensor) else result
-    try:
-        torch.testing.assert_close(value, expected.detach())
-    except AssertionError as error:
-        return f"forward differs: {error}"
-    if not backward or not (expected.is_floating_point() and expected.requires_grad):
+    results = _tensors(func(*sharded_args, **kwargs))
+    if len(results) != len(expected):
+        return f"returned {len(results)} tensors where dense returns {len(expected)}"
+    weighted = []
+    for n, (result, dense) in enumerate(zip(results, expected, strict=True)):
+        value = result.full_tensor() if isinstance(result, ds.ShardedTensor) else result
+        which = "" if len(expected) == 1 else f"result {n}: "
+        try:
+            torch.testing.assert_close(value, dense.detach())
+        except AssertionError as error:
+            return f"{which}forward differs: {error}"
+        if dense.requires_grad and (dense.is_floating_point() or dense.is_complex()):
+            weight = torch.randn(dense.shape, generator=torch.Generator().manual_seed(7 + n),
+                                 dtype=dense.dtype)
+            weighted.append((result, dense, weight))
+    if not backward or not weighted:
         return "ok"
-    weight = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7),
-                         dtype=expected.dtype)
-    grads = torch.autograd.grad((expected * weight).sum(), [dense_args[i] for i in leaves],
-                                allow_unused=True)
-    (result * weight).sum().backward()
+    grads = torch.autograd.grad(sum((d * w).sum() for _, d, w in weighted),
+                                [dense_args[i] for i in leaves], allow_unused=True)
+    sum((r * w).sum() for r, _, w in weighted).backward()
     for (i, leaf), grad in zip(leaves.items(), grads, strict=True):
         got = None if leaf.grad is None else leaf.grad.full_tensor()
         if grad is None and got is None:
