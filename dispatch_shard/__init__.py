@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed.nn  # noqa: F401
 
 # The built-in op implementations register themselves on import.
-from dispatch_shard import debug, grad_reduction, holders, mesh_rules, ops, random
+from dispatch_shard import authoring, debug, grad_reduction, holders, mesh_rules, ops, random
 from dispatch_shard.api import (
     collect_local_shard,
     reshard_output,
@@ -75,6 +75,7 @@ __all__ = [
     "ShardingRule",
     "ShardingSpec",
     "TensorProperties",
+    "authoring",
     "checkpoint",
     "collect_local_shard",
     "count_collectives",

@@ -1,15 +1,17 @@
 """Helpers shared by the op families: operands and results.
 
-- Operands: :func:`whole` and :func:`dense_value` (the whole value of a ShardedTensor
+- From the public op-author module :mod:`dispatch_shard.authoring`, which the op
+  families use as users do: :func:`whole`, :func:`bind_arguments`, :func:`meta_call`,
+  :func:`meta_results`.
+- Operands: :func:`dense_value` (the whole value of a ShardedTensor
   as a plain tensor: one all-gather, or all-reduce for a Partial),
   :func:`replicated_value` (a replicated one as a plain tensor, no collective),
   :func:`pieces_of` (an operand cut into a layout's local blocks),
-  :func:`bind_arguments` (an op's arguments by name), :func:`first_sharded`,
+  :func:`first_sharded`,
   :func:`in_group`, :func:`is_block_sharded`.
 - Results: :func:`replicated_result`, :func:`partial_result`, :func:`outside_result`
-  (what a rank outside the group returns), :func:`meta_call` and :func:`meta_results`
-  (results, or their sizes and dtypes, from a meta run: dense's errors, on every rank
-  alike), :func:`empty_results` (an empty block's results), :func:`map_blocks`,
+  (what a rank outside the group returns), :func:`empty_results` (an empty block's
+  results, from a meta run), :func:`map_blocks`,
   :func:`outside_trace` (stand-in runs with a compiler's modes set aside),
   :func:`view_blocks` (each block through a view, into the view's layout).
 - :func:`replicated_fallback`: an op on the whole values (NOTE [replicated fallback]),
@@ -21,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from dispatch_shard import collectives
+from dispatch_shard.authoring import bind_arguments, meta_call, meta_results, whole
 from dispatch_shard.layout import Layout, layout_of
 from dispatch_shard.ops.layouts import leading_boxes, like_leading, split_dims
 from dispatch_shard.sharded_tensor import ShardedTensor
@@ -64,16 +66,6 @@ def view_blocks(x: ShardedTensor, layout: Layout, view: Callable[..., torch.Tens
     blocks = [view(t, x._layout.shards[i], layout.shards[j])
               for t, i, j in zip(x._local_tensors, ins, outs, strict=True)]
     return x._like(blocks, layout)
-
-
-def whole(value: Any) -> Any:
-    if isinstance(value, ShardedTensor):
-        moved = value._redistributed(Replicate())
-        return moved._local_tensors[0] if moved._local_tensors else torch.empty(
-            value.shape, dtype=value.dtype)
-    if isinstance(value, list | tuple):
-        return type(value)(whole(v) for v in value)
-    return value
 
 
 def first_sharded(args: Sequence[Any], kwargs: dict[str, Any]) -> ShardedTensor:
@@ -134,29 +126,6 @@ def replicated_fallback(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         return value
 
     return wrap(result)
-
-
-_REQUIRED = object()
-
-
-@functools.cache
-def _parameters(func: torch._ops.OpOverload) -> tuple[tuple[str, Any], ...]:
-    return tuple((a.name, a.default_value if a.has_default_value() else _REQUIRED)
-                 for a in func._schema.arguments)
-
-
-def bind_arguments(func: torch._ops.OpOverload, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The op's arguments by name, defaults filled in."""
-    bound = {}
-    for position, (name, default) in enumerate(_parameters(func)):
-        if position < len(args):
-            bound[name] = args[position]
-        elif name in kwargs:
-            bound[name] = kwargs[name]
-        else:
-            bound[name] = default
-    return bound
 
 
 def reduction_identity(op: str, dtype: torch.dtype) -> bool | int | float:
@@ -234,29 +203,6 @@ def outside_trace() -> contextlib.AbstractContextManager[Any]:
     from torch.utils._python_dispatch import _disable_current_modes
 
     return _disable_current_modes()
-
-
-def _to_meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
-    if isinstance(value, list | tuple):
-        return type(value)(_to_meta(v) for v in value)
-    return value
-
-
-def meta_call(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """``func``'s results (a tuple) on meta tensors of its tensor arguments' sizes and dtypes
-    (global sizes for a ShardedTensor, a block's for a block): the one stand-in run of the
-    op families, for result shapes and dtypes and for dense's errors, raised on every rank
-    alike."""
-    result = func(*_to_meta(list(args)), **{k: _to_meta(v) for k, v in kwargs.items()})
-    return tuple(result) if isinstance(result, tuple | list) else (result,)
-
-
-def meta_results(func: Any, args: Sequence[Any],
-                 kwargs: dict[str, Any]) -> list[tuple[torch.Size, torch.dtype]]:
-    """Sizes and dtypes of ``func``'s results (:func:`meta_call`)."""
-    return [(r.shape, r.dtype) for r in meta_call(func, args, kwargs)]
 
 
 def empty_results(func: Any, args: Sequence[Any], kwargs: dict[str, Any],

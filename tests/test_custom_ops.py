@@ -221,3 +221,52 @@ def test_the_docs_example_runs_under_torchrun() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "soft_clip: sharded value and gradient equal dense" in done.stdout
     assert "demo.soft_clip.default: sharded_soft_clip" in done.stdout
+
+
+@torch.library.custom_op("dstest::scaled_rows", mutates_args=())
+def _scaled_rows(x: torch.Tensor, factor: float = 2.0, offset: float = 0.0) -> torch.Tensor:
+    return x * factor + offset
+
+
+@_scaled_rows.register_fake
+def _(x: torch.Tensor, factor: float = 2.0, offset: float = 0.0) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@multi_rank(world_size=[2, 3])
+def test_the_authoring_helpers(rank: int, world_size: int) -> None:
+    """An implementation written with ``dispatch_shard.authoring`` alone: arguments by
+    name with defaults, result sizes from a meta run (no collective), the whole value
+    and a pending value reduced (collectives), each equal to dense's."""
+    from dispatch_shard import authoring
+
+    op = torch.ops.dstest.scaled_rows.default
+    seen: dict[str, Any] = {}
+
+    @ds.custom_sharded_op_impl(op, handles_partial=True)
+    def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             process_group: Any) -> Any:
+        bound = authoring.bind_arguments(op, args, kwargs)
+        with ds.count_collectives() as counted:
+            seen["meta"] = authoring.meta_results(op, args, kwargs)
+        seen["meta collectives"] = len(counted.events)
+        x = authoring.reduced(bound["x"])  # a pending value's reduction, still sharded
+        seen["whole"] = authoring.whole(x)
+        return x.with_blocks([b * bound["factor"] + bound["offset"]
+                              for b in x.local_blocks()], layout=x.sharding_spec())
+
+    try:
+        dense, weight = _dense(7, 6, seed=4), _dense(6, 5, seed=5)
+        x = ShardedTensor.from_replicated(dense, rows(world_size))
+        product = ShardedTensor.from_replicated(dense, cols(world_size)) @ \
+            ShardedTensor.from_replicated(weight, rows(world_size))
+        assert product.sharding_spec() == ds.Partial()
+        for value, expected in ((x, dense), (product, dense @ weight)):
+            out = torch.ops.dstest.scaled_rows(value, offset=1.0)
+            torch.testing.assert_close(out.full_tensor(), expected * 2.0 + 1.0)
+            assert seen["meta"] == [(expected.shape, expected.dtype)]
+            assert seen["meta collectives"] == 0
+            torch.testing.assert_close(seen["whole"], expected)
+            assert type(seen["whole"]) is torch.Tensor
+    finally:
+        ds.remove_sharded_op_impl(op)
