@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from dispatch_shard.testing import multi_rank
+from dispatch_shard.testing import get_pool
 
 SOAK = Path(__file__).resolve().parents[1] / "tools" / "soak.py"
 
@@ -36,10 +36,19 @@ def soak_module() -> ModuleType:
     return module
 
 
-@multi_rank(world_size=2, timeout_s=180.0)
-def test_training_stays_flat(rank: int, world_size: int) -> None:
+def _soak_on_rank(rank: int, world_size: int) -> None:
     soak = soak_module()
     result = soak.soak_rank(rank=rank, world_size=world_size, steps=200, sample_every=25,
                             warmup=100)
     problems = soak.check([result])
     assert problems == [], "\n".join([*problems, soak.table([result])])
+
+
+def test_training_stays_flat() -> None:
+    """On 2 fresh rank processes, as ``nox -s soak`` runs: the pool's long-lived workers
+    carry what a thousand earlier tests left in the library's bounded caches, and after
+    the whole suite the strict object count once moved by one at the last sample, on both
+    ranks, with every other figure flat (it passed alone and in the rerun)."""
+    pool = get_pool(2)
+    pool.stop()  # the next run starts new processes
+    pool.run((__name__, "_soak_on_rank"), timeout_s=180.0)
