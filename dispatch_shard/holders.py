@@ -185,10 +185,9 @@ _LINEAR = {_aten.add_.Tensor: "same", _aten.sub_.Tensor: "same",
            _aten.neg.default: "alone"}
 
 
-def _term_by_term(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    kind = _LINEAR.get(func)
-    if kind is None or not args or not _is_mesh(args[0]) or not args[0]._layout.pending:
-        return False
+def _term_by_term(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``args[0]`` (a pending N-D value) goes term by term through an op of this
+    ``_LINEAR`` kind."""
     if kind != "copy" and (args[0]._layout.reduce_op not in ("sum", "avg") or any(
             k != "alpha" or not isinstance(v, int | float) for k, v in kwargs.items())):
         return False  # max(a) + max(b) is not max(a + b)
@@ -201,15 +200,14 @@ def _term_by_term(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
     return isinstance(other, int | float) and not isinstance(other, bool)
 
 
-def _adds_a_value(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def _adds_a_value(func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """``Σa += b`` (or ``-=``) with ``b`` of ``Σa``'s shape in another layout (gradient
     accumulation into a pending leaf's gradient): ``b``'s value, laid out as ``Σa``'s
     value, is added to one term of each box (to every term of a mean)."""
-    if _LINEAR.get(func) != "same" or not func._schema.is_mutable or len(args) != 2:
+    if kind != "same" or not func._schema.is_mutable or len(args) != 2:
         return False
     destination, other = args
-    return (_is_mesh(destination) and destination._layout.pending
-            and destination._layout.reduce_op in ("sum", "avg")
+    return (destination._layout.reduce_op in ("sum", "avg")
             and isinstance(other, torch.Tensor) and other.shape == destination.shape
             and all(k == "alpha" and isinstance(v, int | float) for k, v in kwargs.items()))
 
@@ -287,10 +285,12 @@ def serve(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
           dispatch: Dispatch) -> Any:
     """A call with N-D operands (NOTE [serving N-D operands]); ``dispatch`` runs the
     registered implementation as the dispatch loop does."""
-    if _term_by_term(func, args, kwargs):
-        return _run_term_by_term(func, args, kwargs)
-    if _adds_a_value(func, args, kwargs):
-        return _add_a_value(func, args, kwargs)
+    if args and _is_mesh(args[0]) and args[0]._layout.pending:  # (no op hash otherwise)
+        kind = _LINEAR.get(func)
+        if kind is not None and _term_by_term(kind, args, kwargs):
+            return _run_term_by_term(func, args, kwargs)
+        if kind is not None and _adds_a_value(func, kind, args, kwargs):
+            return _add_a_value(func, args, kwargs)
     served = by_mesh_rule(func, args, kwargs)
     if served is not None:
         return served

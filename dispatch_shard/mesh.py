@@ -62,6 +62,7 @@ from dispatch_shard.specs import (
     Partial,
     Replicate,
     ShardingSpec,
+    block_ranks,
     mesh_sharding_spec,
 )
 
@@ -142,9 +143,8 @@ def _check(mesh: Any, given: MeshPlacements, size: Sequence[int]) -> list[Any]:
                     "use torch's Replicate() or Partial(), or a ChunkShardingSpec or "
                     "EnumerableShardingSpec (whose rank k is position k along that dim)")
             if mesh.ndim != 1:
-                placed = placement.placements if isinstance(placement, ChunkShardingSpec) \
-                    else [s.placement for s in placement.shards]  # type: ignore[attr-defined]
-                beyond = sorted({p.rank() for p in placed} - set(range(mesh.shape[mesh_dim])))
+                beyond = sorted(set(block_ranks(placement))  # type: ignore[arg-type]
+                                - set(range(mesh.shape[mesh_dim])))
                 if beyond:
                     raise ValueError(
                         f"{placement!r} places blocks on rank {beyond[0]}, but on mesh dim "

@@ -608,9 +608,7 @@ class MeshShardingSpec(ShardingSpec):
         if found is None:
             return (1,) * len(self.mesh_ranks)
         mesh_dim, inner = found
-        placed = inner.placements if isinstance(inner, ChunkShardingSpec) else [
-            s.placement for s in inner.shards]
-        counts = collections.Counter(p.rank() for p in placed)  # type: ignore[union-attr]
+        counts = collections.Counter(block_ranks(inner))
         return tuple(counts[c[mesh_dim]] for c in self.coordinates())
 
     def summand_classes(self) -> tuple[int, ...]:
@@ -655,6 +653,13 @@ class MeshShardingSpec(ShardingSpec):
             offsets, sizes = self.box(size, coordinate)
             shards.append(ShardMetadata(offsets, sizes, Placement(rank, device_text)))
         return ShardedTensorMetadata(shards, size, tensor_properties)
+
+
+def block_ranks(spec: ChunkShardingSpec | EnumerableShardingSpec) -> list[int]:
+    """The rank of each of ``spec``'s blocks, in block order."""
+    placed = spec.placements if isinstance(spec, ChunkShardingSpec) else [
+        s.placement for s in spec.shards]
+    return [p.rank() for p in placed]  # type: ignore[union-attr]
 
 
 def mesh_sharding_spec(mesh_shape: Sequence[int], mesh_ranks: Sequence[int],
