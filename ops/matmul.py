@@ -22,7 +22,7 @@ dim 0 of ``bmm``; "replicated" includes plain tensors):
 
 Errors are dense's: the op is first checked on meta tensors of the global sizes
 (the same verdict on every rank, no communication), and a failing call is rerun on
-zero-stride stand-ins so that the message is dense's own.
+zero-stride stand-ins so that the message is dense's own (both in ``meta_results``).
 
 NOTE [choosing a matmul strategy]
 Each strategy above names the layout each operand needs (a chunk spec on some
@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from dispatch_shard.layout import Layout, layout_of
-from dispatch_shard.ops._common import first_sharded, outside_trace
+from dispatch_shard.ops._common import first_sharded, meta_results
 from dispatch_shard.ops.layouts import like_leading, split_dims
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor
@@ -90,37 +90,17 @@ def _key(value: Any) -> tuple[Any, ...]:
     return ("scalar", type(value), value)
 
 
-def _from_key(key: tuple[Any, ...], device: str) -> Any:
-    if key[0] == "tensor":
-        return torch.empty(key[1], dtype=key[2], device=device)
-    return key[2]
-
-
-@functools.lru_cache(maxsize=1024)
-def _meta_result(func: torch._ops.OpOverload, args: tuple[Any, ...],
-                 kwargs: tuple[tuple[str, Any], ...]) -> tuple[torch.Size, torch.dtype]:
-    with outside_trace():  # NOTE [stand-in runs outside a trace] in ops/_common.py
-        result = func(*[_from_key(a, "meta") for a in args],
-                      **{k: _from_key(v, "meta") for k, v in kwargs})
-    return result.shape, result.dtype
-
-
-def _stand_in(value: Any) -> Any:
-    """A zero-stride dense tensor of ``value``'s global size and dtype (one element)."""
-    if isinstance(value, torch.Tensor):
-        return torch.zeros((), dtype=value.dtype).expand(value.shape)
-    return value
-
-
 # Verdicts already given, by the op's id (NOTE [the dispatch loop's table is keyed by id]
 # in dispatch_shard.registry) and each operand's layout and dtype (a layout fixes the
-# global size); bounded.
+# global size); bounded. A cheaper key than meta_results' own cache, for the hot path of
+# every product.
 _VERDICTS: dict[tuple[Any, ...], torch.dtype] = {}
 
 
 def _checked(func: torch._ops.OpOverload, args: tuple[Any, ...],
              kwargs: dict[str, Any] | None = None) -> torch.dtype:
-    """The dense result's dtype, or dense's error (the same on every rank: global sizes)."""
+    """The dense result's dtype, or dense's error (the same on every rank: global sizes;
+    :func:`~dispatch_shard.authoring.meta_results`)."""
     kwargs = kwargs or {}
     key: tuple[Any, ...] | None = (
         id(func), *[(a._layout, a._dtype) if type(a) is ShardedTensor else _key(a)
@@ -131,13 +111,7 @@ def _checked(func: torch._ops.OpOverload, args: tuple[Any, ...],
         key, found = None, None
     if found is not None:
         return found
-    try:
-        _, dtype = _meta_result(func, tuple(_key(a) for a in args),
-                                tuple((k, _key(v)) for k, v in kwargs.items()))
-    except (RuntimeError, TypeError, ValueError, IndexError):
-        # Dense's own message: its checks run before any arithmetic.
-        func(*[_stand_in(a) for a in args], **{k: _stand_in(v) for k, v in kwargs.items()})
-        raise
+    ((_, dtype),) = meta_results(func, args, kwargs)
     if key is not None and len(_VERDICTS) < 4096:
         _VERDICTS[key] = dtype
     return dtype
