@@ -12,7 +12,6 @@
 - Results: :func:`replicated_result`, :func:`partial_result`, :func:`outside_result`
   (what a rank outside the group returns), :func:`empty_results` (an empty block's
   results, from a meta run), :func:`map_blocks`,
-  :func:`outside_trace` (stand-in runs with a compiler's modes set aside),
   :func:`view_blocks` (each block through a view, into the view's layout).
 - :func:`replicated_fallback`: an op on the whole values (NOTE [replicated fallback]),
   run under :func:`conjugate_views_resolved`.
@@ -186,23 +185,6 @@ def pieces_of(value: Any, layout: Layout, rank: int) -> list[torch.Tensor]:
             return list(value._redistributed(layout.spec)._local_tensors)
         value = dense_value(value)
     return [value[layout.shard_box(i)] for i in layout.local_indices(rank)]
-
-
-# NOTE [stand-in runs outside a trace]
-# The op families run dense ops on stand-ins (meta tensors, small zeros) to learn a
-# result's size and dtype, or to raise dense's error. While torch.compile traces our
-# dispatch (fake blocks; AOTAutograd's proxy and functionalization modes), such a run
-# would go through every mode: fake-tensor dispatch of each stand-in op, factory and op
-# nodes that the graph records and later drops. A stand-in depends on sizes and dtypes
-# only, never on a block, so it runs with the modes set aside: a plain meta run, as in
-# eager (the cached ones are cache misses only the first time a size is seen).
-
-def outside_trace() -> contextlib.AbstractContextManager[Any]:
-    """The compiler's dispatch modes set aside, for a stand-in run (NOTE [stand-in runs
-    outside a trace]); nothing to do in eager."""
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    return _disable_current_modes()
 
 
 def empty_results(func: Any, args: Sequence[Any], kwargs: dict[str, Any],

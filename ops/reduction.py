@@ -25,8 +25,9 @@ Per rank, with ``D`` the reduced dims and ``R`` the size of the process group:
   gradient is counted once.
 
 Errors and result dtypes are dense torch's: every op first runs on size-<=2
-stand-ins of its operands (same dtypes, same dims, same emptiness), so a bad dim,
-``mean`` of integers or ``max()`` of an empty tensor raise on every rank alike.
+stand-ins of its operands (same dtypes, same dims, same emptiness), then on meta
+tensors of the global sizes (:func:`probe`), so a bad dim, ``mean`` of integers or
+``max()`` of an empty tensor raise on every rank alike.
 
 NOTE [partial inputs]
 A reduction that commutes with a partial input's reduction runs on the summand
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -57,7 +57,7 @@ from dispatch_shard.metadata import ShardMetadata
 from dispatch_shard.ops._common import (
     bind_arguments,
     in_group,
-    outside_trace,
+    meta_results,
     reduction_identity,
 )
 from dispatch_shard.ops.layouts import reduced_layout, split_dims
@@ -135,48 +135,13 @@ def keep_box(box: Box, dims: tuple[int, ...]) -> Box:
     return tuple(slice(None) if d in dims else s for d, s in enumerate(box))
 
 
-def _probe_key(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return (torch.Tensor, value.dtype, tuple(min(n, 2) for n in value.shape))
-    if isinstance(value, list | tuple):
-        return (type(value), *(_probe_key(v) for v in value))
-    return value
-
-
-_PROBES: dict[Any, tuple[torch.dtype, ...]] = {}  # bounded: see probe
-
-
 def probe(func: torch._ops.OpOverload, args: tuple[Any, ...],
           kwargs: dict[str, Any]) -> tuple[torch.dtype, ...]:
-    """The dtypes of ``func``'s results, from small dense stand-ins of the tensor operands
-    (same dtypes, dims and emptiness): dense errors, raised on every rank alike. Results
-    are cached by the stand-ins' facts (errors are not: they raise again)."""
-    key: Any = (func, _probe_key(args), _probe_key(tuple(kwargs.items())))
-    try:
-        found = _PROBES.get(key)
-    except TypeError:  # an unhashable argument
-        key, found = None, None
-    if found is not None:
-        return found
-    dtypes = _probe_uncached(func, args, kwargs)
-    if key is not None and len(_PROBES) < 4096:
-        _PROBES[key] = dtypes
-    return dtypes
-
-
-def _probe_uncached(func: torch._ops.OpOverload, args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> tuple[torch.dtype, ...]:
-    def stand_in(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return torch.zeros([min(n, 2) for n in value.shape], dtype=value.dtype)
-        return value
-
-    # (NOTE [stand-in runs outside a trace] in ops/_common.py)
-    with warnings.catch_warnings(), outside_trace():
-        warnings.simplefilter("ignore")  # e.g. var's "degrees of freedom" on the stand-in
-        result = func(*[stand_in(a) for a in args],
-                      **{k: stand_in(v) for k, v in kwargs.items()})
-    return tuple(r.dtype for r in result) if isinstance(result, tuple) else (result.dtype,)
+    """The dtypes of ``func``'s results, and dense's errors raised on every rank alike,
+    including those only dense kernels give (a dtype they lack, ``max()`` of an empty
+    tensor): :func:`~dispatch_shard.authoring.meta_results` with ``dense_kernels``
+    (cached; errors raise again)."""
+    return tuple(dtype for _, dtype in meta_results(func, args, kwargs, dense_kernels=True))
 
 
 def _pack(outs: Sequence[ShardedTensor]) -> Any:
