@@ -484,6 +484,13 @@ def _all_reduce_in_place(tensor: torch.Tensor, op: str, group: ProcessGroup) -> 
         dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group)
 
 
+# NOTE [collectives send memory order]
+# gloo and NCCL read and write a tensor's storage in memory order, whatever its strides:
+# a transposed block on one rank and a row-major one on another would be summed element
+# by element in different orders (a wrong value, no error). Blocks are any strided
+# views (a transposed weight's, a column-major product's), so the collectives below take
+# a contiguous copy of a tensor that is not contiguous and write the result back.
+
 def all_reduce(tensor: torch.Tensor, op: str, group: ProcessGroup) -> torch.Tensor:
     """Reduce ``tensor`` in place across ``group`` (``op`` in sum/avg/max/min/product).
 
@@ -491,6 +498,8 @@ def all_reduce(tensor: torch.Tensor, op: str, group: ProcessGroup) -> torch.Tens
     """
     if isinstance(group, ProcessGroup) and len(_ranks_of(group)) == 1:
         return tensor  # a group of one: every op is the identity; nothing to send
+    if not tensor.is_contiguous():  # NOTE [collectives send memory order]
+        return tensor.copy_(all_reduce(tensor.contiguous(), op, group))
     if op in ("max", "min") and tensor.is_floating_point():
         return _all_reduce_nan_aware(tensor, op, group)
     _record("all_reduce", tensor.numel() * tensor.element_size(), group)
@@ -529,6 +538,9 @@ def reduce_scatter(
     output: torch.Tensor, inputs: list[torch.Tensor], op: str, group: ProcessGroup
 ) -> torch.Tensor:
     """``output`` on group rank r receives the reduction of every rank's ``inputs[r]``."""
+    if not output.is_contiguous():  # NOTE [collectives send memory order]
+        return output.copy_(reduce_scatter(output.contiguous(), inputs, op, group))
+    inputs = [t if t.is_contiguous() else t.contiguous() for t in inputs]
     _record("reduce_scatter", sum(t.numel() * t.element_size() for t in inputs), group)
     try:
         if traced(output):
@@ -548,6 +560,8 @@ def reduce_scatter(
 
 def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup) -> torch.Tensor:
     """``tensor`` from global rank ``src`` to every rank of ``group``, in place."""
+    if not tensor.is_contiguous():  # NOTE [collectives send memory order]
+        return tensor.copy_(broadcast(tensor.contiguous(), src, group))
     _record("broadcast", tensor.numel() * tensor.element_size(), group)
     try:
         if traced(tensor):

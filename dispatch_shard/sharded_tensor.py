@@ -442,7 +442,8 @@ class ShardedTensor(torch.Tensor):
             op = layout.spec.reduce_op  # type: ignore[attr-defined]
             value_layout = layout.with_spec(Replicate())
             if summand is not None and collectives.is_member(self._process_group, self._rank):
-                local = [collectives.all_reduce(summand.clone(), op, self._process_group)]
+                copy = summand.clone(memory_format=torch.contiguous_format)
+                local = [collectives.all_reduce(copy, op, self._process_group)]
             else:
                 local = []
         reduced = self._like(local, value_layout)

@@ -274,6 +274,25 @@ def _laid_out(x: ShardedTensor, dst: Layout) -> list[torch.Tensor]:
     return x._redistributed(dst.spec)._local_tensors
 
 
+# NOTE [a product of a transposed block is column-major]
+# Dense autograd computes a weight's gradient in the weight's memory order: for
+# ``x @ w.t()`` it sees that ``w.t()`` is column-major and computes ``(g.t() @ x).t()``,
+# so that the gradient of ``w`` is contiguous. A ShardedTensor always reports contiguous
+# strides, so autograd takes the other form, ``x.t() @ g``, whose transpose (the
+# gradient of ``w``) would have transposed blocks, and AccumulateGrad, the leaf hook and
+# the optimizer would copy or read them strided every step. So a block product whose
+# left block is a column-major transpose is computed as dense does in that case,
+# ``(b.t() @ a.t()).t()``: the same kernel call (the same value, bit for bit, as the
+# dense formula), a column-major block, and its transpose, the gradient, contiguous.
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of two 2-D blocks; column-major when ``a`` is (NOTE above)."""
+    if a.stride(0) == 1 and a.stride(1) == a.shape[0] and a.shape[0] > 1 and a.shape[1] > 1 \
+            and b.is_contiguous():
+        return torch.mm(b.t(), a.t()).t()
+    return torch.mm(a, b)
+
+
 def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype,
              bias: tuple[Any, Any] | None = None) -> ShardedTensor:
     """``alpha * (a @ b)`` for 2-D or 3-D (batched) operands, by the chosen strategy;
@@ -290,7 +309,7 @@ def _product(a: Any, b: Any, alpha: Any, dtype: torch.dtype,
                                itemsize)
     a_blocks = _laid_out(a, strategy.a)
     b_blocks = _laid_out(b, strategy.b)
-    multiply: Callable[..., torch.Tensor] = aten.bmm.default if a.dim() == 3 else aten.mm.default
+    multiply: Callable[..., torch.Tensor] = aten.bmm.default if a.dim() == 3 else _mm
     out = strategy.out
     member = bool(out.local_indices(anchor._rank)) if not out.is_sharded else True
     kind = strategy.kind

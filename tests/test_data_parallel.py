@@ -97,6 +97,26 @@ def test_training_matches_ddp_with_one_bucketed_reduction_per_bucket(rank: int,
         assert (_full(ours.detach()) - theirs.detach()).abs().max() < 1e-6
 
 
+@multi_rank(world_size=[1, 2])
+def test_weight_gradients_come_out_of_backward_contiguous(rank: int, world_size: int) -> None:
+    """NOTE [a product of a transposed block is column-major] in ops/matmul.py: a linear
+    layer's weight gradient has the weight's memory order as backward makes it (read
+    with ``autograd.grad``: no leaf hook), so neither the leaf hook nor a bucket copies a
+    transposed block; the values are dense's."""
+    dense = _model()
+    sharded = _sharded(dense)
+    x, y = _batch(world_size, seed=3)
+    weights = [p for name, p in sharded.named_parameters() if name.endswith("weight")]
+    grads = torch.autograd.grad(F.mse_loss(sharded(_split(x, world_size)),
+                                           _split(y, world_size)), weights)
+    expected = torch.autograd.grad(
+        F.mse_loss(dense(x), y), [p for n, p in dense.named_parameters() if n.endswith("weight")])
+    for grad, dense_grad in zip(grads, expected, strict=True):
+        assert all(block.is_contiguous() for block in grad._local_tensors), \
+            [block.stride() for block in grad._local_tensors]
+        torch.testing.assert_close(_full(grad), dense_grad, atol=1e-6, rtol=1e-5)
+
+
 @multi_rank(world_size=[1])
 def test_a_whole_block_on_one_rank_is_replicated_without_a_copy(rank: int,
                                                                world_size: int) -> None:

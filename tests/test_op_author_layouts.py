@@ -93,3 +93,25 @@ def test_with_blocks_names_a_misfit(rank: int, world_size: int) -> None:
         x.with_blocks([term], layout=ds.Partial())  # no size: the input's [6, 7]
     with pytest.raises(ValueError, match="out of range for a tensor of 1 dims"):
         x.with_blocks([term], layout=[Shard(1)], size=[6])
+
+
+@multi_rank(world_size=[2, 3])
+def test_pending_blocks_of_any_strides(rank: int, world_size: int) -> None:
+    """A pending value whose blocks are column-major on some ranks and row-major on
+    others (a transposed view, as a block product may return) reduces to the reduction
+    of the values, not of the storages in memory order (NOTE [collectives send memory
+    order])."""
+    terms = [_dense(4, 6, seed=s) for s in range(world_size)]
+    template = ShardedTensor.from_replicated(torch.zeros(4, 6, dtype=torch.float64),
+                                             ds.Replicate())
+    wants = {"sum": sum(terms), "avg": sum(terms) / world_size,
+             "max": torch.stack(terms).amax(0)}
+    for reduce_op, want in wants.items():
+        mine = terms[rank].t().contiguous().t() if rank % 2 == 0 else terms[rank].clone()
+        assert mine.is_contiguous() == (rank % 2 == 1)
+        pending = template.with_blocks([mine], layout=ds.Partial(reduce_op))
+        torch.testing.assert_close(pending.full_tensor(), want)
+        rows = template.with_blocks([mine.clone(memory_format=torch.preserve_format)],
+                                    layout=ds.Partial(reduce_op))
+        rows = rows.redistribute(_chunks(0, world_size))
+        torch.testing.assert_close(rows.full_tensor(), want)
