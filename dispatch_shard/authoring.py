@@ -15,7 +15,10 @@ implementations need a few things that the built-in ops in ``ops/`` use too:
   collective, the same on every rank (ranks without blocks agree with those that have
   some), and dense's errors for bad arguments, raised on every rank alike (with
   ``dense_kernels=True``, also those only dense kernels give). The one stand-in run of
-  the built-in op families.
+  the built-in op families;
+- :func:`small_dense_call`: an op run on small dense zeros of its arguments' dtypes and
+  dims, for result dtypes where an op has no meta kernel (a ``torch.library`` op
+  without ``register_fake``; the declarative rules use it).
 
 Per rank: :func:`whole` and :func:`reduced` are collectives (every rank of the operand's
 group must call them); the others communicate nothing.
@@ -35,7 +38,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import Replicate
 
-__all__ = ["bind_arguments", "meta_call", "meta_results", "reduced", "whole"]
+__all__ = ["bind_arguments", "meta_call", "meta_results", "reduced", "small_dense_call", "whole"]
 
 
 def whole(value: Any) -> Any:
@@ -135,6 +138,15 @@ def _dense_run(func: Any, args: Sequence[Any], kwargs: dict[str, Any],
                     **{k: _stand_ins(v, make) for k, v in kwargs.items()})
 
 
+def small_dense_call(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``func`` run on small dense CPU stand-ins of its tensor arguments (zeros of the
+    same dtypes and dims, at most 2 per dim, empty where empty), outside a compiler's
+    trace and with no warnings: the results' dtypes and dense's dtype checks, for an op
+    whose meta run cannot tell (no meta kernel, or one laxer than the CPU kernel)."""
+    with _outside_trace():
+        return _dense_run(func, args, kwargs, _small)
+
+
 def meta_call(func: Any, args: Sequence[Any], kwargs: dict[str, Any], *,
               dense_kernels: bool = False) -> tuple[Any, ...]:
     """``func``'s results (a tuple) on meta tensors of its tensor arguments' sizes and dtypes
@@ -152,9 +164,9 @@ def meta_call(func: Any, args: Sequence[Any], kwargs: dict[str, Any], *,
     2 per dim; same dtypes, dims and emptiness) so that those raise too. Stand-in runs
     warn nothing (the op's real run warns) and run outside a compiler's trace (NOTE
     [stand-in runs outside a trace])."""
+    if dense_kernels:
+        small_dense_call(func, args, kwargs)
     with _outside_trace():
-        if dense_kernels:
-            _dense_run(func, args, kwargs, _small)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -40,7 +40,9 @@ from typing import Any
 
 import torch
 
-from dispatch_shard import collectives
+# The built-in implementations register first: a mesh rule belongs to the implementation
+# its op has when the rule is given (``mesh_rule``), so the rules below need them there.
+from dispatch_shard import collectives, ops  # noqa: F401
 from dispatch_shard.layout import layout_of
 from dispatch_shard.registry import OVERLOADS, PACKETS
 from dispatch_shard.rules import Letters, ShardingRule

@@ -68,8 +68,8 @@ from typing import Any
 import torch
 
 from dispatch_shard import collectives
+from dispatch_shard.authoring import meta_results, small_dense_call
 from dispatch_shard.layout import layout_of
-from dispatch_shard.ops._common import meta_results
 from dispatch_shard.registry import custom_sharded_op_impl
 from dispatch_shard.sharded_tensor import ShardedTensor, _placement_device
 from dispatch_shard.specs import ChunkShardingSpec, Partial, Replicate, ShardingSpec
@@ -369,7 +369,7 @@ def result_metas(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                  outputs: tuple[Letters, ...]) -> list[torch.Tensor]:
     """Meta tensors with each result's size and dtype: from a meta run of the op, or,
     for an op with no meta kernel (a ``torch.library`` op without ``register_fake``),
-    the sizes from the rule and the dtypes from a run on one-element stand-ins."""
+    the sizes from the rule and the dtypes from a run on small stand-ins."""
     try:  # (NotImplementedError is a RuntimeError: an op without a meta kernel)
         results: list[tuple[torch.Size, torch.dtype]] | None = meta_results(op, args, kwargs)
     except RuntimeError:
@@ -382,9 +382,7 @@ def result_metas(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     for i, dims in zip(positions, letters, strict=True):
         for letter, n in zip(dims, args[i].shape, strict=True):
             sizes[letter] = max(sizes.get(letter, n), n)
-    stand_ins = [torch.zeros([min(n, 1) for n in a.shape], dtype=a.dtype)
-                 if isinstance(a, torch.Tensor) else a for a in args]
-    dtypes = [r.dtype for r in _results(op(*stand_ins, **kwargs), len(outputs), op)]
+    dtypes = [r.dtype for r in _results(small_dense_call(op, args, kwargs), len(outputs), op)]
     return [torch.empty([sizes[letter] for letter in dims], dtype=dtype, device="meta")
             for dims, dtype in zip(outputs, dtypes, strict=True)]
 

@@ -7,6 +7,7 @@ registration keeps autograd] in dispatch_shard/registry.py are what is checked h
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,28 @@ def test_the_authoring_helpers(rank: int, world_size: int) -> None:
             assert type(seen["whole"]) is torch.Tensor
     finally:
         ds.remove_sharded_op_impl(op)
+
+
+@torch.library.custom_op("dstest::as_double", mutates_args=())
+def _as_double(x: torch.Tensor) -> torch.Tensor:  # no register_fake: no meta kernel
+    return x.double() * 2
+
+
+def test_stand_in_runs_for_ops_meta_cannot_answer() -> None:
+    """``small_dense_call`` gives the result dtypes of an op with no meta kernel; and
+    ``dense_kernels=True`` raises dense's error where the meta kernel is laxer than the
+    CPU kernel (a softmax of integers), with dense's own message."""
+    from dispatch_shard import authoring
+
+    x = torch.zeros(300, 7, dtype=torch.float32)
+    op = torch.ops.dstest.as_double.default
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        authoring.meta_results(op, (x,), {})
+    small = authoring.small_dense_call(op, (x,), {})
+    assert small.dtype == torch.float64 and small.shape == (2, 2)
+    ints = torch.zeros(5, 3, dtype=torch.int64)
+    softmax = torch.ops.aten._softmax.default
+    with pytest.raises(RuntimeError) as dense_error:
+        softmax(ints, 1, False)
+    with pytest.raises(RuntimeError, match=re.escape(str(dense_error.value))):
+        authoring.meta_results(softmax, (ints, 1, False), {}, dense_kernels=True)
