@@ -22,7 +22,9 @@ dim 0 of ``bmm``; "replicated" includes plain tensors):
 
 Errors are dense's: the op is first checked on meta tensors of the global sizes
 (the same verdict on every rank, no communication), and a failing call is rerun on
-zero-stride stand-ins so that the message is dense's own (both in ``meta_results``).
+zero-stride stand-ins so that the message is dense's own (both in ``meta_results``); a
+dtype the CPU kernel lacks (a bool product, which meta accepts) raises from a small
+dense run, on every rank.
 
 NOTE [choosing a matmul strategy]
 Each strategy above names the layout each operand needs (a chunk spec on some
@@ -111,7 +113,9 @@ def _checked(func: torch._ops.OpOverload, args: tuple[Any, ...],
         key, found = None, None
     if found is not None:
         return found
-    ((_, dtype),) = meta_results(func, args, kwargs)
+    # dense_kernels: meta accepts products the CPU kernel lacks (bool): they must raise
+    # on every rank, not only where a block meets the kernel.
+    ((_, dtype),) = meta_results(func, args, kwargs, dense_kernels=True)
     if key is not None and len(_VERDICTS) < 4096:
         _VERDICTS[key] = dtype
     return dtype

@@ -179,6 +179,17 @@ def _int_into_foreach(rank: int, world_size: int, case: str) -> tuple[str, str]:
     return outcome(lambda: torch._foreach_div_([target], 2))
 
 
+def _kernel_dtype(rank: int, world_size: int, case: str) -> tuple[str, str]:
+    """A product of a dtype the CPU kernel lacks (meta accepts it), with a rank that
+    holds no row: dense's error there too, not only where a block meets the kernel."""
+    group = short_group(world_size)
+    x = ShardedTensor.from_replicated(torch.ones(1, 4, dtype=torch.bool), chunk(0, range(3)),
+                                      process_group=group)
+    w = ShardedTensor.from_replicated(torch.ones(4, 3, dtype=torch.bool), ds.Replicate(),
+                                      process_group=group)
+    return outcome(lambda: x @ w if case == "bool mm" else torch.nn.functional.linear(x, w.t()))
+
+
 def _sparse(rank: int, world_size: int, case: str) -> tuple[str, str]:
     """Sparse layouts: a clear NotImplementedError on every rank (blocks are strided)."""
     group = short_group(world_size)
@@ -241,6 +252,10 @@ CASES: list[tuple[Callable[..., tuple[str, str]], str, int, list[int] | None, st
      r"aten._foreach_add_.List: .*ranks \[0, 1, 2\] and \[0, 1\]"),
     (_int_into_foreach, "int destination", 3, None, "RuntimeError",
      r"result type Float can't be cast to the desired output type Long"),
+    (_kernel_dtype, "bool mm", 3, None, "NotImplementedError",
+     r"\"addmm_impl_cpu_\" not implemented for 'Bool'"),
+    (_kernel_dtype, "bool linear", 3, None, "NotImplementedError",
+     r"\"addmm_impl_cpu_\" not implemented for 'Bool'"),
     (_sparse, "distribute a sparse tensor", 3, None, "NotImplementedError",
      r"shards strided tensors only, not torch.sparse_coo: pass tensor.to_dense\(\)"),
     (_sparse, "sparse on one rank", 3, None, "NotImplementedError",
