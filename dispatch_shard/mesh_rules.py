@@ -133,7 +133,7 @@ def _letters(rule: ShardingRule, tensors: list[Any], out_shape: torch.Size
             lead = ndim - t.dim()
             letters.append(tuple(names[lead + d] if t.shape[d] == out_shape[lead + d]
                                  else None for d in range(t.dim())))
-        return letters, (names,)
+        return letters, (names,) * len(rule.contracts)  # (one per result: rules.for_op)
     if len(rule.inputs) != len(tensors) or rule.outputs is None or any(
             len(dims) != t.dim() for dims, t in zip(rule.inputs, tensors, strict=True)):
         return None

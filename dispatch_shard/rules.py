@@ -5,6 +5,7 @@ A rule names each dim of each tensor argument and of each result, einsum-style::
     ds.register_sharding_rule(torch.ops.mylib.matmul.default, "m k, k n -> m n",
                               contract="sum")
     ds.register_sharding_rule(torch.ops.mylib.gelu.default, "pointwise")
+    # (an elementwise op with several results too: each has the broadcast shape)
     ds.register_sharding_rule(torch.ops.mylib.row_max.default, "m n -> m", contract="max")
     # several results, separated by commas after '->': (values, indices) of a max
     ds.register_sharding_rule(torch.ops.mylib.max_dim.default, "m n -> m, m",
@@ -195,7 +196,7 @@ def register_sharding_rule(op: object, rule: str, *,
     if not isinstance(op, torch._ops.OpOverload):
         raise TypeError(f"register_sharding_rule expects an op overload such as "
                         f"torch.ops.mylib.op.default, got {op!r}")
-    parsed = ShardingRule.parse(rule, contract)
+    parsed = for_op(ShardingRule.parse(rule, contract), op)
 
     def by_rule(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 process_group: Any) -> Any:
@@ -231,11 +232,24 @@ def _letters(rule: ShardingRule, args: Sequence[Any], positions: list[int],
     return list(rule.inputs)
 
 
+def for_op(rule: ShardingRule, op: Any) -> ShardingRule:
+    """``rule`` for ``op``'s calls: a ``"pointwise"`` rule gets one (empty) contract per
+    result the op's schema declares (``"pointwise"`` serves an op with several results,
+    each of the broadcast shape); other rules as they are."""
+    if rule.inputs is not None:
+        return rule
+    schema = getattr(op, "_schema", None)
+    count = max(len(schema.returns), 1) if schema is not None else 1
+    return rule if count == len(rule.contracts) else dataclasses.replace(
+        rule, contracts=(None,) * count)
+
+
 def result_letters(rule: ShardingRule, letters: Sequence[Letters]) -> tuple[Letters, ...]:
-    """The letters of each result (for ``"pointwise"``: the longest argument's)."""
+    """The letters of each result (for ``"pointwise"``: the longest argument's, for each
+    of its results: :func:`for_op`)."""
     if rule.outputs is not None:
         return rule.outputs
-    return (max(letters, key=len),)
+    return (max(letters, key=len),) * len(rule.contracts)
 
 
 def _split_letter(args: Sequence[Any], positions: list[int], letters: list[Letters],

@@ -1,5 +1,6 @@
 """Sharding rules for ops with several results (dispatch_shard.rules): ``"m n -> m, m"``
 for a max's values and indices, ``"b n -> b n, b"`` for a value and a per-row statistic,
+``"pointwise"`` for two elementwise results,
 on 1-D layouts and per mesh dim on a 2x2 mesh, checked against dense by
 dispatch_shard.testing.check_sharded_op, forward and backward."""
 
@@ -133,6 +134,28 @@ ds.register_sharding_rule(torch.ops.dsmulti.mm_and_row_sum.default, "m k, k n ->
                           contract=("sum", "sum"))
 
 
+@torch.library.custom_op("dsmulti::sin_and_square", mutates_args=())
+def sin_and_square(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two elementwise results: served by ``"pointwise"`` (one per result the schema
+    declares), with no meta kernel (the dtypes come from a small dense run)."""
+    return x.sin(), x * x
+
+
+def _sin_square_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _sin_square_backward(ctx: Any, grad_sin: torch.Tensor, grad_square: torch.Tensor
+                         ) -> torch.Tensor:
+    (x,) = ctx.saved_tensors
+    return grad_sin * x.cos() + grad_square * 2 * x
+
+
+torch.library.register_autograd("dsmulti::sin_and_square", _sin_square_backward,
+                                setup_context=_sin_square_setup)
+ds.register_sharding_rule(torch.ops.dsmulti.sin_and_square.default, "pointwise")
+
+
 def _randn(*size: int, seed: int) -> torch.Tensor:
     return torch.randn(*size, generator=torch.Generator().manual_seed(seed),
                        dtype=torch.float64)
@@ -149,12 +172,13 @@ def two_matrices() -> tuple[tuple[Any, ...], dict[str, Any]]:
 OPS = [(torch.ops.dsmulti.row_max.default, one_matrix),
        (torch.ops.dsmulti.normalize_rows.default, one_matrix),
        (torch.ops.dsmulti.scaled_and_row_sum.default, one_matrix),
-       (torch.ops.dsmulti.mm_and_row_total.default, two_matrices)]
+       (torch.ops.dsmulti.mm_and_row_total.default, two_matrices),
+       (torch.ops.dsmulti.sin_and_square.default, one_matrix)]
 
 
 @pytest.mark.parametrize(("op", "sample"), OPS,
                          ids=["values-indices", "normalized-norms", "kept-and-summed",
-                              "two-contractions"])
+                              "two-contractions", "pointwise-two-results"])
 def test_multi_result_rules_match_dense(op: Any, sample: Any) -> None:
     summary = check_sharded_op(op, sample, world_sizes=(1, 2, 3, 4))
     ran = [key for key, outcome in summary.items() if outcome == "ok"]
