@@ -71,6 +71,7 @@ def where(op: object) -> str:
     """
     from dispatch_shard import registry
 
+    op = registry.resolve_op(op)
     name = registry._op_name(op)
     found: tuple[Any, str] | None = None
     if isinstance(op, torch._ops.OpOverload):

@@ -114,6 +114,15 @@ def _op_name(op: object) -> str:
     return torch.overrides.resolve_name(op) or repr(op)
 
 
+def resolve_op(op: object) -> object:
+    """``op``, or for what ``@torch.library.custom_op`` returns (a ``CustomOpDef``, which
+    is also callable), its overload: registering the ``CustomOpDef`` itself filed it as
+    a torch-level function that no call ever reaches."""
+    from torch._library.custom_ops import CustomOpDef
+
+    return op._opoverload if isinstance(op, CustomOpDef) else op
+
+
 def _table_for(op: object) -> dict[Any, ShardedOpImpl]:
     if isinstance(op, torch._ops.OpOverload):
         return OVERLOADS
@@ -174,6 +183,7 @@ def custom_sharded_op_impl(
         ValueError: ``op`` already has an implementation and ``override`` is
             False; the message names where the existing one is defined.
     """
+    op = resolve_op(op)
     table = _table_for(op)
 
     def decorator(fn: ShardedOpImpl) -> ShardedOpImpl:
@@ -190,6 +200,8 @@ def custom_sharded_op_impl(
             served = _guarded_torch_function(op, fn, handles_partial)
         elif not handles_partial:
             served = _reducing_partials(op, fn)
+        if table is not TORCH_FUNCTIONS and not _built_in(fn):
+            served = _checking_results(op, fn, served)
         table[op] = served
         for found, wanted in ((MESH_AWARE, bool(handles_mesh)),
                               (MESH_PENDING_AWARE, handles_mesh == "pending")):
@@ -213,6 +225,7 @@ def custom_sharded_op_impl(
 
 def remove_sharded_op_impl(op: object) -> ShardedOpImpl:
     """Unregister and return the implementation of ``op`` (``KeyError`` if none)."""
+    op = resolve_op(op)
     table = _table_for(op)
     fn = _user_fn(table.pop(op))
     GROUP_FREE_OVERLOADS.pop(op, None)  # type: ignore[call-overload]
@@ -265,6 +278,56 @@ def _serving(fn: ShardedOpImpl, served: Callable[..., Any]) -> ShardedOpImpl:
     functools.update_wrapper(served, fn)  # name, module, docstring: the user's
     served.__sharded_impl__ = fn  # type: ignore[attr-defined]
     return served
+
+
+def _built_in(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is one of dispatch_shard's own (ops/, the declarative rules)."""
+    return getattr(fn, "__module__", "").startswith("dispatch_shard.")
+
+
+def _tensor_returns(op: object) -> int | None:
+    """How many results ``op``'s schema declares (None for a packet or a list result)."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return None
+    returns = op._schema.returns
+    if any(str(r.type) != "Tensor" for r in returns):
+        return None
+    return len(returns)
+
+
+# NOTE [what a user's implementation returns is checked]
+# A user's aten-level implementation must return ShardedTensors for the op's tensor
+# results, as many as the op's schema declares. Returning this rank's block as a plain
+# tensor, or one result of two, was accepted and gave a wrong value (a plain tensor of
+# a block's size, different on each rank) or torch's unhelpful redispatch error. The
+# check reads types and counts only (no collective, the same on every rank that runs
+# the same code); the built-in ops and the declarative rules are not wrapped.
+
+def _checking_results(op: object, fn: ShardedOpImpl, inner: ShardedOpImpl) -> ShardedOpImpl:
+    """``inner`` (serving the user's ``fn``), whose results are checked (NOTE above)."""
+    from dispatch_shard.sharded_tensor import ShardedTensor
+
+    expected = _tensor_returns(op)
+
+    def served(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               process_group: Any) -> Any:
+        result = inner(types, args, kwargs, process_group)
+        results = result if isinstance(result, tuple | list) else (result,)
+        if expected is not None and expected > 0 and len(results) != expected:
+            raise TypeError(
+                f"{_op_name(op)}: its sharded implementation ({_where(fn)}) returned "
+                f"{len(results)} value(s), but the op returns {expected}: return a tuple "
+                "of one ShardedTensor per result")
+        for k, value in enumerate(results):
+            if isinstance(value, torch.Tensor) and not isinstance(value, ShardedTensor):
+                raise TypeError(
+                    f"{_op_name(op)}: its sharded implementation ({_where(fn)}) returned a "
+                    f"plain torch.Tensor of size {list(value.shape)} as result {k}; return "
+                    "a ShardedTensor (x.with_blocks(blocks, size=..., layout=...) wraps "
+                    "this rank's blocks without communication)")
+        return result
+
+    return _serving(fn, served)
 
 
 def _written_arguments(op: object) -> set[str]:

@@ -71,7 +71,7 @@ import torch
 from dispatch_shard import collectives
 from dispatch_shard.authoring import meta_results, small_dense_call
 from dispatch_shard.layout import layout_of
-from dispatch_shard.registry import custom_sharded_op_impl
+from dispatch_shard.registry import custom_sharded_op_impl, resolve_op
 from dispatch_shard.sharded_tensor import ShardedTensor, _placement_device
 from dispatch_shard.specs import ChunkShardingSpec, Partial, Replicate, ShardingSpec
 
@@ -193,6 +193,7 @@ def register_sharding_rule(op: object, rule: str, *,
             and ``override`` is False.
         TypeError: ``op`` is not an overload.
     """
+    op = resolve_op(op)  # (a torch.library.custom_op's CustomOpDef: its overload)
     if not isinstance(op, torch._ops.OpOverload):
         raise TypeError(f"register_sharding_rule expects an op overload such as "
                         f"torch.ops.mylib.op.default, got {op!r}")
