@@ -296,3 +296,71 @@ def test_stand_in_runs_for_ops_meta_cannot_answer() -> None:
         softmax(ints, 1, False)
     with pytest.raises(RuntimeError, match=re.escape(str(dense_error.value))):
         authoring.meta_results(softmax, (ints, 1, False), {}, dense_kernels=True)
+
+
+@torch.library.custom_op("dstest::doubled", mutates_args=())
+def doubled(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@torch.library.custom_op("dstest::doubled_pair", mutates_args=())
+def doubled_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x * 2, x * 3
+
+
+@multi_rank(world_size=[2])
+def test_an_implementation_returning_what_the_op_does_not_raises(rank: int,
+                                                                  world_size: int) -> None:
+    """NOTE [what a user's implementation returns is checked]: this rank's block as a
+    plain tensor (it gave a tensor of the block's size, different on each rank), or one
+    result of two, raise TypeError naming the op and the implementation; registering
+    the CustomOpDef that ``@torch.library.custom_op`` returns registers its overload
+    (it was filed as a torch-level function no call reached)."""
+    x = ShardedTensor.from_replicated(_dense(6, 4, seed=1), rows(world_size))
+
+    @ds.custom_sharded_op_impl(doubled)  # the CustomOpDef itself
+    def plain(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+        return args[0].local_blocks()[0] * 2  # mistake: not wrapped by with_blocks
+
+    try:
+        assert "plain" in ds.debug.where(torch.ops.dstest.doubled.default)
+        with pytest.raises(TypeError, match=r"dstest.doubled.default: .*plain.*returned a "
+                           r"plain torch.Tensor of size \[3, 4\] as result 0"):
+            doubled(x)
+    finally:
+        ds.remove_sharded_op_impl(doubled)
+
+    @ds.custom_sharded_op_impl(torch.ops.dstest.doubled_pair.default)
+    def one_of_two(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   pg: Any) -> Any:
+        return args[0].with_blocks([b * 2 for b in args[0].local_blocks()])
+
+    try:
+        with pytest.raises(TypeError, match=r"returned 1 value\(s\), but the op returns 2"):
+            doubled_pair(x)
+    finally:
+        ds.remove_sharded_op_impl(torch.ops.dstest.doubled_pair.default)
+
+    @ds.custom_sharded_op_impl(doubled)
+    def right(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+        return args[0].with_blocks([b * 2 for b in args[0].local_blocks()])
+
+    try:
+        torch.testing.assert_close(doubled(x).full_tensor(), _dense(6, 4, seed=1) * 2)
+    finally:
+        ds.remove_sharded_op_impl(doubled)
+
+
+def _unseeded_sample() -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (torch.randn(4, 3),), {}
+
+
+def test_the_validation_helper_names_a_bad_sample() -> None:
+    """A lambda cannot be imported by the rank processes, and an unseeded sample draws
+    other tensors on each rank: both are named before any rank starts."""
+    from dispatch_shard.testing import check_sharded_op
+
+    with pytest.raises(TypeError, match="sample must be a module-level function"):
+        check_sharded_op(doubled, lambda: ((torch.ones(2),), {}), world_sizes=(1,))
+    with pytest.raises(ValueError, match=r"sample\(\) returned different values"):
+        check_sharded_op(doubled, _unseeded_sample, world_sizes=(1,))

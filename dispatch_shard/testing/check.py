@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from dispatch_shard.testing.pool import _resolve
 
@@ -61,15 +62,32 @@ def check_sharded_op(op: Any, sample: Callable[[], tuple[tuple[Any, ...], dict[s
     function returning ``(args, kwargs)`` of dense tensors (the same on every call).
     Returns ``{(world_size, layout): "ok" | "skipped: why"}``.
 
+    It starts rank processes (spawned): call it from pytest or a plain ``python`` script
+    (under ``if __name__ == "__main__":``), not under torchrun.
+
     Raises:
         AssertionError: listing every (world size, layout) whose value or gradient
             differs from dense, or that raised, with the error.
+        TypeError: ``sample`` is not a module-level function (the rank processes
+            import it by name).
+        ValueError: an unknown layout, or ``sample()`` returns different values on
+            two calls (an unseeded ``torch.randn``: each rank would draw its own).
     """
+    from dispatch_shard.registry import resolve_op
     from dispatch_shard.testing.pool import get_pool  # (the pool module is light; kept local)
 
+    op = resolve_op(op)
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown:
         raise ValueError(f"check_sharded_op: unknown layouts {unknown}; known: {LAYOUTS}")
+    if "<" in sample.__qualname__:  # a lambda, or a function defined inside another
+        raise TypeError(f"check_sharded_op: sample must be a module-level function (the "
+                        f"rank processes import it by name), got {sample.__qualname__}")
+    first, second = sample(), sample()
+    if not _same_samples(first, second):
+        raise ValueError("check_sharded_op: sample() returned different values on two "
+                         "calls; draw from a seeded torch.Generator (every rank calls it "
+                         "and must get the same tensors)")
     summary: dict[tuple[int, str], str] = {}
     failures: list[str] = []
     for world_size in world_sizes:
@@ -85,6 +103,18 @@ def check_sharded_op(op: Any, sample: Callable[[], tuple[tuple[Any, ...], dict[s
         raise AssertionError(f"{_op_ref(op)}: the sharded op differs from dense:\n  "
                              + "\n  ".join(failures))
     return summary
+
+
+def _same_samples(first: Any, second: Any) -> bool:
+    flat_first, flat_second = pytree.tree_leaves(first), pytree.tree_leaves(second)
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a.shape == b.shape and a.dtype == b.dtype and bool(
+                ((a == b) | (a != a) & (b != b)).all())  # (NaN where NaN)
+        return type(a) is type(b) and bool(a == b or (a != a and b != b))
+
+    return len(flat_first) == len(flat_second) and all(
+        same(a, b) for a, b in zip(flat_first, flat_second, strict=True))
 
 
 def _op_ref(op: Any) -> str:
