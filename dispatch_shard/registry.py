@@ -467,5 +467,9 @@ def lookup(func: torch._ops.OpOverload) -> ShardedOpImpl:
         if impl is None:
             if any(family(func) for family in LATE_FAMILIES):
                 return OVERLOADS[func]
-            raise NotImplementedError(f"{func} not supported for ShardedTensor!")
+            hint = "" if func.namespace in ("aten", "prims") else (
+                f" (an op of your own: register it with dispatch_shard.register_sharding_rule"
+                f"(torch.ops.{func.namespace}.{func._opname}.{func._overloadname}, ...) or "
+                "dispatch_shard.custom_sharded_op_impl)")
+            raise NotImplementedError(f"{func} not supported for ShardedTensor!{hint}")
     return impl

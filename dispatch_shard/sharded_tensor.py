@@ -299,10 +299,12 @@ class ShardedTensor(torch.Tensor):
         blocks = list(blocks)
         expected = [target.shards[i].shard_sizes for i in target.local_indices(self._rank)]
         if [list(b.shape) for b in blocks] != expected:
+            hint = "; pass size= the result's size" if size is None and layout is None \
+                else ""
             raise ValueError(
                 f"with_blocks: rank {self._rank} passed blocks of sizes "
                 f"{[list(b.shape) for b in blocks]}, but {target.spec!r} places blocks of "
-                f"sizes {expected} there"
+                f"sizes {expected} there{hint}"
             )
         if any(b.dtype != dtype for b in blocks):
             raise ValueError(
@@ -322,7 +324,14 @@ class ShardedTensor(torch.Tensor):
         device = str(_placement_device(self._layout))
         if layout is None or isinstance(layout, ShardingSpec):
             spec = self._layout.spec if layout is None else layout
-            return layout_of(spec, global_size, self._layout.group_ranks, device)
+            try:
+                return layout_of(spec, global_size, self._layout.group_ranks, device)
+            except ValueError as error:
+                kept = " (kept from this tensor: no layout= given)" if layout is None else ""
+                raise ValueError(
+                    f"with_blocks: the layout {spec!r}{kept} does not fit size "
+                    f"{list(global_size)}: {error}; pass layout= the result's layout "
+                    "(a sharding spec, or placements over the device mesh)") from None
         from dispatch_shard.mesh import _remember, mesh_spec, remembered_mesh
 
         mesh, placements = self.device_mesh, tuple(layout)

@@ -349,6 +349,19 @@ def test_an_implementation_returning_what_the_op_does_not_raises(rank: int,
         torch.testing.assert_close(doubled(x).full_tensor(), _dense(6, 4, seed=1) * 2)
     finally:
         ds.remove_sharded_op_impl(doubled)
+    # Unregistered, an op of one's own says how to register it.
+    with pytest.raises(NotImplementedError, match=re.escape(
+            "not supported for ShardedTensor! (an op of your own: register it with "
+            "dispatch_shard.register_sharding_rule(torch.ops.dstest.doubled_pair.default")):
+        doubled_pair(x)
+    # with_blocks names itself and what to pass: a per-row result of column blocks keeps
+    # the input's column layout unless told; blocks of another size than the layout's.
+    columns = ShardedTensor.from_replicated(_dense(6, 4, seed=1), cols(world_size))
+    with pytest.raises(ValueError, match=r"with_blocks: the layout .*\(kept from this "
+                       r"tensor: no layout= given\) does not fit size \[6\].*pass layout="):
+        columns.with_blocks([b.sum(1) for b in columns.local_blocks()], size=[6])
+    with pytest.raises(ValueError, match=r"places blocks of sizes .*; pass size="):
+        columns.with_blocks([b.sum(1) for b in columns.local_blocks()])
 
 
 def _unseeded_sample() -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -193,7 +193,12 @@ class RankPool:
                     continue
                 problem = "did not start in time"
             except EOFError:
+                self._procs[rank].join(timeout=5)  # (its exit code, once it is reaped)
                 problem = f"died while starting (exit code {self._procs[rank].exitcode})"
+                if self._procs[rank].exitcode == 1:  # spawn re-imports the main module
+                    problem += ("; if a script starts the pool (check_sharded_op, say) at "
+                                "import, put that code under if __name__ == \"__main__\": "
+                                "(the ranks are spawned, and re-import the main module)")
             details = self._collect({}, set(range(self.world_size)))
             self.stop()
             raise RankFailure(f"rank {rank} of {self.world_size} {problem}\n{details}")
@@ -294,7 +299,9 @@ class RankPool:
             if rank in failed:
                 parts.append(f"--- rank {rank} raised:\n{failed[rank][1]}")
             elif rank in hung:
-                parts.append(f"--- rank {rank} hung; its stacks:\n{_tail(self._logs[rank])}")
+                code = self._procs[rank].exitcode
+                state = "hung; its stacks" if code is None else f"exited ({code}); its log"
+                parts.append(f"--- rank {rank} {state}:\n{_tail(self._logs[rank])}")
         return "\n".join(parts)
 
 
