@@ -469,7 +469,7 @@ def lookup(func: torch._ops.OpOverload) -> ShardedOpImpl:
                 return OVERLOADS[func]
             hint = "" if func.namespace in ("aten", "prims") else (
                 f" (an op of your own: register it with dispatch_shard.register_sharding_rule"
-                f"(torch.ops.{func.namespace}.{func._opname}.{func._overloadname}, ...) or "
+                f"(torch.ops.{func}, ...) or "
                 "dispatch_shard.custom_sharded_op_impl)")
             raise NotImplementedError(f"{func} not supported for ShardedTensor!{hint}")
     return impl
