@@ -30,6 +30,7 @@ from dispatch_shard.api import (
     shard_tensor,
 )
 from dispatch_shard.creation import empty, full, ones, rand, randn, unchecked_creation, zeros
+from dispatch_shard.data_parallel import data_parallel
 from dispatch_shard.grad_reduction import no_sync, set_gradient_bucketing
 from dispatch_shard.mesh import distribute_tensor, from_dtensor, to_dtensor
 from dispatch_shard.metadata import (
@@ -80,6 +81,7 @@ __all__ = [
     "collect_local_shard",
     "count_collectives",
     "custom_sharded_op_impl",
+    "data_parallel",
     "debug",
     "distribute_tensor",
     "empty",

@@ -1,0 +1,289 @@
+"""Data-parallel modules: a module run on each rank's rows as dense code.
+
+A model whose parameters are replicated ShardedTensors, called on a batch split along
+dim 0, already trains right with no wrapper: every op runs block by block and backward
+leaves each parameter a pending gradient, reduced in buckets
+(:mod:`dispatch_shard.grad_reduction`). But every op of the step then pays a Python
+``__torch_dispatch__`` (about 110 per step for an 8-layer MLP), and with several ranks
+sharing cores that cost is what keeps such a step slower than ``DistributedDataParallel``.
+
+:func:`data_parallel` removes it for a module whose rows are independent, the contract
+``DistributedDataParallel`` assumes too: row ``i`` of every output depends only on row
+``i`` of the inputs (no batch statistics, no mean over the batch inside the module).
+Then the global computation *is* each rank running the module on its own rows, so the
+module's forward and backward run as plain dense code:
+
+- **Inputs**: ShardedTensors split along dim 0 by a :class:`ChunkShardingSpec` with one
+  block per rank of its group (all such inputs split alike); each rank passes its block
+  ``[rows_r, ...]``. Plain tensors and other values pass through unchanged (the same on
+  every rank: constants, masks).
+- **Parameters and buffers**: ShardedTensors replicated (:class:`Replicate`) over the
+  inputs' ranks; the module sees each rank's full copy. A plain tensor parameter would
+  train on one rank's rows only: refused when the module is wrapped.
+- **Outputs**: every tensor the module returns must keep the batch: ``[rows_r, ...]``
+  on each rank. It is returned as a ShardedTensor split like the inputs, of global size
+  ``[B, ...]``. A result that lost the batch (a loss, a mean over rows) raises.
+- **Gradients**: a parameter's gradient comes out of backward pending (each rank the
+  gradient of its rows) and joins the bucketed reduction as usual: ``no_sync``,
+  ``set_gradient_bucketing`` and ``count_collectives`` work unchanged. An input's
+  gradient gets the input's layout.
+
+Collectives: none in forward; in backward, the gradient buckets. The first call with
+given input sizes exchanges one all-gather of 16 bytes per rank (``collectives.agree``)
+so that a module that raised on some ranks only (an empty block, a batch that lost its
+rows) raises on every rank, and so do outputs whose trailing sizes differ across ranks.
+Later calls with those sizes communicate nothing in forward: an error there that
+depends on the data of some ranks (an index out of range) is raised on those ranks only,
+as under DDP, and the others then stop at their next collective, under the group's
+timeout.
+
+BatchNorm in training mode computes batch statistics, which the contract excludes:
+refused (in eval mode it uses its running statistics, row by row, and is accepted).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from dispatch_shard import collectives
+from dispatch_shard.layout import Layout, layout_of
+from dispatch_shard.sharded_tensor import ShardedTensor
+from dispatch_shard.specs import ChunkShardingSpec, Partial
+
+__all__ = ["data_parallel"]
+
+# (where a replicated parameter or buffer lives, its name there, it, its gradient's layout)
+_Slot = tuple[dict[str, Any], str, ShardedTensor, Layout]
+
+
+class _ToLocal(torch.autograd.Function):
+    """A ShardedTensor with one block on this rank -> that block (an alias); backward
+    wraps the block's gradient with ``grad_layout`` (a parameter: pending over the
+    ranks; an input: the input's own layout)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: ShardedTensor, grad_layout: Layout) -> torch.Tensor:
+        ctx.anchor = tensor
+        ctx.grad_layout = grad_layout
+        block = tensor._local_tensors[0]
+        return block.view_as(block)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[ShardedTensor, None]:
+        return ctx.anchor._like([grad], ctx.grad_layout, grad.dtype), None
+
+
+class _FromLocal(torch.autograd.Function):
+    """This rank's rows of an output -> the ShardedTensor split like the inputs;
+    backward hands back this rank's rows of the output's gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, block: torch.Tensor, anchor: ShardedTensor,
+                layout: Layout) -> ShardedTensor:
+        ctx.layout = layout
+        ctx.rank = anchor._rank
+        return anchor._like([block], layout, block.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        layout: Layout = ctx.layout
+        if not isinstance(grad, ShardedTensor):  # (a plain gradient: the global value)
+            index = layout.local_indices(ctx.rank)[0]
+            return grad[layout.shard_box(index)], None, None
+        if grad._layout is not layout:
+            grad = grad._redistributed(layout.spec)
+        return grad._local_tensors[0], None, None
+
+
+class _DataParallelModule(nn.Module):
+    """Mixed into a module's class by :func:`data_parallel` (as ``fully_shard`` does):
+    the module keeps its identity, its submodules and its state-dict keys."""
+
+    _dp_slots: list[_Slot]
+    _dp_checked: set[tuple[Any, ...]]
+    _dp_batchnorm: bool
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        split = _split_of(leaves)
+        if split is None:  # no sharded input (a submodule inside a data-parallel run)
+            return super().forward(*args, **kwargs)
+        if self.training and self._dp_batchnorm:
+            raise ValueError(
+                f"data_parallel: {type(self).__mro__[2].__name__} has a BatchNorm in "
+                "training mode, whose batch statistics mix rows; data_parallel runs each "
+                "rank's rows alone. Train it without data_parallel (sharded ops compute the "
+                "statistics over the whole batch), or use eval mode")
+        grad = torch.is_grad_enabled()
+        local = [_local(leaf, grad) if isinstance(leaf, ShardedTensor) else leaf
+                 for leaf in leaves]
+        swapped = _swap_in(self, grad)
+        key = None
+        try:
+            key = tuple((tuple(leaf.shape), leaf.dtype) if isinstance(leaf, ShardedTensor)
+                        else type(leaf) for leaf in leaves)
+            if key in self._dp_checked:
+                args, kwargs = pytree.tree_unflatten(local, spec)
+                return _outputs(super().forward(*args, **kwargs), split)
+            return self._first_call(local, spec, split, key)
+        finally:
+            for holder, name, tensor, _ in swapped:
+                holder[name] = tensor
+
+    def _first_call(self, local: list[Any], spec: Any, split: ShardedTensor,
+                    key: tuple[Any, ...]) -> Any:
+        """The first call with these input sizes: every rank learns whether any raised,
+        and that the outputs' trailing sizes agree (see the module docstring)."""
+        error: Exception | None = None
+        result: Any = None
+        facts: list[tuple[str, Any]] = []
+        try:
+            args, kwargs = pytree.tree_unflatten(local, spec)
+            result = _outputs(super().forward(*args, **kwargs), split)
+            facts = [("outputs", [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor)
+                                  else type(t) for t in pytree.tree_leaves(result)])]
+        except Exception as raised:  # re-raised on every rank below
+            error = raised
+        collectives.agree("data_parallel outputs", facts, error, split._process_group)
+        self._dp_checked.add(key)
+        return result
+
+
+def data_parallel(module: nn.Module) -> nn.Module:
+    """Run ``module`` on each rank's rows of its batch as dense code (see the module
+    docstring for the contract), in place; returns ``module``.
+
+    Its parameters (and ShardedTensor buffers) must be replicated ShardedTensors, for
+    example from :meth:`ShardedTensor.from_replicated`. Call it on the module that takes
+    the split batch (usually the root); the same call on every rank.
+
+    Raises:
+        TypeError: a parameter is a plain tensor, or not replicated.
+        ValueError: the module was already made data-parallel.
+    """
+    if isinstance(module, _DataParallelModule):
+        raise ValueError("data_parallel: this module is already data-parallel")
+    for name, param in module.named_parameters():
+        if not isinstance(param, ShardedTensor):
+            raise TypeError(
+                f"data_parallel: parameter {name!r} is a plain tensor; its gradient would "
+                "be this rank's rows' only. Make it a replicated ShardedTensor "
+                "(ShardedTensor.from_replicated(param, Replicate()))")
+        if not param._layout.is_replicate:
+            raise TypeError(
+                f"data_parallel: parameter {name!r} is laid out by {param._layout.spec}; "
+                "data_parallel runs replicated parameters only (a sharded one runs "
+                "without it)")
+    cls = type(module)
+    mixed = _classes.get(cls)
+    if mixed is None:
+        mixed = _classes[cls] = type(f"DataParallel{cls.__name__}",
+                                     (_DataParallelModule, cls), {})
+    module.__class__ = mixed
+    dp: Any = module
+    dp._dp_slots = []
+    dp._dp_checked = set()
+    dp._dp_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                           for m in module.modules())
+    return module
+
+
+_classes: dict[type, type] = {}
+
+
+def _split_of(leaves: list[Any]) -> ShardedTensor | None:
+    """The first ShardedTensor input, after checking every one is split along dim 0 like
+    it, one block per rank; None when there is none."""
+    first: ShardedTensor | None = None
+    for leaf in leaves:
+        if not isinstance(leaf, ShardedTensor):
+            continue
+        layout = leaf._layout
+        spec = layout.spec
+        if not (isinstance(spec, ChunkShardingSpec) and spec.dim in (0, -len(layout.size))
+                and len({p.rank() for p in spec.placements}) == len(spec.placements)
+                == len(layout.group_ranks)):
+            raise ValueError(
+                f"data_parallel: an input of size {list(layout.size)} is laid out by "
+                f"{spec}; inputs must be split along dim 0 by a ChunkShardingSpec with one "
+                "block per rank of the group (the batch)")
+        if first is None:
+            first = leaf
+        elif (spec != first._layout.spec or layout.size[0] != first._layout.size[0]
+              or leaf._process_group is not first._process_group):
+            raise ValueError(
+                f"data_parallel: inputs of sizes {list(first._layout.size)} and "
+                f"{list(layout.size)} are split differently ({first._layout.spec}, {spec}); "
+                "every sharded input must split the same batch alike")
+    return first
+
+
+def _local(tensor: ShardedTensor, grad: bool) -> torch.Tensor:
+    block = tensor._local_tensors[0]
+    if grad and tensor.requires_grad:
+        local: torch.Tensor = _ToLocal.apply(tensor, tensor._layout)  # type: ignore[no-untyped-call]
+        return local
+    return block
+
+
+def _swap_in(module: Any, grad: bool) -> list[_Slot]:
+    """Put each rank's copy of every replicated parameter and buffer in its place;
+    returns what to put back."""
+    slots: list[_Slot] = module._dp_slots
+    if not slots or any(holder.get(name) is not tensor for holder, name, tensor, _ in slots):
+        slots = module._dp_slots = _slots(module)
+    for holder, name, tensor, pending in slots:
+        if grad and tensor.requires_grad:
+            holder[name] = _ToLocal.apply(tensor, pending)  # type: ignore[no-untyped-call]
+        else:
+            holder[name] = tensor._local_tensors[0]
+    return slots
+
+
+def _slots(module: nn.Module) -> list[_Slot]:
+    slots: list[_Slot] = []
+    for owner_name, owner in module.named_modules():
+        for holder in (owner._parameters, owner._buffers):
+            for name, tensor in holder.items():
+                if isinstance(tensor, ShardedTensor):
+                    if not tensor._layout.is_replicate:
+                        raise TypeError(
+                            f"data_parallel: {owner_name + '.' if owner_name else ''}{name} "
+                            f"is laid out by {tensor._layout.spec}; data_parallel runs "
+                            "replicated parameters and buffers only")
+                    # (the layout of its gradient: pending over the ranks)
+                    slots.append((holder, name, tensor,
+                                  tensor._layout.with_spec(Partial("sum"))))
+                elif holder is owner._parameters and tensor is not None:
+                    raise TypeError(
+                        f"data_parallel: parameter {owner_name}.{name} is a plain tensor; "
+                        "make it a replicated ShardedTensor")
+    return slots
+
+
+def _outputs(result: Any, split: ShardedTensor) -> Any:
+    """Each tensor output, ``[rows_r, ...]`` on this rank, as the ShardedTensor split like
+    the inputs."""
+    layout = split._layout
+    rows = split._local_tensors[0].shape[0]
+
+    def wrap(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, ShardedTensor) or value.dim() == 0 or value.shape[0] != rows:
+            raise ValueError(
+                f"data_parallel: the module returned a tensor of size {list(value.shape)} "
+                f"on a rank holding {rows} rows; every output must keep the batch (its "
+                "rows along dim 0, one per input row). Compute losses and batch means "
+                "outside the data-parallel module")
+        out = layout_of(layout.spec, torch.Size([layout.size[0], *value.shape[1:]]),
+                        layout.group_ranks, layout.device)
+        if torch.is_grad_enabled() and value.requires_grad:
+            return _FromLocal.apply(value, split, out)  # type: ignore[no-untyped-call]
+        return split._like([value], out, value.dtype)
+
+    return pytree.tree_map(wrap, result)

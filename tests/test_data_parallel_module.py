@@ -1,0 +1,243 @@
+"""``ds.data_parallel``: a module with replicated parameters run on each rank's rows as
+dense code. Every test compares with the dense module on the whole batch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from layouts import cols, rows
+from torch import nn
+
+import dispatch_shard as ds
+from dispatch_shard.testing import multi_rank
+
+
+class _Net(nn.Module):
+    """Rows independent: Linear, LayerNorm, GELU, and a branch some steps skip."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(width, 16)
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, width)
+        self.extra = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, *, skip: bool = False) -> torch.Tensor:
+        h = self.out(F.gelu(self.norm(self.inp(x))))
+        return h if skip else self.extra(h)
+
+
+def _replicated(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for name, param in list(twin.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(owner), attr, nn.Parameter(
+            ds.ShardedTensor.from_replicated(param.detach(), ds.Replicate())))
+    return twin
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    return value.full_tensor() if isinstance(value, ds.ShardedTensor) else value
+
+
+def _data(n: int, seed: int, width: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, width, generator=generator),
+            torch.randn(n, width, generator=generator))
+
+
+@multi_rank(world_size=[1, 3])
+def test_training_matches_dense_against_float64(rank: int, world_size: int) -> None:
+    """AdamW, 10 rows over the ranks (4, 4, 2 at three), a branch skipped on odd steps:
+    the data-parallel module and dense float32 both stay within float32 noise of a
+    float64 copy, and the losses agree."""
+    torch.manual_seed(0)
+    dense = _Net()
+    exact = copy.deepcopy(dense).double()
+    ours = ds.data_parallel(_replicated(dense))
+    assert isinstance(ours, _Net) and ours.state_dict().keys() == dense.state_dict().keys()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (dense, exact, ours)]
+    for step in range(5):
+        x, y = _data(10, seed=step)
+        skip = step % 2 == 1
+        losses = []
+        for model, opt, xs, ys in ((dense, opts[0], x, y),
+                                   (exact, opts[1], x.double(), y.double()),
+                                   (ours, opts[2], ds.ShardedTensor.from_replicated(
+                                       x, rows(world_size)),
+                                    ds.ShardedTensor.from_replicated(y, rows(world_size)))):
+            opt.zero_grad(set_to_none=True)
+            loss = F.mse_loss(model(xs, skip=skip), ys)
+            loss.backward()
+            opt.step()
+            losses.append(_full(loss.detach()).item())
+        assert abs(losses[2] - losses[1]) < 1e-5, losses
+        assert (ours.extra.weight.grad is None) == skip  # (no gradient: not used)
+    for mine, theirs, reference in zip(ours.parameters(), dense.parameters(),
+                                       exact.parameters(), strict=True):
+        assert (_full(mine.detach()).double() - reference.detach()).abs().max() < 2e-4
+        assert (theirs.detach().double() - reference.detach()).abs().max() < 2e-4
+
+
+@multi_rank(world_size=[2])
+def test_the_step_communicates_only_its_gradient_bucket(rank: int, world_size: int) -> None:
+    """The first call with new sizes checks the ranks agree (one 16-byte all-gather per
+    rank); later steps issue only the gradients' bucket, in backward."""
+    torch.manual_seed(0)
+    dense = _Net()
+    ours = ds.data_parallel(_replicated(dense))
+    x, y = (ds.ShardedTensor.from_replicated(t, rows(world_size)) for t in _data(6, seed=1))
+    for step in range(2):
+        ours.zero_grad(set_to_none=True)
+        with ds.count_collectives() as counted:
+            loss = F.mse_loss(ours(x), y)
+            forward = [e.kind for e in counted.events]
+            loss.backward()
+        assert forward == (["all_gather"] if step == 0 else []), counted.events
+        buckets = [e for e in counted.events if e.op.startswith("gradient bucket")]
+        assert len(buckets) == 1 and buckets[0].kind == "all_reduce", counted.events
+        assert len(counted.events) == len(forward) + 1, counted.events
+    grads = [_full(p.grad) for p in ours.parameters()]
+    xd, yd = _data(6, seed=1)
+    F.mse_loss(dense(xd), yd).backward()
+    for mine, param in zip(grads, dense.parameters(), strict=True):
+        torch.testing.assert_close(mine, param.grad)
+
+
+@multi_rank(world_size=[2])
+def test_accumulation_with_no_sync_and_clipping(rank: int, world_size: int) -> None:
+    torch.manual_seed(0)
+    dense = _Net()
+    ours = ds.data_parallel(_replicated(dense))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (dense, ours)]
+    batches = [_data(8, seed=20 + i) for i in range(3)]
+    with ds.count_collectives() as counted:
+        with ds.no_sync():
+            for x, y in batches[:2]:
+                F.mse_loss(ours(ds.ShardedTensor.from_replicated(x, rows(world_size))),
+                           ds.ShardedTensor.from_replicated(y, rows(world_size))).backward()
+    assert not [e for e in counted.events if e.op.startswith("gradient bucket")]
+    x, y = batches[2]
+    F.mse_loss(ours(ds.ShardedTensor.from_replicated(x, rows(world_size))),
+               ds.ShardedTensor.from_replicated(y, rows(world_size))).backward()
+    for x, y in batches:
+        F.mse_loss(dense(x), y).backward()
+    norms = [_full(nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.1)) for m in (dense, ours)]
+    torch.testing.assert_close(norms[1], norms[0])
+    assert norms[0] > 0.1  # (clipping scaled the gradients)
+    for opt in opts:
+        opt.step()
+    for mine, param in zip(ours.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(_full(mine.detach()), param.detach())
+
+
+class _TwoOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, scale: float = 1.0
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        h = self.lin(x) * mask * scale
+        return h, {"sq": h * h, "tag": torch.tensor(0)[None].expand(x.shape[0])}
+
+
+@multi_rank(world_size=[3])
+def test_inputs_outputs_and_their_gradients(rank: int, world_size: int) -> None:
+    """A split input that requires grad gets its gradient in its own layout; a plain
+    tensor argument passes through; outputs in a tuple and a dict come back split; under
+    no_grad nothing is recorded."""
+    torch.manual_seed(3)
+    dense = _TwoOut()
+    ours = ds.data_parallel(_replicated(dense))
+    x = torch.randn(7, 4)
+    mask = torch.tensor([1.0, 0.0, 1.0, 2.0])
+    xs = ds.ShardedTensor.from_replicated(x, rows(world_size)).requires_grad_()
+    xd = x.clone().requires_grad_()
+    h, extra = ours(xs, mask, scale=0.5)
+    hd, extra_d = dense(xd, mask, scale=0.5)
+    assert h.sharding_spec() == rows(world_size) and list(h.shape) == [7, 4]
+    torch.testing.assert_close(h.full_tensor(), hd)
+    torch.testing.assert_close(extra["sq"].full_tensor(), extra_d["sq"])
+    assert extra["tag"].full_tensor().tolist() == [0] * 7
+    (h.sum() + extra["sq"].sum()).backward()
+    (hd.sum() + extra_d["sq"].sum()).backward()
+    assert xs.grad.sharding_spec() == rows(world_size)
+    torch.testing.assert_close(xs.grad.full_tensor(), xd.grad)
+    torch.testing.assert_close(ours.lin.weight.grad.full_tensor(), dense.lin.weight.grad)
+    with torch.no_grad():
+        out, _ = ours(xs, mask)
+    assert not out.requires_grad
+    torch.testing.assert_close(out.full_tensor(), dense(x, mask)[0].detach())
+
+
+class _Mean(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).mean(0, keepdim=True)
+
+
+class _Flatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).view(x.shape[0], -1)
+
+
+@multi_rank(world_size=[3])
+def test_bad_modules_raise_on_every_rank(rank: int, world_size: int) -> None:
+    """7 rows over 3 ranks (3, 3, 1): a mean over the batch keeps one row, which only the
+    last rank holds, yet every rank raises; so does an error of the last rank's empty
+    block (2 rows over 3 ranks); the parameters are put back either way."""
+    torch.manual_seed(0)
+    mean = ds.data_parallel(_replicated(_Mean()))
+    x = ds.ShardedTensor.from_replicated(torch.randn(7, 4), rows(world_size))
+    with pytest.raises(ValueError, match="every output must keep the batch"):
+        mean(x)
+    assert isinstance(mean.lin.weight, ds.ShardedTensor)
+    flatten = ds.data_parallel(_replicated(_Flatten()))
+    empty_on_last = ds.ShardedTensor.from_replicated(torch.randn(2, 4), rows(world_size))
+    with pytest.raises(RuntimeError, match="0 elements"):
+        flatten(empty_on_last)
+    assert isinstance(flatten.lin.weight, ds.ShardedTensor)
+    # The same module, sizes it runs with: right.
+    out = flatten(x)
+    weight, bias = flatten.lin.weight.full_tensor(), flatten.lin.bias.full_tensor()
+    torch.testing.assert_close(out.full_tensor(), x.full_tensor() @ weight.T + bias)
+
+
+@multi_rank(world_size=[2])
+def test_what_data_parallel_refuses(rank: int, world_size: int) -> None:
+    with pytest.raises(TypeError, match="parameter 'weight' is a plain tensor"):
+        ds.data_parallel(nn.Linear(4, 4))
+    chunked = nn.Linear(4, 4)
+    chunked.weight = nn.Parameter(ds.ShardedTensor.from_replicated(
+        chunked.weight.detach(), rows(world_size)))
+    chunked.bias = nn.Parameter(ds.ShardedTensor.from_replicated(
+        chunked.bias.detach(), ds.Replicate()))
+    with pytest.raises(TypeError, match="replicated parameters only"):
+        ds.data_parallel(chunked)
+    model = ds.data_parallel(_replicated(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="already data-parallel"):
+        ds.data_parallel(model)
+    by_cols = ds.ShardedTensor.from_replicated(torch.randn(4, 4), cols(world_size))
+    with pytest.raises(ValueError, match="must be split along dim 0"):
+        model(by_cols)
+    norm = ds.data_parallel(_replicated(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))))
+    x = ds.ShardedTensor.from_replicated(torch.randn(6, 4), rows(world_size))
+    with pytest.raises(ValueError, match="BatchNorm in training mode"):
+        norm(x)
+    norm.eval()  # running statistics: row by row
+    twin = copy.deepcopy(norm)
+    assert type(twin) is type(norm)
+    dense = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    dense.load_state_dict({k: _full(v) for k, v in norm.state_dict().items()})
+    torch.testing.assert_close(twin(x).full_tensor(), dense(x.full_tensor()))
