@@ -21,7 +21,8 @@ machines are noisy. Sections:
 6. DP x TP on a 2x2 mesh: the Megatron MLP with its batch split over "dp", against
    DTensor with the same placements (given a sum/N loss, which is right on split
    batches): step time in alternating rounds, collectives and bytes.
-7. Data parallel against DDP (world 1 and 4) and FSDP-style parameters against FSDP2's
+7. Data parallel against DDP (world 1 and 4; the plain replicated model and the same
+   model under ``ds.data_parallel``) and FSDP-style parameters against FSDP2's
    ``fully_shard`` (world 4): step time, collectives, peak memory
    (``tools/bench_data_parallel.py``).
 8. torch.compile (inductor) of the Megatron MLP step at world 4: against eager and
@@ -622,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     at_scale = memory_at_scale()
     data_parallel = {"dp1": bench_data_parallel.figures(1, "dp"),
                      "dp4": bench_data_parallel.figures(4, "dp"),
+                     "dpm1": bench_data_parallel.figures(1, "dp_module"),
+                     "dpm4": bench_data_parallel.figures(4, "dp_module"),
                      "fsdp4": bench_data_parallel.figures(4, "fsdp")}
     memory = {which: bench_data_parallel.peak_memory(which) for which in ("ours", "fsdp2")}
     compiled = bench_compile.figures()
@@ -735,6 +738,11 @@ def main(argv: list[str] | None = None) -> int:
          f"{dp4['theirs_ms']:.1f}", f"{dp4['ratio']:.2f}",
          f"{dp4['ours_collectives']:.0f} (DDP buckets: {dp4['theirs_buckets']:.0f})",
          f"{dp4['deviation']:.1e}"],
+        *[[f"ds.data_parallel, world {world} (anchor: DDP)", f"{f['ours_ms']:.1f}",
+           f"{f['theirs_ms']:.1f}", f"{f['ratio']:.2f}",
+           f"{f['ours_collectives']:.0f} (DDP buckets: {f['theirs_buckets']:.0f})",
+           f"{f['deviation']:.1e}"]
+          for world, f in ((1, data_parallel["dpm1"]), (4, data_parallel["dpm4"]))],
         ["dim-0 chunked, world 4 (anchor: FSDP2)", f"{fsdp4['ours_ms']:.1f}",
          f"{fsdp4['theirs_ms']:.1f}", f"{fsdp4['ratio']:.2f}",
          f"{fsdp4['ours_collectives']:.0f}", f"{fsdp4['deviation']:.1e}"],
@@ -790,14 +798,26 @@ def _data_parallel_summary(figures: dict[str, dict[str, float]],
         return [figure, f"{value:.3f}" if value < 10 else f"{value:.1f}", target,
                 "yes" if met else "NO"]
 
+    dpm1, dpm4 = figures["dpm1"], figures["dpm4"]
     rows = [
-        row("DP world 4: step time / DDP's", dp4["ratio"], "<= 1.0", dp4["ratio"] <= 1.0),
-        row("DP world 4: collectives per step", dp4["ours_collectives"],
+        row("DP world 4, ds.data_parallel: step time / DDP's", dpm4["ratio"], "<= 1.0",
+            dpm4["ratio"] <= 1.0),
+        row("DP world 4, ds.data_parallel: collectives per step", dpm4["ours_collectives"],
+            f"<= DDP's buckets + 1 = {dpm4['theirs_buckets'] + 1:.0f}",
+            dpm4["ours_collectives"] <= dpm4["theirs_buckets"] + 1),
+        row("DP world 4, ds.data_parallel: parameters - DDP's", dpm4["deviation"], "< 1e-6",
+            dpm4["deviation"] < 1e-6),
+        row("DP world 1, ds.data_parallel: step time / DDP's", dpm1["ratio"], "<= 1.3",
+            dpm1["ratio"] <= 1.3),
+        row("DP world 4, plain module: step time / DDP's", dp4["ratio"], "<= 1.0",
+            dp4["ratio"] <= 1.0),
+        row("DP world 4, plain module: collectives per step", dp4["ours_collectives"],
             f"<= DDP's buckets + 1 = {dp4['theirs_buckets'] + 1:.0f}",
             dp4["ours_collectives"] <= dp4["theirs_buckets"] + 1),
-        row("DP world 4: parameters - DDP's", dp4["deviation"], "< 1e-6",
+        row("DP world 4, plain module: parameters - DDP's", dp4["deviation"], "< 1e-6",
             dp4["deviation"] < 1e-6),
-        row("DP world 1: step time / DDP's", dp1["ratio"], "<= 1.3", dp1["ratio"] <= 1.3),
+        row("DP world 1, plain module: step time / DDP's", dp1["ratio"], "<= 1.3",
+            dp1["ratio"] <= 1.3),
         row("FSDP-style world 4: step time / FSDP2's", fsdp4["ratio"], "<= 1.0",
             fsdp4["ratio"] <= 1.0),
     ]

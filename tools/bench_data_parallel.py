@@ -8,6 +8,9 @@ turns, so machine noise hits both), and reported as the median of per-round rati
   along dim 0; against DDP with its default buckets, at world 1 and world 4. Also the
   collectives per step against DDP's bucket count, and the largest parameter difference
   from DDP's after the run.
+- **DP, ``ds.data_parallel``**: the same replicated model wrapped by
+  :func:`dispatch_shard.data_parallel` (run on each rank's rows as dense code), against
+  DDP likewise.
 - **FSDP-style**: every parameter chunked along dim 0 over the ranks; against
   ``fully_shard`` on each Linear and the root, world 4. Also the peak memory per rank:
   the growth of the process's peak RSS over the timed steps, each library in its own
@@ -69,9 +72,11 @@ def _steppers(rank: int, world_size: int, kind: str
 
     dense = _model()
     rows = ds.ChunkShardingSpec(0, [f"rank:{r}/cpu" for r in range(world_size)])
-    ours = _ours(dense, ds.Replicate() if kind == "dp" else rows)
+    ours = _ours(dense, rows if kind == "fsdp" else ds.Replicate())
+    if kind == "dp_module":
+        ours = ds.data_parallel(ours)
     theirs: nn.Module
-    if kind == "dp":
+    if kind != "fsdp":
         theirs = nn.parallel.DistributedDataParallel(copy.deepcopy(dense))
     else:
         from torch.distributed.fsdp import fully_shard
@@ -117,7 +122,7 @@ def _figures(rank: int, world_size: int, kind: str) -> dict[str, float]:
     figures["ours_collectives"] = len(counted.events)
     figures["ours_buckets"] = sum(e.op.startswith("gradient bucket") for e in counted.events)
     figures["ours_hidden"] = counted.reduction_hidden_s / max(counted.reduction_s, 1e-12)
-    if kind == "dp":
+    if kind != "fsdp":
         figures["theirs_buckets"] = _ddp_buckets_per_step(world_size)
     times: dict[str, list[float]] = {"ours": [], "theirs": []}
     for i in range(ROUNDS):
@@ -170,7 +175,7 @@ def _dense(value: torch.Tensor) -> torch.Tensor:
 
 
 def figures(world_size: int, kind: str) -> dict[str, float]:
-    """The figures of ``kind`` ("dp" or "fsdp") at ``world_size``, on the rank pool:
+    """The figures of ``kind`` ("dp", "dp_module" or "fsdp") at ``world_size``, on the rank pool:
     times of the slowest rank, everything else as rank 0 sees it."""
     from dispatch_shard.testing import get_pool, shutdown_pools
 
