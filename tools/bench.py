@@ -798,26 +798,21 @@ def _data_parallel_summary(figures: dict[str, dict[str, float]],
         return [figure, f"{value:.3f}" if value < 10 else f"{value:.1f}", target,
                 "yes" if met else "NO"]
 
-    dpm1, dpm4 = figures["dpm1"], figures["dpm4"]
-    rows = [
-        row("DP world 4, ds.data_parallel: step time / DDP's", dpm4["ratio"], "<= 1.0",
-            dpm4["ratio"] <= 1.0),
-        row("DP world 4, ds.data_parallel: collectives per step", dpm4["ours_collectives"],
-            f"<= DDP's buckets + 1 = {dpm4['theirs_buckets'] + 1:.0f}",
-            dpm4["ours_collectives"] <= dpm4["theirs_buckets"] + 1),
-        row("DP world 4, ds.data_parallel: parameters - DDP's", dpm4["deviation"], "< 1e-6",
-            dpm4["deviation"] < 1e-6),
-        row("DP world 1, ds.data_parallel: step time / DDP's", dpm1["ratio"], "<= 1.3",
-            dpm1["ratio"] <= 1.3),
-        row("DP world 4, plain module: step time / DDP's", dp4["ratio"], "<= 1.0",
-            dp4["ratio"] <= 1.0),
-        row("DP world 4, plain module: collectives per step", dp4["ours_collectives"],
-            f"<= DDP's buckets + 1 = {dp4['theirs_buckets'] + 1:.0f}",
-            dp4["ours_collectives"] <= dp4["theirs_buckets"] + 1),
-        row("DP world 4, plain module: parameters - DDP's", dp4["deviation"], "< 1e-6",
-            dp4["deviation"] < 1e-6),
-        row("DP world 1, plain module: step time / DDP's", dp1["ratio"], "<= 1.3",
-            dp1["ratio"] <= 1.3),
+    rows = []
+    for label, one, four in (("ds.data_parallel", figures["dpm1"], figures["dpm4"]),
+                             ("plain module", dp1, dp4)):
+        rows += [
+            row(f"DP world 4, {label}: step time / DDP's", four["ratio"], "<= 1.0",
+                four["ratio"] <= 1.0),
+            row(f"DP world 4, {label}: collectives per step", four["ours_collectives"],
+                f"<= DDP's buckets + 1 = {four['theirs_buckets'] + 1:.0f}",
+                four["ours_collectives"] <= four["theirs_buckets"] + 1),
+            row(f"DP world 4, {label}: parameters - DDP's", four["deviation"], "< 1e-6",
+                four["deviation"] < 1e-6),
+            row(f"DP world 1, {label}: step time / DDP's", one["ratio"], "<= 1.3",
+                one["ratio"] <= 1.3),
+        ]
+    rows += [
         row("FSDP-style world 4: step time / FSDP2's", fsdp4["ratio"], "<= 1.0",
             fsdp4["ratio"] <= 1.0),
     ]
