@@ -22,23 +22,34 @@ module's forward and backward run as plain dense code:
   train on one rank's rows only: refused when the module is wrapped.
 - **Outputs**: every tensor the module returns must keep the batch: ``[rows_r, ...]``
   on each rank. It is returned as a ShardedTensor split like the inputs, of global size
-  ``[B, ...]``. A result that lost the batch (a loss, a mean over rows) raises.
+  ``[B, ...]``. A result that visibly lost the batch (a scalar loss, a mean over rows
+  whose size differs from the rank's rows on some rank) raises on every rank; one that
+  mixes rows but keeps their number cannot be seen, which is the contract's to exclude.
 - **Gradients**: a parameter's gradient comes out of backward pending (each rank the
   gradient of its rows) and joins the bucketed reduction as usual: ``no_sync``,
   ``set_gradient_bucketing`` and ``count_collectives`` work unchanged. An input's
   gradient gets the input's layout.
 
 Collectives: none in forward; in backward, the gradient buckets. The first call with
-given input sizes exchanges one all-gather of 16 bytes per rank (``collectives.agree``)
-so that a module that raised on some ranks only (an empty block, a batch that lost its
-rows) raises on every rank, and so do outputs whose trailing sizes differ across ranks.
-Later calls with those sizes communicate nothing in forward: an error there that
+given inputs (their sizes and dtypes, the values of other hashable arguments, training
+and grad mode) exchanges one all-gather of 16 bytes per rank (``collectives.agree``) so
+that a module that raised on some ranks only (an empty block, a batch that lost its
+rows) raises on every rank, and so do outputs whose trailing sizes differ across ranks;
+where some rank's block is empty, every call checks. Later calls with the same inputs'
+facts communicate nothing in forward: an error there that
 depends on the data of some ranks (an index out of range) is raised on those ranks only,
 as under DDP, and the others then stop at their next collective, under the group's
 timeout.
 
-BatchNorm in training mode computes batch statistics, which the contract excludes:
-refused (in eval mode it uses its running statistics, row by row, and is accepted).
+A BatchNorm that computes batch statistics (training mode, or no running statistics)
+breaks the contract: refused at each call (in eval mode with running statistics it works
+row by row, and is accepted). Also refused: a second derivative through the module
+(``create_graph=True`` then backward again), and a forward that assigns a new tensor to
+a replicated parameter or buffer. Activation checkpointing of the whole module or of
+submodules inside it works (NOTE [checkpointed submodules of a data-parallel module]),
+as long as a checkpointed function reaches parameters through the modules that hold
+them. ``torch.compile`` of the data-parallel module itself is not supported: it raises
+(compile the submodules inside instead).
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils import _pytree as pytree
 
 from dispatch_shard import collectives
@@ -73,6 +85,7 @@ class _ToLocal(torch.autograd.Function):
         return block.view_as(block)
 
     @staticmethod
+    @once_differentiable  # (a second derivative through it raises, never a silent zero)
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[ShardedTensor, None]:
         return ctx.anchor._like([grad], ctx.grad_layout, grad.dtype), None
 
@@ -89,6 +102,7 @@ class _FromLocal(torch.autograd.Function):
         return anchor._like([block], layout, block.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         layout: Layout = ctx.layout
         if not isinstance(grad, ShardedTensor):  # (a plain gradient: the global value)
@@ -105,32 +119,48 @@ class _DataParallelModule(nn.Module):
 
     _dp_slots: list[_Slot]
     _dp_checked: set[tuple[Any, ...]]
-    _dp_batchnorm: bool
+    _dp_batchnorms: list[nn.modules.batchnorm._BatchNorm]
+    _dp_built: tuple[int, tuple[int, ...]]  # (_generation, group ranks) of the slots
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         split = _split_of(leaves)
         if split is None:  # no sharded input (a submodule inside a data-parallel run)
             return super().forward(*args, **kwargs)
-        if self.training and self._dp_batchnorm:
-            raise ValueError(
-                f"data_parallel: {type(self).__mro__[2].__name__} has a BatchNorm in "
-                "training mode, whose batch statistics mix rows; data_parallel runs each "
-                "rank's rows alone. Train it without data_parallel (sharded ops compute the "
-                "statistics over the whole batch), or use eval mode")
         grad = torch.is_grad_enabled()
-        local = [_local(leaf, grad) if isinstance(leaf, ShardedTensor) else leaf
-                 for leaf in leaves]
-        swapped = _swap_in(self, grad)
-        key = None
+        swapped = _swap_in(self, grad, split)
+        placed = [holder[name] for holder, name, _, _ in swapped]
+        failed = True
+        _running[0] += 1
         try:
-            key = tuple((tuple(leaf.shape), leaf.dtype) if isinstance(leaf, ShardedTensor)
-                        else type(leaf) for leaf in leaves)
+            for norm in self._dp_batchnorms:
+                if norm.training or norm.running_mean is None:
+                    raise ValueError(
+                        f"data_parallel: {type(self).__mro__[2].__name__} has a BatchNorm "
+                        "that uses batch statistics (training mode, or no running "
+                        "statistics), which mix rows; data_parallel runs each rank's rows "
+                        "alone. Train it without data_parallel (sharded ops compute the "
+                        "statistics over the whole batch), or put the BatchNorm in eval mode")
+            local = [_local(leaf, grad) if isinstance(leaf, ShardedTensor) else leaf
+                     for leaf in leaves]
+            key = (self.training, grad, *(_fact(leaf) for leaf in leaves))
             if key in self._dp_checked:
                 args, kwargs = pytree.tree_unflatten(local, spec)
-                return _outputs(super().forward(*args, **kwargs), split)
-            return self._first_call(local, spec, split, key)
+                result = _outputs(super().forward(*args, **kwargs), split)
+            else:
+                result = self._first_call(local, spec, split, key)
+            failed = False
+            return result
         finally:
+            _running[0] -= 1
+            reassigned = [name for (holder, name, _, _), put in zip(swapped, placed, strict=True)
+                          if holder.get(name) is not put]
+            for holder, name, tensor, _ in swapped:
+                holder[name] = tensor
+            if reassigned and not failed:
+                raise TypeError(  # (only when nothing else is in flight)
+                    f"data_parallel: the forward assigned a new value to {reassigned}; a "
+                    "replicated parameter or buffer can only be updated in place there")
             for holder, name, tensor, _ in swapped:
                 holder[name] = tensor
 
@@ -149,7 +179,8 @@ class _DataParallelModule(nn.Module):
         except Exception as raised:  # re-raised on every rank below
             error = raised
         collectives.agree("data_parallel outputs", facts, error, split._process_group)
-        self._dp_checked.add(key)
+        if not _empty_somewhere(split):  # (an empty block: checked at every call)
+            self._dp_checked.add(key)
         return result
 
 
@@ -187,8 +218,9 @@ def data_parallel(module: nn.Module) -> nn.Module:
     dp: Any = module
     dp._dp_slots = []
     dp._dp_checked = set()
-    dp._dp_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                           for m in module.modules())
+    dp._dp_batchnorms = []
+    dp._dp_built = (-1, ())
+    _slots(module)  # (refuses plain and sharded parameters now)
     return module
 
 
@@ -230,18 +262,112 @@ def _local(tensor: ShardedTensor, grad: bool) -> torch.Tensor:
     return block
 
 
-def _swap_in(module: Any, grad: bool) -> list[_Slot]:
+def _swap_in(module: Any, grad: bool, split: ShardedTensor) -> list[_Slot]:
     """Put each rank's copy of every replicated parameter and buffer in its place;
-    returns what to put back."""
+    returns what to put back. The slots are found again when a module, parameter or
+    buffer was registered anywhere since (torch's global registration hooks), or the
+    inputs' ranks changed."""
+    ranks = split._layout.group_ranks
+    if module._dp_built != (_generation[0], ranks):
+        module._dp_slots = _slots(module)
+        module._dp_batchnorms = [m for m in module.modules()
+                                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for _, name, tensor, _ in module._dp_slots:
+            if tensor._layout.group_ranks != ranks:
+                raise ValueError(
+                    f"data_parallel: {name!r} is replicated over ranks "
+                    f"{list(tensor._layout.group_ranks)}, the inputs are split over "
+                    f"{list(ranks)}; parameters must be replicated over the batch's ranks")
+        for owner in module.modules():
+            if owner is not module and not getattr(owner, "_dp_recompute_hooks", False) and any(
+                    isinstance(t, ShardedTensor) for t in (*owner._parameters.values(),
+                                                           *owner._buffers.values())):
+                owner.register_forward_pre_hook(_recompute_in)
+                owner._dp_recompute_hooks = True
+        module._dp_built = (_generation[0], ranks)
     slots: list[_Slot] = module._dp_slots
-    if not slots or any(holder.get(name) is not tensor for holder, name, tensor, _ in slots):
-        slots = module._dp_slots = _slots(module)
     for holder, name, tensor, pending in slots:
         if grad and tensor.requires_grad:
             holder[name] = _ToLocal.apply(tensor, pending)  # type: ignore[no-untyped-call]
         else:
             holder[name] = tensor._local_tensors[0]
     return slots
+
+
+# NOTE [checkpointed submodules of a data-parallel module]
+# Activation checkpointing (torch.utils.checkpoint) of a submodule inside the
+# data-parallel forward recomputes it during backward, after the forward put the
+# replicated parameters back: it would run them, as ShardedTensors, on a rank's rows
+# given as a plain tensor, which the sharded ops read as a value replicated on every
+# rank, and its gradients would miss the reduction over ranks. So every submodule
+# holding such parameters has a forward pre-hook: a call during backward, outside any
+# data-parallel forward and with no ShardedTensor among its positional inputs, is such a
+# recomputation, and gets its own parameters' local copies, as the forward did (their
+# gradients pending over the ranks again), until the backward pass ends (an autograd
+# engine callback puts the parameters back). Only a pre-hook: a forward hook to undo it
+# would cost every call a few more microseconds, for the rare recomputation.
+
+_running = [0]  # data-parallel forwards running now: the hooks then do nothing
+_recomputed: list[tuple[dict[str, Any], str, ShardedTensor]] = []  # put back at the end
+
+
+_queued = [-1]  # the backward pass whose end puts them back
+
+
+def _recompute_in(module: nn.Module, args: tuple[Any, ...]) -> None:
+    task = torch._C._current_graph_task_id()
+    if _running[0] or task == -1:
+        return
+    if any(isinstance(leaf, ShardedTensor) for leaf in pytree.tree_leaves(args)):
+        return
+    if _queued[0] != task:
+        torch.autograd.Variable._execution_engine.queue_callback(_put_back)
+        _queued[0] = task
+    holders: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
+    for holder in holders:
+        for name, tensor in holder.items():
+            if isinstance(tensor, ShardedTensor) and tensor._layout.is_replicate:
+                _recomputed.append((holder, name, tensor))
+                holder[name] = (_ToLocal.apply(  # type: ignore[no-untyped-call]
+                    tensor, tensor._layout.with_spec(Partial("sum")))
+                    if tensor.requires_grad and torch.is_grad_enabled()
+                    else tensor._local_tensors[0])
+
+
+def _put_back() -> None:
+    _queued[0] = -1
+    while _recomputed:
+        holder, name, tensor = _recomputed.pop()
+        holder[name] = tensor
+
+
+# Bumped by every registration of a module, parameter or buffer (see _swap_in).
+_generation = [0]
+
+
+def _bump(*_: Any) -> None:
+    _generation[0] += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_bump)
+nn.modules.module.register_module_parameter_registration_hook(_bump)
+nn.modules.module.register_module_buffer_registration_hook(_bump)
+
+
+def _fact(leaf: Any) -> Any:
+    """What the first-call check of an input depends on: a tensor's size and dtype, any
+    other hashable value itself (a flag may take another branch), else its type."""
+    if isinstance(leaf, torch.Tensor):
+        return (tuple(leaf.shape), leaf.dtype)
+    try:
+        hash(leaf)
+    except TypeError:
+        return type(leaf)
+    return leaf
+
+
+def _empty_somewhere(split: ShardedTensor) -> bool:
+    return any(shard.shard_sizes[0] == 0 for shard in split._layout.shards)
 
 
 def _slots(module: nn.Module) -> list[_Slot]:

@@ -7,7 +7,9 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from layouts import cols, rows
 from torch import nn
 
@@ -233,7 +235,7 @@ def test_what_data_parallel_refuses(rank: int, world_size: int) -> None:
         model(by_cols)
     norm = ds.data_parallel(_replicated(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))))
     x = ds.ShardedTensor.from_replicated(torch.randn(6, 4), rows(world_size))
-    with pytest.raises(ValueError, match="BatchNorm in training mode"):
+    with pytest.raises(ValueError, match="uses batch statistics"):
         norm(x)
     norm.eval()  # running statistics: row by row
     twin = copy.deepcopy(norm)
@@ -241,3 +243,112 @@ def test_what_data_parallel_refuses(rank: int, world_size: int) -> None:
     dense = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
     dense.load_state_dict({k: _full(v) for k, v in norm.state_dict().items()})
     torch.testing.assert_close(twin(x).full_tensor(), dense(x.full_tensor()))
+
+
+class _Checkpointed(nn.Module):
+    """A block recomputed in backward (activation checkpointing inside the module)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(4, 8), nn.GELU())
+        self.b = nn.Linear(8, 4)
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.a, x, use_reentrant=self.reentrant)
+        return self.b(h)
+
+
+@multi_rank(world_size=[2])
+def test_checkpointed_submodules_and_second_derivatives(rank: int, world_size: int) -> None:
+    """A submodule recomputed in backward gets its local copies again (its gradients are
+    pending and reduced, equal to dense); a second derivative through the module raises
+    rather than dropping a term."""
+    x, _ = _data(6, seed=5, width=4)
+    for reentrant in (False, True):
+        # (the input requires grad: the reentrant form computes no parameter gradients
+        # otherwise, dense or not)
+        xs = ds.ShardedTensor.from_replicated(x, rows(world_size)).requires_grad_()
+        xd = x.clone().requires_grad_()
+        torch.manual_seed(0)
+        dense = _Checkpointed(reentrant)
+        ours = ds.data_parallel(_replicated(dense))
+        (ours(xs) ** 2).sum().backward()
+        (dense(xd) ** 2).sum().backward()
+        for (name, mine), param in zip(ours.named_parameters(), dense.parameters(),
+                                       strict=True):
+            assert mine.grad.sharding_spec() == ds.Replicate(), name
+            torch.testing.assert_close(mine.grad.full_tensor(), param.grad, msg=name)
+        torch.testing.assert_close(xs.grad.full_tensor(), xd.grad)
+        assert all(isinstance(p, ds.ShardedTensor) for p in ours.parameters())
+    smooth = ds.data_parallel(_replicated(nn.Sequential(nn.Linear(4, 4), nn.Tanh())))
+    inputs = ds.ShardedTensor.from_replicated(x, rows(world_size)).requires_grad_()
+    (grad,) = torch.autograd.grad(smooth(inputs).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable"):
+        (grad ** 2).sum().backward()
+
+
+class _Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, *, reassign: bool = False) -> torch.Tensor:
+        if reassign:
+            self.calls = self.calls + 1
+        else:
+            self.calls.add_(1)  # (in place: fine)
+            if x.shape[0] == 0:
+                raise RuntimeError("this branch fails on an empty block")
+        return self.lin(x)
+
+
+@multi_rank(world_size=[3])
+def test_what_is_checked_at_every_call(rank: int, world_size: int) -> None:
+    """A buffer assigned anew in forward, a flag that takes another branch on a rank's
+    empty block, BatchNorm modes, parameters added after the first call, parameters
+    replicated over other ranks than the batch's: each raises on every rank (or, where
+    right, runs as dense)."""
+    torch.manual_seed(0)
+    counter = _Counter()
+    counter.calls = ds.ShardedTensor.from_replicated(counter.calls, ds.Replicate())
+    ours = ds.data_parallel(_replicated(counter))
+    two = ds.ShardedTensor.from_replicated(torch.randn(2, 4), rows(world_size))  # 1, 1, 0
+    for _ in range(2):  # (the second call: no first-call check, the same verdict)
+        with pytest.raises(TypeError, match=r"assigned a new value to \['calls'\]"):
+            ours(two, reassign=True)
+    assert isinstance(ours.calls, ds.ShardedTensor) and ours.calls.full_tensor().item() == 0
+    with pytest.raises(RuntimeError, match="fails on an empty block"):
+        ours(two)  # (rank 2 raised; ranks 0 and 1 raise it too)
+    # BatchNorm: frozen in eval inside a training model is fine; batch statistics are not.
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    dense[1].running_mean.uniform_()
+    ours_bn = ds.data_parallel(_replicated(dense))
+    six = ds.ShardedTensor.from_replicated(torch.randn(6, 4), rows(world_size))
+    ours_bn[1].eval()
+    dense[1].eval()
+    torch.testing.assert_close(ours_bn(six).full_tensor(), dense(six.full_tensor()))
+    ours_bn.eval()
+    ours_bn[1].train()  # (the root in eval mode, the BatchNorm in training mode)
+    with pytest.raises(ValueError, match="uses batch statistics"):
+        ours_bn(six)
+    no_stats = ds.data_parallel(_replicated(
+        nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False)).eval()))
+    with pytest.raises(ValueError, match="uses batch statistics"):
+        no_stats(six)
+    # A parameter added after the first call is checked like the others.
+    grown = ds.data_parallel(_replicated(nn.Sequential(nn.Linear(4, 4))))
+    grown(six)
+    grown.append(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="is a plain tensor"):
+        grown(six)
+    # Parameters replicated over ranks 0 and 1, the batch over 0, 1 and 2.
+    pair = dist.new_group([0, 1])
+    lin = nn.Linear(4, 4)
+    for name in ("weight", "bias"):
+        setattr(lin, name, nn.Parameter(ds.ShardedTensor.from_replicated(
+            getattr(lin, name).detach(), ds.Replicate(), process_group=pair)))
+    with pytest.raises(ValueError, match="replicated over ranks \\[0, 1\\]"):
+        ds.data_parallel(lin)(six)
