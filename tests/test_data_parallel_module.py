@@ -352,3 +352,53 @@ def test_what_is_checked_at_every_call(rank: int, world_size: int) -> None:
             getattr(lin, name).detach(), ds.Replicate(), process_group=pair)))
     with pytest.raises(ValueError, match="replicated over ranks \\[0, 1\\]"):
         ds.data_parallel(lin)(six)
+
+
+@multi_rank(world_size=[2], timeout_s=240.0)
+def test_hugging_face_gpt2_with_gradient_checkpointing(rank: int, world_size: int) -> None:
+    """A ``transformers`` GPT2LMHeadModel (tiny random config; tied embedding and head,
+    dropout off) under data_parallel with its own gradient checkpointing on (each block
+    recomputed in backward); the loss computed outside from the split logits. Every
+    step's gradients equal dense's, and so do the parameters after SGD steps (SGD: no
+    Adam amplification of rounding noise to hide a wrong gradient)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    dense = GPT2LMHeadModel(config)
+    ours = copy.deepcopy(dense)
+    for model in (dense, ours):
+        model.gradient_checkpointing_enable()
+    for name, param in list(ours.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        setattr(ours.get_submodule(owner), attr, nn.Parameter(
+            ds.ShardedTensor.from_replicated(param.detach(), ds.Replicate())))
+    ours.lm_head.weight = ours.transformer.wte.weight  # (tied again, as in dense)
+    ours = ds.data_parallel(ours)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (dense, ours)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, 64, (5, 8), generator=generator)
+        losses = []
+        for model, optimizer in zip((dense, ours), optimizers, strict=True):
+            optimizer.zero_grad()
+            inputs = ds.ShardedTensor.from_replicated(ids, rows(world_size)) \
+                if model is ours else ids
+            logits = model(input_ids=inputs).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, 64), inputs[:, 1:].reshape(-1))
+            loss.backward()
+            losses.append(float(_full(loss.detach())))
+        assert abs(losses[1] - losses[0]) < 1e-5, losses
+        for (name, mine), plain in zip(ours.named_parameters(), dense.parameters(),
+                                       strict=True):
+            assert mine.grad.sharding_spec() == ds.Replicate(), name
+            torch.testing.assert_close(mine.grad.full_tensor(), plain.grad, atol=1e-5,
+                                       rtol=1e-4, msg=name)
+        for optimizer in optimizers:
+            optimizer.step()
+    for mine, plain in zip(ours.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(_full(mine.detach()), plain.detach(), atol=1e-5, rtol=1e-4)
