@@ -48,8 +48,8 @@ row by row, and is accepted). Also refused: a second derivative through the modu
 a replicated parameter or buffer. Activation checkpointing of the whole module or of
 submodules inside it works (NOTE [checkpointed submodules of a data-parallel module]),
 as long as a checkpointed function reaches parameters through the modules that hold
-them. ``torch.compile`` of the data-parallel module itself is not supported: it raises
-(compile the submodules inside instead).
+them. Under ``torch.compile`` the data-parallel forward runs as it does eagerly (NOTE [a
+data-parallel forward runs eagerly under torch.compile]).
 """
 
 from __future__ import annotations
@@ -209,6 +209,14 @@ def data_parallel(module: nn.Module) -> nn.Module:
                 f"data_parallel: parameter {name!r} is laid out by {param._layout.spec}; "
                 "data_parallel runs replicated parameters only (a sharded one runs "
                 "without it)")
+    if not _compiler_disabled:
+        # NOTE [a data-parallel forward runs eagerly under torch.compile]: its work is
+        # swapping parameters and wrapping blocks, which a compiler cannot trace; compiled
+        # from outside, it runs as it does eagerly (already without per-op dispatch).
+        # (torch.compiler imports dynamo, about a second: only when data_parallel is used)
+        _DataParallelModule.forward = torch.compiler.disable(  # type: ignore[method-assign]
+            _DataParallelModule.forward, recursive=True)
+        _compiler_disabled.append(True)
     cls = type(module)
     mixed = _classes.get(cls)
     if mixed is None:
@@ -225,6 +233,7 @@ def data_parallel(module: nn.Module) -> nn.Module:
 
 
 _classes: dict[type, type] = {}
+_compiler_disabled: list[bool] = []
 
 
 def _split_of(leaves: list[Any]) -> ShardedTensor | None:

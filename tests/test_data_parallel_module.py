@@ -402,3 +402,22 @@ def test_hugging_face_gpt2_with_gradient_checkpointing(rank: int, world_size: in
             optimizer.step()
     for mine, plain in zip(ours.parameters(), dense.parameters(), strict=True):
         torch.testing.assert_close(_full(mine.detach()), plain.detach(), atol=1e-5, rtol=1e-4)
+
+
+@multi_rank(world_size=[2])
+def test_compiled_from_outside_it_runs_as_eagerly(rank: int, world_size: int) -> None:
+    """``torch.compile`` of a data-parallel module (aot_eager): the data-parallel forward
+    runs eagerly inside the compiled call; outputs and gradients equal dense's."""
+    torch.manual_seed(0)
+    dense = _Net()
+    compiled = torch.compile(ds.data_parallel(_replicated(dense)), backend="aot_eager")
+    x, y = _data(6, seed=7)
+    for _ in range(2):
+        compiled.zero_grad(set_to_none=True)
+        dense.zero_grad(set_to_none=True)
+        out = compiled(ds.ShardedTensor.from_replicated(x, rows(world_size)))
+        F.mse_loss(out, ds.ShardedTensor.from_replicated(y, rows(world_size))).backward()
+        F.mse_loss(dense(x), y).backward()
+        torch.testing.assert_close(out.full_tensor(), dense(x).detach())
+        for mine, plain in zip(compiled.parameters(), dense.parameters(), strict=True):
+            torch.testing.assert_close(mine.grad.full_tensor(), plain.grad)
