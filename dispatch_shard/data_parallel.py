@@ -120,7 +120,9 @@ class _DataParallelModule(nn.Module):
     _dp_slots: list[_Slot]
     _dp_checked: set[tuple[Any, ...]]
     _dp_batchnorms: list[nn.modules.batchnorm._BatchNorm]
-    _dp_built: tuple[int, tuple[int, ...]]  # (_generation, group ranks) of the slots
+    _dp_built: tuple[int, ...]  # the group ranks the slots were checked against
+    _dp_modules: list[nn.Module]  # the modules when the slots were found
+    _dp_structure: list[tuple[Any, ...]]  # and their _structure
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -163,6 +165,12 @@ class _DataParallelModule(nn.Module):
                     "replicated parameter or buffer can only be updated in place there")
             for holder, name, tensor, _ in swapped:
                 holder[name] = tensor
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # The mixed class is made at run time, so pickle cannot find it by name: a pickle
+        # names the module's own class, and loading mixes it in again.
+        # (the state third: it refers to the module itself, made first)
+        return _unpickled, (type(self).__mro__[2],), self.__dict__
 
     def _first_call(self, local: list[Any], spec: Any, split: ShardedTensor,
                     key: tuple[Any, ...]) -> Any:
@@ -217,22 +225,33 @@ def data_parallel(module: nn.Module) -> nn.Module:
         _DataParallelModule.forward = torch.compiler.disable(  # type: ignore[method-assign]
             _DataParallelModule.forward, recursive=True)
         _compiler_disabled.append(True)
-    cls = type(module)
-    mixed = _classes.get(cls)
-    if mixed is None:
-        mixed = _classes[cls] = type(f"DataParallel{cls.__name__}",
-                                     (_DataParallelModule, cls), {})
-    module.__class__ = mixed
+    module.__class__ = _mixed(type(module))
     dp: Any = module
     dp._dp_slots = []
     dp._dp_checked = set()
     dp._dp_batchnorms = []
-    dp._dp_built = (-1, ())
+    dp._dp_built = ()
+    dp._dp_modules = []
+    dp._dp_structure = []
     _slots(module)  # (refuses plain and sharded parameters now)
     return module
 
 
 _classes: dict[type, type] = {}
+
+
+def _mixed(cls: type) -> type:
+    mixed = _classes.get(cls)
+    if mixed is None:
+        mixed = _classes[cls] = type(f"DataParallel{cls.__name__}",
+                                     (_DataParallelModule, cls), {})
+    return mixed
+
+
+def _unpickled(cls: type[nn.Module]) -> nn.Module:
+    module: nn.Module = cls.__new__(_mixed(cls))
+    return module
+
 _compiler_disabled: list[bool] = []
 
 
@@ -273,11 +292,17 @@ def _local(tensor: ShardedTensor, grad: bool) -> torch.Tensor:
 
 def _swap_in(module: Any, grad: bool, split: ShardedTensor) -> list[_Slot]:
     """Put each rank's copy of every replicated parameter and buffer in its place;
-    returns what to put back. The slots are found again when a module, parameter or
-    buffer was registered anywhere since (torch's global registration hooks), or the
-    inputs' ranks changed."""
+    returns what to put back. The slots are found again when a parameter, buffer or
+    submodule was added, removed or replaced since, or the inputs' ranks changed (about
+    1 us per module per call to see; torch's global registration hooks would see it for
+    free, but a compiled model that registers anything in its forward then recompiles
+    at every step, guarding on the count they keep)."""
     ranks = split._layout.group_ranks
-    if module._dp_built != (_generation[0], ranks):
+    if (module._dp_built != ranks or _structure(module._dp_modules) != module._dp_structure
+            or any(holder.get(name) is not tensor for holder, name, tensor, _
+                   in module._dp_slots)):
+        module._dp_modules = list(module.modules())
+        module._dp_structure = _structure(module._dp_modules)
         module._dp_slots = _slots(module)
         module._dp_batchnorms = [m for m in module.modules()
                                  if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -293,7 +318,7 @@ def _swap_in(module: Any, grad: bool, split: ShardedTensor) -> list[_Slot]:
                                                            *owner._buffers.values())):
                 owner.register_forward_pre_hook(_recompute_in)
                 owner._dp_recompute_hooks = True
-        module._dp_built = (_generation[0], ranks)
+        module._dp_built = ranks
     slots: list[_Slot] = module._dp_slots
     for holder, name, tensor, pending in slots:
         if grad and tensor.requires_grad:
@@ -350,17 +375,9 @@ def _put_back() -> None:
         holder[name] = tensor
 
 
-# Bumped by every registration of a module, parameter or buffer (see _swap_in).
-_generation = [0]
-
-
-def _bump(*_: Any) -> None:
-    _generation[0] += 1
-
-
-nn.modules.module.register_module_module_registration_hook(_bump)
-nn.modules.module.register_module_parameter_registration_hook(_bump)
-nn.modules.module.register_module_buffer_registration_hook(_bump)
+def _structure(modules: list[nn.Module]) -> list[tuple[Any, ...]]:
+    """Per module: how many parameters and buffers it holds, and its submodules."""
+    return [(len(m._parameters), len(m._buffers), *m._modules.values()) for m in modules]
 
 
 def _fact(leaf: Any) -> Any:

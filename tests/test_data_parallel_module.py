@@ -421,3 +421,28 @@ def test_compiled_from_outside_it_runs_as_eagerly(rank: int, world_size: int) ->
         torch.testing.assert_close(out.full_tensor(), dense(x).detach())
         for mine, plain in zip(compiled.parameters(), dense.parameters(), strict=True):
             torch.testing.assert_close(mine.grad.full_tensor(), plain.grad)
+
+
+@multi_rank(world_size=[2])
+def test_saved_whole_and_loaded_it_is_still_data_parallel(rank: int, world_size: int) -> None:
+    """``torch.save`` of the module object (its class is made at run time: the pickle
+    names the module's own class) and ``torch.load`` give a data-parallel module again,
+    with the same values; so does ``copy.deepcopy``."""
+    import io
+
+    torch.manual_seed(0)
+    ours = ds.data_parallel(_replicated(_Net()))
+    x = ds.ShardedTensor.from_replicated(_data(6, seed=8)[0], rows(world_size))
+    expected = ours(x).full_tensor()
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    with ds.load_with_process_group(dist.group.WORLD):
+        loaded = torch.load(buffer, weights_only=False)
+    for twin in (loaded, copy.deepcopy(ours)):
+        assert type(twin) is type(ours) and isinstance(twin, _Net)
+        assert twin.inp.weight is not ours.inp.weight
+        with ds.count_collectives() as counted:
+            out = twin(x)
+        assert not counted.events  # (the first-call check of x came with the copy)
+        torch.testing.assert_close(out.full_tensor(), expected)
