@@ -44,7 +44,7 @@ timeout.
 A BatchNorm that computes batch statistics (training mode, or no running statistics)
 breaks the contract: refused at each call (in eval mode with running statistics it works
 row by row, and is accepted). Also refused: a second derivative through the module
-(``create_graph=True`` then backward again), and a forward that assigns a new tensor to
+(``create_graph=True``), and a forward that assigns a new tensor to
 a replicated parameter or buffer. Activation checkpointing of the whole module or of
 submodules inside it works (NOTE [checkpointed submodules of a data-parallel module]),
 as long as a checkpointed function reaches parameters through the modules that hold
@@ -58,7 +58,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.utils import _pytree as pytree
 
 from dispatch_shard import collectives
@@ -85,9 +84,20 @@ class _ToLocal(torch.autograd.Function):
         return block.view_as(block)
 
     @staticmethod
-    @once_differentiable  # (a second derivative through it raises, never a silent zero)
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[ShardedTensor, None]:
+        _first_order_only()
         return ctx.anchor._like([grad], ctx.grad_layout, grad.dtype), None
+
+
+def _first_order_only() -> None:
+    """A backward that builds a graph (``create_graph=True``) raises: the results above
+    are not differentiable, and a second derivative would silently lose its term.
+    (``once_differentiable`` would do it too, at twice the cost of these calls.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "data_parallel: backward with create_graph=True (a second derivative) through "
+            "a data-parallel module is not supported; run the module without "
+            "data_parallel for it")
 
 
 class _FromLocal(torch.autograd.Function):
@@ -102,8 +112,8 @@ class _FromLocal(torch.autograd.Function):
         return anchor._like([block], layout, block.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        _first_order_only()
         layout: Layout = ctx.layout
         if not isinstance(grad, ShardedTensor):  # (a plain gradient: the global value)
             index = layout.local_indices(ctx.rank)[0]
