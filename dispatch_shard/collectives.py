@@ -356,10 +356,12 @@ _unchecked_depth = 0
 
 @contextlib.contextmanager
 def unchecked_creation() -> Iterator[None]:
-    """Inside this block, creation functions (``ds.zeros``, ``ds.rand``...) and
-    ``ShardedTensor.from_replicated`` skip the cross-rank check of their arguments and
-    communicate nothing. Every rank must then pass the same spec, size and dtype: no one
-    checks. Paths that communicate anyway (``shard_tensor``, ``from_local_*``) keep it.
+    """Inside this block, creation functions (``ds.zeros``, ``ds.rand``...),
+    ``ShardedTensor.from_replicated`` and ``ShardedTensor.from_local_tensor`` skip the
+    cross-rank check of their arguments and communicate nothing (a data-parallel loop
+    wraps each step's batch this way). Every rank must then pass the same spec, size and
+    dtype: no one checks, and an error one rank finds in its own block is raised there
+    only. Paths that communicate anyway (``shard_tensor``, ``from_local_shards``) keep it.
     """
     global _unchecked_depth
     _unchecked_depth += 1
@@ -367,6 +369,11 @@ def unchecked_creation() -> Iterator[None]:
         yield
     finally:
         _unchecked_depth -= 1
+
+
+def creation_unchecked() -> bool:
+    """Whether :func:`unchecked_creation` is in force."""
+    return _unchecked_depth > 0
 
 
 def checked_creation(what: str, facts: Sequence[tuple[str, Any]], group: ProcessGroup,

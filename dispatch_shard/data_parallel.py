@@ -16,7 +16,9 @@ module's forward and backward run as plain dense code:
 - **Inputs**: ShardedTensors split along dim 0 by a :class:`ChunkShardingSpec` with one
   block per rank of its group (all such inputs split alike); each rank passes its block
   ``[rows_r, ...]``. Plain tensors and other values pass through unchanged (the same on
-  every rank: constants, masks).
+  every rank: constants, masks). With gradients on, at least one input must be such a
+  ShardedTensor: a call with plain tensors only (each rank's rows, as under DDP) raises,
+  as their gradients would never be combined.
 - **Parameters and buffers**: ShardedTensors replicated (:class:`Replicate`) over the
   inputs' ranks; the module sees each rank's full copy. A plain tensor parameter would
   train on one rank's rows only: refused when the module is wrapped.
@@ -137,8 +139,20 @@ class _DataParallelModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         split = _split_of(leaves)
-        if split is None:  # no sharded input (a submodule inside a data-parallel run)
-            return super().forward(*args, **kwargs)
+        if split is None:
+            if (_running[0] or not torch.is_grad_enabled()
+                    or not any(isinstance(leaf, torch.Tensor) for leaf in leaves)):
+                # (a submodule inside a data-parallel run; or values without gradients,
+                # computed as given, with the replicated parameters)
+                return super().forward(*args, **kwargs)
+            raise TypeError(
+                f"data_parallel: {type(self).__mro__[2].__name__} was called with plain "
+                "tensors only. Pass the batch as a ShardedTensor split along dim 0, e.g. "
+                "each rank's rows as ShardedTensor.from_local_tensor(rows, "
+                "ChunkShardingSpec(0, placements), *global_size) (inside "
+                "ds.unchecked_creation(): no communication); a plain tensor is read as "
+                "the same value on every rank, and the gradients of each rank's own rows "
+                "would never be combined")
         grad = torch.is_grad_enabled()
         swapped = _swap_in(self, grad, split)
         placed = [holder[name] for holder, name, _, _ in swapped]

@@ -597,7 +597,9 @@ class ShardedTensor(torch.Tensor):
         ``spec`` places a single block per rank (or, for :class:`Replicate`
         and :class:`Partial`, every rank holds a full-size tensor). Shapes,
         dtypes and global sizes are checked across ranks; errors are raised
-        on every rank.
+        on every rank. Inside :func:`~dispatch_shard.unchecked_creation` nothing is
+        exchanged: this rank's block is still checked against the spec, and an error
+        is raised on the rank that finds it only.
         """
         from dispatch_shard.creation import parse_size
 
@@ -629,10 +631,14 @@ class ShardedTensor(torch.Tensor):
                 raise ValueError(_CONTIGUOUS_ONLY)
         except (ValueError, NotImplementedError, TypeError) as exc:
             error = exc
-        # One exchange: any rank's error, or global sizes / dtypes / specs that differ.
-        collectives.agree("from_local_tensor", (
-            ("global_size", tuple(size)), ("dtype", local_tensor.dtype),
-            ("sharding_spec", spec)), error, group)
+        if collectives.creation_unchecked():  # (a batch wrapped every step: no exchange)
+            if error is not None:
+                raise error
+        else:
+            # One exchange: any rank's error, or global sizes / dtypes / specs that differ.
+            collectives.agree("from_local_tensor", (
+                ("global_size", tuple(size)), ("dtype", local_tensor.dtype),
+                ("sharding_spec", spec)), error, group)
         assert layout is not None
         requires_grad = local_tensor.requires_grad
         result = cls._wrap([local_tensor.detach()], layout, group, rank, local_tensor.dtype,

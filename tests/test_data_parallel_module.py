@@ -87,14 +87,19 @@ def test_training_matches_dense_against_float64(rank: int, world_size: int) -> N
 @multi_rank(world_size=[2])
 def test_the_step_communicates_only_its_gradient_bucket(rank: int, world_size: int) -> None:
     """The first call with new sizes checks the ranks agree (one 16-byte all-gather per
-    rank); later steps issue only the gradients' bucket, in backward."""
+    rank); later steps issue only the gradients' bucket, in backward. Each rank wraps
+    its own rows of the step's batch with from_local_tensor inside unchecked_creation:
+    no communication."""
     torch.manual_seed(0)
     dense = _Net()
     ours = ds.data_parallel(_replicated(dense))
-    x, y = (ds.ShardedTensor.from_replicated(t, rows(world_size)) for t in _data(6, seed=1))
+    mine = slice(3 * rank, 3 * rank + 3)
     for step in range(2):
         ours.zero_grad(set_to_none=True)
         with ds.count_collectives() as counted:
+            with ds.unchecked_creation():
+                x, y = (ds.ShardedTensor.from_local_tensor(t[mine], rows(world_size), 6, 8)
+                        for t in _data(6, seed=1))
             loss = F.mse_loss(ours(x), y)
             forward = [e.kind for e in counted.events]
             loss.backward()
@@ -230,6 +235,14 @@ def test_what_data_parallel_refuses(rank: int, world_size: int) -> None:
     model = ds.data_parallel(_replicated(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="already data-parallel"):
         ds.data_parallel(model)
+    with pytest.raises(TypeError, match="called with plain tensors only"):
+        model(torch.randn(3, 4))  # (each rank's own rows, as under DDP)
+    with torch.no_grad():  # (values only: computed as given)
+        torch.testing.assert_close(model(torch.ones(3, 4)).full_tensor(),
+                                   torch.ones(3, 4) @ model.weight.full_tensor().T
+                                   + model.bias.full_tensor())
+    with ds.unchecked_creation(), pytest.raises(ValueError, match="places a block of size"):
+        ds.ShardedTensor.from_local_tensor(torch.randn(5, 4), rows(world_size), 6, 4)
     by_cols = ds.ShardedTensor.from_replicated(torch.randn(4, 4), cols(world_size))
     with pytest.raises(ValueError, match="must be split along dim 0"):
         model(by_cols)
