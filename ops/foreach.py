@@ -195,6 +195,49 @@ def _scalars(kwargs: dict[str, Any]) -> bool:
     return True
 
 
+def _fused_blocks(args: tuple[Any, ...]) -> list[list[Any]] | None:
+    """The fast path of a fused optimizer step (``_fused_adamw_``...): its tensor lists
+    as blocks, where every parameter is a ShardedTensor with one contiguous block here
+    and every other list's element at its index has the same layout (the same object)
+    or is a plain 0-dim tensor (a step count); else None (the general path, which also
+    copies strided blocks: the CPU fused kernels miscompute on them)."""
+    base = args[0]
+    if type(base) is not list or not base:
+        return None
+    layouts = []
+    first: list[Any] = []
+    for element in base:
+        if type(element) is not ShardedTensor or element._layout.is_partial:
+            return None
+        found = element._local_tensors
+        if len(found) != 1 or not found[0].is_contiguous():
+            return None
+        layouts.append(element._layout)
+        first.append(found[0])
+    blocks = [first]
+    for value in args[1:]:
+        if type(value) is not list:
+            return None
+        if not value:
+            blocks.append(value)
+            continue
+        if len(value) != len(base):
+            return None
+        pieces = []
+        for element, layout in zip(value, layouts, strict=True):
+            if type(element) is ShardedTensor:
+                found = element._local_tensors
+                if element._layout is not layout or not found[0].is_contiguous():
+                    return None
+                pieces.append(found[0])
+            elif isinstance(element, torch.Tensor) and element.dim() == 0:
+                pieces.append(element)
+            else:
+                return None
+        blocks.append(pieces)
+    return blocks
+
+
 def _check_index_groups(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Elements at one index of the tensor lists live on the same ranks (NOTE [operands
     share a process group]); elements at different indices may not: nothing
@@ -281,6 +324,11 @@ def _register(func: torch._ops.OpOverload) -> None:
                 if len(fast[0]) == len(base):  # one block per tensor
                     return [e._like([r], dtype=r.dtype)
                             for e, r in zip(base, call(*fast, **kwargs), strict=True)]
+        if fused and not returns_list and _scalars(kwargs):
+            blocks = _fused_blocks(args)
+            if blocks is not None:
+                call(*blocks, **kwargs)
+                return None
         _check_index_groups(func, args, kwargs)
         named = [(a, v) for a, v in zip(arguments, args, strict=False)]
         named += [(a, kwargs[a.name]) for a in arguments[len(args):] if a.name in kwargs]

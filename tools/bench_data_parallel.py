@@ -88,13 +88,14 @@ def _steppers(rank: int, world_size: int, kind: str
         fully_shard(theirs)
     data = _data(world_size)
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
-    split = [(ds.ShardedTensor.from_replicated(x, rows), ds.ShardedTensor.from_replicated(y, rows))
-             for x, y in data]
     optimizers = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-3),
                   "theirs": torch.optim.AdamW(theirs.parameters(), lr=1e-3)}
 
     def ours_step(i: int) -> None:
-        x, y = split[i % 4]
+        # Each step wraps this rank's rows, as a training loop does (DDP's takes them).
+        with ds.unchecked_creation():
+            x, y = (ds.ShardedTensor.from_local_tensor(t[mine], rows, *t.shape)
+                    for t in data[i % 4])
         optimizers["ours"].zero_grad()
         F.mse_loss(ours(x), y).backward()
         optimizers["ours"].step()
