@@ -325,9 +325,9 @@ def _register(func: torch._ops.OpOverload) -> None:
                     return [e._like([r], dtype=r.dtype)
                             for e, r in zip(base, call(*fast, **kwargs), strict=True)]
         if fused and not returns_list and _scalars(kwargs):
-            blocks = _fused_blocks(args)
-            if blocks is not None:
-                call(*blocks, **kwargs)
+            fused_lists = _fused_blocks(args)
+            if fused_lists is not None:
+                call(*fused_lists, **kwargs)
                 return None
         _check_index_groups(func, args, kwargs)
         named = [(a, v) for a, v in zip(arguments, args, strict=False)]
