@@ -167,12 +167,11 @@ class _DataParallelModule(nn.Module):
                         "statistics), which mix rows; data_parallel runs each rank's rows "
                         "alone. Train it without data_parallel (sharded ops compute the "
                         "statistics over the whole batch), or put the BatchNorm in eval mode")
-            local = [_local(leaf, grad) if isinstance(leaf, ShardedTensor) else leaf
-                     for leaf in leaves]
+            local = [_local(leaf, leaf._layout, grad) if isinstance(leaf, ShardedTensor)
+                     else leaf for leaf in leaves]
             key = (self.training, grad, *(_fact(leaf) for leaf in leaves))
             if key in self._dp_checked:
-                args, kwargs = pytree.tree_unflatten(local, spec)
-                result = _outputs(super().forward(*args, **kwargs), split)
+                result = self._run(local, spec, split)
             else:
                 result = self._first_call(local, spec, split, key)
             failed = False
@@ -187,14 +186,16 @@ class _DataParallelModule(nn.Module):
                 raise TypeError(  # (only when nothing else is in flight)
                     f"data_parallel: the forward assigned a new value to {reassigned}; a "
                     "replicated parameter or buffer can only be updated in place there")
-            for holder, name, tensor, _ in swapped:
-                holder[name] = tensor
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         # The mixed class is made at run time, so pickle cannot find it by name: a pickle
         # names the module's own class, and loading mixes it in again.
         # (the state third: it refers to the module itself, made first)
         return _unpickled, (type(self).__mro__[2],), self.__dict__
+
+    def _run(self, local: list[Any], spec: Any, split: ShardedTensor) -> Any:
+        args, kwargs = pytree.tree_unflatten(local, spec)
+        return _outputs(super().forward(*args, **kwargs), split)
 
     def _first_call(self, local: list[Any], spec: Any, split: ShardedTensor,
                     key: tuple[Any, ...]) -> Any:
@@ -204,8 +205,7 @@ class _DataParallelModule(nn.Module):
         result: Any = None
         facts: list[tuple[str, Any]] = []
         try:
-            args, kwargs = pytree.tree_unflatten(local, spec)
-            result = _outputs(super().forward(*args, **kwargs), split)
+            result = self._run(local, spec, split)
             facts = [("outputs", [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor)
                                   else type(t) for t in pytree.tree_leaves(result)])]
         except Exception as raised:  # re-raised on every rank below
@@ -230,17 +230,7 @@ def data_parallel(module: nn.Module) -> nn.Module:
     """
     if isinstance(module, _DataParallelModule):
         raise ValueError("data_parallel: this module is already data-parallel")
-    for name, param in module.named_parameters():
-        if not isinstance(param, ShardedTensor):
-            raise TypeError(
-                f"data_parallel: parameter {name!r} is a plain tensor; its gradient would "
-                "be this rank's rows' only. Make it a replicated ShardedTensor "
-                "(ShardedTensor.from_replicated(param, Replicate()))")
-        if not param._layout.is_replicate:
-            raise TypeError(
-                f"data_parallel: parameter {name!r} is laid out by {param._layout.spec}; "
-                "data_parallel runs replicated parameters only (a sharded one runs "
-                "without it)")
+    _slots(list(module.named_modules()))  # (refuses plain and sharded parameters now)
     if not _compiler_disabled:
         # NOTE [a data-parallel forward runs eagerly under torch.compile]: its work is
         # swapping parameters and wrapping blocks, which a compiler cannot trace; compiled
@@ -257,7 +247,6 @@ def data_parallel(module: nn.Module) -> nn.Module:
     dp._dp_built = ()
     dp._dp_modules = []
     dp._dp_structure = []
-    _slots(module)  # (refuses plain and sharded parameters now)
     return module
 
 
@@ -306,12 +295,18 @@ def _split_of(leaves: list[Any]) -> ShardedTensor | None:
     return first
 
 
-def _local(tensor: ShardedTensor, grad: bool) -> torch.Tensor:
-    block = tensor._local_tensors[0]
+def _local(tensor: ShardedTensor, grad_layout: Layout, grad: bool) -> torch.Tensor:
+    """This rank's block of ``tensor``; through :class:`_ToLocal` (its gradient laid
+    out by ``grad_layout``) where a gradient will flow."""
     if grad and tensor.requires_grad:
-        local: torch.Tensor = _ToLocal.apply(tensor, tensor._layout)  # type: ignore[no-untyped-call]
+        local: torch.Tensor = _ToLocal.apply(tensor, grad_layout)  # type: ignore[no-untyped-call]
         return local
-    return block
+    return tensor._local_tensors[0]
+
+
+def _pending(tensor: ShardedTensor) -> Layout:
+    """A replicated parameter's gradient layout here: pending over its ranks."""
+    return tensor._layout.with_spec(Partial("sum"))
 
 
 def _swap_in(module: Any, grad: bool, split: ShardedTensor) -> list[_Slot]:
@@ -325,10 +320,11 @@ def _swap_in(module: Any, grad: bool, split: ShardedTensor) -> list[_Slot]:
     if (module._dp_built != ranks or _structure(module._dp_modules) != module._dp_structure
             or any(holder.get(name) is not tensor for holder, name, tensor, _
                    in module._dp_slots)):
-        module._dp_modules = list(module.modules())
+        named = list(module.named_modules())
+        module._dp_slots = _slots(named)
+        module._dp_modules = [owner for _, owner in named]
         module._dp_structure = _structure(module._dp_modules)
-        module._dp_slots = _slots(module)
-        module._dp_batchnorms = [m for m in module.modules()
+        module._dp_batchnorms = [m for m in module._dp_modules
                                  if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for _, name, tensor, _ in module._dp_slots:
             if tensor._layout.group_ranks != ranks:
@@ -336,19 +332,16 @@ def _swap_in(module: Any, grad: bool, split: ShardedTensor) -> list[_Slot]:
                     f"data_parallel: {name!r} is replicated over ranks "
                     f"{list(tensor._layout.group_ranks)}, the inputs are split over "
                     f"{list(ranks)}; parameters must be replicated over the batch's ranks")
-        for owner in module.modules():
-            if owner is not module and not getattr(owner, "_dp_recompute_hooks", False) and any(
-                    isinstance(t, ShardedTensor) for t in (*owner._parameters.values(),
-                                                           *owner._buffers.values())):
+        holders = {id(holder) for holder, _, _, _ in module._dp_slots}
+        for owner in module._dp_modules:
+            if (owner is not module and not getattr(owner, "_dp_recompute_hooks", False)
+                    and (id(owner._parameters) in holders or id(owner._buffers) in holders)):
                 owner.register_forward_pre_hook(_recompute_in)
                 owner._dp_recompute_hooks = True
         module._dp_built = ranks
     slots: list[_Slot] = module._dp_slots
     for holder, name, tensor, pending in slots:
-        if grad and tensor.requires_grad:
-            holder[name] = _ToLocal.apply(tensor, pending)  # type: ignore[no-untyped-call]
-        else:
-            holder[name] = tensor._local_tensors[0]
+        holder[name] = _local(tensor, pending, grad)
     return slots
 
 
@@ -386,10 +379,7 @@ def _recompute_in(module: nn.Module, args: tuple[Any, ...]) -> None:
         for name, tensor in holder.items():
             if isinstance(tensor, ShardedTensor) and tensor._layout.is_replicate:
                 _recomputed.append((holder, name, tensor))
-                holder[name] = (_ToLocal.apply(  # type: ignore[no-untyped-call]
-                    tensor, tensor._layout.with_spec(Partial("sum")))
-                    if tensor.requires_grad and torch.is_grad_enabled()
-                    else tensor._local_tensors[0])
+                holder[name] = _local(tensor, _pending(tensor), torch.is_grad_enabled())
 
 
 def _put_back() -> None:
@@ -420,24 +410,26 @@ def _empty_somewhere(split: ShardedTensor) -> bool:
     return any(shard.shard_sizes[0] == 0 for shard in split._layout.shards)
 
 
-def _slots(module: nn.Module) -> list[_Slot]:
+def _slots(named: list[tuple[str, nn.Module]]) -> list[_Slot]:
+    """The replicated parameters and buffers of the modules ``named``; raises for a
+    plain parameter or a sharded one."""
     slots: list[_Slot] = []
-    for owner_name, owner in module.named_modules():
+    for owner_name, owner in named:
         for holder in (owner._parameters, owner._buffers):
             for name, tensor in holder.items():
+                full = f"{owner_name}.{name}" if owner_name else name
                 if isinstance(tensor, ShardedTensor):
                     if not tensor._layout.is_replicate:
                         raise TypeError(
-                            f"data_parallel: {owner_name + '.' if owner_name else ''}{name} "
-                            f"is laid out by {tensor._layout.spec}; data_parallel runs "
-                            "replicated parameters and buffers only")
-                    # (the layout of its gradient: pending over the ranks)
-                    slots.append((holder, name, tensor,
-                                  tensor._layout.with_spec(Partial("sum"))))
+                            f"data_parallel: {full!r} is laid out by {tensor._layout.spec}; "
+                            "data_parallel runs replicated parameters only (and buffers; a "
+                            "sharded one runs without it)")
+                    slots.append((holder, name, tensor, _pending(tensor)))
                 elif holder is owner._parameters and tensor is not None:
                     raise TypeError(
-                        f"data_parallel: parameter {owner_name}.{name} is a plain tensor; "
-                        "make it a replicated ShardedTensor")
+                        f"data_parallel: parameter {full!r} is a plain tensor; its gradient "
+                        "would be this rank's rows' only. Make it a replicated ShardedTensor "
+                        "(ShardedTensor.from_replicated(param, Replicate()))")
     return slots
 
 
