@@ -462,3 +462,26 @@ def test_saved_whole_and_loaded_it_is_still_data_parallel(rank: int, world_size:
             out = twin(x)
         assert not counted.events  # (the first-call check of x came with the copy)
         torch.testing.assert_close(out.full_tensor(), expected)
+
+
+@multi_rank(world_size=[4])
+def test_batches_it_cannot_take_raise_on_every_rank(rank: int, world_size: int) -> None:
+    """Two blocks per rank (an uneven 9-row batch), and a batch on a 2x2 mesh split over
+    "dp": data_parallel takes one block per rank of a 1-D split only, and says so on
+    every rank; the same batches run right without it."""
+    from layouts import several
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    torch.manual_seed(0)
+    dense = nn.Linear(4, 4)
+    ours = ds.data_parallel(_replicated(dense))
+    plain = _replicated(dense)
+    x = torch.randn(9, 4)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    for batch in (ds.ShardedTensor.from_replicated(x, several(world_size)),
+                  ds.distribute_tensor(x, mesh, [Shard(0), Replicate()])):
+        with pytest.raises(ValueError, match="one block per rank of the group"):
+            ours(batch)
+        assert isinstance(ours.weight, ds.ShardedTensor)
+        torch.testing.assert_close(plain(batch).full_tensor(), dense(x).detach())
