@@ -228,3 +228,29 @@ def test_foreach_fast_path_results_keep_layout_and_dtype(rank: int, world_size: 
         torch.testing.assert_close(halves[0].full_tensor(), ints / 2)
         lerped = torch._foreach_lerp([a], [shard(x * 2, spec)], 0.25)
         torch.testing.assert_close(lerped[0].full_tensor(), torch.lerp(x, x * 2, 0.25))
+
+
+@multi_rank(world_size=[3])
+@pytest.mark.parametrize("name", ["adamw", "adam_amsgrad", "sgd_momentum"])
+def test_fused_steps_of_all_sharded_parameters_match_dense(rank: int, world_size: int,
+                                                           name: str) -> None:
+    """Every parameter a ShardedTensor, one layout each (uneven rows over 3 ranks, columns,
+    two blocks per rank, a grid, replicated): the fused step's fast path (one contiguous
+    block per tensor) and its general path (several blocks) both give dense's values."""
+    cls, options = OPTIMIZERS[name]
+    generator = torch.Generator().manual_seed(1)
+    for spec in specs_2d(SIZE, world_size).values():
+        values = [torch.randn(*SIZE, generator=generator) for _ in range(2)]
+        dense = [v.clone().requires_grad_() for v in values]
+        sharded = [shard(v, spec, requires_grad=True) for v in values]
+        dense_opt = cls(dense, **options, fused=True)
+        sharded_opt = cls(sharded, **options, fused=True)
+        for _ in range(3):
+            grads = [torch.randn(*SIZE, generator=generator) for _ in range(2)]
+            for p, q, g in zip(dense, sharded, grads, strict=True):
+                p.grad = g.clone()
+                q.grad = shard(g, spec)
+            dense_opt.step()
+            sharded_opt.step()
+        for p, q in zip(dense, sharded, strict=True):
+            torch.testing.assert_close(q.detach().full_tensor(), p.detach())
