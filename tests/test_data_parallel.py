@@ -97,6 +97,31 @@ def test_training_matches_ddp_with_one_bucketed_reduction_per_bucket(rank: int,
         assert (_full(ours.detach()) - theirs.detach()).abs().max() < 1e-6
 
 
+@multi_rank(world_size=[2])
+def test_cpu_gradients_fill_a_full_first_bucket_unless_told_ddps(rank: int,
+                                                                 world_size: int) -> None:
+    """NOTE [the first bucket on CPU] in grad_reduction: 2.1 MB of CPU gradients make one
+    bucket by default (gloo shares backward's cores), and DDP's two (a first bucket of at
+    least 1 MiB, then the rest) with ``first_bucket_cap_mb=1``; dense's values either way."""
+    dense = _model(width=512, layers=2)
+    x, y = _batch(world_size, seed=4, width=512)
+    F.mse_loss(dense(x), y).backward()
+    total = sum(p.numel() for p in dense.parameters()) * 4
+    for options, sizes in (({}, [total]), ({"first_bucket_cap_mb": 1.0}, None)):
+        sharded = _sharded(dense)
+        with _bucketing(**options), ds.count_collectives() as counted:
+            F.mse_loss(sharded(_split(x, world_size)), _split(y, world_size)).backward()
+            grads = [_full(p.grad) for p in sharded.parameters()]
+        got = [e.nbytes for e in _bucket_events(counted)]
+        if sizes is None:  # DDP's: the last layer's weight and bias, then the rest
+            assert len(got) == 2 and got[0] >= 2**20 and sum(got) == total, got
+        else:
+            assert got == sizes, got
+        for ours, theirs in zip(grads, dense.parameters(), strict=True):
+            assert theirs.grad is not None
+            torch.testing.assert_close(ours, theirs.grad)
+
+
 @multi_rank(world_size=[1, 2])
 def test_weight_gradients_come_out_of_backward_contiguous(rank: int, world_size: int) -> None:
     """NOTE [a product of a transposed block is column-major] in ops/matmul.py: a linear
