@@ -23,8 +23,10 @@ decomposition (ops/decomposed.py); N-D layouts are served per mesh dim
 
 ``nll_loss_forward`` / ``nll_loss_backward``: each rank picks the target class's entry
 of each sample from its blocks (targets and class weights are replicated values, see
-NOTE [index operands are replicated values] in ops/indexing.py); the per-op docstrings
-give the per-rank shapes and collectives.
+NOTE [index operands are replicated values] in ops/indexing.py), except where the
+logits and the target are both split by rows, as a data-parallel batch is: then each
+rank reads its own rows of the target (NOTE [a batch-split target stays split]). The
+per-op docstrings give the per-rank shapes and collectives.
 
 ``multi_margin_loss_backward`` / ``multilabel_margin_loss_backward``: each sample's
 gradient depends on its own row only, so per block of rows (dim 0), no collective; a
@@ -183,6 +185,118 @@ def _rows_and_columns(box: Box) -> tuple[slice, slice]:
     return (box[0], box[1]) if len(box) == 2 else (slice(0, 1), box[0])
 
 
+# NOTE [a batch-split target stays split]
+# In data-parallel training the logits ``[N, C]`` and the target ``[N]`` are both split
+# by rows, alike. Each rank's blocks then hold whole rows, and the target's matching rows
+# (its own blocks, no collective) decide each sample's loss and gradient. Only the
+# mean's divisor (the total weight) and the bounds check's verdict need the other
+# ranks: they ride the loss's own all-reduce, three numbers (the loss's sum, the total
+# weight, the count of out-of-bounds targets). Gathering the whole target instead cost
+# an all-to-all in forward and another in backward. ``reduction="none"`` all-reduces the
+# count alone (so an out-of-bounds target raises on every rank); backward, nothing.
+
+def _rows_of(x: Any, target: Any) -> Any:
+    """The row layout of ``x [N, C]`` when every block of ``x`` holds whole rows and the
+    target is split in blocks too (the case NOTE [a batch-split target stays split]
+    serves; the target's pieces for those rows are its own blocks when it is split alike,
+    else one all-to-all moves them), or None."""
+    if x.dim() != 2 or x.shape[1] == 0 or not is_block_sharded(x) \
+            or not is_block_sharded(target):
+        return None
+    if 1 in split_dims(x._layout):
+        return None
+    return reduced_layout(x._layout, (1,), False)
+
+
+def _row_facts(x: ShardedTensor, rows: Any, target: Any, weight: Any, ignore_index: int,
+               dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+    """Per block of ``x`` on this rank: its samples' targets, validity, (clamped) classes,
+    weights and out-of-bounds flags."""
+    classes = x.shape[1]
+    weight = dense_value(weight)
+    facts: list[tuple[torch.Tensor, ...]] = []
+    for t in pieces_of(target, rows, x._rank):
+        valid = t != ignore_index
+        bad = valid & ((t < 0) | (t >= classes))
+        cls = torch.where(valid & ~bad, t, 0)
+        w = valid.to(dtype) if weight is None else torch.where(valid, weight.to(dtype)[cls], 0)
+        facts.append((t, valid, cls, w, bad))
+    return facts
+
+
+def _raise_out_of_bounds(x: ShardedTensor, rows: Any, facts: list[tuple[torch.Tensor, ...]]
+                         ) -> None:
+    """Raise dense's error for the first out-of-bounds target in row order, on every rank
+    (two small all-reduces, on this error path only)."""
+    group = x._process_group
+    first = torch.tensor(x.shape[0], dtype=torch.int64)
+    for i, (_, _, _, _, bad) in zip(rows.local_indices(x._rank), facts, strict=True):
+        where = bad.nonzero()
+        if where.numel():
+            first = torch.minimum(first, rows.shard_box(i)[0].start + where[0, 0])
+    collectives.all_reduce(first, "min", group)
+    value = torch.zeros((), dtype=torch.int64)
+    for i, (t, _, _, _, _) in zip(rows.local_indices(x._rank), facts, strict=True):
+        start = rows.shard_box(i)[0].start
+        if start <= int(first) < start + t.numel():
+            value = t[int(first) - start].clone()
+    collectives.all_reduce(value, "sum", group)
+    raise IndexError(f"Target {int(value)} is out of bounds.")
+
+
+def _nll_forward_by_rows(anchor: Any, x: ShardedTensor, rows: Any, bound: Any,
+                         results: Any) -> Any:
+    """NOTE [a batch-split target stays split]: ``nll_loss_forward`` on a row-split ``x``."""
+    (size, dtype), (_, weight_dtype) = results
+    reduction = bound["reduction"]
+    facts = _row_facts(x, rows, bound["target"], bound["weight"], bound["ignore_index"],
+                       x.dtype)
+    losses = [-(w * torch.where(valid, block.gather(1, cls[:, None])[:, 0], 0))
+              for block, (_, valid, cls, w, _) in zip(x._local_tensors, facts, strict=True)]
+    bad = sum((int(f[4].sum()) for f in facts), 0)
+    if reduction == _NONE:
+        count = collectives.all_reduce(torch.tensor([bad], dtype=torch.float64), "sum",
+                                       x._process_group)
+        if count[0] > 0:
+            _raise_out_of_bounds(x, rows, facts)
+        no_total = replicated_result(anchor, torch.zeros((), dtype=weight_dtype), (),
+                                     weight_dtype)
+        return x._like([loss.to(dtype) for loss in losses], rows, dtype), no_total
+    sums = torch.zeros(3, dtype=torch.float64)
+    for block_losses, (_, _, _, w, _) in zip(losses, facts, strict=True):
+        sums[0] += block_losses.sum(dtype=torch.float64)
+        sums[1] += w.sum(dtype=torch.float64)
+    sums[2] = bad
+    collectives.all_reduce(sums, "sum", x._process_group)
+    if sums[2] > 0:
+        _raise_out_of_bounds(x, rows, facts)
+    loss_sum, total = sums[0], sums[1]
+    loss = loss_sum / total if reduction == _MEAN else loss_sum
+    return (replicated_result(anchor, loss.to(dtype), size, dtype),
+            replicated_result(anchor, total.to(weight_dtype), (), weight_dtype))
+
+
+def _nll_backward_by_rows(x: ShardedTensor, rows: Any, bound: Any, dtype: torch.dtype) -> Any:
+    """NOTE [a batch-split target stays split]: ``nll_loss_backward`` on a row-split ``x``
+    (no collective)."""
+    reduction = bound["reduction"]
+    facts = _row_facts(x, rows, bound["target"], bound["weight"], bound["ignore_index"], dtype)
+    grad = bound["grad_output"]
+    if reduction == _NONE:
+        grads = [g.to(dtype) for g in pieces_of(grad, rows, x._rank)]
+    else:
+        scalar = dense_value(grad).to(dtype)
+        if reduction == _MEAN:
+            scalar = scalar / dense_value(bound["total_weight"]).to(dtype)
+        grads = [scalar] * len(facts)
+    blocks = []
+    for block, g, (_, valid, cls, w, _) in zip(x._local_tensors, grads, facts, strict=True):
+        values = torch.where(valid, -w * g, 0)
+        out = torch.zeros(block.shape, dtype=dtype, device=block.device)
+        blocks.append(out.scatter_(1, cls[:, None], values[:, None]))
+    return x._like(blocks, dtype=dtype)
+
+
 @custom_sharded_op_impl(aten.nll_loss_forward.default, handles_partial=True)
 def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``nll_loss_forward(x, target, weight, reduction, ignore_index) -> (loss, total_weight)``
@@ -195,7 +309,10 @@ def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], 
       along the classes -> ``Partial("sum") [N]``; collectives: none.
     * ``"sum"`` / ``"mean"``: one scalar all-reduce -> replicated 0-dim (none when ``x`` is
       replicated).
-    A ``Partial`` ``x`` is reduced first.
+    A ``Partial`` ``x`` is reduced first. ``x [N/R, C]`` (whole rows) with a target split
+    in blocks (``[N/R]`` alike, a data-parallel batch): the target is not gathered, and
+    ``"sum"`` / ``"mean"`` issue one all-reduce of 3 numbers, ``"none"`` one of 1 (NOTE [a
+    batch-split target stays split]).
     """
     func = aten.nll_loss_forward.default
     bound = bind_arguments(func, args, kwargs)
@@ -205,6 +322,9 @@ def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], 
     anchor = first_sharded(args, kwargs)
     if not in_group(anchor):
         return outside_result(anchor, results)
+    rows = _rows_of(x, bound["target"])
+    if rows is not None:
+        return _nll_forward_by_rows(anchor, x, rows, bound, results)
     reduction = bound["reduction"]
     classes = x.shape[-1]
     targets = _Targets(bound["target"], bound["weight"], classes, bound["ignore_index"],
@@ -246,7 +366,8 @@ def nll_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
 
     Collectives: none for a replicated ``grad`` or one laid out like the forward's
     ``"none"`` loss (``[N/R]`` for ``x [N/R, C]``); otherwise ``grad`` is gathered whole
-    (one all-to-all, or one all-reduce when partial).
+    (one all-to-all, or one all-reduce when partial). A target split in blocks (when
+    ``x`` holds whole rows) is read row by row, not gathered.
     """
     func = aten.nll_loss_backward.default
     bound = bind_arguments(func, args, kwargs)
@@ -256,6 +377,9 @@ def nll_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     anchor = first_sharded(args, kwargs)
     if not in_group(anchor):
         return outside_result(anchor, results)
+    rows = _rows_of(x, bound["target"])
+    if rows is not None:
+        return _nll_backward_by_rows(x, rows, bound, dtype)
     reduction = bound["reduction"]
     targets = _Targets(bound["target"], bound["weight"], x.shape[-1], bound["ignore_index"],
                        dtype, check=False)

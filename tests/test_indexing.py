@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from layouts import cols, rows, shard, specs_2d
+from layouts import cols, rows, several, shard, specs_2d
 
 import dispatch_shard as ds
 from dispatch_shard import collectives
@@ -313,6 +313,36 @@ def test_collectives(rank: int, world_size: int) -> None:
     assert issued[0] == "all_reduce"
 
 
+@multi_rank(world_size=[1, 3, 4])
+def test_cross_entropy_of_a_batch_split_target_reads_its_own_rows(rank: int,
+                                                                  world_size: int) -> None:
+    """NOTE [a batch-split target stays split] in ops/losses.py: logits and target split
+    by rows alike (one uneven block per rank; two per rank): values and gradients equal
+    dense's for every reduction and option; forward issues one all-reduce and backward
+    none (the target is never gathered). A target split otherwise is moved to the rows."""
+    logits = _dense(*SIZE, seed=21)
+    one = ["all_reduce"] if world_size > 1 else []
+    for logits_spec, target_spec in ((rows(world_size), rows(world_size)),
+                                     (several(world_size), several(world_size)),
+                                     (rows(world_size), several(world_size))):
+        target = shard(TARGET, target_spec)
+        for reduction in ("mean", "sum", "none"):
+            for name, options in LOSS_OPTIONS.items():
+                _forward_and_backward(
+                    f"cross_entropy_{reduction}_{name}",
+                    lambda a, r=reduction, o=options, t=target: F.cross_entropy(
+                        a, t if isinstance(a, ds.ShardedTensor) else TARGET,
+                        reduction=r, **o), logits, logits_spec)
+                if name == "label_smoothing" or logits_spec != target_spec:
+                    continue
+                leaf = shard(logits, logits_spec, requires_grad=True)
+                with _collectives() as forward:
+                    loss = F.cross_entropy(leaf, target, reduction=reduction, **options)
+                with _collectives() as backward:
+                    loss.backward(torch.ones_like(loss))
+                assert forward == one and backward == [], (reduction, name, forward, backward)
+
+
 @multi_rank(world_size=[3])
 def test_errors_raise_on_every_rank(rank: int, world_size: int) -> None:
     x = shard(_dense(*SIZE, seed=17), rows(world_size))
@@ -337,6 +367,13 @@ def test_errors_raise_on_every_rank(rank: int, world_size: int) -> None:
     bad[9, 1] = 7  # on the last rank only
     with pytest.raises(RuntimeError, match="out of bounds"):
         torch.gather(x, 1, shard(bad, rows(world_size)))
+    # A batch-split target (NOTE [a batch-split target stays split]): the rank that holds
+    # the bad target is not alone in raising, and the message names it.
+    target = TARGET.clone()
+    target[8] = 9  # on the last rank only
+    for reduction in ("mean", "none"):
+        with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+            F.cross_entropy(x, shard(target, rows(world_size)), reduction=reduction)
     dist.barrier()
 
 
