@@ -37,12 +37,31 @@ from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import Partial, Replicate
 
 __all__ = [
-    "bind_arguments", "blockwise", "conjugate_views_resolved", "dense_value", "empty_results",
+    "bind_arguments", "blockwise", "by_decomposition", "conjugate_views_resolved",
+    "dense_value", "empty_results",
     "first_sharded", "in_group", "is_block_sharded", "map_blocks", "meta_call", "meta_results",
     "outside_result",
     "partial_result", "pieces_of", "reduction_identity", "replicated_fallback",
     "replicated_result", "replicated_value", "view_blocks", "whole",
 ]
+
+
+_decomposed_impls: dict[Any, Any] = {}
+
+
+def by_decomposition(func: torch._ops.OpOverload, types: Any, args: tuple[Any, ...],
+                     kwargs: dict[str, Any], pg: Any) -> Any:
+    """``func`` served through torch's decomposition of it, as ops/decomposed.py serves
+    the ops that have no implementation of their own: for the cases an implementation
+    leaves to it."""
+    impl = _decomposed_impls.get(func)
+    if impl is None:
+        from torch._decomp import decomposition_table
+
+        from dispatch_shard.ops.decomposed import decomposed_impl
+
+        impl = _decomposed_impls[func] = decomposed_impl(func, decomposition_table[func])
+    return impl(types, args, kwargs, pg)
 
 
 def map_blocks(

@@ -38,13 +38,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch._decomp import decomposition_table
 
 from dispatch_shard import collectives
 from dispatch_shard.layout import Box, layout_of
 from dispatch_shard.ops._common import (
     bind_arguments,
     blockwise,
+    by_decomposition,
     dense_value,
     first_sharded,
     in_group,
@@ -65,17 +65,6 @@ __all__: list[str] = []
 
 aten = torch.ops.aten
 _NONE, _MEAN, _SUM = 0, 1, 2
-_fallbacks: dict[Any, Any] = {}
-
-
-def _decomposed(func: torch._ops.OpOverload, types: Any, args: tuple[Any, ...],
-                kwargs: dict[str, Any], pg: Any) -> Any:
-    impl = _fallbacks.get(func)
-    if impl is None:
-        from dispatch_shard.ops.decomposed import decomposed_impl
-
-        impl = _fallbacks[func] = decomposed_impl(func, decomposition_table[func])
-    return impl(types, args, kwargs, pg)
 
 
 def _same_layout(*values: Any) -> bool:
@@ -106,7 +95,7 @@ def mse_loss(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any)
     x, target = args[0], args[1]
     reduction = args[2] if len(args) > 2 else kwargs.get("reduction", _MEAN)
     if not _same_layout(x, target) or x.shape != target.shape:
-        return _decomposed(aten.mse_loss.default, types, args, kwargs, pg)
+        return by_decomposition(aten.mse_loss.default, types, args, kwargs, pg)
     blocks = [aten.mse_loss.default(a, b, _NONE if reduction == _NONE else _SUM)
               for a, b in zip(x._local_tensors, target._local_tensors, strict=True)]
     if reduction == _NONE:
@@ -132,15 +121,15 @@ def mse_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     grad, x, target = args[0], args[1], args[2]
     reduction = args[3] if len(args) > 3 else kwargs.get("reduction", _MEAN)
     if not _same_layout(x, target) or x.shape != target.shape:
-        return _decomposed(aten.mse_loss_backward.default, types, args, kwargs, pg)
+        return by_decomposition(aten.mse_loss_backward.default, types, args, kwargs, pg)
     if reduction == _NONE:
         if not _same_layout(x, grad):
-            return _decomposed(aten.mse_loss_backward.default, types, args, kwargs, pg)
+            return by_decomposition(aten.mse_loss_backward.default, types, args, kwargs, pg)
         pieces = grad._local_tensors
     else:
         scalar = _scalar_grad(grad)
         if scalar is None:
-            return _decomposed(aten.mse_loss_backward.default, types, args, kwargs, pg)
+            return by_decomposition(aten.mse_loss_backward.default, types, args, kwargs, pg)
         if reduction == _MEAN:
             scalar = scalar / x.numel()
         pieces = [scalar] * len(x._local_tensors)

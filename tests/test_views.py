@@ -62,6 +62,55 @@ def test_view_and_shape_ops_match_dense(rank: int, world_size: int, layout: str)
             assert g.dtype == w.dtype and torch.equal(g, w), name
 
 
+SLICES = [(1, 0, 6, 1), (1, 2, 7, 2), (0, 2, 8, 1), (0, 1, 10, 3), (1, 3, 3, 1), (-1, -5, -1, 1)]
+
+
+@multi_rank(world_size=[1, 3, 4])
+@pytest.mark.parametrize("layout", ["rows", "cols", "several", "grid", "replicate", "partial"])
+def test_slice_backward_and_slice_scatter_match_dense(rank: int, world_size: int,
+                                                      layout: str) -> None:
+    """NOTE [a slice's gradient, block by block] in ops/view.py: ``slice_backward`` and
+    ``slice_scatter`` on every layout, along split and unsplit dims, steps and an empty
+    slice, equal dense's; along an unsplit dim no collective runs and the result keeps
+    the gradient's layout (a pending gradient stays pending)."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(*SIZE, generator=generator)
+    aten = torch.ops.aten
+    spec = ds.Partial() if layout == "partial" else specs_2d(SIZE, world_size)[layout]
+    for dim, start, end, step in SLICES:
+        want_grad = x[(slice(None),) * (dim % 2) + (slice(start, end, step),)]
+        if layout == "partial":  # each rank a different summand, pending
+            share = want_grad * (rank + 1) / (world_size * (world_size + 1) / 2)
+            grad = ds.ShardedTensor.from_local_tensor(share.contiguous(), ds.Partial(),
+                                                      *want_grad.shape)
+        else:  # a slice of a sharded tensor, as autograd hands it (the view's layout)
+            grad = shard(x, spec)[(slice(None),) * (dim % 2) + (slice(start, end, step),)]
+        assert tuple(grad.shape) == tuple(want_grad.shape)
+        unsplit = dim % 2 not in ds.ops.layouts.split_dims(grad._layout)
+        with ds.count_collectives() as counted:
+            got = aten.slice_backward.default(grad, list(SIZE), dim, start, end, step)
+        want = aten.slice_backward.default(want_grad, list(SIZE), dim, start, end, step)
+        torch.testing.assert_close(got.full_tensor(), want, msg=f"{layout} {dim} {start}")
+        if unsplit and want_grad.numel():
+            assert not counted.events, counted.events
+            assert got._layout.pending == grad._layout.pending
+        # slice_scatter: into x's layout, the source cut like x's blocks (or not).
+        base = shard(x * 3, rows(world_size)).redistribute(
+            ds.Replicate() if layout == "partial" else spec)
+        src = base[(slice(None),) * (dim % 2) + (slice(start, end, step),)] * 2
+        got = aten.slice_scatter.default(base, src, dim, start, end, step)
+        want = aten.slice_scatter.default(x * 3, src.full_tensor(), dim, start, end, step)
+        torch.testing.assert_close(got.full_tensor(), want, msg=f"{layout} {dim} {start}")
+    # Through autograd: a language model's shifted logits, split by rows.
+    leaf = shard(x, specs_2d(SIZE, world_size)["rows" if layout == "partial" else layout],
+                 requires_grad=True)
+    dense = x.clone().requires_grad_(True)
+    weight = torch.randn(10, 6, generator=generator)
+    (leaf[:, :-1] * weight).sum().backward()
+    (dense[:, :-1] * weight).sum().backward()
+    torch.testing.assert_close(leaf.grad.full_tensor(), dense.grad)
+
+
 @multi_rank(world_size=[2, 3])
 def test_views_keep_sharding_without_communication(rank: int, world_size: int) -> None:
     x = shard(torch.randn(*SIZE), rows(world_size))
