@@ -98,8 +98,9 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(venv_params=VENV_PARAMS)
 def bench(session: nox.Session) -> None:
-    """Benchmarks against DTensor and the legacy ShardedTensor (see tools/)."""
-    install(session)
+    """Benchmarks against DTensor and the legacy ShardedTensor (see tools/); the dev extras
+    bring ``transformers`` for section 7's GPT-2."""
+    install(session, "dev")
     session.run("python", "tools/bench.py", *session.posargs)
 
 

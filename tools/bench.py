@@ -22,7 +22,9 @@ machines are noisy. Sections:
    DTensor with the same placements (given a sum/N loss, which is right on split
    batches): step time in alternating rounds, collectives and bytes.
 7. Data parallel against DDP (world 1 and 4; the plain replicated model and the same
-   model under ``ds.data_parallel``) and FSDP-style parameters against FSDP2's
+   model under ``ds.data_parallel``; a tiny Hugging Face GPT-2 under
+   ``ds.data_parallel`` at world 4, when ``transformers`` is installed, as ``nox -s
+   bench`` installs it) and FSDP-style parameters against FSDP2's
    ``fully_shard`` (world 4): step time, collectives, peak memory
    (``tools/bench_data_parallel.py``).
 8. torch.compile (inductor) of the Megatron MLP step at world 4: against eager and
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
 import statistics
 import sys
@@ -626,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
                      "dpm1": bench_data_parallel.figures(1, "dp_module"),
                      "dpm4": bench_data_parallel.figures(4, "dp_module"),
                      "fsdp4": bench_data_parallel.figures(4, "fsdp")}
+    if importlib.util.find_spec("transformers") is not None:
+        data_parallel["gpt2_4"] = bench_data_parallel.figures(4, "gpt2")
     memory = {which: bench_data_parallel.peak_memory(which) for which in ("ours", "fsdp2")}
     compiled = bench_compile.figures()
     randomness = {world: bench_random.figures(world) for world in (2, 4)}
@@ -743,6 +748,10 @@ def main(argv: list[str] | None = None) -> int:
            f"{f['ours_collectives']:.0f} (DDP buckets: {f['theirs_buckets']:.0f})",
            f"{f['deviation']:.1e}"]
           for world, f in ((1, data_parallel["dpm1"]), (4, data_parallel["dpm4"]))],
+        *[["GPT-2 (tiny), ds.data_parallel, world 4 (anchor: DDP)", f"{f['ours_ms']:.1f}",
+           f"{f['theirs_ms']:.1f}", f"{f['ratio']:.2f}", f"{f['ours_collectives']:.0f}",
+           f"{f['deviation']:.1e} (AdamW noise)"]
+          for f in [data_parallel[k] for k in ("gpt2_4",) if k in data_parallel]],
         ["dim-0 chunked, world 4 (anchor: FSDP2)", f"{fsdp4['ours_ms']:.1f}",
          f"{fsdp4['theirs_ms']:.1f}", f"{fsdp4['ratio']:.2f}",
          f"{fsdp4['ours_collectives']:.0f}", f"{fsdp4['deviation']:.1e}"],

@@ -11,6 +11,10 @@ turns, so machine noise hits both), and reported as the median of per-round rati
 - **DP, ``ds.data_parallel``**: the same replicated model wrapped by
   :func:`dispatch_shard.data_parallel` (run on each rank's rows as dense code), against
   DDP likewise.
+- **GPT-2, ``ds.data_parallel``**: a Hugging Face ``GPT2LMHeadModel`` (tiny random
+  config: 4 layers, width 128, vocabulary 1000, tied embedding and head), batch 8 x 32
+  tokens per rank, next-token cross-entropy computed outside the model from the split
+  logits, AdamW; against DDP. A real model's mix of ops, beside the MLP's.
 - **FSDP-style**: every parameter chunked along dim 0 over the ranks; against
   ``fully_shard`` on each Linear and the root, world 4. Also the peak memory per rank:
   the growth of the process's peak RSS over the timed steps, each library in its own
@@ -70,6 +74,9 @@ def _steppers(rank: int, world_size: int, kind: str
     models."""
     import dispatch_shard as ds
 
+    if kind == "gpt2":
+        return _gpt2_steppers(rank, world_size)
+
     dense = _model()
     rows = ds.ChunkShardingSpec(0, [f"rank:{r}/cpu" for r in range(world_size)])
     ours = _ours(dense, rows if kind == "fsdp" else ds.Replicate())
@@ -109,6 +116,49 @@ def _steppers(rank: int, world_size: int, kind: str
     return {"ours": ours_step, "theirs": theirs_step}, (ours, theirs)
 
 
+GPT2 = {"vocab_size": 1000, "n_positions": 32, "n_embd": 128, "n_layer": 4, "n_head": 4}
+GPT2_BATCH = 8
+
+
+def _gpt2_steppers(rank: int, world_size: int
+                   ) -> tuple[dict[str, Callable[[int], None]], tuple[nn.Module, nn.Module]]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import dispatch_shard as ds
+
+    config = GPT2Config(**GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    dense = GPT2LMHeadModel(config)
+    ours = _ours(dense, ds.Replicate())
+    ours.lm_head.weight = ours.transformer.wte.weight  # tied again, as in dense
+    ours = ds.data_parallel(ours)
+    theirs = nn.parallel.DistributedDataParallel(copy.deepcopy(dense))
+    vocab, length = GPT2["vocab_size"], GPT2["n_positions"]
+    rows = ds.ChunkShardingSpec(0, [f"rank:{r}/cpu" for r in range(world_size)])
+    generator = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, vocab, (GPT2_BATCH * world_size, length), generator=generator)
+            for _ in range(4)]
+    mine = slice(rank * GPT2_BATCH, (rank + 1) * GPT2_BATCH)
+    optimizers = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-3),
+                  "theirs": torch.optim.AdamW(theirs.parameters(), lr=1e-3)}
+
+    def step(label: str, model: nn.Module, ids: torch.Tensor) -> None:
+        optimizers[label].zero_grad()
+        logits = model(input_ids=ids).logits
+        F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1)).backward()
+        optimizers[label].step()
+
+    def ours_step(i: int) -> None:
+        with ds.unchecked_creation():
+            ids = ds.ShardedTensor.from_local_tensor(data[i % 4][mine], rows,
+                                                     *data[i % 4].shape)
+        step("ours", ours, ids)
+
+    return ({"ours": ours_step, "theirs": lambda i: step("theirs", theirs, data[i % 4][mine])},
+            (ours, theirs))
+
+
 def _figures(rank: int, world_size: int, kind: str) -> dict[str, float]:
     import dispatch_shard as ds
 
@@ -123,7 +173,7 @@ def _figures(rank: int, world_size: int, kind: str) -> dict[str, float]:
     figures["ours_collectives"] = len(counted.events)
     figures["ours_buckets"] = sum(e.op.startswith("gradient bucket") for e in counted.events)
     figures["ours_hidden"] = counted.reduction_hidden_s / max(counted.reduction_s, 1e-12)
-    if kind != "fsdp":
+    if kind not in ("fsdp", "gpt2"):
         figures["theirs_buckets"] = _ddp_buckets_per_step(world_size)
     times: dict[str, list[float]] = {"ours": [], "theirs": []}
     for i in range(ROUNDS):
@@ -176,7 +226,8 @@ def _dense(value: torch.Tensor) -> torch.Tensor:
 
 
 def figures(world_size: int, kind: str) -> dict[str, float]:
-    """The figures of ``kind`` ("dp", "dp_module" or "fsdp") at ``world_size``, on the rank pool:
+    """The figures of ``kind`` ("dp", "dp_module", "gpt2" or "fsdp") at ``world_size``, on the
+    rank pool:
     times of the slowest rank, everything else as rank 0 sees it."""
     from dispatch_shard.testing import get_pool, shutdown_pools
 
