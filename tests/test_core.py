@@ -240,7 +240,8 @@ BUILTIN_OPS = {
     "dispatch_shard.ops.view": [
         "aten.detach_.default", "aten.diagonal.default", "aten.diagonal_scatter.default",
         "aten.expand.default", "aten.permute.default", "aten.select.int", "aten.slice.Tensor",
-        "aten.slice_backward.default", "aten.slice_scatter.default", "aten.split.Tensor", "aten.split_with_sizes.default", "aten.squeeze.default",
+        "aten.slice_backward.default", "aten.slice_scatter.default", "aten.split.Tensor",
+        "aten.split_with_sizes.default", "aten.squeeze.default",
         "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze_.default", "aten.squeeze_.dim",
         "aten.squeeze_.dims", "aten.t.default", "aten.t_.default", "aten.transpose.int",
         "aten.transpose_.default", "aten.unbind.int", "aten.unsqueeze.default",
