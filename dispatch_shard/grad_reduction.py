@@ -180,9 +180,45 @@ def _reduction(grad: Any, leaf: Any) -> tuple[str, Any, str, int] | None:
     return None
 
 
+# NOTE [a kept gradient takes the pending one]
+# A leaf whose ``.grad`` is kept between backward passes (``zero_grad(set_to_none=False)``,
+# or gradient accumulation without ``no_sync``) gets each new pending gradient through
+# AccumulateGrad's in-place ``grad += new``. Reduced there, that add cost one
+# synchronous all-reduce per parameter, outside the buckets (and inside ``no_sync`` it
+# reduced every micro-batch). Instead, ``+=`` of a pending sum into a leaf's gradient
+# (marked ``_leaf_grad`` by the leaf hook) makes the kept gradient itself pending: the
+# group's first rank adds the new summand into its block, the others take the new
+# summand in place of theirs (the kept value is counted once), and the layout becomes
+# the pending one, with no collective. The leaf hook then offers it to a bucket like a
+# fresh gradient, and the kept tensor stays the leaf's ``.grad`` (the same object, as
+# dense autograd keeps it). After ``zero_grad(set_to_none=False)`` the kept value is
+# zero and the sum is the fresh gradient's, bit for bit.
+def fold_into_kept_grad(dest: Any, other: Any, kwargs: dict[str, Any]) -> Any:
+    """NOTE [a kept gradient takes the pending one]: ``dest += other`` served without a
+    collective, or None where it does not apply."""
+    if kwargs or not getattr(dest, "_leaf_grad", False) or torch.is_grad_enabled():
+        return None
+    if not (_settings.enabled or _settings.no_sync_depth):
+        return None
+    src: Layout = getattr(other, "_layout", None)  # type: ignore[assignment]
+    if src is None or not src.is_partial or src.reduce_op != "sum" \
+            or src.value_layout() is not dest._layout or other.dtype != dest.dtype \
+            or len(other._local_tensors) != len(dest._local_tensors):
+        return None
+    first = dest._rank == src.group_ranks[0]
+    for block, summand in zip(dest._local_tensors, other._local_tensors, strict=True):
+        if first:
+            block.add_(summand)
+        else:
+            block.copy_(summand)
+    dest._layout = src
+    return dest
+
+
 def offer(leaf: Any, grad: Any) -> bool:
     """Take ``grad``, the pending gradient just accumulated into ``leaf``, for a bucketed
-    reduction; True if taken (``leaf.grad`` is then set, awaiting its bucket)."""
+    reduction; True if taken (``leaf.grad`` is then set, awaiting its bucket; a kept
+    gradient, NOTE [a kept gradient takes the pending one], is itself set awaiting)."""
     if _settings.no_sync_depth:
         return True  # stays pending (see the module docstring)
     if not _settings.enabled or (torch.is_grad_enabled() and grad.requires_grad):
@@ -211,7 +247,13 @@ def offer(leaf: Any, grad: Any) -> bool:
         bucket = _pass.open[key] = _Bucket(kind, group, op, size)
         AWAITING[0] += 1
     # The leaf's gradient, awaiting the bucket; its blocks are the summands until launch.
-    awaiting = grad._like(summands if kind == "all_reduce" else [], leaf._layout)
+    blocks = summands if kind == "all_reduce" else []
+    if getattr(grad, "_leaf_grad", False):  # a kept gradient stays the same object
+        awaiting = grad
+        awaiting._local_tensors, awaiting._layout = blocks, leaf._layout
+    else:
+        awaiting = grad._like(blocks, leaf._layout)
+        awaiting._leaf_grad = True
     awaiting._awaiting = bucket
     bucket.grads.append(awaiting)
     bucket.summands.extend(summands)

@@ -105,10 +105,13 @@ class ShardedTensor(torch.Tensor):
     """
 
     __slots__ = ("_awaiting", "_device", "_dtype", "_grad_layout_hook", "_layout",
-                 "_local_tensors", "_process_group", "_rank", "_reduced_cache")
+                 "_leaf_grad", "_local_tensors", "_process_group", "_rank", "_reduced_cache")
     _local_tensors: list[torch.Tensor]
     _layout: Layout
     _awaiting: Any  # the gradient bucket this tensor awaits (dispatch_shard.grad_reduction)
+    # Set on a leaf's gradient by the leaf hook (NOTE [a kept gradient takes the pending
+    # one] in dispatch_shard.grad_reduction); unset elsewhere, read on that path only.
+    _leaf_grad: bool
     _process_group: ProcessGroup
     _rank: int
     # The wrapper's dtype and device, which never change, as plain attributes: ``_like``
@@ -989,10 +992,16 @@ def _grad_to_leaf_layout(leaf: torch.Tensor) -> None:
             with torch.no_grad():
                 if grad._layout.pending and grad_reduction.offer(leaf, grad):
                     return  # reduced in a bucket, during the rest of backward
-                leaf.grad = grad = grad._redistributed(layout.spec)
+                moved = grad._redistributed(layout.spec)
+                if getattr(grad, "_leaf_grad", False):  # a kept gradient: the same object
+                    grad._local_tensors, grad._layout = moved._local_tensors, moved._layout
+                else:
+                    leaf.grad = grad = moved
     blocks = grad._local_tensors
     if not all(b.is_contiguous() for b in blocks):
         grad._local_tensors = [b.contiguous() for b in blocks]
+    # (NOTE [a kept gradient takes the pending one] in dispatch_shard.grad_reduction)
+    grad._leaf_grad = True
 
 
 def _torch_function_with_registry(

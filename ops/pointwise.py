@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dispatch_shard import grad_reduction
 from dispatch_shard.holders import by_mesh_rule, flattened_call, has_mesh
 from dispatch_shard.layout import Layout
 from dispatch_shard.ops._common import replicated_value, whole
@@ -418,6 +419,7 @@ def _register(func: torch._ops.OpOverload) -> None:
     schema = _Schema(func)
     linear = func in _LINEAR  # decided once: hashing an OpOverload per call runs Python
     linear_inplace = _LINEAR_INPLACE.get(func)
+    adds = func is aten.add_.Tensor
 
     call = _binding(func)
 
@@ -457,6 +459,9 @@ def _register(func: torch._ops.OpOverload) -> None:
         _first_group(args, func)  # NOTE [implementations that find their own group]
         if linear_inplace is not None:
             served = _linear_into_partial(call, linear_inplace, args, kwargs)
+            if served is None and adds and len(args) == 2:
+                # AccumulateGrad's ``grad += new`` of a pending gradient into a kept one
+                served = grad_reduction.fold_into_kept_grad(first, args[1], kwargs)
             if served is not None:
                 return served
         if linear:

@@ -7,6 +7,7 @@ over the ranks and compares with the dense model on the whole batch, or with
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -201,6 +202,42 @@ def test_no_sync_accumulates_without_communication(rank: int, world_size: int) -
     for ours, param in zip(sharded.parameters(), dense.parameters(), strict=True):
         assert ours.grad.sharding_spec() == ds.Replicate()
         torch.testing.assert_close(_full(ours.grad), param.grad)
+
+
+@multi_rank(world_size=[1, 3])
+def test_kept_gradients_are_reduced_in_the_buckets(rank: int, world_size: int) -> None:
+    """NOTE [a kept gradient takes the pending one] in grad_reduction: with gradients kept
+    between backward passes (``zero_grad(set_to_none=False)``; accumulation over
+    micro-batches without ``no_sync``; and inside ``no_sync``) each backward issues only
+    its bucket (none inside ``no_sync``), each ``.grad`` stays the same object, and
+    gradients and AdamW steps equal dense's."""
+    dense = _model(seed=6, layers=4)
+    sharded = _sharded(dense)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (dense, sharded)]
+    one = 1 if world_size > 1 else 0
+    kept: list[torch.Tensor] = []
+    for step in range(4):
+        micro = [_batch(world_size, seed=40 + 3 * step + i) for i in range(2)]
+        for opt in opts:
+            opt.zero_grad(set_to_none=step == 0)
+        for i, (x, y) in enumerate(micro):
+            F.mse_loss(dense(x), y).backward()
+            quiet = step == 3 and i == 0  # the last step accumulates inside no_sync
+            xs, ys = _split(x, world_size), _split(y, world_size)
+            with ds.count_collectives() as counted, \
+                    (ds.no_sync() if quiet else contextlib.nullcontext()):
+                F.mse_loss(sharded(xs), ys).backward()
+            assert len(counted.events) == (0 if quiet else one), (step, i, counted.events)
+            if kept:
+                assert all(p.grad is g for p, g in zip(sharded.parameters(), kept, strict=True))
+        kept = [p.grad for p in sharded.parameters()]
+        for ours, param in zip(sharded.parameters(), dense.parameters(), strict=True):
+            assert ours.grad.sharding_spec() == ds.Replicate()
+            torch.testing.assert_close(_full(ours.grad), param.grad)
+        for opt in opts:
+            opt.step()
+        for ours, param in zip(sharded.parameters(), dense.parameters(), strict=True):
+            torch.testing.assert_close(_full(ours.detach()), param.detach())
 
 
 @multi_rank(world_size=[2])
