@@ -109,8 +109,8 @@ class ShardedTensor(torch.Tensor):
     _local_tensors: list[torch.Tensor]
     _layout: Layout
     _awaiting: Any  # the gradient bucket this tensor awaits (dispatch_shard.grad_reduction)
-    # Set on a leaf's gradient by the leaf hook (NOTE [a kept gradient takes the pending
-    # one] in dispatch_shard.grad_reduction); unset elsewhere, read on that path only.
+    # True on a leaf's gradient, set by the leaf hook (NOTE [a kept gradient takes the
+    # pending one] in dispatch_shard.grad_reduction).
     _leaf_grad: bool
     _process_group: ProcessGroup
     _rank: int
@@ -145,6 +145,7 @@ class ShardedTensor(torch.Tensor):
         tensor._process_group = process_group
         tensor._rank = rank
         tensor._awaiting = None  # (set: reading an unset slot goes through __getattr__)
+        tensor._leaf_grad = False
         return tensor
 
     def _like(
@@ -168,8 +169,10 @@ class ShardedTensor(torch.Tensor):
         # NOTE [an unset slot costs an exception]: reading an unset slot raises inside
         # the slot's descriptor and falls back to ``__getattr__``, which raises again
         # (about 3 us). While a gradient bucket is in flight every dispatch reads
-        # ``_awaiting`` of every operand, so it is always set.
+        # ``_awaiting`` of every operand, so it is always set; ``_leaf_grad`` likewise
+        # (the leaf hook reads it of every gradient).
         tensor._awaiting = None
+        tensor._leaf_grad = False
         return tensor
 
     @classmethod
