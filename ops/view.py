@@ -312,13 +312,19 @@ def slice_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg
     bound = bind_arguments(func, args, kwargs)
     grad, sizes = bound["grad_output"], list(bound["input_sizes"])
     dim, start, end, step = _slice_bounds(bound)
+    if type(grad) is not ShardedTensor or not -len(sizes) <= dim < len(sizes) \
+            or grad.dim() != len(sizes):
+        return by_decomposition(func, types, args, kwargs, pg)  # (dense's errors too)
     dim %= len(sizes)
-    if type(grad) is not ShardedTensor or grad.shape[dim] == 0 \
-            or dim in split_dims(grad._layout):
+    if grad.shape[dim] == 0 or dim in split_dims(grad._layout):
         return by_decomposition(func, types, args, kwargs, pg)
     layout = resized_layout(grad._layout, dim, sizes[dim])
-    blocks = [func(b, [*b.shape[:dim], sizes[dim], *b.shape[dim + 1:]], dim, start, end, step)
-              for b in grad._local_tensors]
+    # A block empty along ``dim`` (the slice missed it: ``split_dims`` skips empty
+    # blocks) stays empty; the others span ``dim`` and are padded.
+    blocks = [func(b, list(layout.shards[i].shard_sizes), dim, start, end, step)
+              if b.shape[dim] else b.new_zeros(layout.shards[i].shard_sizes)
+              for b, i in zip(grad._local_tensors, layout.local_indices(grad._rank),
+                              strict=True)]
     return grad._like(blocks, layout)
 
 
@@ -332,7 +338,8 @@ def slice_scatter(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg:
     bound = bind_arguments(func, args, kwargs)
     x, src = bound["self"], bound["src"]
     dim, start, end, step = _slice_bounds(bound)
-    if type(x) is ShardedTensor and type(src) is ShardedTensor and x.dim() == src.dim():
+    if type(x) is ShardedTensor and type(src) is ShardedTensor and x.dim() == src.dim() \
+            and -x.dim() <= dim < x.dim():
         dim %= x.dim()
         if src.shape[dim] and dim not in split_dims(x._layout) and src.dtype == x.dtype \
                 and resized_layout(x._layout, dim, src.shape[dim]) is src._layout:

@@ -62,7 +62,10 @@ def test_view_and_shape_ops_match_dense(rank: int, world_size: int, layout: str)
             assert g.dtype == w.dtype and torch.equal(g, w), name
 
 
-SLICES = [(1, 0, 6, 1), (1, 2, 7, 2), (0, 2, 8, 1), (0, 1, 10, 3), (1, 3, 3, 1), (-1, -5, -1, 1)]
+# (dim, start, end, step); (0, 0, 2, 1) and (0, 8, 10, 1) fall inside one block of rows:
+# the other blocks of the slice are empty along the sliced dim.
+SLICES = [(1, 0, 6, 1), (1, 2, 7, 2), (0, 2, 8, 1), (0, 1, 10, 3), (1, 3, 3, 1), (-1, -5, -1, 1),
+          (0, 0, 2, 1), (0, 8, 10, 1)]
 
 
 @multi_rank(world_size=[1, 3, 4])
@@ -101,14 +104,21 @@ def test_slice_backward_and_slice_scatter_match_dense(rank: int, world_size: int
         got = aten.slice_scatter.default(base, src, dim, start, end, step)
         want = aten.slice_scatter.default(x * 3, src.full_tensor(), dim, start, end, step)
         torch.testing.assert_close(got.full_tensor(), want, msg=f"{layout} {dim} {start}")
-    # Through autograd: a language model's shifted logits, split by rows.
-    leaf = shard(x, specs_2d(SIZE, world_size)["rows" if layout == "partial" else layout],
-                 requires_grad=True)
-    dense = x.clone().requires_grad_(True)
-    weight = torch.randn(10, 6, generator=generator)
-    (leaf[:, :-1] * weight).sum().backward()
-    (dense[:, :-1] * weight).sum().backward()
-    torch.testing.assert_close(leaf.grad.full_tensor(), dense.grad)
+    # Through autograd: a language model's shifted logits, split by rows; the first rows.
+    for cut in ((slice(None), slice(None, -1)), (slice(None, 2),)):
+        leaf = shard(x, specs_2d(SIZE, world_size)["rows" if layout == "partial" else layout],
+                     requires_grad=True)
+        dense = x.clone().requires_grad_(True)
+        weight = torch.randn(dense[cut].shape, generator=generator)
+        (leaf[cut] * weight).sum().backward()
+        (dense[cut] * weight).sum().backward()
+        torch.testing.assert_close(leaf.grad.full_tensor(), dense.grad)
+    # A dim out of range is dense's error, on every rank.
+    some = shard(x, rows(world_size))
+    for op in (lambda: aten.slice_backward.default(some, list(SIZE), 2, 0, 4, 1),
+               lambda: aten.slice_scatter.default(some, some, 2, 0, 4, 1)):
+        with pytest.raises(IndexError, match="Dimension out of range"):
+            op()
 
 
 @multi_rank(world_size=[2, 3])
