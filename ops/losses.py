@@ -182,7 +182,9 @@ def _rows_and_columns(box: Box) -> tuple[slice, slice]:
 # ranks: they ride the loss's own all-reduce, three numbers (the loss's sum, the total
 # weight, the count of out-of-bounds targets). Gathering the whole target instead cost
 # an all-to-all in forward and another in backward. ``reduction="none"`` all-reduces the
-# count alone (so an out-of-bounds target raises on every rank); backward, nothing.
+# count alone (so an out-of-bounds target raises on every rank); backward, nothing. The
+# sums accumulate in float64: a bfloat16 loss can differ from dense's, which accumulates
+# in bfloat16, in its last bit (toward the exact value).
 
 def _rows_of(x: Any, target: Any) -> Any:
     """The row layout of ``x [N, C]`` when every block of ``x`` holds whole rows and the
@@ -218,13 +220,13 @@ def _raise_out_of_bounds(x: ShardedTensor, rows: Any, facts: list[tuple[torch.Te
     """Raise dense's error for the first out-of-bounds target in row order, on every rank
     (two small all-reduces, on this error path only)."""
     group = x._process_group
-    first = torch.tensor(x.shape[0], dtype=torch.int64)
+    first = torch.tensor(x.shape[0], dtype=torch.int64, device=x.device)
     for i, (_, _, _, _, bad) in zip(rows.local_indices(x._rank), facts, strict=True):
         where = bad.nonzero()
         if where.numel():
             first = torch.minimum(first, rows.shard_box(i)[0].start + where[0, 0])
     collectives.all_reduce(first, "min", group)
-    value = torch.zeros((), dtype=torch.int64)
+    value = torch.zeros((), dtype=torch.int64, device=x.device)
     for i, (t, _, _, _, _) in zip(rows.local_indices(x._rank), facts, strict=True):
         start = rows.shard_box(i)[0].start
         if start <= int(first) < start + t.numel():
@@ -244,14 +246,14 @@ def _nll_forward_by_rows(anchor: Any, x: ShardedTensor, rows: Any, bound: Any,
               for block, (_, valid, cls, w, _) in zip(x._local_tensors, facts, strict=True)]
     bad = sum((int(f[4].sum()) for f in facts), 0)
     if reduction == _NONE:
-        count = collectives.all_reduce(torch.tensor([bad], dtype=torch.float64), "sum",
-                                       x._process_group)
+        count = collectives.all_reduce(
+            torch.tensor([bad], dtype=torch.float64, device=x.device), "sum", x._process_group)
         if count[0] > 0:
             _raise_out_of_bounds(x, rows, facts)
-        no_total = replicated_result(anchor, torch.zeros((), dtype=weight_dtype), (),
-                                     weight_dtype)
+        no_total = replicated_result(
+            anchor, torch.zeros((), dtype=weight_dtype, device=x.device), (), weight_dtype)
         return x._like([loss.to(dtype) for loss in losses], rows, dtype), no_total
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)
     for block_losses, (_, _, _, w, _) in zip(losses, facts, strict=True):
         sums[0] += block_losses.sum(dtype=torch.float64)
         sums[1] += w.sum(dtype=torch.float64)
