@@ -118,6 +118,7 @@ class _Bucket:
     op: str  # "sum" | "avg"
     size: int  # ranks in the group
     grads: list[Any] = field(default_factory=list)  # awaiting ShardedTensors
+    kept: bool = False  # holds a kept gradient (NOTE [a kept gradient takes the pending one])
     summands: list[torch.Tensor] = field(default_factory=list)
     nbytes: int = 0
     work: Any = None
@@ -185,18 +186,25 @@ def _reduction(grad: Any, leaf: Any) -> tuple[str, Any, str, int] | None:
 # or gradient accumulation without ``no_sync``) gets each new pending gradient through
 # AccumulateGrad's in-place ``grad += new``. Reduced there, that add cost one
 # synchronous all-reduce per parameter, outside the buckets (and inside ``no_sync`` it
-# reduced every micro-batch). Instead, ``+=`` of a pending sum into a leaf's gradient
-# (marked ``_leaf_grad`` by the leaf hook) makes the kept gradient itself pending: the
-# group's first rank adds the new summand into its block, the others take the new
-# summand in place of theirs (the kept value is counted once), and the layout becomes
-# the pending one, with no collective. The leaf hook then offers it to a bucket like a
-# fresh gradient, and the kept tensor stays the leaf's ``.grad`` (the same object, as
-# dense autograd keeps it). After ``zero_grad(set_to_none=False)`` the kept value is
-# zero and the sum is the fresh gradient's, bit for bit.
+# reduced every micro-batch). Instead, inside a backward pass, ``+=`` of a pending sum
+# into a leaf's gradient (marked ``_leaf_grad`` by the leaf hook) makes the kept gradient
+# itself pending, with no collective: its summands are new tensors (on the group's first
+# rank the kept block plus the new summand, elsewhere the new summand: the kept value
+# is counted once), and its own blocks are set aside (``_kept_blocks``) unchanged. The
+# leaf hook offers it to a bucket like a fresh gradient; when the bucket completes, the
+# reduced values are copied into the kept blocks and the gradient points at them again,
+# so ``.grad`` stays the same tensor with the same storage (views of it, a contiguous
+# buffer it lives in, see the new value, as in dense). Buckets holding kept gradients
+# are waited for when backward ends, so that is true when ``backward()`` returns. After
+# ``zero_grad(set_to_none=False)`` the kept value is zero and the sum is the fresh
+# gradient's, bit for bit. Outside a backward pass (a user's ``p.grad += g``) the add
+# is served as any other.
 def fold_into_kept_grad(dest: Any, other: Any, kwargs: dict[str, Any]) -> Any:
     """NOTE [a kept gradient takes the pending one]: ``dest += other`` served without a
     collective, or None where it does not apply."""
-    if kwargs or not getattr(dest, "_leaf_grad", False) or torch.is_grad_enabled():
+    if kwargs or not getattr(dest, "_leaf_grad", False) or torch.is_grad_enabled() \
+            or torch._C._current_graph_task_id() == -1 \
+            or getattr(dest, "_kept_blocks", None) is not None:
         return None
     if not (_settings.enabled or _settings.no_sync_depth):
         return None
@@ -206,13 +214,21 @@ def fold_into_kept_grad(dest: Any, other: Any, kwargs: dict[str, Any]) -> Any:
             or len(other._local_tensors) != len(dest._local_tensors):
         return None
     first = dest._rank == src.group_ranks[0]
-    for block, summand in zip(dest._local_tensors, other._local_tensors, strict=True):
-        if first:
-            block.add_(summand)
-        else:
-            block.copy_(summand)
+    dest._kept_blocks = dest._local_tensors
+    dest._local_tensors = [block + summand if first else summand for block, summand
+                           in zip(dest._local_tensors, other._local_tensors, strict=True)]
     dest._layout = src
     return dest
+
+
+def _restore_kept(grad: Any) -> None:
+    """Copy a kept gradient's value (its blocks now) into its own blocks, and point it at
+    them again (NOTE [a kept gradient takes the pending one])."""
+    kept = getattr(grad, "_kept_blocks", None)
+    if kept is not None:
+        for block, value in zip(kept, grad._local_tensors, strict=True):
+            block.copy_(value)
+        grad._local_tensors, grad._kept_blocks = kept, None
 
 
 def offer(leaf: Any, grad: Any) -> bool:
@@ -232,6 +248,7 @@ def offer(leaf: Any, grad: Any) -> bool:
         if not all(b.is_contiguous() for b in summands):
             grad._local_tensors = [b.contiguous() for b in summands]
         grad._layout = leaf._layout
+        _restore_kept(grad)
         return True
     _poll()
     task = torch._C._current_graph_task_id()
@@ -250,6 +267,7 @@ def offer(leaf: Any, grad: Any) -> bool:
     blocks = summands if kind == "all_reduce" else []
     if getattr(grad, "_leaf_grad", False):  # a kept gradient stays the same object
         awaiting = grad
+        bucket.kept |= getattr(grad, "_kept_blocks", None) is not None
         awaiting._local_tensors, awaiting._layout = blocks, leaf._layout
     else:
         awaiting = grad._like(blocks, leaf._layout)
@@ -291,6 +309,8 @@ def _end_of_backward() -> None:
         _launch(bucket)
     _pass.launched = 0
     _pass.task = -1
+    for bucket in [b for b in _in_flight if b.kept]:  # NOTE [a kept gradient takes ...]
+        _complete(bucket)
 
 
 def _launch(bucket: _Bucket) -> None:
@@ -401,6 +421,7 @@ def _complete(bucket: _Bucket) -> None:
     for grad in bucket.grads:
         if getattr(grad, "_awaiting", None) is bucket:
             grad._awaiting = None
+            _restore_kept(grad)
     bucket.grads = []
 
 

@@ -104,14 +104,16 @@ class ShardedTensor(torch.Tensor):
     :meth:`from_local_tensor`.
     """
 
-    __slots__ = ("_awaiting", "_device", "_dtype", "_grad_layout_hook", "_layout",
-                 "_leaf_grad", "_local_tensors", "_process_group", "_rank", "_reduced_cache")
+    __slots__ = ("_awaiting", "_device", "_dtype", "_grad_layout_hook", "_kept_blocks",
+                 "_layout", "_leaf_grad", "_local_tensors", "_process_group", "_rank",
+                 "_reduced_cache")
     _local_tensors: list[torch.Tensor]
     _layout: Layout
     _awaiting: Any  # the gradient bucket this tensor awaits (dispatch_shard.grad_reduction)
     # True on a leaf's gradient, set by the leaf hook (NOTE [a kept gradient takes the
     # pending one] in dispatch_shard.grad_reduction).
     _leaf_grad: bool
+    _kept_blocks: list[torch.Tensor] | None  # a kept gradient's own blocks, set aside
     _process_group: ProcessGroup
     _rank: int
     # The wrapper's dtype and device, which never change, as plain attributes: ``_like``
@@ -146,6 +148,7 @@ class ShardedTensor(torch.Tensor):
         tensor._rank = rank
         tensor._awaiting = None  # (set: reading an unset slot goes through __getattr__)
         tensor._leaf_grad = False
+        tensor._kept_blocks = None
         return tensor
 
     def _like(
@@ -173,6 +176,7 @@ class ShardedTensor(torch.Tensor):
         # (the leaf hook reads it of every gradient).
         tensor._awaiting = None
         tensor._leaf_grad = False
+        tensor._kept_blocks = None
         return tensor
 
     @classmethod
@@ -998,6 +1002,7 @@ def _grad_to_leaf_layout(leaf: torch.Tensor) -> None:
                 moved = grad._redistributed(layout.spec)
                 if getattr(grad, "_leaf_grad", False):  # a kept gradient: the same object
                     grad._local_tensors, grad._layout = moved._local_tensors, moved._layout
+                    grad_reduction._restore_kept(grad)
                 else:
                     leaf.grad = grad = moved
     blocks = grad._local_tensors

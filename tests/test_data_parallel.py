@@ -216,6 +216,7 @@ def test_kept_gradients_are_reduced_in_the_buckets(rank: int, world_size: int) -
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (dense, sharded)]
     one = 1 if world_size > 1 else 0
     kept: list[torch.Tensor] = []
+    views: list[torch.Tensor] = []
     for step in range(4):
         micro = [_batch(world_size, seed=40 + 3 * step + i) for i in range(2)]
         for opt in opts:
@@ -230,7 +231,13 @@ def test_kept_gradients_are_reduced_in_the_buckets(rank: int, world_size: int) -
             assert len(counted.events) == (0 if quiet else one), (step, i, counted.events)
             if kept:
                 assert all(p.grad is g for p, g in zip(sharded.parameters(), kept, strict=True))
+            if kept and not quiet:  # (inside no_sync the gradients are pending summands)
+                # the same storage: a view of a block taken a step ago sees the new value
+                for p, view in zip(sharded.parameters(), views, strict=True):
+                    assert view.data_ptr() == p.grad._local_tensors[0].data_ptr()
+                    torch.testing.assert_close(view, _full(p.grad).view(-1))
         kept = [p.grad for p in sharded.parameters()]
+        views = [p.grad._local_tensors[0].view(-1) for p in sharded.parameters()]
         for ours, param in zip(sharded.parameters(), dense.parameters(), strict=True):
             assert ours.grad.sharding_spec() == ds.Replicate()
             torch.testing.assert_close(_full(ours.grad), param.grad)
@@ -238,6 +245,16 @@ def test_kept_gradients_are_reduced_in_the_buckets(rank: int, world_size: int) -
             opt.step()
         for ours, param in zip(sharded.parameters(), dense.parameters(), strict=True):
             torch.testing.assert_close(_full(ours.detach()), param.detach())
+    # Outside backward, a user's ``+=`` of a pending gradient into ``.grad`` is served as
+    # any other add: the gradient stays replicated, its blocks the value.
+    loss = F.mse_loss(sharded(_split(x, world_size)), _split(y, world_size))
+    weight = next(iter(sharded.parameters()))
+    (pending,) = torch.autograd.grad(loss, [weight])
+    before = _full(weight.grad).clone()
+    with torch.no_grad():
+        weight.grad += pending
+    assert weight.grad.sharding_spec() == ds.Replicate()
+    torch.testing.assert_close(weight.grad.local_shards()[0].tensor, before + _full(pending))
 
 
 @multi_rank(world_size=[2])
