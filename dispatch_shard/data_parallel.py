@@ -88,7 +88,30 @@ class _ToLocal(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[ShardedTensor, None]:
         _first_order_only()
-        return ctx.anchor._like([grad], ctx.grad_layout, grad.dtype), None
+        return ctx.anchor._like([_unshared(grad)], ctx.grad_layout, grad.dtype), None
+
+
+# NOTE [one gradient tensor for two parameters]
+# Autograd may hand the same tensor to two inputs: ``p1 + p2`` gives both the output's
+# gradient. Dense AccumulateGrad sees the tensor shared and clones it; here each
+# parameter's gradient is a new wrapper around it, unshared to AccumulateGrad, so both
+# parameters' gradients would hold one block, and accumulating into one (a second
+# micro-batch, a kept gradient, a group of one where the block is the value) would add
+# into the other too. A block already handed out in this backward pass is cloned.
+_handed: dict[int, torch.Tensor] = {}  # id -> the tensor (kept alive: ids stay unique)
+_handed_task = [-1]
+
+
+def _unshared(grad: torch.Tensor) -> torch.Tensor:
+    task = torch._C._current_graph_task_id()
+    if task != _handed_task[0]:
+        _handed.clear()
+        _handed_task[0] = task
+        torch.autograd.Variable._execution_engine.queue_callback(_handed.clear)
+    if _handed.get(id(grad)) is grad:
+        return grad.clone()
+    _handed[id(grad)] = grad
+    return grad
 
 
 def _first_order_only() -> None:

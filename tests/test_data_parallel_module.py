@@ -3,6 +3,7 @@ dense code. Every test compares with the dense module on the whole batch."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -82,6 +83,42 @@ def test_training_matches_dense_against_float64(rank: int, world_size: int) -> N
                                        exact.parameters(), strict=True):
         assert (_full(mine.detach()).double() - reference.detach()).abs().max() < 2e-4
         assert (theirs.detach().double() - reference.detach()).abs().max() < 2e-4
+
+
+class _Sum(nn.Module):
+    """Two parameters summed: autograd hands both the same gradient tensor."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.c = nn.Parameter(torch.randn(width, generator=torch.Generator().manual_seed(3)))
+        self.d = nn.Parameter(torch.randn(width, generator=torch.Generator().manual_seed(4)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * (self.c + self.d)
+
+
+@multi_rank(world_size=[1, 3])
+def test_parameters_given_one_gradient_tensor_keep_their_own(rank: int,
+                                                             world_size: int) -> None:
+    """NOTE [one gradient tensor for two parameters] in data_parallel: ``c + d`` gives both
+    parameters the same gradient tensor; accumulated over micro-batches (with and without
+    ``no_sync``, fresh and kept gradients), each gradient equals dense's."""
+    torch.manual_seed(0)
+    dense = _Sum()
+    ours = ds.data_parallel(_replicated(dense))
+    for step in range(3):
+        for model in (dense, ours):
+            model.zero_grad(set_to_none=step == 0)
+        for i in range(2):
+            x, y = _data(4 * world_size, seed=50 + 2 * step + i)
+            F.mse_loss(dense(x), y).backward()
+            with ds.no_sync() if step == 2 and i == 0 else contextlib.nullcontext():
+                F.mse_loss(ours(ds.ShardedTensor.from_replicated(x, rows(world_size))),
+                           ds.ShardedTensor.from_replicated(y, rows(world_size))).backward()
+        for (name, mine), theirs in zip(ours.named_parameters(), dense.parameters(),
+                                        strict=True):
+            torch.testing.assert_close(_full(mine.grad), theirs.grad, msg=name)
 
 
 @multi_rank(world_size=[2])
