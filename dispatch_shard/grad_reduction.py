@@ -248,7 +248,8 @@ def offer(leaf: Any, grad: Any) -> bool:
         if not all(b.is_contiguous() for b in summands):
             grad._local_tensors = [b.contiguous() for b in summands]
         grad._layout = leaf._layout
-        _restore_kept(grad)
+        if grad._leaf_grad:
+            _restore_kept(grad)
         return True
     _poll()
     task = torch._C._current_graph_task_id()
@@ -421,7 +422,8 @@ def _complete(bucket: _Bucket) -> None:
     for grad in bucket.grads:
         if getattr(grad, "_awaiting", None) is bucket:
             grad._awaiting = None
-            _restore_kept(grad)
+            if bucket.kept:
+                _restore_kept(grad)
     bucket.grads = []
 
 

@@ -113,7 +113,9 @@ class ShardedTensor(torch.Tensor):
     # True on a leaf's gradient, set by the leaf hook (NOTE [a kept gradient takes the
     # pending one] in dispatch_shard.grad_reduction).
     _leaf_grad: bool
-    _kept_blocks: list[torch.Tensor] | None  # a kept gradient's own blocks, set aside
+    # A kept gradient's own blocks, set aside while it is pending; read with a default
+    # (unset on most tensors: only gradients in that state are looked at).
+    _kept_blocks: list[torch.Tensor] | None
     _process_group: ProcessGroup
     _rank: int
     # The wrapper's dtype and device, which never change, as plain attributes: ``_like``
@@ -148,7 +150,6 @@ class ShardedTensor(torch.Tensor):
         tensor._rank = rank
         tensor._awaiting = None  # (set: reading an unset slot goes through __getattr__)
         tensor._leaf_grad = False
-        tensor._kept_blocks = None
         return tensor
 
     def _like(
@@ -176,7 +177,6 @@ class ShardedTensor(torch.Tensor):
         # (the leaf hook reads it of every gradient).
         tensor._awaiting = None
         tensor._leaf_grad = False
-        tensor._kept_blocks = None
         return tensor
 
     @classmethod
