@@ -843,6 +843,41 @@ def test_strided_views_and_fused_cross_entropy_on_a_2x2_mesh(rank: int, world_si
 
 
 @multi_rank(world_size=[4])
+def test_shifted_logits_cross_entropy_on_a_2x2_mesh(rank: int, world_size: int) -> None:
+    """A language model's loss on mixed 2x2-mesh placements (uneven batch, a batch-split
+    target, logits split or partial over "tp"): ``logits[:, :-1]`` and ``ids[:, 1:]``
+    (``slice_backward`` in backward, NOTE [a slice's gradient, block by block]) into
+    cross-entropy (NOTE [a batch-split target stays split]), with ignored tokens; a bad
+    target raises dense's error on every rank. Loss and gradient equal dense."""
+    mesh = _mesh()
+    logits, vocab = _dense(5, 6, 7, seed=11), 7
+    ids = torch.randint(0, vocab, (5, 6), generator=torch.Generator().manual_seed(12))
+    ids[1, 3] = -100
+    for x_pl, t_pl in (([Shard(0), Replicate()], [Shard(0), Replicate()]),
+                       ([Shard(0), Shard(2)], [Shard(0), Replicate()]),
+                       ([Shard(0), Partial()], [Shard(0), Replicate()]),
+                       ([Shard(0), Shard(0)], [Shard(0), Shard(0)])):
+        leaf = ds.distribute_tensor(logits, mesh, x_pl).requires_grad_()
+        target = ds.distribute_tensor(ids, mesh, t_pl)
+        reference = logits.clone().requires_grad_()
+        for reduction in ("mean", "sum", "none"):
+            got = F.cross_entropy(leaf[:, :-1].reshape(-1, vocab), target[:, 1:].reshape(-1),
+                                  reduction=reduction)
+            want = F.cross_entropy(reference[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1),
+                                   reduction=reduction)
+            torch.testing.assert_close(got.full_tensor(), want, msg=f"{x_pl} {reduction}")
+            got.sum().backward()
+            want.sum().backward()
+            torch.testing.assert_close(leaf.grad.full_tensor(), reference.grad,
+                                       msg=f"{x_pl} {reduction}")
+        bad = ids.clone()
+        bad[4, 5] = vocab  # on the last rows' holders only
+        with pytest.raises(IndexError, match=f"Target {vocab} is out of bounds"):
+            F.cross_entropy(leaf[:, :-1].reshape(-1, vocab),
+                            ds.distribute_tensor(bad, mesh, t_pl)[:, 1:].reshape(-1))
+
+
+@multi_rank(world_size=[4])
 def test_new_tensor_draws_out_variants_and_partial_copies_on_a_2x2_mesh(rank: int,
                                                                          world_size: int) -> None:
     """On mixed 2x2-mesh placements (uneven, a Partial on one mesh dim): random draws that
