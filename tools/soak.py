@@ -115,6 +115,18 @@ def _sample(step: int, kept: int) -> dict[str, Any]:
             "objects": objects - kept, "caches": _caches()}
 
 
+def _loss_value(loss: Any) -> float:
+    """The loss as a float, read without a graph: a ``full_tensor()`` kept across steps
+    would keep its step's loss (and what that holds) alive until it is replaced at the
+    last step, and the last sample would count the soak's own bookkeeping."""
+    import torch
+
+    from dispatch_shard import ShardedTensor
+
+    with torch.no_grad():
+        return float(loss.full_tensor() if isinstance(loss, ShardedTensor) else loss)
+
+
 def soak_rank(*, rank: int, world_size: int, steps: int = 2000, sample_every: int = 100,
               warmup: int = 200, width: int = 32) -> dict[str, Any]:
     """Train the demo model for ``steps`` steps on this rank; return the samples.
@@ -126,7 +138,7 @@ def soak_rank(*, rank: int, world_size: int, steps: int = 2000, sample_every: in
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from dispatch_shard import ShardedTensor, demo
+    from dispatch_shard import demo
     from dispatch_shard.demo import _model, _plan
     from dispatch_shard.examples import parallelize
 
@@ -159,8 +171,7 @@ def soak_rank(*, rank: int, world_size: int, steps: int = 2000, sample_every: in
         optimizer.step()
         optimizer.zero_grad()
         if step == 1 or step == steps:
-            value = loss.full_tensor() if isinstance(loss, ShardedTensor) else loss
-            losses.append(float(value.detach()))
+            losses.append(_loss_value(loss))
         del loss, x, inputs
         if step % sample_every == 0:
             samples.append(_sample(step, len(samples)))
