@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from dispatch_shard import collectives
+from dispatch_shard.authoring import small_dense_call
 from dispatch_shard.layout import Box, layout_of
 from dispatch_shard.ops._common import (
     bind_arguments,
@@ -147,7 +148,8 @@ class _Targets:
 
     def __init__(self, target: Any, weight: Any, classes: int, ignore_index: int,
                  dtype: torch.dtype, check: bool) -> None:
-        target = dense_value(target).reshape(-1)
+        # (a Byte target's values are classes too, not a mask: read them as Long)
+        target = dense_value(target).reshape(-1).long()
         valid = target != ignore_index
         if check:
             bad = valid & ((target < 0) | (target >= classes))
@@ -207,6 +209,7 @@ def _row_facts(x: ShardedTensor, rows: Any, target: Any, weight: Any, ignore_ind
     weight = dense_value(weight)
     facts: list[tuple[torch.Tensor, ...]] = []
     for t in pieces_of(target, rows, x._rank):
+        t = t.long()  # (a Byte target's values are classes, not a mask)
         valid = t != ignore_index
         bad = valid & ((t < 0) | (t >= classes))
         cls = torch.where(valid & ~bad, t, 0)
@@ -288,6 +291,21 @@ def _nll_backward_by_rows(x: ShardedTensor, rows: Any, bound: Any, dtype: torch.
     return x._like(blocks, dtype=dtype)
 
 
+def _nll_results(func: torch._ops.OpOverload, bound: dict[str, Any]) -> Any:
+    """``nll_loss_forward``'s or ``nll_loss_backward``'s result sizes and dtypes, with
+    dense's errors on every rank. Their meta kernel reads the target's dtype unlike the
+    CPU kernel, which takes Long and Byte targets only: meta takes an Int target and
+    refuses a Byte one. So any other dtype than Long meets dense's own check first (a run
+    on small dense stand-ins), and the meta run sees a Long target."""
+    values = [bound[argument.name] for argument in func._schema.arguments]
+    target = bound["target"]
+    if target.dtype != torch.int64:
+        small_dense_call(func, values, {})
+        values = [torch.empty(target.shape, dtype=torch.int64, device="meta")
+                  if v is target else v for v in values]
+    return meta_results(func, values, {})
+
+
 @custom_sharded_op_impl(aten.nll_loss_forward.default, handles_partial=True)
 def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
     """``nll_loss_forward(x, target, weight, reduction, ignore_index) -> (loss, total_weight)``
@@ -308,7 +326,7 @@ def nll_loss_forward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], 
     func = aten.nll_loss_forward.default
     bound = bind_arguments(func, args, kwargs)
     x = bound["self"]
-    results = meta_results(func, args, kwargs)
+    results = _nll_results(func, bound)
     (size, dtype), (_, weight_dtype) = results
     anchor = first_sharded(args, kwargs)
     if not in_group(anchor):
@@ -363,7 +381,7 @@ def nll_loss_backward(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     func = aten.nll_loss_backward.default
     bound = bind_arguments(func, args, kwargs)
     x, grad = bound["self"], bound["grad_output"]
-    results = meta_results(func, args, kwargs)
+    results = _nll_results(func, bound)
     ((size, dtype),) = results
     anchor = first_sharded(args, kwargs)
     if not in_group(anchor):

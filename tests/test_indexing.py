@@ -343,6 +343,32 @@ def test_cross_entropy_of_a_batch_split_target_reads_its_own_rows(rank: int,
                 assert forward == one and backward == [], (reduction, name, forward, backward)
 
 
+@multi_rank(world_size=[1, 3])
+def test_nll_target_dtypes_are_dense_s(rank: int, world_size: int) -> None:
+    """A Byte target holds classes, as dense reads it (not a mask), whole or split by rows
+    like the logits; an Int, Short or Float target raises dense's error on every rank
+    (the meta kernel takes them)."""
+    logits = _dense(*SIZE, seed=23)
+    byte = TARGET.to(torch.uint8)
+    for layout, spec in specs_2d(SIZE, world_size).items():
+        for reduction in ("mean", "none"):
+            _forward_and_backward(
+                f"byte_{layout}_{reduction}", lambda a, r=reduction: F.cross_entropy(
+                    a, byte, reduction=r, ignore_index=3), logits, spec)
+    split = shard(byte, rows(world_size))
+    for reduction in ("mean", "sum", "none"):
+        _forward_and_backward(
+            f"byte_batch_split_{reduction}", lambda a, r=reduction: F.cross_entropy(
+                a, split if isinstance(a, ds.ShardedTensor) else byte, reduction=r,
+                weight=CLASS_WEIGHT), logits, rows(world_size))
+    x = shard(logits, rows(world_size))
+    for dtype, name in ((torch.int32, "Int"), (torch.int16, "Short"), (torch.float32, "Float")):
+        for target in (TARGET.to(dtype), shard(TARGET.to(dtype), rows(world_size))):
+            with pytest.raises(RuntimeError, match=f"Long or Byte, but got {name}"):
+                F.nll_loss(x, target)
+    dist.barrier()
+
+
 @multi_rank(world_size=[3])
 def test_errors_raise_on_every_rank(rank: int, world_size: int) -> None:
     x = shard(_dense(*SIZE, seed=17), rows(world_size))
