@@ -30,7 +30,10 @@ module's forward and backward run as plain dense code:
 - **Gradients**: a parameter's gradient comes out of backward pending (each rank the
   gradient of its rows) and joins the bucketed reduction as usual: ``no_sync``,
   ``set_gradient_bucketing`` and ``count_collectives`` work unchanged. An input's
-  gradient gets the input's layout.
+  gradient gets the input's layout. Every rank must compute gradients of the same
+  parameters: a branch on a rank's own rows that skips a layer on some ranks breaks the
+  contract. Unbucketed, every rank then raises; in buckets it is not checked (NOTE
+  [every rank reduces the same parameters] in dispatch_shard.grad_reduction).
 
 Collectives: none in forward; in backward, the gradient buckets. The first call with
 given inputs (their sizes and dtypes, the values of other hashable arguments, training
@@ -62,7 +65,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from dispatch_shard import collectives
+from dispatch_shard import collectives, grad_reduction
 from dispatch_shard.layout import Layout, layout_of
 from dispatch_shard.sharded_tensor import ShardedTensor
 from dispatch_shard.specs import ChunkShardingSpec, Partial
@@ -448,6 +451,8 @@ def _slots(named: list[tuple[str, nn.Module]]) -> list[_Slot]:
                             "data_parallel runs replicated parameters only (and buffers; a "
                             "sharded one runs without it)")
                     slots.append((holder, name, tensor, _pending(tensor)))
+                    if holder is owner._parameters:
+                        grad_reduction.name_parameter(tensor, full)
                 elif holder is owner._parameters and tensor is not None:
                     raise TypeError(
                         f"data_parallel: parameter {full!r} is a plain tensor; its gradient "

@@ -997,8 +997,10 @@ def _grad_to_leaf_layout(leaf: torch.Tensor) -> None:
             grad._layout = layout
         else:
             with torch.no_grad():
-                if grad._layout.pending and grad_reduction.offer(leaf, grad):
-                    return  # reduced in a bucket, during the rest of backward
+                if grad._layout.pending:
+                    if grad_reduction.offer(leaf, grad):
+                        return  # reduced in a bucket, during the rest of backward
+                    grad_reduction.agree_alone(leaf, grad)
                 moved = grad._redistributed(layout.spec)
                 if getattr(grad, "_leaf_grad", False):  # a kept gradient: the same object
                     grad._local_tensors, grad._layout = moved._local_tensors, moved._layout

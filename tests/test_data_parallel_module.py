@@ -258,6 +258,64 @@ def test_bad_modules_raise_on_every_rank(rank: int, world_size: int) -> None:
     torch.testing.assert_close(out.full_tensor(), x.full_tensor() @ weight.T + bias)
 
 
+class _Routed(nn.Module):
+    """Rows independent, but a layer runs only when some row of the batch needs it: under
+    data_parallel, only on the ranks holding such a row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.e = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.a(x)
+        needed = x[:, 0] > 10
+        if needed.any():
+            out = out + self.e(x) * needed[:, None]
+        return out
+
+
+@multi_rank(world_size=[2, 3])
+def test_unbucketed_ranks_that_compute_different_parameters_raise(rank: int,
+                                                                  world_size: int) -> None:
+    """NOTE [every rank reduces the same parameters]: a layer that only rank 0 runs gives
+    it gradients the others lack. Unbucketed, each gradient reduced alone, the ranks
+    added unrelated gradients; now every rank raises, naming the parameters (one
+    16-byte all-gather before each such reduction). Then steps that run the same layers
+    on every rank train as dense, unbucketed and bucketed."""
+    torch.manual_seed(0)
+    dense = _Routed()
+    ours = ds.data_parallel(_replicated(dense))
+    x, y = _data(6, seed=30, width=4)
+    target = y[:, :3]
+    x[:, 0] = 0.0
+    skewed = x.clone()
+    skewed[0, 0] = 20.0  # rank 0's row: only rank 0 runs self.e
+    ds.set_gradient_bucketing(False)
+    try:
+        with pytest.raises(RuntimeError, match="gradients of different parameters") as info:
+            F.mse_loss(ours(ds.ShardedTensor.from_replicated(skewed, rows(world_size))),
+                       ds.ShardedTensor.from_replicated(target, rows(world_size))).backward()
+        assert "e.weight" in str(info.value) or "e.bias" in str(info.value)
+        for bucketing, trigger in ((False, ()), (False, (0, 2, 4)), (True, (0, 2, 4))):
+            ds.set_gradient_bucketing(bucketing)
+            xs = x.clone()
+            xs[list(trigger), 0] = 20.0  # (nowhere, or on every rank)
+            ours.zero_grad(set_to_none=True)
+            dense.zero_grad(set_to_none=True)
+            F.mse_loss(ours(ds.ShardedTensor.from_replicated(xs, rows(world_size))),
+                       ds.ShardedTensor.from_replicated(target, rows(world_size))).backward()
+            F.mse_loss(dense(xs), target).backward()
+            for mine, theirs in zip(ours.parameters(), dense.parameters(), strict=True):
+                if theirs.grad is None:
+                    assert mine.grad is None
+                else:
+                    torch.testing.assert_close(_full(mine.grad), theirs.grad)
+    finally:
+        ds.set_gradient_bucketing(True)
+    dist.barrier()
+
+
 @multi_rank(world_size=[2])
 def test_what_data_parallel_refuses(rank: int, world_size: int) -> None:
     with pytest.raises(TypeError, match="parameter 'weight' is a plain tensor"):
