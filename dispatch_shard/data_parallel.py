@@ -30,10 +30,11 @@ module's forward and backward run as plain dense code:
 - **Gradients**: a parameter's gradient comes out of backward pending (each rank the
   gradient of its rows) and joins the bucketed reduction as usual: ``no_sync``,
   ``set_gradient_bucketing`` and ``count_collectives`` work unchanged. An input's
-  gradient gets the input's layout. Every rank must compute gradients of the same
-  parameters: a branch on a rank's own rows that skips a layer on some ranks breaks the
-  contract. Unbucketed, every rank then raises; in buckets it is not checked (NOTE
-  [every rank reduces the same parameters] in dispatch_shard.grad_reduction).
+  gradient gets the input's layout. A branch on a rank's own rows may skip a layer on
+  some ranks only (an expert that no row of the rank needs): its parameters' gradients
+  are then dense's, reduced with zeros from the ranks that skipped it in fixed buckets;
+  unbucketed, every rank raises instead (NOTE [every rank reduces the same parameters]
+  in dispatch_shard.grad_reduction).
 
 Collectives: none in forward; in backward, the gradient buckets. The first call with
 given inputs (their sizes and dtypes, the values of other hashable arguments, training
@@ -134,21 +135,25 @@ class _FromLocal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, block: torch.Tensor, anchor: ShardedTensor,
-                layout: Layout) -> ShardedTensor:
+                layout: Layout, parameters: list[ShardedTensor]) -> ShardedTensor:
         ctx.layout = layout
         ctx.rank = anchor._rank
+        ctx.parameters = parameters
         return anchor._like([block], layout, block.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         _first_order_only()
+        # The module's parameters, reduced in fixed buckets by this pass (NOTE [every rank
+        # reduces the same parameters] in dispatch_shard.grad_reduction)
+        grad_reduction.expect(ctx.parameters)
         layout: Layout = ctx.layout
         if not isinstance(grad, ShardedTensor):  # (a plain gradient: the global value)
             index = layout.local_indices(ctx.rank)[0]
-            return grad[layout.shard_box(index)], None, None
+            return grad[layout.shard_box(index)], None, None, None
         if grad._layout is not layout:
             grad = grad._redistributed(layout.spec)
-        return grad._local_tensors[0], None, None
+        return grad._local_tensors[0], None, None, None
 
 
 class _DataParallelModule(nn.Module):
@@ -221,7 +226,7 @@ class _DataParallelModule(nn.Module):
 
     def _run(self, local: list[Any], spec: Any, split: ShardedTensor) -> Any:
         args, kwargs = pytree.tree_unflatten(local, spec)
-        return _outputs(super().forward(*args, **kwargs), split)
+        return _outputs(super().forward(*args, **kwargs), split, self._dp_slots)
 
     def _first_call(self, local: list[Any], spec: Any, split: ShardedTensor,
                     key: tuple[Any, ...]) -> Any:
@@ -461,11 +466,12 @@ def _slots(named: list[tuple[str, nn.Module]]) -> list[_Slot]:
     return slots
 
 
-def _outputs(result: Any, split: ShardedTensor) -> Any:
+def _outputs(result: Any, split: ShardedTensor, slots: list[_Slot]) -> Any:
     """Each tensor output, ``[rows_r, ...]`` on this rank, as the ShardedTensor split like
-    the inputs."""
+    the inputs (its backward names ``slots``' parameters)."""
     layout = split._layout
     rows = split._local_tensors[0].shape[0]
+    parameters: list[ShardedTensor] = []
 
     def wrap(value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
@@ -479,7 +485,9 @@ def _outputs(result: Any, split: ShardedTensor) -> Any:
         out = layout_of(layout.spec, torch.Size([layout.size[0], *value.shape[1:]]),
                         layout.group_ranks, layout.device)
         if torch.is_grad_enabled() and value.requires_grad:
-            return _FromLocal.apply(value, split, out)  # type: ignore[no-untyped-call]
+            if not parameters:
+                parameters.extend(t for _, _, t, _ in slots if t.requires_grad)
+            return _FromLocal.apply(value, split, out, parameters)  # type: ignore[no-untyped-call]
         return split._like([value], out, value.dtype)
 
     return pytree.tree_map(wrap, result)

@@ -126,6 +126,10 @@ class _Bucket:
     flat: torch.Tensor | None = None
     launched_at: float = 0.0
     done_at: float | None = None
+    # A fixed bucket (NOTE [every rank reduces the same parameters]): its data-parallel
+    # parameters by their index, each with its awaiting gradient here (None: none yet)
+    fixed: dict[int, tuple[Any, Any]] | None = None
+    missing: list[tuple[int, Any, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -143,29 +147,55 @@ wait_observers: list[Any] = []
 
 
 # NOTE [every rank reduces the same parameters]
-# Inside ``data_parallel`` each rank runs the module as dense code on its own rows, so
-# a branch on the data (a layer run only when some row of this rank needs it) can give
-# the ranks gradients of different parameters in one backward pass, which the contract
-# excludes, as DDP's does without ``find_unused_parameters``. (Outside it, a branch on a
-# ShardedTensor is decided over the whole batch, the same on every rank.) Unbucketed
-# (``set_gradient_bucketing(False)``) each gradient is reduced alone as it arrives, and
-# such ranks would pair unrelated gradients without a sign: there the ranks first agree
-# on the parameter's name (one all-gather of 16 bytes, for data-parallel parameters
-# only), and a mismatch raises on every rank, naming the parameters. In buckets (the
-# default) the same agreement would cost every step a second synchronization of all
-# ranks (measured at world 4 on 2 cores: the step took 1.2-1.3 times as long), so it is
-# not made: there a bucket of another size makes gloo abort the process ("Received data
-# size doesn't match expected size"), and one of the same size adds unrelated
-# gradients. What would serve both at no cost is DDP's ``find_unused_parameters``:
-# fixed buckets over the module's parameters, zeros for the missing ones, and a count
-# per parameter riding the same all-reduce; not built yet.
-_NAMES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Inside ``data_parallel`` each rank runs the module as dense code on its own rows, so a
+# branch on the data (an expert run only when some row of this rank needs it) can give
+# the ranks gradients of different parameters in one backward pass. (Outside it, a
+# branch on a ShardedTensor is decided over the whole batch, the same on every rank.)
+# Buckets filled in the order gradients arrive then differ across ranks: gloo aborted
+# the process on a size mismatch ("Received data size doesn't match expected size"), and
+# equal sizes added unrelated gradients. So, as DDP's ``find_unused_parameters`` does,
+# data-parallel parameters go to fixed buckets: when backward reaches a data-parallel
+# module's output (``_FromLocal``), its parameters are expected in this pass, on every
+# rank alike. Their gradients wait in one bucket per group and dtype, launched when
+# backward ends; it holds every expected parameter by its index (the order
+# ``data_parallel`` first named them, the same on every rank): a count (1 where this
+# rank has the gradient) and the summand, zeros where this rank has none. A parameter
+# that some rank had gets the reduced value, as dense does (the other ranks' rows
+# contribute nothing to it); one that no rank had keeps no gradient. A kept gradient
+# (``zero_grad(set_to_none=False)``) this rank did not add to joins through the group's
+# first rank, and one left pending by micro-batches under ``no_sync`` joins with its
+# summand. No collective is added: the counts ride the all-reduce. These buckets are not
+# launched before backward ends (on CPU the first bucket is that large anyway: NOTE [the
+# first bucket on CPU]; on CUDA they give up DDP's overlap, unmeasured here).
+# Unbucketed (``set_gradient_bucketing(False)``) each gradient is reduced alone as it
+# arrives: there the ranks first agree on its parameter's name (one all-gather of 16
+# bytes, data-parallel parameters only), and a mismatch raises on every rank, naming
+# the parameters.
+_NAMES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> (index, name)
+# id -> (a data-parallel parameter whose forward this backward pass reaches, the pass;
+# -2: a pass under no_sync, whose gradients the next reducing pass reduces)
+_expected: dict[int, tuple[Any, int]] = {}
 
 
 def name_parameter(parameter: Any, name: str) -> None:
-    """Record ``parameter``'s name in a data-parallel module (NOTE [every rank reduces the
-    same parameters])."""
-    _NAMES[parameter] = name
+    """Record ``parameter``'s name in a data-parallel module, and its index (the order of
+    the first records, the same on every rank) (NOTE [every rank reduces the same
+    parameters])."""
+    if _NAMES.get(parameter) is None:
+        _NAMES[parameter] = (len(_NAMES), name)
+
+
+def expect(parameters: list[Any]) -> None:
+    """Backward reaches a data-parallel forward with these parameters (on every rank, by
+    the contract): this pass (or, under no_sync, the next reducing one) reduces each of
+    them in a fixed bucket, and this pass's end is queued."""
+    if not _settings.enabled:
+        return
+    task = -2 if _settings.no_sync_depth else torch._C._current_graph_task_id()
+    for parameter in parameters:
+        _expected[id(parameter)] = (parameter, task)
+    if task >= 0:
+        _begin_pass()
 
 
 def _agree_on_members(members: list[str | None], group: Any) -> None:
@@ -188,9 +218,9 @@ def _agree_on_members(members: list[str | None], group: Any) -> None:
 def agree_alone(leaf: Any, grad: Any) -> None:
     """Before ``grad`` (pending) is reduced alone: the agreement of NOTE [every rank
     reduces the same parameters] for a data-parallel parameter."""
-    name = _NAMES.get(leaf)
-    if name is not None:
-        _agree_on_members([name], grad._process_group)
+    found = _NAMES.get(leaf)
+    if found is not None:
+        _agree_on_members([found[1]], grad._process_group)
 
 
 def _reduction(grad: Any, leaf: Any) -> tuple[str, Any, str, int] | None:
@@ -304,17 +334,14 @@ def offer(leaf: Any, grad: Any) -> bool:
             _restore_kept(grad)
         return True
     _poll()
-    task = torch._C._current_graph_task_id()
-    if task != _pass.task:  # the pass's first offer
-        _end_of_backward()  # (buckets a failed pass left open: launched now, in order)
-        for stale in list(_in_flight):  # the last pass's buckets nobody read (long done)
-            _complete(stale)
-        _pass.task = task
-        torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward)
-    key = (kind, id(group), op, grad.dtype, grad.device)
+    _begin_pass()
+    index = _fixed_index(leaf, kind, op)
+    key = (kind, id(group), op, grad.dtype, grad.device, index is not None)
     bucket = _pass.open.get(key)
     if bucket is None:
         bucket = _pass.open[key] = _Bucket(kind, group, op, size)
+        if index is not None:
+            bucket.fixed = {}
         AWAITING[0] += 1
     # The leaf's gradient, awaiting the bucket; its blocks are the summands until launch.
     blocks = summands if kind == "all_reduce" else []
@@ -330,6 +357,9 @@ def offer(leaf: Any, grad: Any) -> bool:
     bucket.summands.extend(summands)
     bucket.nbytes += sum(s.numel() for s in summands) * grad.element_size()
     leaf.grad = awaiting
+    if bucket.fixed is not None:  # launched when backward ends
+        bucket.fixed[index] = (leaf, awaiting)  # type: ignore[index]
+        return True
     cap = _settings.cap_bytes
     if _pass.launched == 0:
         cap = _first_cap_bytes(grad.device)
@@ -355,7 +385,52 @@ def _first_cap_bytes(device: torch.device) -> int:
     return _settings.cap_bytes if device.type == "cpu" else 2**20
 
 
-def _end_of_backward() -> None:
+def _begin_pass() -> None:
+    """At a backward pass's first offer (or first data-parallel gradient): its end callback
+    is queued."""
+    task = torch._C._current_graph_task_id()
+    if task != _pass.task:
+        _end_of_backward(fill=False)  # (buckets a failed pass left open: launched now)
+        for key, (_, tag) in list(_expected.items()):  # (a failed pass's expectations)
+            if tag not in (task, -2):
+                del _expected[key]
+        for stale in list(_in_flight):  # the last pass's buckets nobody read (long done)
+            _complete(stale)
+        _pass.task = task
+        torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward)
+
+
+def _fixed_index(leaf: Any, kind: str, op: str) -> int | None:
+    """The index of a data-parallel parameter reduced in a fixed bucket, or None."""
+    found = _NAMES.get(leaf) if kind == "all_reduce" and op == "sum" else None
+    return None if found is None or id(leaf) not in _expected else found[0]
+
+
+def _fill_fixed() -> None:
+    """Give every expected parameter a place in its fixed bucket, whether or not this rank
+    has its gradient (NOTE [every rank reduces the same parameters])."""
+    expected = [leaf for leaf, _ in _expected.values()]
+    _expected.clear()
+    for leaf in expected:
+        found = _NAMES.get(leaf)
+        ranks = leaf._layout.group_ranks
+        if found is None or len(ranks) == 1 or leaf._rank not in ranks \
+                or not leaf._local_tensors:
+            continue
+        group = leaf._process_group
+        key = ("all_reduce", id(group), "sum", leaf.dtype, leaf.device, True)
+        bucket = _pass.open.get(key)
+        if bucket is None:
+            bucket = _pass.open[key] = _Bucket("all_reduce", group, "sum", len(ranks))
+            bucket.fixed = {}
+            AWAITING[0] += 1
+        assert bucket.fixed is not None
+        bucket.fixed.setdefault(found[0], (leaf, None))
+
+
+def _end_of_backward(fill: bool = True) -> None:
+    if fill and _expected:
+        _fill_fixed()
     opened = list(_pass.open.values())
     _pass.open.clear()
     for bucket in opened:
@@ -368,7 +443,9 @@ def _end_of_backward() -> None:
 
 def _launch(bucket: _Bucket) -> None:
     _pass.launched += 1
-    if bucket.kind == "all_reduce":
+    if bucket.fixed is not None:
+        send = recv = flat = _fixed_buffer(bucket)
+    elif bucket.kind == "all_reduce":
         summands = bucket.summands
         flat = summands[0].new_empty(sum(s.numel() for s in summands))
         offset = 0
@@ -402,6 +479,64 @@ def _launch(bucket: _Bucket) -> None:
         raise collectives._failed(bucket.kind, bucket.group, error) from error
     bucket.summands = []
     _in_flight.append(bucket)
+
+
+def _fixed_buffer(bucket: _Bucket) -> torch.Tensor:
+    """A fixed bucket's buffer: one count per parameter (1 where this rank has its
+    gradient), then each parameter's summand, by index: zeros where this rank has none,
+    or, for a kept gradient on the group's first rank, its value (the others' kept
+    gradients join through their summands: NOTE [a kept gradient takes the pending
+    one])."""
+    assert bucket.fixed is not None
+    order = sorted(bucket.fixed)
+    leaves = [bucket.fixed[i][0] for i in order]
+    sizes = [leaf._local_tensors[0].numel() for leaf in leaves]
+    anchor: torch.Tensor = leaves[0]._local_tensors[0]
+    flat = anchor.new_zeros(len(order) + sum(sizes))
+    offset = len(order)
+    first = leaves[0]._rank == leaves[0]._layout.group_ranks[0]
+    bucket.missing = []
+    for position, (index, leaf, numel) in enumerate(zip(order, leaves, sizes, strict=True)):
+        awaiting = bucket.fixed[index][1]
+        view = flat[offset:offset + numel].view(leaf._local_tensors[0].shape)
+        offset += numel
+        if awaiting is not None:
+            flat[position] = 1
+            view.copy_(awaiting._local_tensors[0])
+            awaiting._local_tensors = [view]
+            continue
+        grad = leaf.grad
+        layout = getattr(grad, "_layout", None)
+        if layout is not None and layout.is_partial and layout.value_layout() is leaf._layout \
+                and len(grad._local_tensors) == 1:
+            # pending from micro-batches under no_sync: its summand, as if offered now
+            flat[position] = 1
+            view.copy_(grad._local_tensors[0])
+            grad._local_tensors, grad._layout, grad._awaiting = [view], leaf._layout, bucket
+            bucket.grads.append(grad)
+            continue
+        if layout is leaf._layout and first:
+            view.copy_(grad._local_tensors[0])  # a kept gradient (counted on its own)
+        bucket.missing.append((position, leaf, view))
+    return flat
+
+
+def _fixed_done(bucket: _Bucket) -> None:
+    """A fixed bucket's parameters that had no gradient here: where some rank had one,
+    the reduced value becomes the gradient (into a kept one's own storage)."""
+    assert bucket.flat is not None
+    counts = bucket.flat[:len(bucket.fixed or ())].tolist()
+    for position, leaf, view in bucket.missing:
+        if counts[position] == 0:
+            continue  # no rank's gradient: as dense, nothing changes
+        grad = leaf.grad
+        if getattr(grad, "_layout", None) is leaf._layout:
+            grad._local_tensors[0].copy_(view)
+        else:
+            value = leaf._like([view], leaf._layout)
+            value._leaf_grad = True
+            leaf.grad = value
+    bucket.missing = []
 
 
 def _scatter_buffers(bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,6 +606,8 @@ def _complete(bucket: _Bucket) -> None:
             assert bucket.flat is not None
             collectives._divide(bucket.flat, bucket.size)
         AWAITING[0] -= 1
+        if bucket.missing:
+            _fixed_done(bucket)
     for grad in bucket.grads:
         if getattr(grad, "_awaiting", None) is bucket:
             grad._awaiting = None

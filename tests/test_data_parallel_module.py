@@ -275,42 +275,93 @@ class _Routed(nn.Module):
         return out
 
 
-@multi_rank(world_size=[2, 3])
-def test_unbucketed_ranks_that_compute_different_parameters_raise(rank: int,
-                                                                  world_size: int) -> None:
-    """NOTE [every rank reduces the same parameters]: a layer that only rank 0 runs gives
-    it gradients the others lack. Unbucketed, each gradient reduced alone, the ranks
-    added unrelated gradients; now every rank raises, naming the parameters (one
-    16-byte all-gather before each such reduction). Then steps that run the same layers
-    on every rank train as dense, unbucketed and bucketed."""
+def _routed_setup() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense and data-parallel _Routed, a batch no row of which runs ``e``, the same
+    batch where only rank 0's first row does, and the target."""
     torch.manual_seed(0)
     dense = _Routed()
     ours = ds.data_parallel(_replicated(dense))
     x, y = _data(6, seed=30, width=4)
-    target = y[:, :3]
     x[:, 0] = 0.0
     skewed = x.clone()
     skewed[0, 0] = 20.0  # rank 0's row: only rank 0 runs self.e
+    return dense, ours, x, skewed, y[:, :3]
+
+
+def _routed_step(ours: nn.Module, dense: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                 world_size: int) -> None:
+    """One backward of ``ours`` on ``x`` split by rows, and of ``dense`` on the whole."""
+    F.mse_loss(ours(ds.ShardedTensor.from_replicated(x, rows(world_size))),
+               ds.ShardedTensor.from_replicated(target, rows(world_size))).backward()
+    F.mse_loss(dense(x), target).backward()
+
+
+def _same_grads(ours: nn.Module, dense: nn.Module) -> None:
+    for mine, theirs in zip(ours.parameters(), dense.parameters(), strict=True):
+        if theirs.grad is None:
+            assert mine.grad is None
+        else:
+            torch.testing.assert_close(_full(mine.grad), theirs.grad)
+
+
+@multi_rank(world_size=[2, 3])
+def test_a_layer_some_ranks_skip_gets_dense_s_gradient(rank: int, world_size: int) -> None:
+    """NOTE [every rank reduces the same parameters]: a layer that only rank 0 runs (its
+    row needs it) gives it gradients the others lack. In buckets, each rank reduces every
+    expected parameter in a fixed bucket (zeros where it has none, a count riding along):
+    gloo used to abort the process on the size mismatch. The gradients equal dense's,
+    None where no rank ran the layer; with fresh, kept (set_to_none=False) and
+    no_sync-accumulated gradients; one all-reduce per step, as before."""
+    dense, ours, x, skewed, target = _routed_setup()
+    everywhere = x.clone()
+    everywhere[[0, 2, 4], 0] = 20.0
+    for batch in (skewed, x, everywhere, skewed):
+        ours.zero_grad(set_to_none=True)
+        dense.zero_grad(set_to_none=True)
+        with ds.count_collectives() as counted:
+            _routed_step(ours, dense, batch, target, world_size)
+        _same_grads(ours, dense)
+        reductions = [e for e in counted.events if e.kind != "all_gather"]  # (checks)
+        assert len(reductions) == 1 and reductions[0].op.startswith("gradient bucket"), \
+            counted.events
+    # Kept gradients: zero_grad(set_to_none=False) keeps .grad, also e's where it ran.
+    for batch in (everywhere, skewed, x, skewed):
+        ours.zero_grad(set_to_none=False)
+        dense.zero_grad(set_to_none=False)
+        _routed_step(ours, dense, batch, target, world_size)
+        _same_grads(ours, dense)
+    # Micro-batches under no_sync, the skew in the first or only in the last.
+    for batches in ((skewed, x), (x, skewed), (skewed, skewed)):
+        ours.zero_grad(set_to_none=True)
+        dense.zero_grad(set_to_none=True)
+        with ds.no_sync():
+            _routed_step(ours, dense, batches[0], target, world_size)
+        _routed_step(ours, dense, batches[1], target, world_size)
+        _same_grads(ours, dense)
+    dist.barrier()
+
+
+@multi_rank(world_size=[2, 3])
+def test_unbucketed_ranks_that_compute_different_parameters_raise(rank: int,
+                                                                  world_size: int) -> None:
+    """NOTE [every rank reduces the same parameters]: unbucketed, each gradient reduced
+    alone, such ranks added unrelated gradients; now every rank raises, naming the
+    parameters (one 16-byte all-gather before each such reduction). Steps that run the
+    same layers on every rank train as dense."""
+    dense, ours, x, skewed, target = _routed_setup()
     ds.set_gradient_bucketing(False)
     try:
         with pytest.raises(RuntimeError, match="gradients of different parameters") as info:
             F.mse_loss(ours(ds.ShardedTensor.from_replicated(skewed, rows(world_size))),
                        ds.ShardedTensor.from_replicated(target, rows(world_size))).backward()
         assert "e.weight" in str(info.value) or "e.bias" in str(info.value)
-        for bucketing, trigger in ((False, ()), (False, (0, 2, 4)), (True, (0, 2, 4))):
-            ds.set_gradient_bucketing(bucketing)
+        for trigger in ((), (0, 2, 4)):
             xs = x.clone()
             xs[list(trigger), 0] = 20.0  # (nowhere, or on every rank)
             ours.zero_grad(set_to_none=True)
             dense.zero_grad(set_to_none=True)
-            F.mse_loss(ours(ds.ShardedTensor.from_replicated(xs, rows(world_size))),
-                       ds.ShardedTensor.from_replicated(target, rows(world_size))).backward()
-            F.mse_loss(dense(xs), target).backward()
-            for mine, theirs in zip(ours.parameters(), dense.parameters(), strict=True):
-                if theirs.grad is None:
-                    assert mine.grad is None
-                else:
-                    torch.testing.assert_close(_full(mine.grad), theirs.grad)
+            _routed_step(ours, dense, xs, target, world_size)
+            _same_grads(ours, dense)
     finally:
         ds.set_gradient_bucketing(True)
     dist.barrier()
