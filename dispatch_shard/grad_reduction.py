@@ -192,10 +192,10 @@ def expect(parameters: list[Any]) -> None:
     if not _settings.enabled:
         return
     task = -2 if _settings.no_sync_depth else torch._C._current_graph_task_id()
+    if task >= 0:
+        _begin_pass()  # (first: a failed pass's expectations go with its buckets)
     for parameter in parameters:
         _expected[id(parameter)] = (parameter, task)
-    if task >= 0:
-        _begin_pass()
 
 
 def _agree_on_members(members: list[str | None], group: Any) -> None:
@@ -390,10 +390,9 @@ def _begin_pass() -> None:
     is queued."""
     task = torch._C._current_graph_task_id()
     if task != _pass.task:
-        _end_of_backward(fill=False)  # (buckets a failed pass left open: launched now)
-        for key, (_, tag) in list(_expected.items()):  # (a failed pass's expectations)
-            if tag not in (task, -2):
-                del _expected[key]
+        # Buckets a failed pass left open, with its expectations (not those of passes
+        # under no_sync, which wait for this one): launched now, in order.
+        _end_of_backward(carried=False)
         for stale in list(_in_flight):  # the last pass's buckets nobody read (long done)
             _complete(stale)
         _pass.task = task
@@ -406,11 +405,13 @@ def _fixed_index(leaf: Any, kind: str, op: str) -> int | None:
     return None if found is None or id(leaf) not in _expected else found[0]
 
 
-def _fill_fixed() -> None:
+def _fill_fixed(carried: bool) -> None:
     """Give every expected parameter a place in its fixed bucket, whether or not this rank
-    has its gradient (NOTE [every rank reduces the same parameters])."""
-    expected = [leaf for leaf, _ in _expected.values()]
-    _expected.clear()
+    has its gradient (NOTE [every rank reduces the same parameters]); ``carried``: also
+    those expected by passes under no_sync."""
+    expected = [leaf for leaf, tag in _expected.values() if carried or tag != -2]
+    for ident in [i for i, (_, tag) in _expected.items() if carried or tag != -2]:
+        del _expected[ident]
     for leaf in expected:
         found = _NAMES.get(leaf)
         ranks = leaf._layout.group_ranks
@@ -428,9 +429,9 @@ def _fill_fixed() -> None:
         bucket.fixed.setdefault(found[0], (leaf, None))
 
 
-def _end_of_backward(fill: bool = True) -> None:
-    if fill and _expected:
-        _fill_fixed()
+def _end_of_backward(carried: bool = True) -> None:
+    if _expected:
+        _fill_fixed(carried)
     opened = list(_pass.open.values())
     _pass.open.clear()
     for bucket in opened:
