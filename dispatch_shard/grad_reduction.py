@@ -46,6 +46,7 @@ behind backward (:attr:`~dispatch_shard.count_collectives.reduction_hidden_s`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -172,6 +173,7 @@ wait_observers: list[Any] = []
 # bytes, data-parallel parameters only), and a mismatch raises on every rank, naming
 # the parameters.
 _NAMES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> (index, name)
+_INDICES = itertools.count()  # (never reused: a freed parameter's index stays gone)
 # id -> (a data-parallel parameter whose forward this backward pass reaches, the pass;
 # -2: a pass under no_sync, whose gradients the next reducing pass reduces)
 _expected: dict[int, tuple[Any, int]] = {}
@@ -182,7 +184,7 @@ def name_parameter(parameter: Any, name: str) -> None:
     the first records, the same on every rank) (NOTE [every rank reduces the same
     parameters])."""
     if _NAMES.get(parameter) is None:
-        _NAMES[parameter] = (len(_NAMES), name)
+        _NAMES[parameter] = (next(_INDICES), name)
 
 
 def expect(parameters: list[Any]) -> None:
@@ -392,7 +394,7 @@ def _begin_pass() -> None:
     if task != _pass.task:
         # Buckets a failed pass left open, with its expectations (not those of passes
         # under no_sync, which wait for this one): launched now, in order.
-        _end_of_backward(carried=False)
+        _end_of_backward(carried=False, failed=True)
         for stale in list(_in_flight):  # the last pass's buckets nobody read (long done)
             _complete(stale)
         _pass.task = task
@@ -429,17 +431,33 @@ def _fill_fixed(carried: bool) -> None:
         bucket.fixed.setdefault(found[0], (leaf, None))
 
 
-def _end_of_backward(carried: bool = True) -> None:
+def _end_of_backward(carried: bool = True, failed: bool = False) -> None:
+    """Launch the pass's open buckets: those in arrival order first, then the fixed ones
+    in an order every rank shares (NOTE [every rank reduces the same parameters]); wait
+    for those whose gradients must be in place when backward returns. ``failed``: the
+    buckets a failed pass left (its gradients are reduced, none is given to a parameter
+    that had none)."""
     if _expected:
         _fill_fixed(carried)
     opened = list(_pass.open.values())
     _pass.open.clear()
-    for bucket in opened:
+    fixed = sorted((b for b in opened if b.fixed is not None), key=_fixed_order)
+    for bucket in [b for b in opened if b.fixed is None] + fixed:
         _launch(bucket)
+        if failed:
+            bucket.missing = []
     _pass.launched = 0
     _pass.task = -1
-    for bucket in [b for b in _in_flight if b.kept]:  # NOTE [a kept gradient takes ...]
+    # A kept gradient's storage (NOTE [a kept gradient takes the pending one]), and a
+    # parameter this rank had no gradient for (its .grad is read before any dispatch,
+    # by an optimizer or clip_grad_norm_), take their values before backward returns.
+    for bucket in [b for b in _in_flight if b.kept or b.missing]:
         _complete(bucket)
+
+
+def _fixed_order(bucket: _Bucket) -> tuple[str, str, tuple[int, ...]]:
+    leaf = next(iter(bucket.fixed.values()))[0]  # type: ignore[union-attr]
+    return str(leaf.dtype), str(leaf.device), tuple(leaf._layout.group_ranks)
 
 
 def _launch(bucket: _Bucket) -> None:
@@ -582,7 +600,12 @@ def wait(tensor: Any) -> None:
     bucket = getattr(tensor, "_awaiting", None)
     if bucket is None:
         return
-    if bucket.work is None:  # read before its pass ended (a hook reading .grad)
+    if bucket.work is None and bucket.fixed is not None \
+            and torch._C._current_graph_task_id() != _pass.task:
+        # a failed pass's fixed bucket, read after it (zero_grad): launched as at the next
+        # pass's start, with that pass's expectations and in every rank's order
+        _end_of_backward(carried=False, failed=True)
+    elif bucket.work is None:  # read before its pass ended (a hook reading .grad)
         for key, candidate in list(_pass.open.items()):
             if candidate is bucket:
                 del _pass.open[key]

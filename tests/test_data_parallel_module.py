@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 
 import pytest
 import torch
@@ -337,6 +338,104 @@ def test_a_layer_some_ranks_skip_gets_dense_s_gradient(rank: int, world_size: in
         with ds.no_sync():
             _routed_step(ours, dense, batches[0], target, world_size)
         _routed_step(ours, dense, batches[1], target, world_size)
+        _same_grads(ours, dense)
+    dist.barrier()
+
+
+class _MixedRouted(_Routed):
+    """_Routed with a float64 expert: two fixed buckets, one per dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Linear(4, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.a(x)
+        needed = x[:, 0] > 10
+        if needed.any():
+            out = out + (self.e(x.double()) * needed[:, None]).float()
+        return out
+
+
+class _Before(nn.Module):
+    """A plain (sharded-ops) layer, then a data-parallel _Routed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.pre.weight.copy_(torch.eye(4))
+            self.pre.bias.zero_()
+        self.body = _Routed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.pre(x))
+
+
+@multi_rank(world_size=[2])
+def test_skipped_layers_through_whole_steps(rank: int, world_size: int) -> None:
+    """NOTE [every rank reduces the same parameters], the steps around it (found by
+    review): the gradient of a layer this rank skipped is in place when backward returns
+    (clip_grad_norm_ and the optimizer list parameters by ``.grad is not None``); fixed
+    buckets of two dtypes go in one order on every rank; indices of freed modules'
+    parameters are not reused; a backward that raises midway leaves the next step
+    right, and a reduced gradient nobody read leaves nothing behind after zero_grad."""
+    dense, ours, x, skewed, target = _routed_setup()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ours, dense)]
+    for _ in range(2):
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        F.mse_loss(ours(ds.ShardedTensor.from_replicated(skewed, rows(world_size))),
+                   ds.ShardedTensor.from_replicated(target, rows(world_size))).backward()
+        assert ours.e.weight.grad is not None  # (read first: nothing else waited yet)
+        F.mse_loss(dense(skewed), target).backward()
+        norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0) for m in (ours, dense)]
+        torch.testing.assert_close(_full(norms[0]), norms[1])
+        for optimizer in optimizers:
+            optimizer.step()
+    for mine, theirs in zip(ours.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(_full(mine.detach()), theirs.detach())
+    # Two dtypes: two fixed buckets.
+    torch.manual_seed(1)
+    dense = _MixedRouted()
+    ours = ds.data_parallel(_replicated(dense))
+    _routed_step(ours, dense, skewed, target, world_size)
+    _same_grads(ours, dense)
+    # Two data-parallel modules, the second wrapped after another one was freed: their
+    # parameters' indices must differ (they share a fixed bucket).
+    ours = dense = None  # (the modules above: freed now, not at the collection below)
+    gc.collect()
+    freed = ds.data_parallel(_replicated(nn.Linear(4, 4)))
+    torch.manual_seed(3)
+    dense = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    ours = _replicated(dense)
+    ds.data_parallel(ours[0])
+    del freed
+    gc.collect()
+    ds.data_parallel(ours[1])
+    _routed_step(ours, dense, x, target, world_size)
+    _same_grads(ours, dense)
+    # A backward that raises on every rank midway (a hook outside the module), then steps.
+    torch.manual_seed(2)
+    dense = _Before()
+    ours = _replicated(dense)
+    ds.data_parallel(ours.body)
+    failing = [True]
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if failing[0]:
+            raise RuntimeError("raised in a hook")
+        return grad
+
+    ours.pre.weight.register_hook(hook)
+    with pytest.raises(RuntimeError, match="raised in a hook"):
+        F.mse_loss(ours(ds.ShardedTensor.from_replicated(skewed, rows(world_size))),
+                   ds.ShardedTensor.from_replicated(target, rows(world_size))).backward()
+    failing[0] = False
+    for batch in (x, skewed, x):
+        ours.zero_grad(set_to_none=True)
+        dense.zero_grad(set_to_none=True)
+        _routed_step(ours, dense, batch, target, world_size)
         _same_grads(ours, dense)
     dist.barrier()
 
