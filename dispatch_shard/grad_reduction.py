@@ -158,9 +158,12 @@ wait_observers: list[Any] = []
 # data-parallel parameters go to fixed buckets: when backward reaches a data-parallel
 # module's output (``_FromLocal``), its parameters are expected in this pass, on every
 # rank alike. Their gradients wait in one bucket per group and dtype, launched when
-# backward ends; it holds every expected parameter by its index (the order
-# ``data_parallel`` first named them, the same on every rank): a count (1 where this
-# rank has the gradient) and the summand, zeros where this rank has none. A parameter
+# backward ends, after the other buckets and in an order every rank shares; it holds
+# every expected parameter by its index (the order ``data_parallel`` first named them,
+# from a counter, the same on every rank): a count (1 where this rank has the gradient)
+# and the summand, zeros where this rank has none. A bucket with a parameter this rank
+# had no gradient for is waited for before backward returns (an optimizer lists its
+# parameters by ``.grad is not None``, before any dispatch could wait). A parameter
 # that some rank had gets the reduced value, as dense does (the other ranks' rows
 # contribute nothing to it); one that no rank had keeps no gradient. A kept gradient
 # (``zero_grad(set_to_none=False)``) this rank did not add to joins through the group's
