@@ -322,8 +322,12 @@ def offer(leaf: Any, grad: Any) -> bool:
     """Take ``grad``, the pending gradient just accumulated into ``leaf``, for a bucketed
     reduction; True if taken (``leaf.grad`` is then set, awaiting its bucket; a kept
     gradient, NOTE [a kept gradient takes the pending one], is itself set awaiting)."""
-    if _settings.no_sync_depth:
-        return True  # stays pending (see the module docstring)
+    if _settings.no_sync_depth:  # stays pending (see the module docstring), its blocks
+        # contiguous as the leaf hook makes them (an expanded one, the gradient of
+        # ``w.sum()``, could not take the next micro-batch's in-place add)
+        if not all(b.is_contiguous() for b in grad._local_tensors):
+            grad._local_tensors = [b.contiguous() for b in grad._local_tensors]
+        return True
     if not _settings.enabled or (torch.is_grad_enabled() and grad.requires_grad):
         return False
     plan = _reduction(grad, leaf)

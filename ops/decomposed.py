@@ -140,6 +140,19 @@ def _local_copies(values: tuple[Any, ...], kwargs: dict[str, Any]
         return None
 
 
+# NOTE [an in-place op on a partial tensor]
+# A decomposition runs on whole values: a partial operand is reduced first, into a new
+# tensor. For the operand an in-place op writes (``fill_``), the decomposition then
+# wrote into that new tensor and the operand kept its old value. So a partial operand
+# that is written is reduced in place first (one all-reduce; it becomes the replicated
+# tensor it stands for), and the decomposition writes into it.
+
+def _reduced_in_place(value: Any) -> None:
+    if type(value) is ShardedTensor and value._layout.is_partial:
+        reduced = value._reduced()
+        value._local_tensors, value._layout = reduced._local_tensors, reduced._layout
+
+
 def _register(func: torch._ops.OpOverload, decomposition: Callable[..., Any]) -> None:
     custom_sharded_op_impl(func, handles_partial=True)(decomposed_impl(func, decomposition))
     _DECOMPOSED.append(func)
@@ -151,6 +164,8 @@ def decomposed_impl(func: torch._ops.OpOverload, decomposition: Callable[..., An
     ops no family serves; a family's fallback for the cases it does not serve itself)."""
     functional = not func._schema.is_mutable and all(
         r.alias_info is None for r in func._schema.returns)
+    written = [i for i, a in enumerate(func._schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write]
     if torch.Tag.nondeterministic_seeded in func.tags:
         def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
             args = tuple(_whole_sums(a) for a in args)
@@ -158,6 +173,9 @@ def decomposed_impl(func: torch._ops.OpOverload, decomposition: Callable[..., An
             return _decomposed(func, decomposition(*args, **kwargs))
     else:
         def impl(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pg: Any) -> Any:
+            for i in written:  # NOTE [an in-place op on a partial tensor]
+                if i < len(args):
+                    _reduced_in_place(args[i])
             args = tuple(_whole_sums(a) for a in args)
             kwargs = {k: _whole_sums(v) for k, v in kwargs.items()}
             copies = _local_copies(args, kwargs) if functional else None

@@ -38,6 +38,17 @@ def detach(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_gr
 custom_sharded_op_impl(aten.alias.default, handles_partial=True, handles_mesh="pending")(detach)
 
 
+@custom_sharded_op_impl(aten.zero_.default, handles_partial=True, handles_mesh="pending")
+def zero_(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> Any:
+    """``x.zero_()``: each block zeroed in place, whatever the layout (zero summands sum,
+    average or take the max to zero: a pending gradient stays pending, at zero, as
+    ``zero_grad(set_to_none=False)`` leaves it); no collectives."""
+    tensor: ShardedTensor = args[0]
+    for block in tensor._local_tensors:
+        block.zero_()
+    return tensor
+
+
 @custom_sharded_op_impl(aten.clone.default, handles_partial=True, handles_mesh="pending")
 def clone(types: Any, args: tuple[Any, ...], kwargs: dict[str, Any], process_group: Any) -> Any:
     """``x -> copy of x``, each block cloned contiguous; no collectives."""

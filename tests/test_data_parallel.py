@@ -372,3 +372,46 @@ def test_bucket_sizes_must_be_positive() -> None:
     with pytest.raises(ValueError, match="bucket sizes must be positive"):
         ds.set_gradient_bucketing(True, bucket_cap_mb=0)
     assert dist.is_available()
+
+
+@multi_rank(world_size=[1, 3])
+def test_a_pending_gradient_zeroed_in_place_is_zero(rank: int, world_size: int) -> None:
+    """zero_grad(set_to_none=False) of a gradient still pending (micro-batches under
+    no_sync, then a synced backward that did not reach that parameter) zeroed a reduced
+    copy (the decomposition of zero_ ran on the whole value), so the next step added the
+    old gradient into the new one. zero_ is blockwise on any layout (no collective);
+    other in-place ops the decompositions serve (fill_) reduce the operand in place
+    first (NOTE [an in-place op on a partial tensor] in ops/decomposed.py)."""
+    value = torch.arange(6.0).reshape(2, 3)
+    for op in ("sum", "max"):
+        pending = ds.ShardedTensor.from_replicated(value, ds.Replicate()).redistribute(
+            ds.Partial(op))
+        with ds.count_collectives() as counted:
+            assert pending.zero_() is pending
+        assert counted.events == [] and pending._layout.is_partial
+        torch.testing.assert_close(pending.full_tensor(), torch.zeros(2, 3))
+        filled = ds.ShardedTensor.from_replicated(value, ds.Replicate()).redistribute(
+            ds.Partial(op))
+        assert filled.fill_(5.0) is filled
+        torch.testing.assert_close(filled.full_tensor(), torch.full((2, 3), 5.0))
+    # The training sequence that found it: the second layer runs in the first micro-batch
+    # of a step only, then in the last micro-batch of the next step only.
+    torch.manual_seed(0)
+    dense = _model(seed=3)
+    ours = ds.data_parallel(_sharded(dense))
+    x, y = _batch(world_size, seed=5)
+    for uses in ((True, False), (False, True)):
+        ours.zero_grad(set_to_none=False)
+        dense.zero_grad(set_to_none=False)
+        for i, use in enumerate(uses):
+            synced = contextlib.nullcontext() if i == len(uses) - 1 else ds.no_sync()
+            with synced:
+                out = ours(_split(x, world_size))
+                F.mse_loss(out if use else out.detach() * 0 + ours[0].weight.sum() * 0,
+                           _split(y, world_size)).backward()
+            ref = dense(x)
+            F.mse_loss(ref if use else ref.detach() * 0 + dense[0].weight.sum() * 0,
+                       y).backward()
+        for mine, theirs in zip(ours.parameters(), dense.parameters(), strict=True):
+            torch.testing.assert_close(_full(mine.grad), theirs.grad)
+    dist.barrier()
