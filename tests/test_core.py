@@ -158,7 +158,7 @@ BUILTIN_OPS = {
         "aten._to_sparse_bsr", "aten._to_sparse_csc", "aten._to_sparse_csr", "aten.alias.default",
         "aten.allclose.default", "aten.clone.default", "aten.detach.default", "aten.equal.default",
         "aten.is_pinned.default", "aten.resize_.default", "aten.resize_as_.default",
-        "aten.sparse_mask", "aten.to_sparse",
+        "aten.sparse_mask", "aten.to_sparse", "aten.zero_.default",
     ],
     "dispatch_shard.ops.random_ops": [
         "aten._sample_dirichlet", "aten._standard_gamma", "aten.bernoulli", "aten.binomial",
